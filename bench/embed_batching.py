@@ -1,0 +1,199 @@
+"""Micro-batching benchmark: one forward pass per query vs BatchingEmbedder, at several concurrencies.
+
+    .venv/bin/python bench/embed_batching.py [--queries N] [--concurrency 1,8,32,64] [--max-batch 64]
+
+Loads the real embedding model once and measures both modes in the same process. Queries are
+the first ~200 characters of Python's bundled documentation topics (pydoc_data.topics).
+Prints a markdown table (queries/s, p50/p95 latency, forward passes) and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+# Runnable as a plain script from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from retrieval.embedder import BatchingEmbedder, Embedder  # noqa: E402
+
+EmbedOne = Callable[[str], Awaitable[np.ndarray]]
+
+
+@dataclass
+class Result:
+    mode: str
+    concurrency: int
+    queries: int
+    wall_s: float
+    latencies_s: list[float]
+    forward_passes: int
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.wall_s
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1000)
+
+
+def main() -> None:
+    args = _parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    queries = _queries(args.queries)
+
+    from store.config import default_embedding_model
+
+    started = time.perf_counter()
+    embedder = Embedder(default_embedding_model())
+    load_s = time.perf_counter() - started
+    # Warm-up at both batch shapes: first passes allocate buffers and pick kernels.
+    embedder.encode(queries[:1])
+    embedder.encode(queries[: args.max_batch])
+
+    load_before = os.getloadavg()[0]
+    results = asyncio.run(_run_all(embedder, queries, concurrencies, args.max_batch))
+    load_after = os.getloadavg()[0]
+    print(_report(args, embedder, load_s, results, concurrencies, (load_before, load_after)))
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=96, help="queries per (mode, concurrency) cell")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated concurrent clients")
+    parser.add_argument("--max-batch", type=int, default=64, help="BatchingEmbedder max_batch")
+    return parser.parse_args()
+
+
+def _queries(n: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    texts = [" ".join(text.split())[:200] for _, text in sorted(topics.items()) if text.strip()]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+async def _run_all(embedder: Embedder, queries: list[str], concurrencies: list[int], max_batch: int) -> list[Result]:
+    results = []
+    for concurrency in concurrencies:
+        results.append(await _unbatched(embedder, queries, concurrency))
+        results.append(await _batched(embedder, queries, concurrency, max_batch))
+    return results
+
+
+async def _unbatched(embedder: Embedder, queries: list[str], concurrency: int) -> Result:
+    """One forward pass per request, serialised by a lock, in one worker thread (like the batcher)."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    lock = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+    passes = 0
+
+    async def embed_one(text: str) -> np.ndarray:
+        nonlocal passes
+        async with lock:
+            passes += 1
+            vectors = await loop.run_in_executor(executor, embedder.encode, [text])
+        return vectors[0]
+
+    try:
+        wall, latencies = await _drive(embed_one, queries, concurrency)
+    finally:
+        executor.shutdown()
+    return Result("one pass per query", concurrency, len(queries), wall, latencies, passes)
+
+
+async def _batched(embedder: Embedder, queries: list[str], concurrency: int, max_batch: int) -> Result:
+    batcher = BatchingEmbedder(embedder, max_batch=max_batch)
+    await batcher.start()
+    try:
+        wall, latencies = await _drive(batcher.embed, queries, concurrency)
+    finally:
+        await batcher.stop()
+    return Result("BatchingEmbedder", concurrency, len(queries), wall, latencies, batcher.batches)
+
+
+async def _drive(embed_one: EmbedOne, queries: list[str], concurrency: int) -> tuple[float, list[float]]:
+    """`concurrency` closed-loop clients share the query list; latency includes queueing."""
+    pending = iter(queries)
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for text in pending:
+            t0 = time.perf_counter()
+            await embed_one(text)
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def _report(
+    args: argparse.Namespace,
+    embedder: Embedder,
+    load_s: float,
+    results: list[Result],
+    concurrencies: list[int],
+    loadavg: tuple[float, float],
+) -> str:
+    import torch
+
+    command = " ".join(["bench/embed_batching.py", *map(shlex.quote, sys.argv[1:])])
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        "## Embedding micro-batching",
+        "",
+        f"Command: `.venv/bin/python {command}`  ",
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, device {embedder.device}, "
+        f"Python {platform.python_version()}; 1-min load average {loadavg[0]:.1f} before, "
+        f"{loadavg[1]:.1f} after (other work on the machine skews absolute numbers)  ",
+        f"Model: {Path(embedder.model_name_or_path).name} (dim {embedder.dim}), loaded in {load_s:.1f}s; "
+        f"{args.queries} queries per cell (first 200 chars of pydoc topics), max_batch {args.max_batch}",
+        "",
+        "| concurrency | mode | queries/s | p50 ms | p95 ms | forward passes | mean batch |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.concurrency} | {r.mode} | {r.qps:.1f} | {r.percentile_ms(50):.1f} | "
+            f"{r.percentile_ms(95):.1f} | {r.forward_passes} | {r.queries / r.forward_passes:.1f} |"
+        )
+    lines += ["", "| concurrency | throughput ratio (batched / one pass per query) | p95 ratio |", "|---:|---:|---:|"]
+    by_key = {(r.concurrency, r.mode): r for r in results}
+    for c in concurrencies:
+        single, batched = by_key[(c, "one pass per query")], by_key[(c, "BatchingEmbedder")]
+        p95_ratio = batched.percentile_ms(95) / single.percentile_ms(95)
+        lines.append(f"| {c} | {batched.qps / single.qps:.2f}x | {p95_ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

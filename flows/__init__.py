@@ -1,0 +1,1 @@
+"""Prefect flows and the `abloop` command: thin compositions of store, retrieval, training and serving."""

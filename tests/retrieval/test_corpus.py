@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import retrieval.fetch as fetch_module
+from retrieval.corpus import Document, load_corpus
+from retrieval.fetch import FetchedPage, FetchError
+
+
+def test_pydoc_corpus() -> None:
+    documents = load_corpus("pydoc")
+    assert len(documents) > 50
+    by_title = {doc.title: doc for doc in documents}
+    assert {"assert", "if", "while"} <= set(by_title)
+    assert by_title["assert"].source == "pydoc:assert"
+    assert "assert" in by_title["assert"].text
+    assert all(doc.text.strip() for doc in documents)
+
+
+def test_directory_corpus(tmp_path: Path) -> None:
+    (tmp_path / "guide.html").write_text(
+        "<html><head><title>Install Guide</title></head><body><script>evil()</script>"
+        "<article><p>Run the installer and follow the prompts on screen to finish.</p></article></body></html>"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("Meeting notes\n\nWe agreed to ship on Friday.")
+    (tmp_path / "sub" / "readme.md").write_text("# Project Readme\n\nHow to build it.")
+    (tmp_path / "script.py").write_text("print('not corpus')")
+    (tmp_path / ".hidden.txt").write_text("secret")
+    (tmp_path / "empty.txt").write_text("   \n")
+    documents = load_corpus(str(tmp_path))
+    assert [doc.source for doc in documents] == ["guide.html", "sub/notes.txt", "sub/readme.md"]
+    html, notes, readme = documents
+    assert html.title == "Install Guide" and "installer" in html.text and "evil" not in html.text
+    assert notes.title == "Meeting notes" and "Friday" in notes.text
+    assert readme.title == "Project Readme"
+
+
+def test_url_list_corpus(tmp_path: Path, monkeypatch) -> None:
+    fetched: list[str] = []
+
+    async def fake_fetch(url: str, **kwargs) -> FetchedPage:
+        fetched.append(url)
+        if "broken" in url:
+            raise FetchError("upstream answered 500")
+        return FetchedPage(url, url, "text/html", f"Title of {url}", f"Body of {url}")
+
+    monkeypatch.setattr(fetch_module, "fetch_url", fake_fetch)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("# docs to index\nhttps://a.example/one\n\n  https://b.example/broken\nhttp://c.example/#frag\n")
+    documents = load_corpus(str(urls))
+    assert sorted(fetched) == ["http://c.example/#frag", "https://a.example/one", "https://b.example/broken"]
+    assert documents == [
+        Document("Title of https://a.example/one", "https://a.example/one", "Body of https://a.example/one"),
+        Document("Title of http://c.example/#frag", "http://c.example/#frag", "Body of http://c.example/#frag"),
+    ]
+
+
+def test_single_text_file_is_one_document(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_text("Just a note\nwith two lines")
+    assert load_corpus(str(path)) == [Document("Just a note", "one.txt", "Just a note\nwith two lines")]
+
+
+@pytest.mark.parametrize("spec", ["nope-not-a-thing", "/definitely/missing/dir"])
+def test_unknown_spec_is_a_value_error(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown corpus"):
+        load_corpus(spec)
+
+
+def test_a_file_that_is_neither_urls_nor_text(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a file of http"):
+        load_corpus(str(path))

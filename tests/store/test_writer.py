@@ -1,0 +1,322 @@
+"""The batching writer: batched idempotent writes, spooling while the database is down, replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from store import events
+from store.db import Database
+from store.models import SearchEvent
+from store.writer import CLAIM_MARK, MAX_ROW_ATTEMPTS, REJECTED_DIR, TABLES, EventWriter, _encode, _Entry
+from tests.store.conftest import event_row, feedback_row, wait_until
+
+
+def _spool_files(spool: Path) -> list[Path]:
+    return sorted(p for p in spool.iterdir() if p.is_file()) if spool.exists() else []
+
+
+def _write_spool_file(path: Path, rows: list[tuple[str, dict]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(_encode(_Entry(table, row)) for table, row in rows))
+
+
+async def test_2000_rows_arrive_exactly_once(db: Database, make_writer) -> None:
+    writer = make_writer(db, batch_size=500)
+    await writer.start()
+    rows = [event_row(user_id=f"u{i}") for i in range(2000)]
+    for row in rows:
+        writer.submit("search_events", row)
+    assert writer.is_pending(rows[0]["id"])
+    await writer.flush()
+    assert events.count_events(db) == 2000
+    assert (writer.written, writer.spooled, writer.replayed, writer.queue_depth) == (2000, 0, 0, 0)
+    assert not any(writer.is_pending(row["id"]) for row in rows)
+    assert writer.spool_bytes == 0
+
+
+async def test_row_values_round_trip(db: Database, make_writer) -> None:
+    writer = make_writer(db)
+    await writer.start()
+    row = event_row(session_id="s-1", prompt_template_version=3, served_arm=None, status="error", error="boom")
+    writer.submit("search_events", row)
+    await writer.flush()
+    with db.session() as session:
+        stored = session.get(SearchEvent, row["id"])
+        assert stored.messages == row["messages"] and stored.retrieved == row["retrieved"]
+        assert (stored.session_id, stored.prompt_template_version, stored.served_arm) == ("s-1", 3, None)
+        assert _as_utc(stored.ts) == row["ts"]
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+async def test_duplicates_neither_duplicate_nor_fail(db: Database, make_writer, tmp_path: Path) -> None:
+    writer = make_writer(db)
+    await writer.start()
+    row = event_row()
+    writer.submit("search_events", row)
+    await writer.flush()
+    writer.submit("search_events", dict(row))  # in a later batch
+    twin = event_row()
+    writer.submit("search_events", twin)
+    writer.submit("search_events", dict(twin))  # in the same batch
+    await writer.flush()
+    assert events.count_events(db) == 2
+    assert writer.spooled == 0 and writer.written == 4
+    assert not writer.is_pending(row["id"]) and not writer.is_pending(twin["id"])
+
+    # A spool file holding rows that are already in the database, plus new ones, replays cleanly.
+    fresh = [event_row() for _ in range(3)]
+    _write_spool_file(
+        tmp_path / "spool" / "otherhost-1-x.jsonl",
+        [("search_events", r) for r in [row, twin, *fresh, fresh[0]]],
+    )
+    await wait_until(lambda: writer.spool_bytes == 0, what="spool replayed")
+    assert writer.replayed == 6
+    assert events.count_events(db) == 5
+
+
+async def test_feedback_after_its_event_in_the_same_batch(db: Database, make_writer) -> None:
+    writer = make_writer(db, flush_interval_s=0.2)
+    await writer.start()
+    # Feedback submitted first in the queue still lands after its event (events go first in a batch).
+    event = event_row()
+    writer.submit("feedback", feedback_row(event["id"], rating=2, thumbs="down", corrected_answer="better"))
+    writer.submit("search_events", event)
+    more = event_row()
+    writer.submit("search_events", more)
+    writer.submit("feedback", feedback_row(more["id"]))
+    await writer.flush()
+    assert events.count_events(db) == 2 and events.count_feedback(db) == 2
+    assert writer.spooled == 0 and writer.written == 4
+
+
+async def test_a_refused_row_is_isolated_and_set_aside(db: Database, make_writer, tmp_path: Path) -> None:
+    writer = make_writer(db)
+    await writer.start()
+    good = [event_row() for _ in range(3)]
+    orphan = feedback_row("no-such-event")  # violates the foreign key, forever
+    for row in good:
+        writer.submit("search_events", row)
+    writer.submit("feedback", orphan)
+    await writer.flush()
+    assert events.count_events(db) == 3  # the good rows of the batch got in
+    assert writer.written == 3 and writer.spooled == 1
+    assert writer.is_pending(orphan["id"])
+    # Retried through the spool a few times, then set aside (kept on disk, not replayed forever).
+    await wait_until(lambda: writer.rejected == 1, what="orphan set aside")
+    assert not writer.is_pending(orphan["id"])
+    assert writer.spool_bytes == 0
+    [rejected] = list((tmp_path / "spool" / REJECTED_DIR).iterdir())
+    record = json.loads(rejected.read_text().splitlines()[0])
+    assert record["row"]["id"] == orphan["id"] and record["attempts"] == MAX_ROW_ATTEMPTS
+    assert events.count_feedback(db) == 0
+
+
+async def test_feedback_for_an_event_still_in_the_spool(db: Database, dead_db: Database, make_writer) -> None:
+    writer = make_writer(dead_db)
+    await writer.start()
+    event = event_row()
+    writer.submit("search_events", event)
+    await writer.flush()
+    assert writer.spooled == 1 and writer.is_pending(event["id"])
+    writer.db = db
+    feedback = feedback_row(event["id"])
+    writer.submit("feedback", feedback)
+    await writer.flush()
+    await wait_until(lambda: events.count_feedback(db) == 1 and writer.spool_bytes == 0, what="both replayed")
+    assert events.count_events(db) == 1
+    assert not writer.is_pending(event["id"]) and not writer.is_pending(feedback["id"])
+    assert writer.rejected == 0
+
+
+async def test_database_unreachable_spools_then_replays(db: Database, dead_db: Database, make_writer) -> None:
+    writer = make_writer(dead_db, batch_size=100)
+    await writer.start()
+    rows = [event_row() for _ in range(300)]
+    for row in rows:
+        writer.submit("search_events", row)
+    await writer.flush()
+    assert writer.spool_bytes > 0
+    assert writer.written == 0 and writer.spooled == 300 and writer.queue_depth == 0
+    assert all(writer.is_pending(row["id"]) for row in rows)
+    # While it is down, new rows go straight to the spool.
+    late = event_row()
+    writer.submit("search_events", late)
+    await writer.flush()
+    assert writer.spooled == 301 and writer.is_pending(late["id"])
+
+    writer.db = db  # the database is back
+    await wait_until(lambda: writer.replayed == 301, what="replay")
+    await wait_until(lambda: writer.spool_bytes == 0, what="spool emptied")
+    assert events.count_events(db) == 301
+    assert not any(writer.is_pending(row["id"]) for row in [*rows, late])
+    # And writing goes straight to the database again.
+    after = event_row()
+    writer.submit("search_events", after)
+    await writer.flush()
+    assert writer.written == 1 and events.count_events(db) == 302
+
+
+async def test_stop_with_the_database_down_spools_and_a_new_writer_replays(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    first = make_writer(dead_db, spool, flush_interval_s=5.0)  # stop() must not wait for a fuller batch
+    await first.start()
+    rows = [event_row() for _ in range(250)]
+    for row in rows[:200]:
+        first.submit("search_events", row)
+    feedback = feedback_row(rows[0]["id"])
+    first.submit("feedback", feedback)
+    await first.stop()
+    # Never started: stop() still spools what was submitted.
+    second = make_writer(dead_db, spool)
+    for row in rows[200:]:
+        second.submit("search_events", row)
+    await second.stop()
+    assert first.spooled == 201 and second.spooled == 50 and first.queue_depth == second.queue_depth == 0
+    assert first.spool_bytes > 0 and len(_spool_files(spool)) == 2
+    assert events.count_events(db) == 0
+
+    # "The process restarted": a new writer finds the spool and replays it.
+    restarted = make_writer(db, spool)
+    await restarted.start()
+    await wait_until(lambda: restarted.spool_bytes == 0, what="spool replayed")
+    assert restarted.replayed == 251
+    assert events.count_events(db) == 250 and events.count_feedback(db) == 1
+    assert _spool_files(spool) == []
+
+
+async def test_stop_without_start_writes_when_the_database_is_up(db: Database, make_writer) -> None:
+    writer = make_writer(db)
+    writer.submit("search_events", event_row())
+    await writer.flush()  # works without start()
+    writer.submit("search_events", event_row())
+    await writer.stop()
+    assert writer.written == 2 and events.count_events(db) == 2
+
+
+async def test_queue_overflow_goes_to_the_spool(db: Database, make_writer) -> None:
+    writer = make_writer(db, max_queue=10)
+    rows = [event_row() for _ in range(25)]
+    for row in rows:  # not started: nothing drains the queue
+        writer.submit("search_events", row)
+    assert writer.queue_depth == 10 and writer.spooled == 15 and writer.spool_bytes > 0
+    assert all(writer.is_pending(row["id"]) for row in rows)
+    await writer.start()
+    await writer.flush()
+    await wait_until(lambda: writer.spool_bytes == 0, what="overflow replayed")
+    assert events.count_events(db) == 25
+    assert (writer.written, writer.replayed) == (10, 15)
+    assert not any(writer.is_pending(row["id"]) for row in rows)
+
+
+async def test_stale_claims_are_taken_over(db: Database, make_writer, tmp_path: Path) -> None:
+    import socket
+
+    from store import writer as writer_module
+
+    host = writer_module._HOST
+    assert socket.gethostname()
+    spool = tmp_path / "spool"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dead_rows, ours_rows, live_rows = [event_row()], [event_row()], [event_row()]
+    # Claimed by a process that is gone.
+    _write_spool_file(spool / f"{host}-1-a{CLAIM_MARK}{host}-{dead.pid}", [("search_events", r) for r in dead_rows])
+    # Claimed under our own pid but by no claim of this process: an earlier process with the same pid.
+    _write_spool_file(spool / f"{host}-1-b{CLAIM_MARK}{host}-{os.getpid()}", [("search_events", r) for r in ours_rows])
+    # Claimed by a live process (our parent): left alone.
+    live = spool / f"{host}-1-c{CLAIM_MARK}{host}-{os.getppid()}"
+    _write_spool_file(live, [("search_events", r) for r in live_rows])
+
+    writer = make_writer(db, spool)
+    await writer.start()
+    await wait_until(lambda: writer.replayed == 2, what="stale claims replayed")
+    assert events.count_events(db) == 2
+    assert _spool_files(spool) == [live]
+
+
+async def test_unreadable_spool_lines_are_set_aside(db: Database, make_writer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    good = event_row()
+    path = spool / "h-1-torn.jsonl"
+    _write_spool_file(path, [("search_events", good)])
+    with path.open("a") as handle:
+        handle.write('{"table": "nope", "row": {"id": "x"}}\n{"table": "search_ev')  # a torn last line
+    writer = make_writer(db, spool)
+    await writer.start()
+    await wait_until(lambda: writer.replayed == 1 and writer.spool_bytes == 0, what="replay")
+    assert events.count_events(db) == 1
+    [rejected] = list((spool / REJECTED_DIR).iterdir())
+    assert len(rejected.read_text().splitlines()) == 2
+
+
+async def test_submit_validates(db: Database, make_writer) -> None:
+    writer = make_writer(db)
+    with pytest.raises(ValueError):
+        writer.submit("nope", event_row())
+    with pytest.raises(ValueError):
+        writer.submit("search_events", {"ts": datetime.now(UTC)})
+    with pytest.raises(ValueError):
+        writer.submit("search_events", event_row(not_a_column=1))
+    assert writer.queue_depth == 0
+    assert set(TABLES) == {"search_events", "feedback"}
+
+
+async def test_spool_lines_are_json_with_iso_datetimes(dead_db: Database, make_writer, tmp_path: Path) -> None:
+    writer = make_writer(dead_db)
+    row = event_row()
+    writer.submit("search_events", row)
+    await writer.stop()
+    [path] = _spool_files(tmp_path / "spool")
+    assert path.name.endswith(".jsonl") and f"-{os.getpid()}-" in path.name
+    [line] = path.read_text().splitlines()
+    record = json.loads(line)
+    assert record["table"] == "search_events" and record["row"]["id"] == row["id"]
+    assert datetime.fromisoformat(record["row"]["ts"]) == row["ts"]
+
+
+async def test_written_rows_are_queryable_from_sql(db: Database, make_writer) -> None:
+    writer = EventWriter(db, Path("/nonexistent-unused"), flush_interval_s=0.01)
+    await writer.start()
+    try:
+        row = event_row()
+        writer.submit("search_events", row)
+        await writer.flush()
+    finally:
+        await writer.stop()
+    with db.session() as session:
+        assert session.scalar(select(SearchEvent.query).where(SearchEvent.id == row["id"])) == row["query"]
+
+
+async def test_replay_while_another_writer_keeps_spooling(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path
+) -> None:
+    """Two replicas on one spool directory: one spooling (its database is down), one replaying its files."""
+    spool = tmp_path / "spool"
+    spooling = make_writer(dead_db, spool, batch_size=25, replay_interval_s=3600)
+    replaying = make_writer(db, spool, replay_interval_s=0.005, batch_size=40)
+    await spooling.start()
+    await replaying.start()
+    total = 0
+    for _burst in range(40):
+        for _ in range(25):
+            spooling.submit("search_events", event_row())
+            total += 1
+        await spooling.flush()
+    await spooling.stop()
+    assert spooling.spooled == total
+    await wait_until(lambda: replaying.spool_bytes == 0, timeout=30, what="spool drained")
+    assert events.count_events(db) == total
+    assert replaying.replayed == total

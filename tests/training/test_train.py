@@ -1,0 +1,167 @@
+"""LoRA training, naming, offline evaluation and export on a tiny random Llama (seconds on CPU)."""
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from store.db import Database
+from tests.training.conftest import BagOfWordsEncoder
+from training.dataset import HOLDOUT_FILE, build_dataset, read_rows
+from training.evaluate import EVAL_FILE, METRICS_FILE, encode_pair, load_tokenizer, rouge_l
+from training.registry import AdapterNameTaken, adapter_name, get_adapter, register_adapter
+from training.simulate import simulate_traffic
+from training.train import dataset_hash, train_lora
+
+
+@pytest.fixture(scope="module")
+def module_db(tmp_path_factory) -> Database:
+    database = Database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'store.db'}")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="module")
+def data_dir(module_db, tmp_path_factory) -> Path:
+    simulate_traffic(module_db, n_queries=60, seed=1)
+    out = tmp_path_factory.mktemp("data")
+    build_dataset(module_db, out, embedder=BagOfWordsEncoder(), holdout_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tiny_model_dir, module_db, tmp_path_factory):
+    return train_lora(
+        data_dir,
+        tmp_path_factory.mktemp("adapters"),
+        base_model_dir=tiny_model_dir,
+        base_name="tiny",
+        max_steps=3,
+        batch_size=2,
+        lora_r=4,
+        db=module_db,
+    )
+
+
+@pytest.mark.slow
+def test_train_saves_a_versioned_adapter_with_metrics(tiny_run, data_dir, module_db):
+    assert re.fullmatch(r"tiny-\d{8}T\d{6}Z-[0-9a-f]{8}", tiny_run.name)
+    assert tiny_run.name.endswith(dataset_hash(data_dir)[:8])
+    assert tiny_run.adapter_dir.name == tiny_run.name
+    assert (tiny_run.adapter_dir / "adapter_config.json").is_file()
+    assert (tiny_run.adapter_dir / "adapter_model.safetensors").is_file()
+    assert not list(tiny_run.adapter_dir.parent.glob(".*.partial"))
+    metrics = json.loads((tiny_run.adapter_dir / METRICS_FILE).read_text())
+    assert [p["step"] for p in metrics["train_loss_curve"]] == [1, 2, 3]
+    for key in ("loss_base", "loss_adapter", "perplexity_base", "perplexity_adapter"):
+        assert metrics["holdout"][key] > 0
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] > 0
+    assert metrics["params"]["device"] == "cpu" and metrics["params"]["dtype"] == "float32"
+    row = get_adapter(module_db, tiny_run.name)
+    assert row is not None and row.id == tiny_run.adapter_id
+    assert row.dataset_hash == dataset_hash(data_dir) and row.train_metrics["name"] == tiny_run.name
+
+
+@pytest.mark.slow
+def test_evaluate_records_the_verdict(tiny_run, data_dir, tiny_model_dir, module_db):
+    from training.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(
+        data_dir,
+        tiny_run.adapter_dir,
+        base_model_dir=tiny_model_dir,
+        max_new_tokens=8,
+        max_answers=4,
+        db=module_db,
+        embedder=BagOfWordsEncoder(),
+    )
+    assert report.holdout["n"] == len(read_rows(data_dir / HOLDOUT_FILE))
+    assert report.answers["n"] == 4
+    assert report.passed == (not report.reasons)
+    on_disk = json.loads((tiny_run.adapter_dir / EVAL_FILE).read_text())
+    assert on_disk == report.to_dict()
+    assert get_adapter(module_db, tiny_run.name).eval_metrics["passed"] == report.passed
+
+
+@pytest.mark.slow
+def test_gate_fails_when_the_required_improvement_is_out_of_reach(tiny_run, data_dir, tiny_model_dir):
+    from training.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(
+        data_dir,
+        tiny_run.adapter_dir,
+        base_model_dir=tiny_model_dir,
+        min_loss_improvement=0.99,
+        max_new_tokens=4,
+        max_answers=2,
+        embedder=BagOfWordsEncoder(),
+    )
+    assert not report.passed
+    assert any("holdout loss" in reason for reason in report.reasons)
+
+
+@pytest.mark.slow
+def test_export_merges_into_an_equivalent_plain_model(tiny_run, tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.export import export_merged
+
+    out = export_merged(tiny_run.adapter_dir, tmp_path / "merged", base_model_dir=tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert not (out / "adapter_config.json").exists()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tiny_run.adapter_dir)
+    ids = torch.tensor([[1, 42, 314, 2718]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
+    with pytest.raises(FileExistsError):
+        export_merged(tiny_run.adapter_dir, out, base_model_dir=tiny_model_dir)
+
+
+def test_adapter_names_are_never_reused(data_dir, tmp_path, module_db, monkeypatch):
+    monkeypatch.setattr("training.train.adapter_name", lambda base, data_hash: "fixed-name")
+    (tmp_path / "fixed-name").mkdir()
+    with pytest.raises(AdapterNameTaken):
+        train_lora(data_dir, tmp_path, base_model_dir=tmp_path / "unused")
+    register_adapter(module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None,
+                     train_metrics=None)
+    with pytest.raises(AdapterNameTaken):
+        train_lora(data_dir, tmp_path / "elsewhere", base_model_dir=tmp_path / "unused", db=module_db)
+    with pytest.raises(AdapterNameTaken):
+        register_adapter(module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None,
+                         train_metrics=None)
+
+
+def test_adapter_name_format():
+    when = datetime(2026, 5, 17, 8, 9, 10, tzinfo=UTC)
+    assert adapter_name("SmolLM2-135M-Instruct", "abcdef0123456789", when) == (
+        "SmolLM2-135M-Instruct-20260517T080910Z-abcdef01"
+    )
+
+
+@pytest.mark.slow
+def test_4bit_needs_cuda_and_leaves_nothing_behind(data_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="CUDA"):
+        train_lora(data_dir, tmp_path, base_model_dir=tiny_model_dir, load_in_4bit=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_completion_tokens_are_exactly_the_answer_and_end_of_turn(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]
+    ids, start = encode_pair(tokenizer, prompt, [{"role": "assistant", "content": "Answer: yes"}])
+    assert tokenizer.decode(ids[start:]) == "Answer: yes<|im_end|>\n"
+    assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+
+
+def test_rouge_l():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "the cat") == 0.0
+    assert rouge_l("dog", "the cat") == 0.0
+    # LCS "the cat" (2): precision 2/3, recall 2/2.
+    assert rouge_l("the black cat", "The cat!") == pytest.approx(0.8)

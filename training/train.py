@@ -1,0 +1,299 @@
+"""LoRA supervised fine-tuning on a built dataset (trl SFTTrainer + peft).
+
+Loss is on the completion only (the preferred answer), never on the prompt the proxy sent. On CUDA
+the base runs in bf16 with gradient checkpointing, optionally quantised to 4 bits (bitsandbytes,
+imported only then); on CPU everything is fp32. Runs are seeded.
+
+The adapter is saved under a versioned name that is never reused,
+`<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks such as vLLM cache adapter weights by
+name, so reusing one would serve stale weights. Training writes to a hidden `.partial` directory
+that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from store.db import Database
+from training.dataset import CARD_FILE, HOLDOUT_FILE, TRAIN_FILE, DatasetCard, read_rows
+from training.evaluate import (
+    METRICS_FILE,
+    completion_loss,
+    device_and_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    perplexity,
+)
+from training.registry import AdapterNameTaken, adapter_name, name_taken, register_adapter
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_LENGTH = 1024
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    name: str
+    metrics: dict[str, Any]
+    adapter_id: str | None = None  # the `adapters` row, when a database was given
+
+
+def train_lora(
+    data_dir: Path,
+    out_root: Path,
+    *,
+    base_model_dir: Path,
+    base_name: str = "SmolLM2-135M-Instruct",
+    max_steps: int = 60,
+    learning_rate: float = 2e-4,
+    batch_size: int = 4,
+    lora_r: int = 16,
+    seed: int = 0,
+    load_in_4bit: bool = False,
+    db: Database | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on `data_dir`/train.jsonl and save it under `out_root`/<versioned name>."""
+    import torch
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.perf_counter()
+    data_dir, out_root = Path(data_dir), Path(out_root)
+    train_rows, holdout_rows = read_rows(data_dir / TRAIN_FILE), read_rows(data_dir / HOLDOUT_FILE)
+    if not train_rows:
+        raise ValueError(f"{data_dir / TRAIN_FILE} has no rows")
+    data_hash = dataset_hash(data_dir)
+    name = adapter_name(base_name, data_hash)
+    final_dir = out_root / name
+    if final_dir.exists() or (db is not None and name_taken(db, name)):
+        raise AdapterNameTaken(f"adapter name {name!r} is already used; names are never reused")
+    out_root.mkdir(parents=True, exist_ok=True)
+    work_dir = out_root / f".{name}.partial"
+    work_dir.mkdir()  # fails if a concurrent run claimed the same name
+
+    try:
+        device, dtype = device_and_dtype()
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        set_seed(seed)
+        tokenizer = load_tokenizer(base_model_dir)
+        model = _load_base(base_model_dir, device, dtype, load_in_4bit)
+        model.eval()
+        with torch.inference_mode():
+            base_loss, holdout_tokens = _holdout_loss(model, tokenizer, holdout_rows)
+
+        config = SFTConfig(
+            output_dir=str(work_dir / "trainer"),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+            bf16=on_cuda and dtype == torch.bfloat16,
+            fp16=on_cuda and dtype == torch.float16,
+            use_cpu=not on_cuda,
+            # Recomputing activations buys GPU memory; on CPU it only costs time.
+            gradient_checkpointing=on_cuda,
+            completion_only_loss=True,
+            max_length=MAX_LENGTH,
+            disable_tqdm=False,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=_as_dataset(train_rows),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(
+                r=lora_r,
+                lora_alpha=2 * lora_r,
+                lora_dropout=0.05,
+                target_modules=LORA_TARGETS,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        output = trainer.train()
+        trained = trainer.model
+        trained.eval()
+        with torch.inference_mode():
+            adapter_loss, _ = _holdout_loss(trained, tokenizer, holdout_rows)
+
+        trained.save_pretrained(str(work_dir))
+        tokenizer.save_pretrained(str(work_dir))
+        shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+        metrics = _metrics(
+            trainer.state.log_history,
+            output.metrics,
+            name=name,
+            base_name=base_name,
+            base_model_dir=base_model_dir,
+            data_dir=data_dir,
+            data_hash=data_hash,
+            rows=(len(train_rows), len(holdout_rows)),
+            holdout=(base_loss, adapter_loss, holdout_tokens),
+            params={
+                "max_steps": max_steps,
+                "learning_rate": learning_rate,
+                "batch_size": batch_size,
+                "lora_r": lora_r,
+                "lora_alpha": 2 * lora_r,
+                "lora_targets": LORA_TARGETS,
+                "seed": seed,
+                "load_in_4bit": load_in_4bit,
+                "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."),
+                "gradient_checkpointing": on_cuda,
+                "max_length": MAX_LENGTH,
+            },
+            on_cuda=on_cuda,
+            wall_time_s=time.perf_counter() - started,
+        )
+        (work_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if final_dir.exists():
+            raise AdapterNameTaken(f"adapter directory {final_dir} appeared while training")
+        os.rename(work_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+    adapter_id = None
+    if db is not None:
+        adapter_id = register_adapter(
+            db, name=name, base_model=base_name, path=final_dir, dataset_hash=data_hash, train_metrics=metrics
+        )
+    log.info("adapter %s saved to %s", name, final_dir)
+    return TrainResult(adapter_dir=final_dir, name=name, metrics=metrics, adapter_id=adapter_id)
+
+
+def dataset_hash(data_dir: Path) -> str:
+    """The dataset card's content hash, or a hash of the split files when there is no card."""
+    if (Path(data_dir) / CARD_FILE).is_file():
+        return DatasetCard.load(data_dir).content_hash
+    digest = hashlib.sha256()
+    for name in (TRAIN_FILE, HOLDOUT_FILE):
+        path = Path(data_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\x00" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool) -> Any:
+    if not load_in_4bit:
+        return load_causal_lm(base_model_dir, device=device, dtype=dtype)
+    if device.type != "cuda":
+        raise ValueError("load_in_4bit needs a CUDA GPU; on CPU train the fp32 base instead")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it importable for 4-bit loading)
+    except ImportError as exc:
+        raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from exc
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+
+def _as_dataset(rows: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+        # Only role and content: extra keys would vary between rows and break the Arrow schema.
+        return [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in messages]
+
+    return Dataset.from_list([{"prompt": _plain(r["prompt"]), "completion": _plain(r["completion"])} for r in rows])
+
+
+def _holdout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float | None, int]:
+    if not rows:
+        return None, 0
+    return completion_loss(model, tokenizer, rows, max_length=MAX_LENGTH)
+
+
+def _metrics(
+    log_history: list[dict[str, Any]],
+    train_output: dict[str, Any],
+    *,
+    name: str,
+    base_name: str,
+    base_model_dir: Path,
+    data_dir: Path,
+    data_hash: str,
+    rows: tuple[int, int],
+    holdout: tuple[float | None, float | None, int],
+    params: dict[str, Any],
+    on_cuda: bool,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    import torch
+
+    curve = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e and "step" in e]
+    train_tokens = max((e.get("num_tokens", 0) for e in log_history), default=0)
+    runtime = float(train_output.get("train_runtime") or 0.0)
+    base_loss, adapter_loss, holdout_tokens = holdout
+    if on_cuda:
+        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    else:
+        # ru_maxrss is in KiB on Linux.
+        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+    return {
+        "name": name,
+        "base_model": base_name,
+        "base_model_dir": str(base_model_dir),
+        "data_dir": str(data_dir),
+        "dataset_hash": data_hash,
+        "train_rows": rows[0],
+        "holdout_rows": rows[1],
+        "params": params,
+        "train_loss_curve": curve,
+        "train_loss_final": curve[-1]["loss"] if curve else None,
+        "holdout": {
+            "tokens": holdout_tokens,
+            "loss_base": base_loss,
+            "loss_adapter": adapter_loss,
+            "perplexity_base": perplexity(base_loss) if base_loss is not None else None,
+            "perplexity_adapter": perplexity(adapter_loss) if adapter_loss is not None else None,
+        },
+        "train_tokens": int(train_tokens),
+        "train_runtime_s": round(runtime, 2),
+        "tokens_per_s": round(train_tokens / runtime, 1) if runtime > 0 else None,
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": peak_kind,
+        "wall_time_s": round(wall_time_s, 2),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "trl"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
