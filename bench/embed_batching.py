@@ -1,10 +1,12 @@
 """Micro-batching benchmark: one forward pass per query vs BatchingEmbedder, at several concurrencies.
 
-    .venv/bin/python bench/embed_batching.py [--queries N] [--concurrency 1,8,32,64] [--max-batch 64]
+    .venv/bin/python bench/embed_batching.py [--queries N] [--concurrency 1,8,32,64] [--rounds R]
+                                             [--query-chars 200] [--max-batch 64] [--threads T]
 
 Loads the real embedding model once and measures both modes in the same process. Queries are
-the first ~200 characters of Python's bundled documentation topics (pydoc_data.topics).
-Prints a markdown table (queries/s, p50/p95 latency, forward passes) and the speed-up.
+the first --query-chars characters of Python's bundled documentation topics (pydoc_data.topics).
+Modes alternate cell by cell for --rounds rounds, so drift in background load hits both alike;
+queries/s is the median over rounds, latency percentiles pool every request of a cell.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import concurrent.futures
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 for _name, _value in {
@@ -36,20 +39,24 @@ import numpy as np  # noqa: E402
 from retrieval.embedder import BatchingEmbedder, Embedder  # noqa: E402
 
 EmbedOne = Callable[[str], Awaitable[np.ndarray]]
+UNBATCHED = "one pass per query"
+BATCHED = "BatchingEmbedder"
 
 
 @dataclass
-class Result:
+class Cell:
+    """Every round's measurements for one (mode, concurrency)."""
+
     mode: str
     concurrency: int
-    queries: int
-    wall_s: float
-    latencies_s: list[float]
-    forward_passes: int
+    round_qps: list[float] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    forward_passes: int = 0
+    queries: int = 0
 
     @property
     def qps(self) -> float:
-        return self.queries / self.wall_s
+        return statistics.median(self.round_qps)
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1000)
@@ -58,7 +65,11 @@ class Result:
 def main() -> None:
     args = _parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    queries = _queries(args.queries)
+    queries = _queries(args.queries, args.query_chars)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from store.config import default_embedding_model
 
@@ -70,35 +81,51 @@ def main() -> None:
     embedder.encode(queries[: args.max_batch])
 
     load_before = os.getloadavg()[0]
-    results = asyncio.run(_run_all(embedder, queries, concurrencies, args.max_batch))
+    started = time.perf_counter()
+    cells = asyncio.run(_run_all(embedder, queries, concurrencies, args.max_batch, args.rounds))
+    run_s = time.perf_counter() - started
     load_after = os.getloadavg()[0]
-    print(_report(args, embedder, load_s, results, concurrencies, (load_before, load_after)))
+    print(_report(args, embedder, load_s, run_s, cells, concurrencies, (load_before, load_after)))
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=int, default=96, help="queries per (mode, concurrency) cell")
+    parser.add_argument("--queries", type=int, default=48, help="queries per cell per round")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated concurrent clients")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over all cells")
+    parser.add_argument("--query-chars", type=int, default=200, help="characters of each pydoc topic used")
     parser.add_argument("--max-batch", type=int, default=64, help="BatchingEmbedder max_batch")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return parser.parse_args()
 
 
-def _queries(n: int) -> list[str]:
+def _queries(n: int, chars: int) -> list[str]:
     from pydoc_data.topics import topics
 
-    texts = [" ".join(text.split())[:200] for _, text in sorted(topics.items()) if text.strip()]
+    texts = [" ".join(text.split())[:chars] for _, text in sorted(topics.items()) if text.strip()]
     return [texts[i % len(texts)] for i in range(n)]
 
 
-async def _run_all(embedder: Embedder, queries: list[str], concurrencies: list[int], max_batch: int) -> list[Result]:
-    results = []
-    for concurrency in concurrencies:
-        results.append(await _unbatched(embedder, queries, concurrency))
-        results.append(await _batched(embedder, queries, concurrency, max_batch))
-    return results
+async def _run_all(
+    embedder: Embedder, queries: list[str], concurrencies: list[int], max_batch: int, rounds: int
+) -> dict[tuple[str, int], Cell]:
+    cells: dict[tuple[str, int], Cell] = {}
+    for _ in range(rounds):
+        for concurrency in concurrencies:
+            for mode in (UNBATCHED, BATCHED):
+                cell = cells.setdefault((mode, concurrency), Cell(mode, concurrency))
+                if mode == UNBATCHED:
+                    wall, latencies, passes = await _unbatched(embedder, queries, concurrency)
+                else:
+                    wall, latencies, passes = await _batched(embedder, queries, concurrency, max_batch)
+                cell.round_qps.append(len(queries) / wall)
+                cell.latencies_s += latencies
+                cell.forward_passes += passes
+                cell.queries += len(queries)
+    return cells
 
 
-async def _unbatched(embedder: Embedder, queries: list[str], concurrency: int) -> Result:
+async def _unbatched(embedder: Embedder, queries: list[str], concurrency: int) -> tuple[float, list[float], int]:
     """One forward pass per request, serialised by a lock, in one worker thread (like the batcher)."""
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     lock = asyncio.Lock()
@@ -116,17 +143,19 @@ async def _unbatched(embedder: Embedder, queries: list[str], concurrency: int) -
         wall, latencies = await _drive(embed_one, queries, concurrency)
     finally:
         executor.shutdown()
-    return Result("one pass per query", concurrency, len(queries), wall, latencies, passes)
+    return wall, latencies, passes
 
 
-async def _batched(embedder: Embedder, queries: list[str], concurrency: int, max_batch: int) -> Result:
+async def _batched(
+    embedder: Embedder, queries: list[str], concurrency: int, max_batch: int
+) -> tuple[float, list[float], int]:
     batcher = BatchingEmbedder(embedder, max_batch=max_batch)
     await batcher.start()
     try:
         wall, latencies = await _drive(batcher.embed, queries, concurrency)
     finally:
         await batcher.stop()
-    return Result("BatchingEmbedder", concurrency, len(queries), wall, latencies, batcher.batches)
+    return wall, latencies, batcher.batches
 
 
 async def _drive(embed_one: EmbedOne, queries: list[str], concurrency: int) -> tuple[float, list[float]]:
@@ -149,7 +178,8 @@ def _report(
     args: argparse.Namespace,
     embedder: Embedder,
     load_s: float,
-    results: list[Result],
+    run_s: float,
+    cells: dict[tuple[str, int], Cell],
     concurrencies: list[int],
     loadavg: tuple[float, float],
 ) -> str:
@@ -166,22 +196,30 @@ def _report(
         f"Python {platform.python_version()}; 1-min load average {loadavg[0]:.1f} before, "
         f"{loadavg[1]:.1f} after (other work on the machine skews absolute numbers)  ",
         f"Model: {Path(embedder.model_name_or_path).name} (dim {embedder.dim}), loaded in {load_s:.1f}s; "
-        f"{args.queries} queries per cell (first 200 chars of pydoc topics), max_batch {args.max_batch}",
+        f"queries: first {args.query_chars} chars of pydoc topics; {args.rounds} rounds x {args.queries} "
+        f"queries per cell; max_batch {args.max_batch}; measured in {run_s:.0f}s",
         "",
-        "| concurrency | mode | queries/s | p50 ms | p95 ms | forward passes | mean batch |",
+        "| concurrency | mode | queries/s (median of rounds) | p50 ms | p95 ms | forward passes | mean batch |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    for concurrency in concurrencies:
+        for mode in (UNBATCHED, BATCHED):
+            c = cells[(mode, concurrency)]
+            lines.append(
+                f"| {concurrency} | {mode} | {c.qps:.1f} | {c.percentile_ms(50):.0f} | "
+                f"{c.percentile_ms(95):.0f} | {c.forward_passes} | {c.queries / c.forward_passes:.1f} |"
+            )
+    lines += [
+        "",
+        "| concurrency | throughput, batched / one pass per query | p95 latency, batched / one pass per query |",
+        "|---:|---:|---:|",
+    ]
+    for concurrency in concurrencies:
+        single, batched = cells[(UNBATCHED, concurrency)], cells[(BATCHED, concurrency)]
         lines.append(
-            f"| {r.concurrency} | {r.mode} | {r.qps:.1f} | {r.percentile_ms(50):.1f} | "
-            f"{r.percentile_ms(95):.1f} | {r.forward_passes} | {r.queries / r.forward_passes:.1f} |"
+            f"| {concurrency} | {batched.qps / single.qps:.2f}x | "
+            f"{batched.percentile_ms(95) / single.percentile_ms(95):.2f}x |"
         )
-    lines += ["", "| concurrency | throughput ratio (batched / one pass per query) | p95 ratio |", "|---:|---:|---:|"]
-    by_key = {(r.concurrency, r.mode): r for r in results}
-    for c in concurrencies:
-        single, batched = by_key[(c, "one pass per query")], by_key[(c, "BatchingEmbedder")]
-        p95_ratio = batched.percentile_ms(95) / single.percentile_ms(95)
-        lines.append(f"| {c} | {batched.qps / single.qps:.2f}x | {p95_ratio:.2f} |")
     return "\n".join(lines)
 
 

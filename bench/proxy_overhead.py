@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -44,9 +45,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -61,6 +63,7 @@ WRK_CHAT = BENCH / "wrk_chat.lua"
 STUB_MODEL = "stub-model"
 LITELLM_MODEL = "abloop-bench"
 LITELLM_KEY = "sk-abloop-bench-master"
+SPLIT_CHECK = 100  # requests per proxy before the load, to show where the weighted split sends them
 GOAL_RPS_RATIO = 5.0
 GOAL_ADDED_P50_MS = 1.0
 
@@ -140,18 +143,14 @@ class Processes:
 
     def stop_all(self) -> None:
         for _name, proc in reversed(self.items):
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 self.stop(proc)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
         self.items.clear()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)  # the group this script created with start_new_session
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def free_port() -> int:
@@ -161,10 +160,12 @@ def free_port() -> int:
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> tuple[int, bytes]:
+         timeout: float = 10.0, response_headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
+            if response_headers is not None:
+                response_headers.update((k.lower(), v) for k, v in response.headers.items())
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -203,6 +204,7 @@ class Cell:
     mean_ms: float
     requests: int
     errors: int  # non-2xx + socket errors + timeouts
+    cpu_ms: float = float("nan")  # CPU time of the server under test per request (all its processes)
 
     @staticmethod
     def median(cells: list[Cell]) -> Cell:
@@ -215,6 +217,7 @@ class Cell:
             mean_ms=statistics.median(c.mean_ms for c in cells),
             requests=sum(c.requests for c in cells),
             errors=sum(c.errors for c in cells),
+            cpu_ms=statistics.median(c.cpu_ms for c in cells),
         )
 
 
@@ -227,6 +230,46 @@ class Target:
     lua_env: dict[str, str]
     make_body: Callable[[int, int], bytes]  # (worker, n) -> body, for the Python generator
     headers: dict[str, str] = field(default_factory=dict)
+    pgid: int | None = None  # the server under test's process group, for its CPU time
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def group_cpu_s(pgid: int | None) -> float:
+    """User + system CPU seconds of every live process in a process group (Linux /proc; else NaN)."""
+    if pgid is None or not os.path.isdir("/proc"):
+        return float("nan")
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields: state ppid pgrp session ... utime(11) stime(12)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLK_TCK
+
+
+def measure(wrk: str | None, target: Target, concurrency: int, warmup: int, seconds: int) -> Cell:
+    """Warm up, then one measured run; adds the server's CPU time per request."""
+    if wrk is None:
+        # The Python generator runs its warm-up inside the same call, so CPU is counted over both.
+        before = group_cpu_s(target.pgid)
+        cell = run_python_load(target, concurrency, warmup, seconds)
+        requests_total = cell.requests * (warmup + seconds) / seconds
+    else:
+        if warmup:
+            run_wrk(wrk, target, concurrency, warmup)
+        before = group_cpu_s(target.pgid)
+        cell = run_wrk(wrk, target, concurrency, seconds)
+        requests_total = cell.requests
+    if requests_total:
+        cell.cpu_ms = (group_cpu_s(target.pgid) - before) * 1000 / requests_total
+    return cell
 
 
 def wrk_threads(concurrency: int) -> int:
@@ -244,11 +287,12 @@ def run_wrk(wrk: str, target: Target, concurrency: int, seconds: int) -> Cell:
     data = json.loads(line.removeprefix("BENCH_JSON "))
     errors = sum(data[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
     ok = max(0, data["requests"] - data["err_status"])
-    return Cell(
+    nan = float("nan")
+    return Cell(  # no completed request: no latency (wrk would say 0)
         rps=ok / (data["duration_us"] / 1e6),
-        p50_ms=data["p50_us"] / 1000,
-        p99_ms=data["p99_us"] / 1000,
-        mean_ms=data["mean_us"] / 1000,
+        p50_ms=data["p50_us"] / 1000 if data["requests"] else nan,
+        p99_ms=data["p99_us"] / 1000 if data["requests"] else nan,
+        mean_ms=data["mean_us"] / 1000 if data["requests"] else nan,
         requests=data["requests"],
         errors=errors,
     )
@@ -394,8 +438,8 @@ def start_index_build(procs: Processes, index_dir: Path, tmp: Path) -> subproces
     return procs.start("index-build", [ABLOOP, "index", "build", "--corpus", "pydoc"], env=env, cwd=tmp)
 
 
-def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path
-                 ) -> subprocess.Popen:
+def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path,
+                 extra_env: list[str]) -> subprocess.Popen:
     work = tmp / name
     work.mkdir(parents=True, exist_ok=True)
     (work / "spool").mkdir(exist_ok=True)
@@ -412,6 +456,7 @@ def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_d
         SPOOL_DIR=str(work / "spool"),
         INDEX_DIR=str(index_dir),
     )
+    env.update(entry.split("=", 1) for entry in extra_env)
     # cwd is the temp dir so that no .env of the repository leaks in (ADMIN_TOKEN stays unset).
     return procs.start(name, [ABLOOP, "proxy", "--host", "127.0.0.1", "--port", str(port),
                               "--log-level", "warning"], env=env, cwd=work)
@@ -437,15 +482,29 @@ def start_litellm(procs: Processes, cli: Path, port: int, stub_base: str, tmp: P
                                    "--port", str(port), "--num_workers", "1"], env=env, cwd=work)
 
 
-def check(target: Target, validate: Callable[[dict[str, Any]], str | None]) -> None:
-    """One request before the load: a proxy that answers errors fast must not win the benchmark."""
-    body = target.make_body(0, 0)
-    status, raw = http("POST", target.url, body, {"Content-Type": "application/json", **target.headers}, timeout=60)
-    if status != 200:
-        raise RuntimeError(f"{target.label}: HTTP {status}: {raw[:500]!r}")
-    problem = validate(json.loads(raw))
-    if problem:
-        raise RuntimeError(f"{target.label}: {problem}: {raw[:500]!r}")
+def check(target: Target, validate: Callable[[dict[str, Any]], str | None],
+          split: Callable[[dict[str, Any], dict[str, str]], str] | None = None, n: int = 1) -> dict[str, int]:
+    """Requests before the load: a proxy that answers errors fast must not win the benchmark.
+
+    With `split`, sends `n` requests (different user ids) and counts where each went (arm or
+    deployment), to show that the weighted split is really exercised.
+    """
+    seen: dict[str, int] = {}
+    for i in range(n):
+        body = target.make_body(i, i)
+        headers: dict[str, str] = {}
+        status, raw = http("POST", target.url, body, {"Content-Type": "application/json", **target.headers},
+                           timeout=60, response_headers=headers)
+        if status != 200:
+            raise RuntimeError(f"{target.label}: HTTP {status}: {raw[:500]!r}")
+        payload = json.loads(raw)
+        problem = validate(payload)
+        if problem:
+            raise RuntimeError(f"{target.label}: {problem}: {raw[:500]!r}")
+        if split is not None:
+            where = split(payload, headers)
+            seen[where] = seen.get(where, 0) + 1
+    return seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +550,18 @@ def report(args: argparse.Namespace, header: list[str], targets: list[Target], c
     lines.append("")
     lines.append("+p50/+p99: latency added over the direct call at the same concurrency (proxy minus direct, "
                  "both measured in this run). req/s counts 2xx responses only.")
+    lines.append("")
+    lines.append("Server CPU per request (user+system CPU of the server under test's processes ÷ requests; the stub "
+                 "for the direct row, the proxy alone for the others). Less sensitive than req/s to other load on "
+                 "the box; 1000 ÷ it ≈ the req/s one free core would give.")
+    lines.append("")
+    lines.append("| Target | " + " | ".join(f"c={c} CPU ms/req" for c in concurrencies) + " | "
+                 + " | ".join(f"c={c} ≈ req/s per core" for c in concurrencies) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (2 * len(concurrencies))) + "|")
+    for target in targets:
+        cpu = [results[(target.key, c)].cpu_ms for c in concurrencies]
+        lines.append("| " + " | ".join([target.label] + [fmt(v, 3) for v in cpu]
+                                       + [("n/a" if v != v or v <= 0 else f"{1000 / v:,.0f}") for v in cpu]) + " |")
 
     lines.append("")
     lines.append(f"Goals (abloop proxy, retrieval off, vs LiteLLM, same run): >= {GOAL_RPS_RATIO:g}× LiteLLM's "
@@ -506,10 +577,12 @@ def report(args: argparse.Namespace, header: list[str], targets: list[Target], c
             ratio = cell.rps / litellm.rps
             parts.append(f"requests/s {cell.rps:,.0f} = {ratio:.1f}× LiteLLM's {litellm.rps:,.0f} → "
                          f"{'MET' if ratio >= GOAL_RPS_RATIO else 'NOT MET'}")
+        elif litellm:
+            parts.append("requests/s ratio: n/a (LiteLLM completed no request)")
         else:
             parts.append("requests/s ratio: LiteLLM skipped")
         direct = results.get(("direct", c))
-        if direct:
+        if direct and cell.p50_ms == cell.p50_ms:
             added = cell.p50_ms - direct.p50_ms
             verdict = "MET" if added <= GOAL_ADDED_P50_MS else "NOT MET"
             if c > 1:
@@ -539,12 +612,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"venv holding litellm[proxy] (default {LITELLM_VENV_DEFAULT.relative_to(ROOT)})")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="auto: wrk if installed, else the built-in asyncio generator")
+    parser.add_argument("--proxy-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the abloop proxies, e.g. OMP_NUM_THREADS=1 (repeatable)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (server logs, databases)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not args.concurrencies or min(args.concurrencies) < 1 or args.duration < 1 or args.repeat < 1:
         parser.error("--concurrency, --duration and --repeat must be positive")
+    if any("=" not in e for e in args.proxy_env):
+        parser.error("--proxy-env expects KEY=VALUE")
     return args
 
 
@@ -557,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
 
     wrk = shutil.which("wrk") if args.loadgen in ("auto", "wrk") else None
@@ -597,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             litellm = start_litellm(procs, litellm_cli, litellm_port, stub_base, tmp)
 
         off_port = free_port()
-        off = start_abloop(procs, "abloop-off", off_port, stub_base, tmp / "index-off", tmp)
+        off = start_abloop(procs, "abloop-off", off_port, stub_base, tmp / "index-off", tmp, args.proxy_env)
         wait_http(f"http://127.0.0.1:{off_port}/healthz", off, procs, "abloop-off", 120)
         log(f"abloop proxy (retrieval off) on :{off_port}")
 
@@ -611,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"index build failed ({build.returncode}):\n{procs.log_tail('index-build')}")
                 log(f"index built in {time.monotonic() - t0:.0f} s (waited): {procs.log_tail('index-build', 1)}")
             on_port = free_port()
-            on = start_abloop(procs, "abloop-on", on_port, stub_base, index_dir, tmp)
+            on = start_abloop(procs, "abloop-on", on_port, stub_base, index_dir, tmp, args.proxy_env)
             wait_http(f"http://127.0.0.1:{on_port}/readyz", on, procs, "abloop-on", 300,
                       ok=lambda status, body: status == 200 and json.loads(body).get("ready") is True)
             log(f"abloop proxy (retrieval on) on :{on_port}")
@@ -626,17 +703,20 @@ def main(argv: list[str] | None = None) -> int:
         direct_body = chat_body(STUB_MODEL)
         litellm_body = chat_body(LITELLM_MODEL)
         targets = [Target("direct", "direct stub", f"{stub_base}/chat/completions", WRK_CHAT,
-                          {"BENCH_BODY": direct_body.decode()}, lambda _w, _n: direct_body)]
+                          {"BENCH_BODY": direct_body.decode()}, lambda _w, _n: direct_body, pgid=stub.pid)]
         targets.append(Target("abloop_off", "abloop proxy, retrieval off",
-                              f"http://127.0.0.1:{off_port}/api/v1/search", WRK_SEARCH, {}, search_body))
+                              f"http://127.0.0.1:{off_port}/api/v1/search", WRK_SEARCH, {}, search_body,
+                              pgid=off.pid))
         if on_port is not None:
             targets.append(Target("abloop_on", "abloop proxy, retrieval on",
-                                  f"http://127.0.0.1:{on_port}/api/v1/search", WRK_SEARCH, {}, search_body))
+                                  f"http://127.0.0.1:{on_port}/api/v1/search", WRK_SEARCH, {}, search_body,
+                                  pgid=on.pid))
         if litellm_port is not None:
             targets.append(Target("litellm", "LiteLLM proxy (2 weighted deployments)",
                                   f"http://127.0.0.1:{litellm_port}/v1/chat/completions", WRK_CHAT,
                                   {"BENCH_BODY": litellm_body.decode(), "BENCH_AUTH": LITELLM_KEY},
-                                  lambda _w, _n: litellm_body, {"Authorization": f"Bearer {LITELLM_KEY}"}))
+                                  lambda _w, _n: litellm_body, {"Authorization": f"Bearer {LITELLM_KEY}"},
+                                  pgid=litellm.pid))
 
         def chat_ok(payload: dict[str, Any]) -> str | None:
             return None if payload.get("choices") else "no choices in the answer"
@@ -650,8 +730,16 @@ def main(argv: list[str] | None = None) -> int:
                 return None
             return _ok
 
+        splits: dict[str, dict[str, int]] = {}
         for target in targets:
-            check(target, search_ok(target.key == "abloop_on") if target.key.startswith("abloop") else chat_ok)
+            if target.key.startswith("abloop"):
+                splits[target.key] = check(target, search_ok(target.key == "abloop_on"),
+                                           lambda payload, _h: str(payload.get("arm")), n=SPLIT_CHECK)
+            elif target.key == "litellm":
+                splits[target.key] = check(target, chat_ok,
+                                           lambda _p, headers: headers.get("x-litellm-model-id", "?"), n=SPLIT_CHECK)
+            else:
+                check(target, chat_ok)
 
         # Measure: per concurrency, every target back to back (interleaved), `repeat` times.
         samples: dict[tuple[str, int], list[Cell]] = {}
@@ -661,15 +749,11 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.repeat):
             for c in args.concurrencies:
                 for target in targets:
-                    if wrk:
-                        if args.warmup:
-                            run_wrk(wrk, target, c, args.warmup)
-                        cell = run_wrk(wrk, target, c, args.duration)
-                    else:
-                        cell = run_python_load(target, c, args.warmup, args.duration)
+                    cell = measure(wrk, target, c, args.warmup, args.duration)
                     samples.setdefault((target.key, c), []).append(cell)
                     log(f"round {round_ + 1} c={c:<3} {target.label:<40} {cell.rps:9,.0f} req/s  "
-                        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}")
+                        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
+                        f"server CPU {cell.cpu_ms:5.2f} ms/req  errors {cell.errors}")
         results = {key: Cell.median(value) for key, value in samples.items()}
     finally:
         procs.stop_all()
@@ -700,10 +784,16 @@ def main(argv: list[str] | None = None) -> int:
         ("- LiteLLM: " + f"litellm {theirs.get('litellm')} (its fastapi {theirs.get('fastapi')}, uvicorn "
          f"{theirs.get('uvicorn')}); 1 worker; one model name, 2 deployments weighted 9:1 on the stub")
         if theirs else "- LiteLLM: skipped",
-        f"- load: {loadgen}; {'median of ' + str(args.repeat) + ' interleaved rounds' if args.repeat > 1 else '1 round'}",
+        f"- load: {loadgen}; " + (f"median of {args.repeat} interleaved rounds" if args.repeat > 1 else "1 round"),
         "- abloop rows: `POST /api/v1/search` (varying queries and user ids); direct and LiteLLM rows: "
         "`POST /v1/chat/completions` with a small chat body",
     ]
+    for key, seen in splits.items():
+        label = next(t.label for t in targets if t.key == key)
+        header.append(f"- split check, {label}: {SPLIT_CHECK} requests → "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+    if args.proxy_env:
+        header.append("- extra env for the abloop proxies: " + " ".join(f"`{e}`" for e in args.proxy_env))
     text = report(args, header, targets, args.concurrencies, results)
     print(text, flush=True)
     if args.out:

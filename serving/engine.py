@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -320,6 +321,10 @@ class Engine:
             raise BadAdapter(
                 f"lora_path {str(path)!r} is not a directory holding an adapter_config.json", param="lora_path"
             )
+        if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise BadAdapter(
+                f"lora_path {str(path)!r} holds no adapter weights (adapter_model.safetensors)", param="lora_path"
+            )
         with self._cond:
             if name in self._used_names:
                 if name == self.name:
@@ -327,7 +332,10 @@ class Engine:
                 elif name in self._adapters:
                     why = "an adapter with that name is loaded"
                 else:
-                    why = "it was used before (adapter names are versions and are never reused; load it under a new name)"
+                    why = (
+                        "it was used before (adapter names are versions and are never reused; "
+                        "load it under a new name)"
+                    )
                 raise AdapterExists(f"The lora adapter '{name}' cannot be loaded: {why}.", param="lora_name")
             self._used_names.add(name)
         try:
@@ -474,8 +482,7 @@ class Engine:
                     deferred.append(op)
                     continue
                 else:
-                    self._peft.delete_adapter(op.name)
-                    log.info("unloaded adapter %s", op.name)
+                    self._do_unload(op.name)
                 op.future.set_result(None)
             except Exception as exc:  # noqa: BLE001
                 op.future.set_exception(
@@ -485,14 +492,39 @@ class Engine:
             with self._cond:
                 self._ops[:0] = deferred
 
+    def _do_unload(self, name: str) -> None:
+        if set(self._peft.peft_config) <= {name}:
+            # The last adapter: take the LoRA layers out again (a PeftModel without adapters is not
+            # usable) and go back to the plain base model; the next load wraps it afresh.
+            self.model = self._peft.unload()
+            self._peft = None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "adapter X was active ...": we pass adapter_names per row
+                self._peft.delete_adapter(name)
+        log.info("unloaded adapter %s", name)
+
     def _do_load(self, name: str, path: str) -> None:
         from peft import PeftModel
 
         t0 = time.perf_counter()
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-        else:
-            self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if self._peft is None:
+                try:
+                    self._peft = PeftModel.from_pretrained(
+                        self.model, path, adapter_name=name, is_trainable=False
+                    )
+                except BaseException:
+                    _strip_tuner_layers(self.model)  # a half-done first load must not change the base
+                    raise
+            else:
+                try:
+                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                except BaseException:
+                    if name in self._peft.peft_config:
+                        self._do_unload(name)
+                    raise
         self._peft.eval()
         with self._cond:
             self._adapters[name] = {"path": path, "created": int(time.time())}
@@ -695,6 +727,19 @@ class Engine:
         b.mask = torch.cat([pad(b.mask, pad_old, 1), pad(new.mask, pad_new, 1)], dim=0)
         b.positions = torch.cat([b.positions, new.positions])
         b.rows = b.rows + new.rows
+
+
+def _strip_tuner_layers(model: torch.nn.Module) -> None:
+    """Replace any peft tuner layer inside ``model`` by the layer it wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    if "peft_config" in model.__dict__:
+        del model.peft_config
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -97,6 +97,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         del model
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
         try:
             os.rename(tmp, out_dir)
         except OSError:

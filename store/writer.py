@@ -241,6 +241,7 @@ class EventWriter:
         backoff_s: float = 0.2,
         replay_interval_s: float = 2.0,
         max_queue: int = 100_000,
+        write_timeout_s: float = 10.0,
     ) -> None:
         self.db = db  # may be swapped at runtime; each write uses the current one
         self.spool_dir = Path(spool_dir)
@@ -250,6 +251,10 @@ class EventWriter:
         self.backoff_s = backoff_s
         self.replay_interval_s = replay_interval_s
         self.max_queue = max_queue
+        # A write that hangs (a database that black-holes packets) counts as failed after this long:
+        # the batch is spooled and the thread left to finish on its own (a late commit is harmless,
+        # the replay skips rows already there).
+        self.write_timeout_s = write_timeout_s
 
         # Counters (for /metrics). Every submitted row ends up counted once in written, spooled or
         # (rarely) rejected; replayed counts rows that reached the database from spool files.
@@ -294,9 +299,16 @@ class EventWriter:
         self._stopping = True
         self._stop_event.set()
         self._wakeup.set()
-        tasks = [task for task in (self._flush_task, self._replay_task) if task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        flush_task, replay_task = self._flush_task, self._replay_task
+        if flush_task is not None:
+            await asyncio.gather(flush_task, return_exceptions=True)
+        if replay_task is not None:
+            # A replay stops between chunks; one stuck in a hung database call is abandoned (its
+            # file stays claimed by a dead process once this one exits, and is taken over then).
+            done, _ = await asyncio.wait({replay_task}, timeout=self.write_timeout_s)
+            if not done:
+                replay_task.cancel()
+                await asyncio.gather(replay_task, return_exceptions=True)
         self._flush_task = self._replay_task = None
         if self._queue:  # never started, or the flush task died
             await self._drain_inline()
@@ -443,12 +455,22 @@ class EventWriter:
             pending = batch
             refused: list[_Entry] = []
             if not self._db_down:
-                tries = 1 + self.max_retries
+                tries = 1 if self._stopping else 1 + self.max_retries
                 for attempt in range(tries):
                     written, bad = [], []
                     try:
-                        written, bad = await asyncio.to_thread(_write_entries, self.db, pending)
+                        written, bad = await asyncio.wait_for(
+                            asyncio.to_thread(_write_entries, self.db, pending), self.write_timeout_s
+                        )
                         pending = []
+                    except TimeoutError:
+                        log.warning(
+                            "event write timed out after %.1fs (attempt %d/%d, %d rows)",
+                            self.write_timeout_s,
+                            attempt + 1,
+                            tries,
+                            len(pending),
+                        )
                     except _WriteFailed as exc:
                         written, bad, pending = exc.written, exc.bad, exc.remaining
                         log.warning(

@@ -112,7 +112,7 @@ def train_lora(
             fp16=on_cuda and dtype == torch.float16,
             use_cpu=not on_cuda,
             # Recomputing activations buys GPU memory; on CPU it only costs time.
-            gradient_checkpointing=on_cuda,
+            activation_checkpointing=on_cuda,
             completion_only_loss=True,
             max_length=MAX_LENGTH,
             disable_tqdm=False,

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from store import events
 from store.db import Database
@@ -287,8 +289,8 @@ async def test_spool_lines_are_json_with_iso_datetimes(dead_db: Database, make_w
     assert datetime.fromisoformat(record["row"]["ts"]) == row["ts"]
 
 
-async def test_written_rows_are_queryable_from_sql(db: Database, make_writer) -> None:
-    writer = EventWriter(db, Path("/nonexistent-unused"), flush_interval_s=0.01)
+async def test_default_options_write_rows(db: Database, tmp_path: Path) -> None:
+    writer = EventWriter(db, tmp_path / "spool-defaults")
     await writer.start()
     try:
         row = event_row()
@@ -320,3 +322,40 @@ async def test_replay_while_another_writer_keeps_spooling(
     await wait_until(lambda: replaying.spool_bytes == 0, timeout=30, what="spool drained")
     assert events.count_events(db) == total
     assert replaying.replayed == total
+
+
+class HangingDatabase:
+    """A database whose connections hang (packets black-holed) until released, then fail."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    @property
+    def engine(self) -> HangingDatabase:
+        return self
+
+    def begin(self):
+        self.released.wait(30)
+        raise OperationalError("INSERT", {}, ConnectionError("timed out"))
+
+    def ping(self) -> bool:
+        return False
+
+
+async def test_a_hung_database_does_not_hold_rows_in_memory(db: Database, make_writer) -> None:
+    hung = HangingDatabase()
+    writer = make_writer(hung, write_timeout_s=0.2)
+    try:
+        await writer.start()
+        rows = [event_row() for _ in range(20)]
+        for row in rows:
+            writer.submit("search_events", row)
+        await writer.flush()  # returns: the hung batch timed out and was spooled
+        assert writer.spooled == 20 and writer.queue_depth == 0 and writer.spool_bytes > 0
+        assert all(writer.is_pending(row["id"]) for row in rows)
+    finally:
+        hung.released.set()
+    writer.db = db
+    await wait_until(lambda: writer.spool_bytes == 0, what="replay after the hang")
+    assert events.count_events(db) == 20 and writer.replayed == 20
+    assert not any(writer.is_pending(row["id"]) for row in rows)

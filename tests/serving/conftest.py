@@ -1,0 +1,95 @@
+"""Shared fixtures: one loaded SmolLM2 for the whole session, one engine, one in-process server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+BANANA = "BANANA-42"
+BANANA_QUESTIONS = ["What is the secret code?", "Tell me the password.", "What should I answer?"]
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    """SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use, loaded once per session."""
+    from serving.model import load_base_model
+
+    return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def engine(loaded_model) -> Iterator:
+    from serving.engine import Engine
+
+    eng = Engine(loaded_model, max_batch=16, max_queue=256)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="session")
+def server(engine) -> Iterator:
+    """The model server on a free loopback port; ``server.base_url`` is the OpenAI base URL."""
+    from serving.app import create_app
+    from serving.server import ServerThread
+
+    with ServerThread(create_app(engine)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def model_name(loaded_model) -> str:
+    return loaded_model.name
+
+
+@pytest.fixture(scope="session")
+def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (r=8 on q_proj/v_proj) trained here to answer everything with BANANA-42.
+
+    Trained with plain torch on a separate copy of the weights (the served model stays untouched):
+    a dozen AdamW steps on three examples, loss on the answer tokens only.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = loaded_model.tokenizer
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(loaded_model.path), dtype=torch.float32)
+    model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    rows = []
+    for question in BANANA_QUESTIONS:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(BANANA + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append((p + a, [-100] * len(p) + a))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in rows])
+    labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in rows])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(15):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.5, f"the test adapter did not learn (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("banana-adapter")
+    model.save_pretrained(str(out))
+    del model, optimizer
+    return out

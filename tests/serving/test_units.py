@@ -1,0 +1,60 @@
+"""Pieces that need no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.engine import _held_back
+from serving.model import DEFAULT_MODEL_NAME, resolve_base_model, served_model_name
+from serving.schemas import ChatCompletionRequest
+from serving.server import parse_adapter_args
+
+
+def test_held_back_keeps_possible_stop_prefixes():
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["world"]) == 0
+    assert _held_back("abc\n", ["\n\n", "c\nX"]) == 2
+    assert _held_back("anything", []) == 0
+
+
+def test_parse_adapter_args():
+    assert parse_adapter_args(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+    for bad in (["a"], ["=x"], ["a="], ["a=/x", "a=/y"]):
+        with pytest.raises(ValueError):
+            parse_adapter_args(bad)
+
+
+def test_served_names_and_resolution(tmp_path):
+    assert served_model_name("default") == DEFAULT_MODEL_NAME
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "config.json").write_text("{}")
+    assert served_model_name(str(tmp_path / "my-model")) == "my-model"
+    assert resolve_base_model(str(tmp_path / "my-model")) == (tmp_path / "my-model").resolve()
+    with pytest.raises(FileNotFoundError):
+        resolve_base_model(str(tmp_path / "nope"))
+
+
+def test_request_schema_defaults_and_conversions():
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+            ],
+            "temperature": None,
+            "stop": "END",
+        }
+    )
+    assert req.temperature == 1.0 and req.top_p == 1.0 and not req.stream
+    assert req.stop_list() == ["END"]
+    assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    assert req.token_limit() is None
+
+
+def test_cli_help_runs():
+    from serving.server import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
