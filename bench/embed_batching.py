@@ -6,7 +6,9 @@
 Loads the real embedding model once and measures both modes in the same process. Queries are
 the first --query-chars characters of Python's bundled documentation topics (pydoc_data.topics).
 Modes alternate cell by cell for --rounds rounds, so drift in background load hits both alike;
-queries/s is the median over rounds, latency percentiles pool every request of a cell.
+queries/s is the median over rounds, latency percentiles pool every request of a cell. Each cell
+sends --queries requests from `concurrency` closed-loop clients; where concurrency >= queries the
+cell is one burst of simultaneous requests rather than a steady state.
 """
 
 from __future__ import annotations
@@ -90,9 +92,9 @@ def main() -> None:
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=int, default=48, help="queries per cell per round")
+    parser.add_argument("--queries", type=int, default=64, help="queries per cell per round")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated concurrent clients")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over all cells")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over all cells")
     parser.add_argument("--query-chars", type=int, default=200, help="characters of each pydoc topic used")
     parser.add_argument("--max-batch", type=int, default=64, help="BatchingEmbedder max_batch")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Migrations run on every start; their plugin chatter is noise.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     args.handler(args)
 
 

@@ -4,6 +4,7 @@ two models — a tiny randomly initialised Llama with the SmolLM2 tokenizer, and
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,21 @@ class BagOfWordsEncoder:
                 out[row, int(hashlib.md5(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norms == 0, 1.0, norms)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads():
+    """One intra-op thread unless ABLOOP_TEST_TORCH_THREADS says otherwise.
+
+    Test machines are shared: with more runnable threads than cores, OpenMP's spinning workers
+    make a 2-thread forward pass several times slower than a 1-thread one.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("ABLOOP_TEST_TORCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
