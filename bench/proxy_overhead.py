@@ -588,6 +588,8 @@ def report(args: argparse.Namespace, header: list[str], targets: list[Target], c
             if c > 1:
                 verdict += " (at this concurrency the proxy is saturated: mostly queueing, not per-request cost)"
             parts.append(f"added p50 {added:+.2f} ms → {verdict}")
+        if litellm and cell.cpu_ms > 0 and litellm.cpu_ms == litellm.cpu_ms:
+            parts.append(f"CPU per request: LiteLLM's is {litellm.cpu_ms / cell.cpu_ms:.1f}× abloop's")
         lines.append(f"- c={c}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -734,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets:
             if target.key.startswith("abloop"):
                 splits[target.key] = check(target, search_ok(target.key == "abloop_on"),
-                                           lambda payload, _h: str(payload.get("arm")), n=SPLIT_CHECK)
+                                           lambda payload, _h: str(payload.get("arm")),
+                                           # the same routing code twice; embedding makes "on" slow
+                                           n=SPLIT_CHECK if target.key == "abloop_off" else 5)
             elif target.key == "litellm":
                 splits[target.key] = check(target, chat_ok,
                                            lambda _p, headers: headers.get("x-litellm-model-id", "?"), n=SPLIT_CHECK)
@@ -790,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for key, seen in splits.items():
         label = next(t.label for t in targets if t.key == key)
-        header.append(f"- split check, {label}: {SPLIT_CHECK} requests → "
+        header.append(f"- split check, {label}: {sum(seen.values())} requests → "
                       + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
     if args.proxy_env:
         header.append("- extra env for the abloop proxies: " + " ".join(f"`{e}`" for e in args.proxy_env))

@@ -49,7 +49,8 @@ def create_app(
             batch_size=settings.writer_batch_size,
             flush_interval_s=settings.writer_flush_interval_s,
         )
-        retriever = Retriever(settings.index_dir, settings.embedding_model, max_batch=settings.embed_max_batch)
+        retriever = Retriever(settings.index_dir, settings.embedding_model,
+                              max_batch=settings.embed_max_batch, threads=settings.embed_threads)
         live = Live(settings, db, retriever)
         upstream = Upstream(
             timeout_s=settings.llm_timeout_s,

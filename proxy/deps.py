@@ -17,6 +17,10 @@ from store.config import Settings
 from store.db import Database
 
 
+# Dependencies are async on purpose: FastAPI runs plain `def` dependencies in a thread pool,
+# which costs a thread hand-off on every request.
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -31,11 +35,11 @@ class AppState:
     ingest_resolver: Any = None
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.abloop
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.abloop.settings
 
 
@@ -43,7 +47,7 @@ StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """401 without a bearer token, 403 with a wrong one, 403 for everyone while ADMIN_TOKEN is unset."""
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin endpoints are disabled: ADMIN_TOKEN is not set")

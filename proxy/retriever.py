@@ -12,10 +12,11 @@ from retrieval.index import Hit, IndexStore, VectorIndex
 class Retriever:
     """Loads the embedder only once there is an index to search, so a proxy without one starts fast."""
 
-    def __init__(self, index_dir: Path, embedding_model: str, *, max_batch: int = 64) -> None:
+    def __init__(self, index_dir: Path, embedding_model: str, *, max_batch: int = 64, threads: int = 1) -> None:
         self.store = IndexStore(index_dir)
         self._embedding_model = embedding_model
         self._max_batch = max_batch
+        self._threads = threads
         self._plain = None  # retrieval.embedder.Embedder, once loaded
         self._batching = None  # its BatchingEmbedder, for the request path
         self._load_lock = asyncio.Lock()
@@ -36,8 +37,11 @@ class Retriever:
     async def _embedder(self):
         async with self._load_lock:
             if self._batching is None:
+                import torch
+
                 from retrieval.embedder import BatchingEmbedder, Embedder
 
+                torch.set_num_threads(self._threads)
                 embedder = await asyncio.to_thread(Embedder, self._embedding_model)
                 batching = BatchingEmbedder(embedder, max_batch=self._max_batch)
                 await batching.start()

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from proxy.http1 import KeepAliveTransport
 from proxy.routing import Arm
 
 
@@ -106,7 +107,7 @@ class Upstream:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers=headers,
-            transport=transport,
+            transport=transport or KeepAliveTransport(max_idle_per_host=max_connections),
         )
         self._max_tokens = max_tokens
         self._temperature = temperature

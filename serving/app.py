@@ -162,6 +162,7 @@ def create_app(
         return {
             **eng.stats.as_dict(),
             "queue": eng.queue_depth,
+            "active": eng.active_rows,
             "max_batch": eng.max_batch,
             "max_queue": eng.max_queue,
         }

@@ -396,6 +396,11 @@ class Engine:
         return handle
 
     @property
+    def active_rows(self) -> int:
+        batch = self._batch
+        return len(batch.rows) if batch is not None else 0
+
+    @property
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._pending)

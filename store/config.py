@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     circuit_reset_s: float = Field(30.0, gt=0)
     upstream_max_connections: int = Field(256, ge=1)
     embed_max_batch: int = Field(64, ge=1)
+    # Intra-op threads for the proxy's embedder. One leaves the other cores to the event loop;
+    # torch's default (all cores) made threads wait on each other (bench/proxy_overhead.py).
+    embed_threads: int = Field(1, ge=1)
     ingest_max_bytes: int = Field(5_000_000, ge=1)
     ingest_timeout_s: float = Field(10.0, gt=0)
 

@@ -226,7 +226,10 @@ def _title_and_first_paragraph(doc: str) -> tuple[str, str]:
 
 
 def _subject(title: str) -> str:
-    return title[0].lower() + title[1:] if title[:4] == "The " else title
+    """A title as it reads mid-sentence: "The "for" statement" -> "the "for" statement"."""
+    first = title.split(" ", 1)[0]
+    plain_word = first[:1].isupper() and (len(first) == 1 or first[1:].islower())  # not "NaN", not "CPU"
+    return title[0].lower() + title[1:] if plain_word else title
 
 
 def _cut(text: str, max_chars: int) -> str:

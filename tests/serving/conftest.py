@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """A LoRA adapter (r=8 on q_proj/v_proj) trained here to answer everything with BANANA-42.
 
     Trained with plain torch on a separate copy of the weights (the served model stays untouched):
-    a dozen AdamW steps on three examples, loss on the answer tokens only.
+    12 AdamW steps on three examples, loss on the answer tokens only.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -64,10 +65,14 @@ def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     tokenizer = loaded_model.tokenizer
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(loaded_model.path), dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations inside peft
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+            ),
+        )
     rows = []
     for question in BANANA_QUESTIONS:
         prompt = tokenizer.apply_chat_template(
@@ -83,7 +88,7 @@ def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    for _ in range(15):
+    for _ in range(12):
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -162,3 +164,17 @@ def test_malformed_json_is_400(server):
     )
     err = _assert_error_shape(r, 400)
     assert "JSON" in err["message"]
+
+
+def test_client_going_away_stops_its_generation(server, model_name, engine):
+    body = {"model": model_name, "messages": QUESTION, "max_tokens": 200, "temperature": 0, "stream": True}
+    completed = engine.stats.completed
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 30
+    while engine.active_rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.active_rows == 0
+    assert engine.stats.completed == completed  # dropped, not run to its 200 tokens

@@ -201,3 +201,15 @@ def test_selection_runs_by_default_and_reports(db, add_event, encoder, tmp_path)
 def test_holdout_fraction_is_validated(db, encoder, tmp_path):
     with pytest.raises(ValueError):
         build_dataset(db, tmp_path / "ds", embedder=encoder, holdout_fraction=1.0)
+
+
+@pytest.mark.slow
+def test_semantic_dedupe_with_the_real_embedder(db, add_event, tmp_path):
+    from training import default_encoder
+
+    add_event("How do I sort a list in Python?", "four stars", {"rating": 4})
+    add_event("How can I sort a Python list?", "five stars", {"rating": 5})
+    add_event("how to sort a list in python", "thumbs up", {"thumbs": "up"})
+    add_event("What does the assert statement do?", "assert answer", {"rating": 4})
+    _, rows = _build(db, tmp_path / "ds", default_encoder())  # default threshold 0.95
+    assert sorted(_answers(rows)) == ["assert answer", "five stars"]
