@@ -108,9 +108,8 @@ def _resolve_base(base: str) -> Path:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> None:
-    from training.dataset import build_dataset
-
     from store.db import Database
+    from training.dataset import build_dataset
 
     db = Database(_settings().database_url)
     db.migrate()
@@ -120,9 +119,8 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.train import train_lora
-
     from store.db import Database
+    from training.train import train_lora
 
     db = Database(_settings().database_url)
     db.migrate()
@@ -133,9 +131,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_adapter(args: argparse.Namespace) -> None:
-    from training.evaluate import evaluate_adapter
-
     from store.db import Database
+    from training.evaluate import evaluate_adapter
 
     db = Database(_settings().database_url)
     db.migrate()

@@ -11,7 +11,6 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from store.writer import EventWriter
 
 from proxy.deps import AppState
 from proxy.live import Live
@@ -21,6 +20,7 @@ from proxy.routes import admin, health, search
 from proxy.upstream import Upstream
 from store.config import Settings
 from store.db import Database
+from store.writer import EventWriter
 
 log = logging.getLogger("abloop.proxy")
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
-from store.writer import EventWriter
 
 from proxy.live import Live
 from proxy.metrics import Metrics
@@ -15,7 +14,7 @@ from proxy.retriever import Retriever
 from proxy.upstream import Upstream
 from store.config import Settings
 from store.db import Database
-
+from store.writer import EventWriter
 
 # Dependencies are async on purpose: FastAPI runs plain `def` dependencies in a thread pool,
 # which costs a thread hand-off on every request.

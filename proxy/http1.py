@@ -14,8 +14,8 @@ import asyncio
 import ssl
 from collections import defaultdict
 
-import httpx
 import httptools
+import httpx
 
 
 class _ResponseReader:
