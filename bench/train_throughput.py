@@ -184,8 +184,11 @@ def _trl_defaults(args: argparse.Namespace, on_cuda: bool) -> dict[str, Any]:
 
     rows = read_rows(Path(args._data) / TRAIN_FILE)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    # trl's defaults, except how long to run and not reporting to any tracker.
-    config = SFTConfig(output_dir=args._out, max_steps=args.steps, report_to="none", save_strategy="no")
+    # trl's defaults, except how long to run, no tracker and no checkpoint; use_cpu is required on a
+    # CPU-only machine, where the default bf16 otherwise refuses to start.
+    config = SFTConfig(
+        output_dir=args._out, max_steps=args.steps, report_to="none", save_strategy="no", use_cpu=not on_cuda
+    )
     trainer = SFTTrainer(model=args._base_dir, args=config, train_dataset=dataset)
     output = trainer.train()
     tokens = max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)

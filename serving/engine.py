@@ -428,15 +428,18 @@ class Engine:
                 if self._stopping:
                     break
                 ops, self._ops = self._ops, []
-                admitted: list[RequestHandle] = []
+            # Adapter changes first, while every request that might use them is still visible
+            # (queued or in the batch): an unload waits for those.
+            self._run_ops(ops)
+            self._drop_cancelled()
+            admitted: list[RequestHandle] = []
+            with self._cond:
                 active = len(self._batch.rows) if self._batch else 0
                 if self._batch is None or self._can_join:
                     while self._pending and active + len(admitted) < self.max_batch:
                         h = self._pending.popleft()
                         if not h.cancelled:
                             admitted.append(h)
-            self._run_ops(ops)
-            self._drop_cancelled()
             try:
                 if admitted:
                     self.stats.requests += len(admitted)

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     llm_temperature: float = Field(0.2, ge=0.0, le=2.0)
     experiment_refresh_s: float = Field(2.0, gt=0)
     spool_dir: Path = Path("./spool")
+    runs_dir: Path = Path("./runs")  # datasets and adapters the flows produce
     writer_batch_size: int = Field(500, ge=1)
     writer_flush_interval_s: float = Field(0.05, gt=0)
     circuit_failure_threshold: int = Field(3, ge=1)

@@ -153,19 +153,9 @@ def build_dataset(
 
     examples = _exact_dedupe(examples)
     stages["after_exact_dedupe"] = len(examples)
-    if examples and semantic_threshold < 1.0:
-        keep = greedy_dedupe(encoder.encode([e.question for e in examples]), semantic_threshold)
-        examples = [examples[i] for i in keep]
+    examples = _semantic_dedupe(examples, semantic_threshold, encoder)
     stages["after_semantic_dedupe"] = len(examples)
-
-    selection = select_by_density(
-        encoder.encode([e.completion for e in examples])
-        if examples and select.enabled
-        else np.zeros((len(examples), 1), dtype=np.float32),
-        [e.quality for e in examples],
-        select,
-    )
-    examples = [examples[i] for i in selection.kept]
+    examples, selection_report = _select(examples, select, encoder)
     stages["after_selection"] = len(examples)
 
     synthetic_report = None
@@ -194,7 +184,7 @@ def build_dataset(
             "simulated": sum(r["simulated"] for r in train + holdout),
         },
         stages=stages,
-        selection={"config": select.to_dict(), **selection.counts()},
+        selection=selection_report,
         synthetic=synthetic_report,
         redactions=dict(redactions),
         params={
@@ -328,6 +318,24 @@ def _exact_dedupe(examples: list[Example]) -> list[Example]:
         if key not in best or example.rank() > best[key].rank():
             best[key] = example
     return sorted(best.values(), key=lambda e: (e.rank(), e.prompt_key), reverse=True)
+
+
+def _semantic_dedupe(examples: list[Example], threshold: float, encoder: Encoder) -> list[Example]:
+    """Drop rows whose question is near another's; `examples` come best first, so the best survives."""
+    if not examples or threshold >= 1.0:
+        return examples
+    keep = greedy_dedupe(encoder.encode([e.question for e in examples]), threshold)
+    return [examples[i] for i in keep]
+
+
+def _select(examples: list[Example], config: SelectionConfig, encoder: Encoder) -> tuple[list[Example], dict[str, Any]]:
+    report: dict[str, Any] = {"config": config.to_dict()}
+    if not config.enabled or not examples:
+        return examples, report
+    selection = select_by_density(
+        encoder.encode([e.completion for e in examples]), [e.quality for e in examples], config
+    )
+    return [examples[i] for i in selection.kept], {**report, **selection.counts()}
 
 
 def _synthetic_examples(

@@ -203,7 +203,12 @@ def encode_pair(
 def completion_loss(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8, max_length: int = 1024
 ) -> tuple[float, int]:
-    """Mean negative log-likelihood per completion token over `rows`, and the token count."""
+    """Mean negative log-likelihood per completion token over `rows`, and the token count.
+
+    Rows are left-padded so every completion ends at the last position; the model then projects
+    only the last `longest completion + 1` positions onto the vocabulary (`logits_to_keep`), which
+    skips most of the LM head's work and memory.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -218,15 +223,18 @@ def completion_loss(
     total, count = 0.0, 0
     for offset in range(0, len(encoded), batch_size):
         batch = encoded[offset : offset + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids, attention = _left_padded([ids for ids, _ in batch], tokenizer.pad_token_id)
+        keep = max(len(ids) - start for ids, start in batch) + 1
+        labels = torch.full((len(batch), keep), -100, dtype=torch.long)
         for i, (ids, start) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, start : len(ids)] = torch.tensor(ids[start:])
-            attention[i, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            labels[i, keep - (len(ids) - start) :] = torch.tensor(ids[start:])
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0).to(device),
+            logits_to_keep=keep,
+        ).logits.float()
+        # Position t predicts token t + 1.
         shifted = labels[:, 1:].to(device)
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="sum")
         total += float(losses)
@@ -240,18 +248,13 @@ def generate(
     model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, Any]]], *, max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
     """Greedy answers to chat `prompts`, batched with left padding."""
-    import torch
 
     device = next(model.parameters()).device
     outputs: list[str] = []
     for offset in range(0, len(prompts), batch_size):
         batch = [_chat_ids(tokenizer, p, add_generation_prompt=True) for p in prompts[offset : offset + batch_size]]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
+        input_ids, attention = _left_padded(batch, tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -262,6 +265,18 @@ def generate(
         )
         outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     return [text.strip() for text in outputs]
+
+
+def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention
 
 
 def rouge_l(candidate: str, reference: str) -> float:

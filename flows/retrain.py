@@ -1,0 +1,102 @@
+"""retrain: logged traffic + feedback -> dataset -> LoRA adapter -> offline gate -> candidate arm.
+
+Runs on the `gpu` work pool in production (prefect.yaml); on CPU it trains in fp32, small steps.
+The adapter is hot-loaded on the candidate's OpenAI-compatible server under its versioned name
+(vLLM's `/v1/load_lora_adapter`, which the embedded server speaks too) and a new experiment
+starts with it as the candidate.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from prefect import flow, task
+
+
+@task(retries=2, retry_delay_seconds=10)
+def build_training_data(database_url: str, out_dir: str, days: float) -> dict:
+    from store.db import Database
+    from training.dataset import build_dataset
+
+    db = Database(database_url)
+    since = datetime.now(UTC) - timedelta(days=days)
+    return build_dataset(db, Path(out_dir), since=since).to_dict()
+
+
+@task
+def train_adapter(data_dir: str, out_root: str, base: str, max_steps: int, database_url: str) -> dict:
+    from serving.model import resolve_base_model
+    from store.db import Database
+    from training.train import train_lora
+
+    result = train_lora(Path(data_dir), Path(out_root), base_model_dir=resolve_base_model(base),
+                        max_steps=max_steps, db=Database(database_url))
+    return {"name": result.name, "adapter_dir": str(result.adapter_dir), "adapter_id": result.adapter_id,
+            "metrics": result.metrics}
+
+
+@task
+def gate_adapter(data_dir: str, adapter_dir: str, base: str, database_url: str) -> dict:
+    from serving.model import resolve_base_model
+    from store.db import Database
+    from training.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(Path(data_dir), Path(adapter_dir), base_model_dir=resolve_base_model(base),
+                              db=Database(database_url))
+    return report.to_dict()
+
+
+@task(retries=3, retry_delay_seconds=5)
+def load_on_candidate_server(server_base_url: str, name: str, adapter_dir: str) -> None:
+    response = httpx.post(f"{server_base_url.rstrip('/')}/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": str(Path(adapter_dir).resolve())}, timeout=300)
+    if response.status_code != 200:
+        raise RuntimeError(f"loading {name} failed: HTTP {response.status_code} {response.text[:300]}")
+
+
+@task(retries=2, retry_delay_seconds=5)
+def start_experiment(database_url: str, server_base_url: str, name: str, adapter_id: str | None,
+                     share: float) -> str:
+    from store import experiments
+    from store.db import Database
+
+    experiment = experiments.start_candidate(Database(database_url), base_url=server_base_url, model=name,
+                                             adapter_id=adapter_id, share=share)
+    return experiment.id
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    candidate_server: str = "http://127.0.0.1:8001/v1",
+    candidate_share: float = 0.1,
+    days: float = 7.0,
+    max_steps: int = 60,
+    min_examples: int = 20,
+    base: str = "default",
+) -> dict:
+    from store.config import Settings
+
+    settings = Settings()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    data_dir = settings.runs_dir / "datasets" / stamp
+    card = build_training_data(settings.database_url, str(data_dir), days)
+    train_rows = card["counts"].get("train", 0)
+    print(f"dataset {card['content_hash'][:12]}: {train_rows} training rows, counts {card['counts']}")
+    if train_rows < min_examples:
+        print(f"not enough training rows ({train_rows} < {min_examples}); nothing trained")
+        return {"status": "skipped", "reason": "not enough data", "dataset": card}
+
+    adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, max_steps,
+                            settings.database_url)
+    verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url)
+    print(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
+    if not verdict["passed"]:
+        return {"status": "rejected", "adapter": adapter, "gate": verdict}
+
+    load_on_candidate_server(candidate_server, adapter["name"], adapter["adapter_dir"])
+    experiment_id = start_experiment(settings.database_url, candidate_server, adapter["name"],
+                                     adapter["adapter_id"], candidate_share)
+    print(f"experiment {experiment_id}: candidate {adapter['name']} on {candidate_share:.0%} of users")
+    return {"status": "candidate", "experiment_id": experiment_id, "adapter": adapter, "gate": verdict}
