@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from store.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, find_active, render_messages
 from training import Encoder
 from training.select import greedy_dedupe
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FIELD = re.compile(r"\{(context|question)\}")
 _GENERATION_SYSTEM = (
     "You write training data for a search assistant. Given a passage, you write questions a user "
     "might ask that the passage answers, each with a concise answer that uses only facts stated in "
@@ -97,40 +97,16 @@ class PromptLayout:
     version: int | None = None
 
     def messages(self, chunks: Sequence[ChunkLike], question: str) -> list[dict[str, Any]]:
-        """The chat messages for `question` over `chunks`, laid out exactly as the proxy lays them out.
-
-        Mirrors proxy.prompting.build_messages, which training may not import.
-        """
-        messages: list[dict[str, Any]] = [{"role": "system", "content": self.system_prompt}]
-        for example in self.few_shot:
-            messages.append({"role": "user", "content": example["question"]})
-            messages.append({"role": "assistant", "content": example["answer"]})
-        context = (
-            "\n\n".join(f"[{n}] {chunk.title}\n{chunk.text}" for n, chunk in enumerate(chunks, start=1))
-            if chunks
-            else "(no passages found)"
-        )
-        values = {"context": context, "question": question}
-        messages.append({"role": "user", "content": _FIELD.sub(lambda m: values[m.group(1)], self.template)})
-        return messages
+        """The chat messages for `question` over `chunks`, laid out exactly as the proxy lays them out."""
+        return render_messages(self.system_prompt, self.template, self.few_shot, chunks, question)
 
 
 def active_layout(db: Database) -> PromptLayout:
     """The active prompt template (the store's defaults if none exists yet), without creating one."""
-    from sqlalchemy import select
-
-    from store.models import PromptTemplate
-    from store.prompts import DEFAULT_NAME, DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE
-
-    with db.session() as session:
-        row = session.scalars(
-            select(PromptTemplate)
-            .where(PromptTemplate.name == DEFAULT_NAME, PromptTemplate.active.is_(True))
-            .order_by(PromptTemplate.version.desc())
-        ).first()
-        if row is None:
-            return PromptLayout(DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE)
-        return PromptLayout(row.system_prompt, row.template, list(row.few_shot or []), row.id, row.version)
+    row = find_active(db)
+    if row is None:
+        return PromptLayout(DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE)
+    return PromptLayout(row.system_prompt, row.template, list(row.few_shot or []), row.id, row.version)
 
 
 def load_chunks(index_dir: Path) -> list[ChunkLike]:

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Header, HTTPException, status
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.deps import StateDep
-from proxy.prompting import build_messages
 from proxy.routing import assign_arm
 from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest, SearchResponse, Timings
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store.events import event_exists
 from store.models import new_id, utcnow
+from store.prompts import render_messages
 
 router = APIRouter(prefix="/api/v1", tags=["search"])
 
@@ -33,7 +33,8 @@ async def search(
 
     hits = await state.retriever.search(body.query, body.top_k)
     retrieval_ms = (time.perf_counter() - started) * 1000
-    messages = build_messages(snapshot.prompt, hits, body.query)
+    prompt = snapshot.prompt
+    messages = render_messages(prompt.system_prompt, prompt.template, prompt.few_shot or [], hits, body.query)
 
     request_id = new_id()
     event: dict[str, Any] = {

@@ -70,9 +70,7 @@ def test_unsupported_and_duplicate_pairs_are_dropped(encoder):
     )
     kept = [(e.question, e.chunk_id) for e in result.examples]
     assert kept == [("What does a generator function use?", "c-gen"), ("What does sorted return?", "c-sort")]
-    assert result.counts == Counter(
-        chunks=2, generated=5, dropped_unsupported=1, dropped_duplicate=2, kept=2
-    )
+    assert result.counts == Counter(chunks=2, generated=5, dropped_unsupported=1, dropped_duplicate=2, kept=2)
     assert result.examples[1].prompt == [
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": f"Context:\n[1] Sorting\n{SORTING.text}\n\nQuestion: What does sorted return?"},
@@ -88,8 +86,11 @@ def test_llm_errors_and_garbage_are_counted_not_fatal(encoder):
         return httpx.Response(200, json={"choices": [{"message": {"content": "no idea"}}]})
 
     result = generate_synthetic(
-        [GENERATORS, SORTING], config=_config(httpx.MockTransport(handler)), encoder=encoder,
-        real_questions=[], layout=LAYOUT,
+        [GENERATORS, SORTING],
+        config=_config(httpx.MockTransport(handler)),
+        encoder=encoder,
+        real_questions=[],
+        layout=LAYOUT,
     )
     assert result.examples == []
     assert result.counts["llm_errors"] == 1 and result.counts["unparseable"] == 1
@@ -106,9 +107,7 @@ def test_rarely_retrieved_chunks_are_preferred():
     assert counts == Counter({"c-sort": 3})
     chosen = rarely_retrieved([SORTING, GENERATORS], counts, SyntheticConfig(base_url="x", model="m"))
     assert [c.id for c in chosen] == ["c-gen"]
-    chosen = rarely_retrieved(
-        [SORTING, GENERATORS], counts, SyntheticConfig(base_url="x", model="m", max_retrievals=5)
-    )
+    chosen = rarely_retrieved([SORTING, GENERATORS], counts, SyntheticConfig(base_url="x", model="m", max_retrievals=5))
     assert [c.id for c in chosen] == ["c-gen", "c-sort"]
 
 
@@ -137,6 +136,10 @@ def test_build_dataset_adds_filtered_synthetic_rows(db, add_event, encoder, tmp_
     assert card.counts["by_source"]["train"] == {"rated": 1, "synthetic": 1}
     assert card.stages["synthetic_added"] == 1
     assert card.synthetic["counts"] == {
-        "chunks": 1, "generated": 3, "dropped_unsupported": 1, "dropped_duplicate": 1, "kept": 1
+        "chunks": 1,
+        "generated": 3,
+        "dropped_unsupported": 1,
+        "dropped_duplicate": 1,
+        "kept": 1,
     }
     assert "api_key" not in card.synthetic["config"]

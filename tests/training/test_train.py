@@ -127,13 +127,13 @@ def test_adapter_names_are_never_reused(data_dir, tmp_path, module_db, monkeypat
     (tmp_path / "fixed-name").mkdir()
     with pytest.raises(AdapterNameTaken):
         train_lora(data_dir, tmp_path, base_model_dir=tmp_path / "unused")
-    register_adapter(module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None,
-                     train_metrics=None)
+    register_adapter(module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None, train_metrics=None)
     with pytest.raises(AdapterNameTaken):
         train_lora(data_dir, tmp_path / "elsewhere", base_model_dir=tmp_path / "unused", db=module_db)
     with pytest.raises(AdapterNameTaken):
-        register_adapter(module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None,
-                         train_metrics=None)
+        register_adapter(
+            module_db, name="fixed-name", base_model="b", path=tmp_path, dataset_hash=None, train_metrics=None
+        )
 
 
 def test_adapter_name_format():
