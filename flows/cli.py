@@ -125,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     db = Database(_settings().database_url)
     db.migrate()
     result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
-                        max_steps=args.max_steps, load_in_4bit=args.load_in_4bit, db=db)
+                        max_steps=args.max_steps, learning_rate=args.learning_rate,
+                        load_in_4bit=args.load_in_4bit, db=db)
     print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
                      indent=2, default=str))
 
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True)
     train.add_argument("--base", default="default", help="default | HF_DIR")
     train.add_argument("--max-steps", type=int, default=60)
+    train.add_argument("--learning-rate", type=float, default=2e-4)
     train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes)")
 
     ev = add("eval-adapter", cmd_eval_adapter, "Compare an adapter with its base on the holdout (offline gate).")

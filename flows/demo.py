@@ -1,9 +1,15 @@
 """`abloop demo`: the loop end to end on the embedded defaults, on one machine, no GPU.
 
-It starts the embedded model server (both arms), indexes the bundled corpus through the `ingest`
-flow, starts the proxy, sends a handful of real queries and prints which arm answered what.
-Feedback in the demo is SIMULATED (no person rated anything) and is labelled so in the store:
-its user ids start with `sim-` and its comments say "simulated".
+1. index the bundled corpus (the `ingest` flow, a real Prefect run);
+2. start the embedded model server (SmolLM2-135M-Instruct) for both arms and the proxy;
+3. send real queries through the proxy and print which arm answered what;
+4. add SIMULATED traffic and feedback with a clear house style (no person rated anything);
+5. retrain (the `retrain` flow): dataset -> LoRA adapter -> offline gate -> adapter hot-loaded on
+   the model server -> a new experiment with the adapter as candidate;
+6. send the same queries again: the candidate arm now answers in the house style.
+
+Everything simulated is labelled so in the store: user ids start with `sim-`, the session is
+"simulated", and feedback comments say "simulated".
 """
 
 from __future__ import annotations
@@ -80,21 +86,26 @@ def _show(result: dict, query: str) -> None:
     print(f"    Q: {query}\n    A: {answer[:220]}{'…' if len(answer) > 220 else ''}")
 
 
-def run_demo() -> None:
+def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
     from flows.ingest import ingest
+    from flows.retrain import retrain
     from store.config import Settings
+    from store.db import Database
+    from training.simulate import simulate_traffic
 
     settings = Settings()
     work = Path(".abloop-demo")
-    env = dict(os.environ)
+    # Three processes share the CPU (model server, proxy, trainer); one intra-op thread each
+    # keeps them from waiting on each other (bench/train_throughput.py, bench/proxy_overhead.py).
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     model_base = f"http://127.0.0.1:{MODEL_PORT}/v1"
     admin_token = secrets.token_urlsafe(16)
 
-    print("1/4 indexing the bundled corpus (Python's documentation topics) with the `ingest` flow")
+    print("1/6 indexing the bundled corpus (Python's documentation topics) with the `ingest` flow")
     built = ingest(corpus="pydoc")
     print(f"    index {built['index_version']}: {built['chunks']} chunks")
 
-    print(f"2/4 starting the embedded model server on :{MODEL_PORT} (SmolLM2-135M-Instruct, CPU)")
+    print(f"2/6 starting the embedded model server on :{MODEL_PORT} (SmolLM2-135M-Instruct, CPU)")
     with _background("model-server", [*_cli(), "serve-model", "--port", str(MODEL_PORT)], env,
                      f"http://127.0.0.1:{MODEL_PORT}/healthz", work):
         proxy_env = env | {
@@ -104,17 +115,40 @@ def run_demo() -> None:
             "ADMIN_TOKEN": admin_token,
             "INDEX_DIR": str(settings.index_dir),
         }
-        print(f"3/4 starting the proxy on :{PROXY_PORT} (50% of users on the candidate arm)")
+        print(f"    starting the proxy on :{PROXY_PORT} (50% of users on the candidate arm)")
         with (
             _background("proxy", [*_cli(), "proxy", "--port", str(PROXY_PORT)], proxy_env,
                         f"http://127.0.0.1:{PROXY_PORT}/readyz", work),
             httpx.Client(base_url=f"http://127.0.0.1:{PROXY_PORT}", timeout=300) as client,
         ):
-            print("4/4 real queries through the proxy; feedback below is SIMULATED")
-            for n, query in enumerate(QUERIES):
-                result = _ask(client, f"sim-user-{n}", query)
-                _show(result, query)
-                thumbs = "up" if result["items"] else "down"
-                client.post("/api/v1/feedback", json={"request_id": result["request_id"], "thumbs": thumbs,
-                                                      "comment": "simulated feedback (abloop demo)"})
+            print("3/6 real queries through the proxy (both arms serve the base model)")
+            _round(client)
+
+            print(f"4/6 adding {simulated_queries} SIMULATED searches with SIMULATED feedback (house style:"
+                  " 'Answer: <sentence>' + 'Source: <title>')")
+            written = simulate_traffic(Database(settings.database_url), n_queries=simulated_queries, seed=0, top_k=1)
+            print(f"    simulated rows written: {written}")
+
+            print(f"5/6 the `retrain` flow: dataset -> LoRA ({max_steps} steps, CPU) -> offline gate -> candidate")
+            outcome = retrain(candidate_server=model_base, candidate_share=0.5, days=1, max_steps=max_steps,
+                              learning_rate=1e-3)
+            if outcome["status"] != "candidate":
+                print(f"    no new candidate: {outcome['status']} ({outcome.get('reason') or outcome.get('gate')})")
+                return
+            gate = outcome["gate"]
+            print(f"    adapter {outcome['adapter']['name']}: holdout loss {gate['holdout']['loss_base']:.3f}"
+                  f" -> {gate['holdout']['loss_adapter']:.3f}")
+            time.sleep(settings.experiment_refresh_s * 2)  # the proxy picks the experiment up on its own
+
+            print("6/6 the same queries again: candidate = the new adapter, control = the base model")
+            _round(client, user_prefix="sim-user-after-")
             print(f"\nlogs: {work}/; store: {settings.database_url}; run `abloop status` for counts")
+
+
+def _round(client: httpx.Client, user_prefix: str = "sim-user-") -> None:
+    for n, query in enumerate(QUERIES):
+        result = _ask(client, f"{user_prefix}{n}", query)
+        _show(result, query)
+        thumbs = "up" if result["items"] else "down"
+        client.post("/api/v1/feedback", json={"request_id": result["request_id"], "thumbs": thumbs,
+                                              "comment": "simulated feedback (abloop demo)"})
