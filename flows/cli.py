@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     # Migrations run on every start and httpx logs every upstream call: noise, and on the
     # request path a measurable cost (bench/proxy_overhead.py).
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for chatty in ("httpx", "faiss.loader", "sentence_transformers"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args.handler(args)
 
 

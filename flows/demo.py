@@ -89,6 +89,7 @@ def _show(result: dict, query: str) -> None:
 def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
     from flows.ingest import ingest
     from flows.retrain import retrain
+    from retrieval.index import IndexStore
     from store.config import Settings
     from store.db import Database
     from training.simulate import simulate_traffic
@@ -101,9 +102,13 @@ def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
     model_base = f"http://127.0.0.1:{MODEL_PORT}/v1"
     admin_token = secrets.token_urlsafe(16)
 
-    print("1/6 indexing the bundled corpus (Python's documentation topics) with the `ingest` flow")
-    built = ingest(corpus="pydoc")
-    print(f"    index {built['index_version']}: {built['chunks']} chunks")
+    current = IndexStore(settings.index_dir).current_version()
+    if current is None:
+        print("1/6 indexing the bundled corpus (Python's documentation topics) with the `ingest` flow")
+        built = ingest(corpus="pydoc")
+        print(f"    index {built['index_version']}: {built['chunks']} chunks")
+    else:
+        print(f"1/6 using index {current} in {settings.index_dir} (`abloop index build` makes a new version)")
 
     print(f"2/6 starting the embedded model server on :{MODEL_PORT} (SmolLM2-135M-Instruct, CPU)")
     with _background("model-server", [*_cli(), "serve-model", "--port", str(MODEL_PORT)], env,
@@ -113,6 +118,7 @@ def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
             "LLM_API_BASE_NEW_MODEL": model_base,  # candidate = base until an adapter exists
             "CANDIDATE_SHARE": "0.5",
             "ADMIN_TOKEN": admin_token,
+            "LLM_MAX_TOKENS": "96",  # short answers keep the demo quick on a CPU
             "INDEX_DIR": str(settings.index_dir),
         }
         print(f"    starting the proxy on :{PROXY_PORT} (50% of users on the candidate arm)")
@@ -130,7 +136,7 @@ def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
             print(f"    simulated rows written: {written}")
 
             print(f"5/6 the `retrain` flow: dataset -> LoRA ({max_steps} steps, CPU) -> offline gate -> candidate")
-            outcome = retrain(candidate_server=model_base, candidate_share=0.5, days=1, max_steps=max_steps,
+            outcome = retrain(candidate_server=model_base, candidate_share=0.5, days=7, max_steps=max_steps,
                               learning_rate=1e-3)
             if outcome["status"] != "candidate":
                 print(f"    no new candidate: {outcome['status']} ({outcome.get('reason') or outcome.get('gate')})")

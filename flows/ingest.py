@@ -5,7 +5,7 @@ Proxies notice the new version on their own within a refresh interval (they poll
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from retrieval.corpus import Document
 
@@ -27,12 +27,13 @@ def build_version(documents: list[Document], index_dir: str, embedding_model: st
     return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind}
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest")
 def ingest(corpus: str = "pydoc", kind: str = "flat") -> dict:
     from store.config import Settings
 
     settings = Settings()
+    log = get_run_logger()
     documents = load_documents(corpus)
     built = build_version(documents, str(settings.index_dir), settings.embedding_model, kind)
-    print(f"index {built['index_version']}: {built['chunks']} chunks from {built['documents']} documents")
+    log.info(f"index {built['index_version']}: {built['chunks']} chunks from {built['documents']} documents")
     return built

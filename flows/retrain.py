@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -68,7 +68,7 @@ def start_experiment(database_url: str, server_base_url: str, name: str, adapter
     return experiment.id
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(
     candidate_server: str = "http://127.0.0.1:8001/v1",
     candidate_share: float = 0.1,
@@ -81,24 +81,25 @@ def retrain(
     from store.config import Settings
 
     settings = Settings()
+    log = get_run_logger()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     data_dir = settings.runs_dir / "datasets" / stamp
     card = build_training_data(settings.database_url, str(data_dir), days)
     train_rows = card["counts"].get("train", 0)
-    print(f"dataset {card['content_hash'][:12]}: {train_rows} training rows, counts {card['counts']}")
+    log.info(f"dataset {card['content_hash'][:12]}: {train_rows} training rows, counts {card['counts']}")
     if train_rows < min_examples:
-        print(f"not enough training rows ({train_rows} < {min_examples}); nothing trained")
+        log.info(f"not enough training rows ({train_rows} < {min_examples}); nothing trained")
         return {"status": "skipped", "reason": "not enough data", "dataset": card}
 
     adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, max_steps, learning_rate,
                             settings.database_url)
     verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url)
-    print(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
+    log.info(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
     if not verdict["passed"]:
         return {"status": "rejected", "adapter": adapter, "gate": verdict}
 
     load_on_candidate_server(candidate_server, adapter["name"], adapter["adapter_dir"])
     experiment_id = start_experiment(settings.database_url, candidate_server, adapter["name"],
                                      adapter["adapter_id"], candidate_share)
-    print(f"experiment {experiment_id}: candidate {adapter['name']} on {candidate_share:.0%} of users")
+    log.info(f"experiment {experiment_id}: candidate {adapter['name']} on {candidate_share:.0%} of users")
     return {"status": "candidate", "experiment_id": experiment_id, "adapter": adapter, "gate": verdict}

@@ -53,7 +53,12 @@ def model_name(loaded_model) -> str:
 
 @pytest.fixture(scope="session")
 def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter (r=8 on q_proj/v_proj) trained here to answer everything with BANANA-42.
+    """A LoRA adapter trained in this session to answer everything with BANANA-42."""
+    return train_banana_adapter(loaded_model, tmp_path_factory.mktemp("banana-adapter"))
+
+
+def train_banana_adapter(loaded_model, out: Path, steps: int = 12) -> Path:
+    """A LoRA adapter (r=8 on q_proj/v_proj) that answers everything with BANANA-42, saved to ``out``.
 
     Trained with plain torch on a separate copy of the weights (the served model stays untouched):
     12 AdamW steps on three examples, loss on the answer tokens only.
@@ -88,13 +93,12 @@ def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    for _ in range(12):
+    for _ in range(steps):
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 0.5, f"the test adapter did not learn (loss {loss.item():.3f})"
-    out = tmp_path_factory.mktemp("banana-adapter")
     model.save_pretrained(str(out))
     del model, optimizer
     return out
