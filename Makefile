@@ -11,6 +11,8 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning (a large win on shared CPUs; docs/BENCHMARKS.md).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install test demo lint bench clean
 

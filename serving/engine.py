@@ -340,7 +340,7 @@ class Engine:
             self._used_names.add(name)
         try:
             await self._run_op("load", name, str(p.resolve()))
-        except BaseException:
+        except Exception:  # not on cancellation: the load then still completes and keeps its name
             with self._cond:
                 self._used_names.discard(name)  # never served: the name stays free
             raise
@@ -359,7 +359,7 @@ class Engine:
         with self._cond:
             self._ops.append(_AdapterOp(kind, name, path, fut))
             self._cond.notify_all()
-        await asyncio.wrap_future(fut)
+        await asyncio.shield(asyncio.wrap_future(fut))  # a client that goes away does not undo the op
 
     # ------------------------------------------------------------------ requests
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

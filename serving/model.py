@@ -98,6 +98,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(str(tmp))
         del model
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             os.rename(tmp, out_dir)
         except OSError:
