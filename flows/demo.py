@@ -127,6 +127,11 @@ def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
                         f"http://127.0.0.1:{PROXY_PORT}/readyz", work),
             httpx.Client(base_url=f"http://127.0.0.1:{PROXY_PORT}", timeout=300) as client,
         ):
+            # A fresh experiment each run: an earlier run's candidate adapter died with its server.
+            model = httpx.get(f"{model_base}/models", timeout=30).json()["data"][0]["id"]
+            client.put("/api/v1/admin/experiment", headers={"Authorization": f"Bearer {admin_token}"},
+                       json={"candidate": {"base_url": model_base, "model": model}, "candidate_share": 0.5},
+                       ).raise_for_status()
             print("3/6 real queries through the proxy (both arms serve the base model)")
             _round(client)
 
