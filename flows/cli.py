@@ -48,17 +48,13 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_model(args: argparse.Namespace) -> None:
-    from serving.server import run
+    from serving.server import parse_adapter_args, run
 
-    adapters = dict(_name_eq_path(spec) for spec in args.adapter)
+    try:
+        adapters = parse_adapter_args(args.adapter)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     run(model=args.model, host=args.host, port=args.port, adapters=adapters)
-
-
-def _name_eq_path(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise SystemExit(f"--adapter expects NAME=PATH, got {spec!r}")
-    return name, path
 
 
 def cmd_status(_args: argparse.Namespace) -> None:

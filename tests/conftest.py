@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,22 +26,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_app(app, *, port: int | None = None) -> Iterator[str]:
+def serve_app(app) -> Iterator[str]:
     """Run an ASGI app under a real uvicorn server on loopback; yields its base URL."""
-    import uvicorn
+    from serving.server import ServerThread
 
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, backlog=4096))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with ServerThread(app) as server:
+        yield server.url
