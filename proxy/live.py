@@ -50,7 +50,7 @@ class Live:
         self.snapshot: Snapshot | None = None
 
     async def start(self) -> None:
-        await self.refresh(seed=True)
+        await self.refresh()
         self._task = asyncio.create_task(self._loop(), name="abloop-refresh")
 
     async def stop(self) -> None:
@@ -58,13 +58,9 @@ class Live:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def refresh(self, *, seed: bool = False) -> Snapshot:
+    async def refresh(self) -> Snapshot:
         def _read() -> Snapshot:
-            experiment = (
-                experiments.ensure_running(self._db, self._settings)
-                if seed or self.snapshot is None
-                else experiments.get_running(self._db) or experiments.ensure_running(self._db, self._settings)
-            )
+            experiment = experiments.ensure_running(self._db, self._settings)  # seeds the first one from env
             return Snapshot(experiment=experiment, prompt=prompts.active(self._db))
 
         self.snapshot = await asyncio.to_thread(_read)

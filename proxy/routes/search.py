@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, status
 from sqlalchemy.exc import SQLAlchemyError
 
-from proxy.deps import StateDep
+from proxy.deps import AppState, StateDep
 from proxy.routing import assign_arm
 from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest, SearchResponse, Timings
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
@@ -77,7 +77,7 @@ async def search(
 
 
 def _log(
-    state: StateDep,
+    state: AppState,
     event: dict[str, Any],
     completion: Completion | None,
     retrieval_ms: float,
@@ -142,7 +142,7 @@ async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     return FeedbackResponse(feedback_id=feedback_id)
 
 
-async def _event_known(state: StateDep, event_id: str) -> bool:
+async def _event_known(state: AppState, event_id: str) -> bool:
     """In this replica's write queue, or in the store.
 
     Another replica may still hold the event in its queue for one flush interval, so a miss
@@ -165,7 +165,7 @@ async def _event_known(state: StateDep, event_id: str) -> bool:
     return False
 
 
-def _count_feedback(state: StateDep, body: FeedbackRequest) -> None:
+def _count_feedback(state: AppState, body: FeedbackRequest) -> None:
     counter = state.metrics.feedback
     if body.rating is not None:
         counter.labels("rating").inc()
