@@ -9,11 +9,7 @@ rejects on its own (a constraint, a bad value) is isolated from its batch, retri
 spool a few times (feedback may arrive before its event is replayed) and then set aside under
 `<spool_dir>/rejected/` for an operator: kept, never blocking the other rows.
 
-Spool file names: `<hostname>-<pid>-<uuid>.jsonl` (one writer's own file; replicas never share
-one). A claimed file is `<stem>.replaying-<hostname>-<pid>`; a claim whose process is gone (same
-host: the pid is dead, or is ours but no live claim of this process; another host: untouched for
-STALE_CLAIM_S) is claimed again. Appends take an exclusive `flock` and check that the path still
-names the file they opened, so a row is never appended to a file that has been claimed.
+The spool files themselves (their format, naming, appends and claims) are `store.spool`'s.
 """
 
 from __future__ import annotations
@@ -21,60 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
-import os
-import re
-import socket
-import threading
-import time
-import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Table
+from sqlalchemy import Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert as generic_insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from store.db import Database
-from store.models import Feedback, SearchEvent
+from store.spool import _COLUMNS, TABLES, Spool, _decode, _encode, _Entry
+
+# Re-exported: callers and tests import these from here, as from before the spool had its own module.
+from store.spool import _HOST as _HOST
+from store.spool import CLAIM_MARK as CLAIM_MARK
+from store.spool import REJECTED_DIR as REJECTED_DIR
 
 log = logging.getLogger(__name__)
 
-TABLES: dict[str, Table] = {"search_events": SearchEvent.__table__, "feedback": Feedback.__table__}
 # Insert order inside a transaction: feedback has a foreign key to search_events.
 _TABLE_ORDER = {name: position for position, name in enumerate(TABLES)}
-_COLUMNS = {name: frozenset(table.c.keys()) for name, table in TABLES.items()}
-_DATETIME_COLUMNS = {
-    name: tuple(column.name for column in table.c if isinstance(column.type, DateTime))
-    for name, table in TABLES.items()
-}
 
-SPOOL_SUFFIX = ".jsonl"
-CLAIM_MARK = ".replaying-"
-REJECTED_DIR = "rejected"
 MAX_ROW_ATTEMPTS = 5  # a row the database refuses this many times is set aside, not retried forever
-SPOOL_ROTATE_BYTES = 64 * 1024 * 1024
-STALE_CLAIM_S = 600.0  # a claim from another host untouched this long is taken over
-
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-
-# Claims held by this process (all writers in it), so a claim named with our own pid is only
-# taken over when it belongs to an earlier process that had the same pid (containers reuse pids).
-_ACTIVE_CLAIMS: set[str] = set()
-_CLAIMS_LOCK = threading.Lock()
-
-
-@dataclass(slots=True)
-class _Entry:
-    table: str
-    row: dict[str, Any]
-    attempts: int = 0  # times the database refused this row on its own (not counting outages)
-    seq: int = 0  # position in the queue; 0 for rows that never went through it
 
 
 class _WriteFailed(Exception):
@@ -153,80 +120,6 @@ def _write_entries(db: Database, entries: list[_Entry]) -> tuple[list[_Entry], l
     return written, bad
 
 
-# --- spool encoding --------------------------------------------------------------------------------
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def _encode(entry: _Entry) -> str:
-    record: dict[str, Any] = {"table": entry.table, "row": entry.row}
-    if entry.attempts:
-        record["attempts"] = entry.attempts
-    try:
-        text = json.dumps(record, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError):  # e.g. a circular structure: keep what can be kept
-        record["row"] = {key: _json_default(value) for key, value in entry.row.items()}
-        text = json.dumps(record, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-    return text + "\n"
-
-
-def _decode(line: bytes) -> _Entry:
-    """One spool line back to an entry; datetimes (ISO strings) back to datetimes. ValueError if unusable."""
-    record = json.loads(line)
-    table, row = record.get("table"), record.get("row")
-    if table not in TABLES or not isinstance(row, dict) or not row.get("id"):
-        raise ValueError("not a spool record")
-    if row.keys() - _COLUMNS[table]:
-        raise ValueError(f"unknown columns for {table}: {sorted(row.keys() - _COLUMNS[table])}")
-    for name in _DATETIME_COLUMNS[table]:
-        if isinstance(row.get(name), str):
-            row[name] = datetime.fromisoformat(row[name])
-    return _Entry(table, row, int(record.get("attempts") or 0))
-
-
-# --- spool files -----------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _heartbeat(path: Path) -> None:
-    """Refresh a claim's ctime (what other hosts judge staleness by) without touching its mtime."""
-    with contextlib.suppress(OSError):
-        st = os.stat(path)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _is_spool_name(name: str) -> bool:
-    return not name.startswith(".") and (name.endswith(SPOOL_SUFFIX) or CLAIM_MARK in name)
-
-
 class EventWriter:
     """Queue → batched idempotent inserts → (on failure) spool on disk → replay. See the module doc."""
 
@@ -279,9 +172,7 @@ class EventWriter:
         self._flush_task: asyncio.Task | None = None
         self._replay_task: asyncio.Task | None = None
 
-        self._spool_lock = threading.Lock()
-        self._spool_path = self._new_spool_path()
-        self._rejected_path = self.spool_dir / REJECTED_DIR / self._new_spool_path().name
+        self._spool = Spool(self.spool_dir)
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -327,7 +218,7 @@ class EventWriter:
         self._pending[entry.row["id"]] += 1
         if self.queue_depth >= self.max_queue:
             try:
-                self._append_spool([entry])
+                self._spool.append([entry])
             except OSError:
                 log.exception("queue full and the spool is not writable; keeping the row in memory")
             else:
@@ -361,17 +252,7 @@ class EventWriter:
 
     @property
     def spool_bytes(self) -> int:
-        total = 0
-        try:
-            with os.scandir(self.spool_dir) as entries:
-                for entry in entries:
-                    if _is_spool_name(entry.name):
-                        with contextlib.suppress(OSError):
-                            if entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
-        except OSError:
-            return 0
-        return total
+        return self._spool.size_bytes
 
     # --- the flush path --------------------------------------------------------------------------
 
@@ -493,7 +374,7 @@ class EventWriter:
             if not to_spool:
                 return []
             try:
-                await asyncio.to_thread(self._append_spool, to_spool)
+                await asyncio.to_thread(self._spool.append, to_spool)
             except Exception:
                 log.exception("could not spool %d rows", len(to_spool))
                 return refused + pending
@@ -514,130 +395,6 @@ class EventWriter:
             elif count:
                 del pending[row_id]
 
-    # --- spool files -----------------------------------------------------------------------------
-
-    def _new_spool_path(self) -> Path:
-        return self.spool_dir / f"{_HOST}-{os.getpid()}-{uuid.uuid4()}{SPOOL_SUFFIX}"
-
-    def _append_spool(self, entries: list[_Entry]) -> None:
-        """Append entries to this writer's spool file and fsync. Blocking; thread-safe."""
-        data = "".join(_encode(entry) for entry in entries).encode()
-        with self._spool_lock:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            while True:
-                path = self._spool_path
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    try:
-                        current = os.stat(path).st_ino == os.fstat(fd).st_ino
-                    except FileNotFoundError:
-                        current = False
-                    if not current:  # claimed for replay since we opened it: open the path afresh
-                        continue
-                    start = os.fstat(fd).st_size
-                    try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        os.fsync(fd)
-                    except OSError:
-                        with contextlib.suppress(OSError):
-                            os.ftruncate(fd, start)  # no torn line for the next append to run into
-                        raise
-                    size = start + len(data)
-                finally:
-                    os.close(fd)  # also releases the lock
-                if start == 0:
-                    _fsync_dir(self.spool_dir)
-                if size >= SPOOL_ROTATE_BYTES:
-                    self._spool_path = self._new_spool_path()
-                return
-
-    def _set_aside(self, entries: list[_Entry], raw_lines: list[bytes]) -> None:
-        """Rows the database keeps refusing (and unreadable lines) go to rejected/ for an operator."""
-        if not entries and not raw_lines:
-            return
-        data = "".join(_encode(entry) for entry in entries).encode()
-        data += b"".join(line if line.endswith(b"\n") else line + b"\n" for line in raw_lines)
-        self._rejected_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._spool_lock, open(self._rejected_path, "ab") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        log.error("set aside %d refused spool rows in %s", len(entries) + len(raw_lines), self._rejected_path)
-
-    def _claimable(self) -> list[Path]:
-        """Spool files to replay, oldest first: `*.jsonl` and stale claims."""
-        found: list[tuple[float, str, Path]] = []
-        try:
-            with os.scandir(self.spool_dir) as entries:
-                for entry in entries:
-                    if not _is_spool_name(entry.name):
-                        continue
-                    try:
-                        if not entry.is_file(follow_symlinks=False):
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    path = Path(entry.path)
-                    if entry.name.endswith(SPOOL_SUFFIX) or self._stale_claim(path, st):
-                        found.append((st.st_mtime, entry.name, path))
-        except FileNotFoundError:
-            return []
-        return [path for _mtime, _name, path in sorted(found)]
-
-    @staticmethod
-    def _stale_claim(path: Path, st: os.stat_result) -> bool:
-        with _CLAIMS_LOCK:
-            if str(path) in _ACTIVE_CLAIMS:
-                return False
-        owner = path.name.rpartition(CLAIM_MARK)[2]
-        host, _, pid_text = owner.rpartition("-")
-        if host != _HOST:
-            return time.time() - st.st_ctime > STALE_CLAIM_S
-        try:
-            pid = int(pid_text)
-        except ValueError:
-            return True
-        # Our own pid but not an active claim of ours: an earlier process that had the same pid.
-        return pid == os.getpid() or not _pid_alive(pid)
-
-    @staticmethod
-    def _claim(path: Path) -> Path | None:
-        """Claim a spool file by atomic rename; None when another replayer got it first."""
-        name = path.name
-        stem = name[: -len(SPOOL_SUFFIX)] if name.endswith(SPOOL_SUFFIX) else name.rpartition(CLAIM_MARK)[0]
-        with _CLAIMS_LOCK:
-            target = path.with_name(f"{stem}{CLAIM_MARK}{_HOST}-{os.getpid()}")
-            if target.exists() or str(target) in _ACTIVE_CLAIMS:
-                target = path.with_name(f"{stem}~{uuid.uuid4().hex[:8]}{CLAIM_MARK}{_HOST}-{os.getpid()}")
-            _ACTIVE_CLAIMS.add(str(target))
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            with _CLAIMS_LOCK:
-                _ACTIVE_CLAIMS.discard(str(target))
-            return None
-        return target
-
-    @staticmethod
-    def _unclaim(claimed: Path) -> None:
-        """Give a claimed file back as `<stem>.jsonl` (a fresh name if that exists again)."""
-        stem = claimed.name.rpartition(CLAIM_MARK)[0]
-        original = claimed.with_name(stem + SPOOL_SUFFIX)
-        try:
-            os.link(claimed, original)  # unlike rename, never replaces a file of the same name
-            os.unlink(claimed)
-        except FileExistsError:
-            os.rename(claimed, claimed.with_name(f"{stem}~{uuid.uuid4().hex[:8]}{SPOOL_SUFFIX}"))
-        except OSError:
-            if not original.exists():
-                os.rename(claimed, original)
-            elif claimed.exists():
-                os.rename(claimed, claimed.with_name(f"{stem}~{uuid.uuid4().hex[:8]}{SPOOL_SUFFIX}"))
-
     # --- the replay path -------------------------------------------------------------------------
 
     async def _replay_loop(self) -> None:
@@ -650,7 +407,7 @@ class EventWriter:
                 await asyncio.wait_for(self._stop_event.wait(), self.replay_interval_s)
 
     async def _replay_round(self) -> None:
-        files = await asyncio.to_thread(self._claimable)
+        files = await asyncio.to_thread(self._spool.claimable)
         if not files:
             if self._db_down and await asyncio.to_thread(self.db.ping):
                 log.info("database reachable again")
@@ -659,7 +416,7 @@ class EventWriter:
         for path in files:
             if self._stopping:
                 return
-            claimed = self._claim(path)
+            claimed = self._spool.claim(path)
             if claimed is None:  # another replayer took it
                 continue
             try:
@@ -672,14 +429,11 @@ class EventWriter:
                 self._release_ids(outcome.replayed_ids)
                 self._release_ids(outcome.rejected_ids)
                 try:
-                    os.unlink(claimed)
-                except FileNotFoundError:
-                    pass
+                    self._spool.remove(claimed)
                 except OSError:
                     log.exception("could not remove the replayed spool file %s", claimed)
             finally:
-                with _CLAIMS_LOCK:
-                    _ACTIVE_CLAIMS.discard(str(claimed))
+                self._spool.release(claimed)
             if outcome.replayed and self._db_down:
                 log.info("spool replay succeeded; writing to the database again")
                 self._db_down = False
@@ -721,18 +475,22 @@ class EventWriter:
                             raise InterruptedError("writer stopping")
                         insert(chunk)
                         chunk = []
-                        _heartbeat(claimed)
+                        self._spool.heartbeat(claimed)
                 if chunk:
                     insert(chunk)
             if retry:
-                self._append_spool(retry)
-            self._set_aside(refused, unreadable)
+                self._spool.append(retry)
+            if refused or unreadable:
+                self._spool.set_aside(refused, unreadable)
+                log.error(
+                    "set aside %d refused spool rows in %s", len(refused) + len(unreadable), self._spool.rejected_path
+                )
         except Exception as exc:
             # Database down (or the disk failing): give the file back whole; its rows that did get
             # in are skipped next time by ON CONFLICT DO NOTHING.
             log.warning("replay of %s failed, will retry: %s", claimed.name, exc)
             try:
-                self._unclaim(claimed)
+                self._spool.unclaim(claimed)
             except OSError:
                 log.exception("could not give back the claim on %s", claimed)
             return _ReplayOutcome(ok=False)
