@@ -1,4 +1,4 @@
-"""The batching generation engine and the LoRA adapter registry.
+"""The batching generation engine: the request queue, the worker thread and its batched step loop.
 
 One worker thread owns the model.  Requests are queued (bounded: a full queue is refused, never grown)
 and the worker runs a step loop with a KV cache over a batch of rows:
@@ -14,9 +14,9 @@ and the worker runs a step loop with a KV cache over a batch of rows:
   peft's per-row ``adapter_names`` (``"__base__"`` for the base model), so base and adapter rows share
   a batch.
 
-Adapter loads and unloads run on the same worker thread between steps, so they never race a forward.
-An unload takes the name out of service at once (new requests get 404) and deletes the weights once no
-queued or running request uses them.  Adapter names are versions: a name is never accepted twice.
+Adapter loads and unloads run on the same worker thread between steps, so they never race a forward
+(the registry itself is :mod:`serving.adapters`; per-row sampling and stop strings are
+:mod:`serving.sampling`; the errors are :mod:`serving.errors`).
 
 ``max_batch=1`` switches batching off (one request at a time), for comparison.
 """
@@ -25,84 +25,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+# The errors, SamplingParams and BASE_ADAPTER used to live here; callers import them from here (see __all__).
+from serving.adapters import BASE_ADAPTER, _AdapterOp, _AdapterRegistry
+from serving.errors import (
+    AdapterExists,
+    BadAdapter,
+    EngineError,
+    EngineStopped,
+    GenerationFailed,
+    ModelNotFound,
+    PromptTooLong,
+    QueueFull,
+)
 from serving.model import LoadedModel
+from serving.sampling import SamplingParams, _cut_at_stop, _new_generator, _sample, _streamable
+from serving.sampling import _held_back as _held_back  # tests/serving/test_units.py imports it from here
+
+__all__ = [
+    "BASE_ADAPTER",
+    "AdapterExists",
+    "BadAdapter",
+    "Completion",
+    "Engine",
+    "EngineError",
+    "EngineStats",
+    "EngineStopped",
+    "GenerationFailed",
+    "ModelNotFound",
+    "PromptTooLong",
+    "QueueFull",
+    "RequestHandle",
+    "SamplingParams",
+]
 
 log = logging.getLogger(__name__)
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
-class EngineError(Exception):
-    """An error with an HTTP status and OpenAI error type/code, raised to the API layer."""
-
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class QueueFull(EngineError):
-    status = 503
-    type = "server_error"
-    code = "queue_full"
-
-
-class ModelNotFound(EngineError):
-    status = 404
-    code = "model_not_found"
-
-
-class AdapterExists(EngineError):
-    status = 409
-    code = "adapter_exists"
-
-
-class BadAdapter(EngineError):
-    status = 400
-    code = "invalid_adapter"
-
-
-class PromptTooLong(EngineError):
-    status = 400
-    code = "context_length_exceeded"
-
-
-class EngineStopped(EngineError):
-    status = 503
-    type = "server_error"
-    code = "engine_stopped"
-
-
-class GenerationFailed(EngineError):
-    status = 500
-    type = "server_error"
-    code = "generation_failed"
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
 
 
 @dataclass
@@ -196,13 +161,7 @@ class _Row:
         self.text = ""
         self.next_token: int | None = None  # sampled but not yet fed to the model
         self.adapter_key = handle.adapter or BASE_ADAPTER
-        self.generator: torch.Generator | None = None
-        if handle.params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            seed = handle.params.seed
-            self.generator.manual_seed(
-                int(seed) & 0xFFFF_FFFF_FFFF_FFFF if seed is not None else int.from_bytes(os.urandom(8), "little")
-            )
+        self.generator = _new_generator(handle.params, device)
 
 
 class _Batch:
@@ -215,15 +174,7 @@ class _Batch:
         self.positions = positions  # [B] position id of the next fed token
 
 
-@dataclass
-class _AdapterOp:
-    kind: str  # "load" | "unload"
-    name: str
-    path: str | None
-    future: Future
-
-
-class Engine:
+class Engine(_AdapterRegistry):
     """Owns a loaded base model; serves chat completions for it and its LoRA adapters."""
 
     def __init__(
@@ -258,9 +209,7 @@ class Engine:
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos or {0})
 
-        self._peft: Any = None  # the PeftModel wrapper once the first adapter is loaded
-        self._adapters: dict[str, dict[str, Any]] = {}  # routable adapters: name -> {"path", "created"}
-        self._used_names: set[str] = {self.name}  # every adapter name ever loaded or being loaded
+        self._init_registry()  # adapters: see serving.adapters
         self._pending: deque[RequestHandle] = deque()
         self._ops: list[_AdapterOp] = []
         self._cond = threading.Condition()
@@ -293,73 +242,6 @@ class Engine:
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-
-    # ------------------------------------------------------------------ registry
-    def model_names(self) -> list[str]:
-        with self._cond:
-            return [self.name, *self._adapters]
-
-    def adapters(self) -> dict[str, dict[str, Any]]:
-        with self._cond:
-            return {k: dict(v) for k, v in self._adapters.items()}
-
-    def resolve(self, model: str) -> str | None:
-        """The adapter for a request's ``model`` (``None`` = base); raises :class:`ModelNotFound`."""
-        if model == self.name:
-            return None
-        with self._cond:
-            if model in self._adapters:
-                return model
-        raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-
-    async def load_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Load a LoRA adapter under ``name`` (a name is never accepted twice)."""
-        if not name or not name.strip():
-            raise BadAdapter("lora_name must be a non-empty string", param="lora_name")
-        p = Path(path).expanduser()
-        if not (p / "adapter_config.json").is_file():
-            raise BadAdapter(
-                f"lora_path {str(path)!r} is not a directory holding an adapter_config.json", param="lora_path"
-            )
-        if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise BadAdapter(
-                f"lora_path {str(path)!r} holds no adapter weights (adapter_model.safetensors)", param="lora_path"
-            )
-        with self._cond:
-            if name in self._used_names:
-                if name == self.name:
-                    why = "it is the base model's name"
-                elif name in self._adapters:
-                    why = "an adapter with that name is loaded"
-                else:
-                    why = (
-                        "it was used before (adapter names are versions and are never reused; "
-                        "load it under a new name)"
-                    )
-                raise AdapterExists(f"The lora adapter '{name}' cannot be loaded: {why}.", param="lora_name")
-            self._used_names.add(name)
-        try:
-            await self._run_op("load", name, str(p.resolve()))
-        except Exception:  # not on cancellation: the load then still completes and keeps its name
-            with self._cond:
-                self._used_names.discard(name)  # never served: the name stays free
-            raise
-
-    async def unload_adapter(self, name: str) -> None:
-        with self._cond:
-            if name not in self._adapters:
-                raise ModelNotFound(f"The lora adapter '{name}' cannot be found.", param="lora_name")
-            del self._adapters[name]  # out of service now; weights go when no request uses them
-        await self._run_op("unload", name, None)
-
-    async def _run_op(self, kind: str, name: str, path: str | None) -> None:
-        if not self.running:
-            raise EngineStopped("the engine is not running")
-        fut: Future = Future()
-        with self._cond:
-            self._ops.append(_AdapterOp(kind, name, path, fut))
-            self._cond.notify_all()
-        await asyncio.shield(asyncio.wrap_future(fut))  # a client that goes away does not undo the op
 
     # ------------------------------------------------------------------ requests
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -473,71 +355,6 @@ class Engine:
             if not op.future.done():
                 op.future.set_exception(err)
 
-    # -- adapters (worker thread) ---------------------------------------------------------------
-    def _adapter_in_use(self, name: str) -> bool:
-        if self._batch and any(r.adapter_key == name for r in self._batch.rows):
-            return True
-        with self._cond:
-            return any(h.adapter == name and not h.cancelled for h in self._pending)
-
-    def _run_ops(self, ops: list[_AdapterOp]) -> None:
-        deferred: list[_AdapterOp] = []
-        for op in ops:
-            try:
-                if op.kind == "load":
-                    self._do_load(op.name, op.path)
-                elif self._adapter_in_use(op.name):
-                    deferred.append(op)
-                    continue
-                else:
-                    self._do_unload(op.name)
-                op.future.set_result(None)
-            except Exception as exc:  # noqa: BLE001
-                op.future.set_exception(
-                    exc if isinstance(exc, EngineError) else BadAdapter(f"cannot load adapter: {exc}")
-                )
-        if deferred:
-            with self._cond:
-                self._ops[:0] = deferred
-
-    def _do_unload(self, name: str) -> None:
-        if set(self._peft.peft_config) <= {name}:
-            # The last adapter: take the LoRA layers out again (a PeftModel without adapters is not
-            # usable) and go back to the plain base model; the next load wraps it afresh.
-            self.model = self._peft.unload()
-            self._peft = None
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "adapter X was active ...": we pass adapter_names per row
-                self._peft.delete_adapter(name)
-        log.info("unloaded adapter %s", name)
-
-    def _do_load(self, name: str, path: str) -> None:
-        from peft import PeftModel
-
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            if self._peft is None:
-                try:
-                    self._peft = PeftModel.from_pretrained(
-                        self.model, path, adapter_name=name, is_trainable=False
-                    )
-                except BaseException:
-                    _strip_tuner_layers(self.model)  # a half-done first load must not change the base
-                    raise
-            else:
-                try:
-                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
-                except BaseException:
-                    if name in self._peft.peft_config:
-                        self._do_unload(name)
-                    raise
-        self._peft.eval()
-        with self._cond:
-            self._adapters[name] = {"path": path, "created": int(time.time())}
-        log.info("loaded adapter %s from %s in %.2fs", name, path, time.perf_counter() - t0)
-
     # -- generation (worker thread) -------------------------------------------------------------
     def _drop_cancelled(self) -> None:
         if self._batch is None:
@@ -602,7 +419,7 @@ class Engine:
 
     def _after_logits(self, logits: torch.Tensor, rows: list[_Row], offset: int) -> None:
         """Sample one token for each of ``rows`` (batch rows ``offset..``), then finish rows that are done."""
-        tokens = self._sample(logits, rows)
+        tokens = _sample(logits, [r.handle.params for r in rows], [r.generator for r in rows])
         finished: list[int] = []
         for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
             if self._advance(row, tok):
@@ -611,25 +428,6 @@ class Engine:
             assert self._batch is not None
             gone = set(finished)
             self._select_rows([i for i in range(len(self._batch.rows)) if i not in gone])
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        logits = logits.float()
-        out = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            params = row.handle.params
-            if params.temperature <= 0 or row.generator is None:
-                continue
-            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                cum = sorted_p.cumsum(-1)
-                drop = (cum - sorted_p) > params.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=row.generator)
-                out[i] = int(order[choice].item())
-            else:
-                out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
-        return out
 
     def _advance(self, row: _Row, tok: int) -> bool:
         """Add ``tok`` to ``row``; stream what is safe to stream; return True when the row is finished."""
@@ -645,17 +443,16 @@ class Engine:
             text = self.tokenizer.decode(
                 row.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
+            text, stopped = _cut_at_stop(text, params.stop)
+            if stopped:
+                finish = "stop"
             elif len(row.generated) >= params.max_tokens:
                 finish = "length"
         row.text = text
         if h.cancelled:
             return True
         if finish is None:
-            safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence is not text yet
-            safe -= _held_back(text[:safe], params.stop)  # might be the start of a stop string
+            safe = _streamable(text, params.stop)  # nothing that a stop string could take back
             if safe > row.sent:
                 h._emit("delta", text[row.sent : safe])
                 row.sent = safe
@@ -735,28 +532,3 @@ class Engine:
         b.mask = torch.cat([pad(b.mask, pad_old, 1), pad(new.mask, pad_new, 1)], dim=0)
         b.positions = torch.cat([b.positions, new.positions])
         b.rows = b.rows + new.rows
-
-
-def _strip_tuner_layers(model: torch.nn.Module) -> None:
-    """Replace any peft tuner layer inside ``model`` by the layer it wraps."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    if "peft_config" in model.__dict__:
-        del model.peft_config
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
