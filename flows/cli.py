@@ -83,6 +83,32 @@ def cmd_status(_args: argparse.Namespace) -> None:
     }, indent=2))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from store import experiments
+    from store.arms import analyse, record_decision
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    experiment_id = args.experiment or getattr(experiments.get_running(db), "id", None)
+    if experiment_id is None:
+        raise SystemExit("no running experiment; pass --experiment ID")
+    try:
+        analysis = analyse(db, experiment_id)
+    except LookupError as error:
+        raise SystemExit(str(error)) from None
+    record_decision(db, analysis)
+    if args.json:
+        print(json.dumps(analysis.to_dict(), default=str))
+        return
+    print(f"experiment {analysis.experiment_id} (candidate share {analysis.candidate_share:.0%})")
+    for name in ("users", "requests", "thumbs_up_rate", "mean_rating", "correction_rate", "error_rate",
+                 "fallback_rate", "latency_p50_ms", "latency_p95_ms", "tokens_out"):
+        values = [analysis.arms[arm][name] for arm in ("control", "candidate")]
+        print(f"  {name:<16} " + "  ".join(f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}" for v in values))
+    print(f"decision: {analysis.decision['action']} - {analysis.decision['reason']}")
+
+
 def cmd_promote(args: argparse.Namespace) -> None:
     from store import experiments
     from store.db import Database
@@ -193,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--adapter", required=True)
     ev.add_argument("--base", default="default")
+
+    evaluate = add("evaluate", cmd_evaluate, "Per-arm analysis of an experiment and the decision it supports.")
+    evaluate.add_argument("--experiment", help="default: the running experiment")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     promote = add("promote", cmd_promote, "Promote the candidate of an experiment to control.")
     promote.add_argument("--experiment", required=True)
