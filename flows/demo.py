@@ -6,7 +6,8 @@
 4. add SIMULATED traffic and feedback with a clear house style (no person rated anything);
 5. retrain (the `retrain` flow): dataset -> LoRA adapter -> offline gate -> adapter hot-loaded on
    the model server -> a new experiment with the adapter as candidate;
-6. send the same queries again: the candidate arm now answers in the house style.
+6. send the same queries again: the candidate arm now answers in the house style, and run the
+   `evaluate_arms` flow (a handful of requests is honestly "not enough data").
 
 Everything simulated is labelled so in the store: user ids start with `sim-`, the session is
 "simulated", and feedback comments say "simulated".
@@ -87,6 +88,7 @@ def _show(result: dict, query: str) -> None:
 
 
 def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
+    from flows.evaluate_arms import evaluate_arms
     from flows.ingest import ingest
     from flows.retrain import retrain
     from retrieval.index import IndexStore
@@ -153,6 +155,9 @@ def run_demo(simulated_queries: int = 400, max_steps: int = 30) -> None:
 
             print("6/6 the same queries again: candidate = the new adapter, control = the base model")
             _round(client, user_prefix="sim-user-after-")
+            analysis = evaluate_arms()
+            print(f"\nevaluate_arms on the new experiment: {analysis['decision']['action']} - "
+                  f"{analysis['decision']['reason']}")
             print(f"\nlogs: {work}/; store: {settings.database_url}; run `abloop status` for counts")
 
 
