@@ -45,13 +45,7 @@ def register_adapter(
     with db.session() as session:
         if session.scalar(select(Adapter.id).where(Adapter.name == name)) is not None:
             raise AdapterNameTaken(f"adapter name {name!r} is already registered")
-        row = Adapter(
-            name=name,
-            base_model=base_model,
-            path=str(Path(path).resolve()),
-            dataset_hash=dataset_hash,
-            train_metrics=train_metrics,
-        )
+        row = _new_row(name, base_model, path, dataset_hash, train_metrics)
         session.add(row)
         session.flush()
         return row.id
@@ -71,14 +65,20 @@ def record_eval(
     with db.session() as session:
         row = session.scalars(select(Adapter).where(Adapter.name == name)).first()
         if row is None:
-            row = Adapter(
-                name=name,
-                base_model=base_model,
-                path=str(Path(path).resolve()),
-                dataset_hash=dataset_hash,
-                train_metrics=train_metrics,
-            )
+            row = _new_row(name, base_model, path, dataset_hash, train_metrics)
             session.add(row)
         row.eval_metrics = eval_metrics
         session.flush()
         return row.id
+
+
+def _new_row(
+    name: str, base_model: str, path: Path, dataset_hash: str | None, train_metrics: dict[str, Any] | None
+) -> Adapter:
+    return Adapter(
+        name=name,
+        base_model=base_model,
+        path=str(Path(path).resolve()),
+        dataset_hash=dataset_hash,
+        train_metrics=train_metrics,
+    )
