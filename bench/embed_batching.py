@@ -26,15 +26,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
 # Runnable as a plain script from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from store.config import OFFLINE_ENV  # noqa: E402
+
+for _name, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
 

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.config import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -67,12 +69,6 @@ SPLIT_CHECK = 100  # requests per proxy before the load, to show where the weigh
 GOAL_RPS_RATIO = 5.0
 GOAL_ADDED_P50_MS = 1.0
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 # The contract's variables (and the tuning knobs we set): never inherited from the caller's shell.
 ABLOOP_ENV_KEYS = (
     "LLM_API_BASE", "LLM_MODEL", "LLM_API_BASE_NEW_MODEL", "LLM_MODEL_NEW", "LLM_API_KEY",

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import httpx
 
+from store.config import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,12 +59,6 @@ PROMPTS = [
     "Explain how vaccines work.",
 ]
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "1",
-}
 
 
 @dataclass

