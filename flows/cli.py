@@ -20,6 +20,15 @@ def _settings():
     return Settings()
 
 
+def _db():
+    """The store at DATABASE_URL, migrated to the newest schema."""
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    return db
+
+
 def cmd_proxy(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -53,12 +62,10 @@ def cmd_serve_model(args: argparse.Namespace) -> None:
 def cmd_status(_args: argparse.Namespace) -> None:
     from retrieval.index import IndexStore
     from store import experiments
-    from store.db import Database
     from store.events import count_events, count_feedback
 
     settings = _settings()
-    db = Database(settings.database_url)
-    db.migrate()
+    db = _db()
     running = experiments.get_running(db)
     print(json.dumps({
         "database": db.engine.url.render_as_string(hide_password=True),
@@ -77,20 +84,12 @@ def cmd_status(_args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from store import experiments
-    from store.arms import analyse, record_decision
-    from store.db import Database
+    from store.arms import evaluate
 
-    db = Database(_settings().database_url)
-    db.migrate()
-    experiment_id = args.experiment or getattr(experiments.get_running(db), "id", None)
-    if experiment_id is None:
-        raise SystemExit("no running experiment; pass --experiment ID")
     try:
-        analysis = analyse(db, experiment_id)
+        analysis = evaluate(_db(), args.experiment)
     except LookupError as error:
         raise SystemExit(str(error)) from None
-    record_decision(db, analysis)
     if args.json:
         print(json.dumps(analysis.to_dict(), default=str))
         return
@@ -104,18 +103,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_promote(args: argparse.Namespace) -> None:
     from store import experiments
-    from store.db import Database
 
-    db = Database(_settings().database_url)
-    db.migrate()
-    experiment = experiments.get(db, args.experiment)
-    recorded = (experiment.decision or {}).get("action")
-    if not args.force and recorded != "promote":
-        raise SystemExit(f"experiment {experiment.id} has no recorded promote decision (recorded: {recorded!r}); "
-                         "run `abloop evaluate` first or pass --force")
-    fresh = experiments.conclude(db, experiment.id, outcome="promoted",
-                                 decision=dict(experiment.decision or {}, forced=args.force, via="cli"))
-    print(json.dumps({"promoted": experiment.id, "new_experiment": fresh.id,
+    try:
+        fresh = experiments.promote(_db(), args.experiment, force=args.force, via="cli")
+    except (experiments.ExperimentNotFound, experiments.NoPromoteDecision, experiments.ExperimentNotRunning) as error:
+        raise SystemExit(f"not promoted: {error}") from None
+    print(json.dumps({"promoted": args.experiment, "new_experiment": fresh.id,
                       "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
 
 
@@ -126,22 +119,18 @@ def _resolve_base(base: str) -> Path:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> None:
-    from store.db import Database
     from training.dataset import build_dataset
 
-    db = Database(_settings().database_url)
-    db.migrate()
+    db = _db()
     card = build_dataset(db, Path(args.out), min_rating=args.min_rating,
                          semantic_threshold=args.semantic_threshold)
-    print(json.dumps(card.to_dict() if hasattr(card, "to_dict") else card, indent=2, default=str))
+    print(json.dumps(card.to_dict(), indent=2, default=str))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from store.db import Database
     from training.train import train_lora
 
-    db = Database(_settings().database_url)
-    db.migrate()
+    db = _db()
     result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
                         max_steps=args.max_steps, learning_rate=args.learning_rate,
                         load_in_4bit=args.load_in_4bit, db=db)
@@ -150,11 +139,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_adapter(args: argparse.Namespace) -> None:
-    from store.db import Database
     from training.evaluate import evaluate_adapter
 
-    db = Database(_settings().database_url)
-    db.migrate()
+    db = _db()
     report = evaluate_adapter(Path(args.data), Path(args.adapter), base_model_dir=_resolve_base(args.base), db=db)
     print(json.dumps(report.to_dict(), indent=2, default=str))
     if not report.passed:

@@ -12,17 +12,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 @task(retries=2, retry_delay_seconds=10)
 def analyse_experiment(database_url: str, experiment_id: str | None) -> dict:
-    from store import experiments
-    from store.arms import analyse, record_decision
+    from store.arms import evaluate
     from store.db import Database
 
-    db = Database(database_url)
-    experiment_id = experiment_id or getattr(experiments.get_running(db), "id", None)
-    if experiment_id is None:
-        raise ValueError("no running experiment")
-    analysis = analyse(db, experiment_id)
-    record_decision(db, analysis)
-    return analysis.to_dict()
+    return evaluate(Database(database_url), experiment_id).to_dict()
 
 
 @task

@@ -140,6 +140,20 @@ def analyse(db: Database, experiment_id: str, policy: Policy | None = None) -> A
     return Analysis(experiment.id, experiment.candidate_share, summaries, srm, thumbs, rating, guardrails, decision)
 
 
+def evaluate(db: Database, experiment_id: str | None = None, policy: Policy | None = None) -> Analysis:
+    """Analyse an experiment (default: the running one) and record its decision."""
+    from store import experiments
+
+    if experiment_id is None:
+        running = experiments.get_running(db)
+        if running is None:
+            raise LookupError("no running experiment; name one")
+        experiment_id = running.id
+    analysis = analyse(db, experiment_id, policy)
+    record_decision(db, analysis)
+    return analysis
+
+
 def record_decision(db: Database, analysis: Analysis) -> None:
     """Write the decision on the experiment, where `promote` (API or CLI) looks for it."""
     with db.session() as session:

@@ -22,6 +22,10 @@ class ExperimentNotRunning(RuntimeError):
     pass
 
 
+class NoPromoteDecision(RuntimeError):
+    pass
+
+
 def new_salt() -> str:
     return secrets.token_hex(8)
 
@@ -38,7 +42,7 @@ def get(db: Database, experiment_id: str) -> Experiment:
     with db.session() as session:
         experiment = session.get(Experiment, experiment_id)
         if experiment is None:
-            raise ExperimentNotFound(experiment_id)
+            raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
         return experiment
 
 
@@ -83,7 +87,7 @@ def _stop_others(db: Database, keep: Experiment) -> None:
 def _running_by_id(session, experiment_id: str) -> Experiment:
     experiment = session.get(Experiment, experiment_id)
     if experiment is None:
-        raise ExperimentNotFound(experiment_id)
+        raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
     if experiment.status != RUNNING:
         raise ExperimentNotRunning(f"experiment {experiment_id} is {experiment.status}")
     return experiment
@@ -160,3 +164,21 @@ def conclude(
         )
         session.add(fresh)
     return fresh
+
+
+def promote(db: Database, experiment_id: str, *, force: bool = False, via: str) -> Experiment:
+    """Candidate becomes control, share back to 0; returns the successor experiment.
+
+    Without `force` the experiment must carry a recorded "promote" decision (written by
+    `abloop evaluate` or the evaluate_arms flow): a promotion is backed by numbers or by an
+    operator who said so.
+    """
+    experiment = get(db, experiment_id)
+    recorded = (experiment.decision or {}).get("action")
+    if not force and recorded != "promote":
+        raise NoPromoteDecision(
+            f"experiment {experiment_id} has no recorded promote decision (recorded: {recorded!r}); "
+            "run `abloop evaluate` first or force it"
+        )
+    decision = dict(experiment.decision or {}, forced=force, via=via)
+    return conclude(db, experiment_id, outcome="promoted", decision=decision)

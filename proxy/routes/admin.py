@@ -75,29 +75,12 @@ async def update_experiment(body: ExperimentUpdate, state: StateDep) -> Experime
 
 @router.post("/admin/promote", response_model=ExperimentView)
 async def promote(body: PromoteRequest, state: StateDep) -> ExperimentView:
-    """Candidate becomes control and the share returns to 0.
-
-    Without `force`, the experiment must carry a recorded "promote" decision (written by the
-    evaluate_arms flow or `abloop evaluate`), so a promotion is always backed by numbers or by
-    an operator who said so.
-    """
+    """Candidate becomes control and the share returns to 0 (see `store.experiments.promote`)."""
     try:
-        experiment = await asyncio.to_thread(experiments.get, state.db, body.experiment_id)
+        await asyncio.to_thread(experiments.promote, state.db, body.experiment_id, force=body.force, via="admin-api")
     except experiments.ExperimentNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown experiment_id {body.experiment_id!r}") from None
-    recorded = (experiment.decision or {}).get("action")
-    if not body.force and recorded != "promote":
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"experiment {experiment.id} has no recorded promote decision (recorded: {recorded!r}); "
-            "run `abloop evaluate` first or pass force=true",
-        )
-    decision = dict(experiment.decision or {}, forced=body.force, via="admin-api")
-    try:
-        await asyncio.to_thread(
-            experiments.conclude, state.db, experiment.id, outcome="promoted", decision=decision
-        )
-    except experiments.ExperimentNotRunning as error:
+    except (experiments.NoPromoteDecision, experiments.ExperimentNotRunning) as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     return _view((await state.live.refresh()).experiment)
 
