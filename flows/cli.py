@@ -59,56 +59,55 @@ def cmd_serve_model(args: argparse.Namespace) -> None:
     run(model=args.model, host=args.host, port=args.port, adapters=adapters)
 
 
-def cmd_status(_args: argparse.Namespace) -> None:
+def cmd_migrate(_args: argparse.Namespace) -> None:
+    from store.db import Database
+
+    db = Database(_settings().database_url)
+    db.migrate()
+    print(json.dumps({"database": db.engine.url.render_as_string(hide_password=True), "migrated": True}))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from experiment.status import describe, render
     from retrieval.index import IndexStore
-    from store import experiments
-    from store.events import count_events, count_feedback
 
     settings = _settings()
-    db = _db()
-    running = experiments.get_running(db)
-    print(json.dumps({
-        "database": db.engine.url.render_as_string(hide_password=True),
-        "index_version": IndexStore(settings.index_dir).current_version(),
-        "experiment": None if running is None else {
-            "id": running.id,
-            "control": {"base_url": running.control_base_url, "model": running.control_model},
-            "candidate": None if not running.candidate_base_url
-            else {"base_url": running.candidate_base_url, "model": running.candidate_model},
-            "candidate_share": running.candidate_share,
-            "started_at": running.started_at.isoformat(),
-        },
-        "search_events": count_events(db),
-        "feedback": count_feedback(db),
-    }, indent=2))
+    status = describe(_db(), experiment_id=args.experiment)
+    status["index_version"] = IndexStore(settings.index_dir).current_version()
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from store.arms import evaluate
+    import experiment
 
-    try:
-        analysis = evaluate(_db(), args.experiment)
-    except LookupError as error:
-        raise SystemExit(str(error)) from None
+    analysis = experiment.evaluate(_db(), args.experiment)
     if args.json:
         print(json.dumps(analysis.to_dict(), default=str))
         return
-    print(f"experiment {analysis.experiment_id} (candidate share {analysis.candidate_share:.0%})")
-    for name in ("users", "requests", "thumbs_up_rate", "mean_rating", "correction_rate", "error_rate",
-                 "fallback_rate", "latency_p50_ms", "latency_p95_ms", "tokens_out"):
-        values = [analysis.arms[arm][name] for arm in ("control", "candidate")]
-        print(f"  {name:<16} " + "  ".join(f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}" for v in values))
-    print(f"decision: {analysis.decision['action']} - {analysis.decision['reason']}")
+    from experiment.status import render_analysis
+
+    print(render_analysis(analysis.to_dict()))
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from store import experiments
+    from experiment import lifecycle
 
     try:
-        fresh = experiments.promote(_db(), args.experiment, force=args.force, via="cli")
-    except (experiments.ExperimentNotFound, experiments.NoPromoteDecision, experiments.ExperimentNotRunning) as error:
+        fresh = lifecycle.promote(_db(), args.experiment, force=args.force, via="cli")
+    except (lifecycle.ExperimentNotFound, lifecycle.NoPromoteDecision, lifecycle.ExperimentNotRunning) as error:
         raise SystemExit(f"not promoted: {error}") from None
     print(json.dumps({"promoted": args.experiment, "new_experiment": fresh.id,
+                      "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from experiment import lifecycle
+
+    try:
+        fresh = lifecycle.rollback(_db(), args.experiment, via="cli", reason=args.reason)
+    except (lifecycle.ExperimentNotFound, lifecycle.ExperimentNotRunning) as error:
+        raise SystemExit(f"not rolled back: {error}") from None
+    print(json.dumps({"rolled_back": args.experiment, "new_experiment": fresh.id,
                       "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
 
 
@@ -206,15 +205,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = add("promote", cmd_promote, "Promote the candidate of an experiment to control.")
     promote.add_argument("--experiment", required=True)
-    promote.add_argument("--force", action="store_true")
+    promote.add_argument("--force", action="store_true", help="promote without a recorded promote decision")
 
-    add("status", cmd_status, "Show the running experiment, index and counts.")
+    rollback = add("rollback", cmd_rollback, "End an experiment as rolled back: every user is served by control.")
+    rollback.add_argument("--experiment", required=True)
+    rollback.add_argument("--reason", help="recorded with the transition")
+
+    status = add("status", cmd_status, "The running experiment, its phase, rollout step and every transition.")
+    status.add_argument("--experiment", help="default: the running experiment")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    add("migrate", cmd_migrate, "Apply the schema migrations once (replicas do not race to migrate).")
     add("demo", cmd_demo, "Run the whole loop end to end on the embedded defaults.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:  # a real error: one line, non-zero, no traceback (-v shows it)
+        if args.verbose:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"abloop {args.command}: error: {message}") from None
+
+
+def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Migrations run on every start and httpx logs every upstream call: noise, and on the

@@ -1,7 +1,8 @@
-"""evaluate_arms: per-arm metrics, sample-ratio check, lift and chance to win -> a recorded decision.
+"""evaluate_arms: score a sample of answers, analyse the experiment, record the decision, act on its rollout.
 
-The decision is written on the experiment; `promote` (API or CLI) acts on it. Artifacts: a
-markdown summary and a per-arm table on the flow run.
+Meant to run hourly: the decision uses always-valid intervals, so looking often does not inflate
+false decisions. Where the experiment carries a rollout plan the same call advances it, rolls back
+or promotes (experiment.rollout). Artifacts: a markdown summary and a per-arm table.
 """
 
 from __future__ import annotations
@@ -9,40 +10,60 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.scoring import score_answers
+
 
 @task(retries=2, retry_delay_seconds=10)
 def analyse_experiment(database_url: str, experiment_id: str | None) -> dict:
-    from store.arms import evaluate
+    import experiment
     from store.db import Database
 
-    return evaluate(Database(database_url), experiment_id).to_dict()
+    return experiment.evaluate(Database(database_url), experiment_id).to_dict()
+
+
+@task
+def resolve_experiment(database_url: str, experiment_id: str | None) -> str | None:
+    from store.db import Database
+    from store.experiments import get_running
+
+    if experiment_id is not None:
+        return experiment_id
+    running = get_running(Database(database_url))
+    return None if running is None or not running.candidate_base_url else running.id
 
 
 @task
 def publish(analysis: dict) -> None:
+    from experiment.status import render_analysis
+
     rows = [{"arm": arm, **values} for arm, values in analysis["arms"].items()]
-    create_table_artifact(rows, key="arms", description="Per assigned arm")
+    create_table_artifact(rows, key="arms", description="Per assigned arm (users are the unit)")
     decision = analysis["decision"]
-    thumbs = analysis["thumbs_up"] or {}
     create_markdown_artifact(
         "\n".join([
             f"# Experiment {analysis['experiment_id']}",
             f"**Decision: {decision['action']}** - {decision['reason']}",
-            f"- sample ratio check p-value: {analysis['srm']['p_value']}",
-            f"- thumbs-up lift: {thumbs.get('lift')} (CI {thumbs.get('ci')}, p={thumbs.get('p_value')}, "
-            f"chance to win {thumbs.get('chance_to_win')})",
-            f"- guardrails breached: {analysis['guardrails']['breached'] or 'none'}",
+            "",
+            "```",
+            render_analysis(analysis),
+            "```",
         ]),
         key="decision",
     )
 
 
 @flow(name="evaluate_arms")
-def evaluate_arms(experiment_id: str | None = None) -> dict:
+def evaluate_arms(experiment_id: str | None = None, score_sample: int | None = None) -> dict:
     from store.config import Settings
 
     settings = Settings()
     log = get_run_logger()
+    target = resolve_experiment(settings.database_url, experiment_id)
+    per_arm = settings.answer_score_sample if score_sample is None else score_sample
+    if target is not None and per_arm > 0:
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        score_answers(settings.database_url, target, per_arm, settings.embedding_model,
+                      settings.judge_api_base, settings.judge_model, key)
     analysis = analyse_experiment(settings.database_url, experiment_id)
     publish(analysis)
     log.info(f"experiment {analysis['experiment_id']}: {analysis['decision']['action']}")

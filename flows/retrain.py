@@ -60,11 +60,11 @@ def load_on_candidate_server(server_base_url: str, name: str, adapter_dir: str) 
 @task(retries=2, retry_delay_seconds=5)
 def start_experiment(database_url: str, server_base_url: str, name: str, adapter_id: str | None,
                      share: float) -> str:
-    from store import experiments
+    from experiment import lifecycle
     from store.db import Database
 
-    experiment = experiments.start_candidate(Database(database_url), base_url=server_base_url, model=name,
-                                             adapter_id=adapter_id, share=share)
+    experiment = lifecycle.start_candidate(Database(database_url), base_url=server_base_url, model=name,
+                                           adapter_id=adapter_id, share=share, reason="retrained adapter")
     return experiment.id
 
 

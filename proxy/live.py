@@ -10,8 +10,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from experiment.assignment import Arm
 from proxy.retriever import Retriever
-from proxy.routing import Arm
 from proxy.upstream import Target
 from store import experiments, prompts
 from store.config import Settings

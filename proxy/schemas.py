@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 ArmName = Literal["control", "candidate"]
+# experiment.metrics.PRIMARY_METRICS (a test keeps the two equal).
+PrimaryMetric = Literal["satisfaction", "thumbs_up_per_request", "thumbs_up_rate", "mean_rating", "answer_score",
+                        "judge_score"]
 
 
 class SearchRequest(BaseModel):
@@ -77,6 +80,24 @@ class ArmView(BaseModel):
     adapter_id: str | None = None
 
 
+class RolloutConfig(BaseModel):
+    """Ramp steps for the candidate's share; `evaluate_arms` advances them (experiment.rollout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[float] = Field(min_length=1, max_length=20)
+    min_users_per_step: int = Field(100, ge=0)
+    min_hours_per_step: float = Field(1.0, ge=0)
+    auto_promote: bool = True
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_shares(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("shares must rise strictly, each in (0, 1]")
+        return steps
+
+
 class ExperimentView(BaseModel):
     id: str
     status: str
@@ -84,6 +105,10 @@ class ExperimentView(BaseModel):
     candidate_share: float
     salt: str
     started_at: datetime
+    primary_metric: str
+    rollout: dict[str, Any] | None = None
+    ended_at: datetime | None = None
+    decision: dict[str, Any] | None = None
 
 
 class ExperimentUpdate(BaseModel):
@@ -91,19 +116,32 @@ class ExperimentUpdate(BaseModel):
 
     candidate_share: float | None = Field(None, ge=0.0, le=1.0)
     candidate: ArmConfig | None = None
+    rollout: RolloutConfig | None = None
+    primary_metric: PrimaryMetric | None = None
 
     @model_validator(mode="after")
     def _needs_a_change(self) -> ExperimentUpdate:
-        if self.candidate_share is None and self.candidate is None:
-            raise ValueError("give candidate_share, candidate, or both")
+        if self.candidate_share is None and self.candidate is None and self.rollout is None:
+            raise ValueError("give candidate_share, candidate, rollout, or a combination")
+        if self.primary_metric is not None and self.candidate is None:
+            raise ValueError("primary_metric is set when a candidate starts a new experiment")
+        if self.rollout is not None and self.candidate_share is not None:
+            raise ValueError("give candidate_share or rollout, not both: the rollout sets the share")
         return self
 
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    experiment_id: str = Field(min_length=1)
+    experiment_id: str = Field(min_length=1, max_length=64)
     force: bool = False
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment_id: str = Field(min_length=1, max_length=64)
+    reason: str | None = Field(None, max_length=1000)
 
 
 class ProcessUrlRequest(BaseModel):

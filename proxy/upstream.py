@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
+from experiment.assignment import Arm
 from proxy.http1 import KeepAliveTransport
-from proxy.routing import Arm
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,12 @@ class Settings(BaseSettings):
     embed_threads: int = Field(1, ge=1)
     ingest_max_bytes: int = Field(5_000_000, ge=1)
     ingest_timeout_s: float = Field(10.0, gt=0)
+    # Automatic answer scoring (evaluate_arms): events sampled per arm, and an optional LLM judge.
+    answer_score_sample: int = Field(200, ge=0)
+    judge_api_base: str | None = None
+    judge_model: str | None = None
 
-    @field_validator("llm_api_base_new_model", "llm_model_new", mode="before")
+    @field_validator("llm_api_base_new_model", "llm_model_new", "judge_api_base", "judge_model", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -1,4 +1,7 @@
-"""The experiment lifecycle. The store holds the truth; proxies read it every few seconds."""
+"""Experiment rows and their transitions: the queries. The life cycle that changes them is `experiment.lifecycle`.
+
+The store holds the truth; proxies read the running experiment every few seconds.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,16 @@ import secrets
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from store.config import Settings
 from store.db import Database
-from store.models import Experiment, utcnow
+from store.models import Experiment, ExperimentEvent, utcnow
 
 RUNNING = "running"
 
 
 class ExperimentNotFound(LookupError):
-    pass
-
-
-class ExperimentNotRunning(RuntimeError):
-    pass
-
-
-class NoPromoteDecision(RuntimeError):
     pass
 
 
@@ -52,19 +48,18 @@ def ensure_running(db: Database, settings: Settings) -> Experiment:
     if existing is not None:
         return existing
     with db.session() as session:
-        session.add(
-            Experiment(
-                control_base_url=settings.llm_api_base,
-                control_model=settings.llm_model,
-                candidate_base_url=settings.llm_api_base_new_model,
-                candidate_model=(settings.llm_model_new or settings.llm_model)
-                if settings.llm_api_base_new_model
-                else None,
-                candidate_share=settings.candidate_share,
-                salt=new_salt(),
-                status=RUNNING,
-            )
+        seeded = Experiment(
+            control_base_url=settings.llm_api_base,
+            control_model=settings.llm_model,
+            candidate_base_url=settings.llm_api_base_new_model,
+            candidate_model=(settings.llm_model_new or settings.llm_model) if settings.llm_api_base_new_model else None,
+            candidate_share=settings.candidate_share,
+            salt=new_salt(),
+            status=RUNNING,
         )
+        session.add(seeded)
+        session.flush()
+        add_event(session, seeded, "start", to_share=seeded.candidate_share, reason="seeded from the environment")
     winner = get_running(db)
     _stop_others(db, keep=winner)
     return winner
@@ -82,103 +77,36 @@ def _stop_others(db: Database, keep: Experiment) -> None:
             other.status = "stopped"
             other.ended_at = utcnow()
             other.decision = {"reason": "duplicate experiment created by a concurrent replica start"}
+            add_event(session, other, "stopped", reason=other.decision["reason"])
 
 
-def _running_by_id(session, experiment_id: str) -> Experiment:
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
-    if experiment.status != RUNNING:
-        raise ExperimentNotRunning(f"experiment {experiment_id} is {experiment.status}")
-    return experiment
-
-
-def set_share(db: Database, experiment_id: str, share: float) -> Experiment:
-    """Change the split in place: same salt, so users only move in the direction of the change."""
-    with db.session() as session:
-        experiment = _running_by_id(session, experiment_id)
-        experiment.candidate_share = share
-        return experiment
-
-
-def start_candidate(
-    db: Database,
+def add_event(
+    session: Session,
+    experiment: Experiment,
+    kind: str,
     *,
-    base_url: str,
-    model: str,
-    adapter_id: str | None = None,
-    share: float | None = None,
-) -> Experiment:
-    """A new candidate is a new experiment (new id, new salt); the control arm carries over."""
-    current = get_running(db)
-    if current is None:
-        raise ExperimentNotFound("no running experiment")
+    from_share: float | None = None,
+    to_share: float | None = None,
+    reason: str = "",
+    analysis: dict[str, Any] | None = None,
+) -> ExperimentEvent:
+    """Record a transition in the caller's transaction, so the change and its reason commit together."""
+    event = ExperimentEvent(experiment_id=experiment.id, ts=utcnow(), kind=kind, from_share=from_share,
+                            to_share=to_share, reason=reason, analysis=analysis)
+    session.add(event)
+    return event
+
+
+def list_events(db: Database, experiment_id: str) -> list[ExperimentEvent]:
+    """Every transition of an experiment, oldest first."""
     with db.session() as session:
-        old = _running_by_id(session, current.id)
-        old.status = "stopped"
-        old.ended_at = utcnow()
-        old.decision = {"reason": "replaced by a new candidate"}
-        fresh = Experiment(
-            control_base_url=old.control_base_url,
-            control_model=old.control_model,
-            control_adapter_id=old.control_adapter_id,
-            candidate_base_url=base_url,
-            candidate_model=model,
-            candidate_adapter_id=adapter_id,
-            candidate_share=old.candidate_share if share is None else share,
-            salt=new_salt(),
-            status=RUNNING,
-        )
-        session.add(fresh)
-    return fresh
+        return list(session.scalars(
+            select(ExperimentEvent).where(ExperimentEvent.experiment_id == experiment_id)
+            .order_by(ExperimentEvent.ts, ExperimentEvent.id)
+        ))
 
 
-def conclude(
-    db: Database, experiment_id: str, *, outcome: str, decision: dict[str, Any] | None = None
-) -> Experiment:
-    """End a running experiment as `promoted` or `rolled_back` and start its successor.
-
-    Promoted: the candidate becomes control. Rolled back: control stays. Either way the
-    successor has no candidate and a share of 0.
-    """
-    if outcome not in ("promoted", "rolled_back"):
-        raise ValueError(f"unknown outcome {outcome!r}")
+def list_experiments(db: Database, limit: int = 20) -> list[Experiment]:
+    """The newest experiments first."""
     with db.session() as session:
-        old = _running_by_id(session, experiment_id)
-        if outcome == "promoted" and not old.candidate_base_url:
-            raise ExperimentNotRunning(f"experiment {experiment_id} has no candidate to promote")
-        old.status = outcome
-        old.ended_at = utcnow()
-        old.decision = decision or {}
-        if outcome == "promoted":
-            control = (old.candidate_base_url, old.candidate_model, old.candidate_adapter_id)
-        else:
-            control = (old.control_base_url, old.control_model, old.control_adapter_id)
-        fresh = Experiment(
-            control_base_url=control[0],
-            control_model=control[1],
-            control_adapter_id=control[2],
-            candidate_share=0.0,
-            salt=new_salt(),
-            status=RUNNING,
-        )
-        session.add(fresh)
-    return fresh
-
-
-def promote(db: Database, experiment_id: str, *, force: bool = False, via: str) -> Experiment:
-    """Candidate becomes control, share back to 0; returns the successor experiment.
-
-    Without `force` the experiment must carry a recorded "promote" decision (written by
-    `abloop evaluate` or the evaluate_arms flow): a promotion is backed by numbers or by an
-    operator who said so.
-    """
-    experiment = get(db, experiment_id)
-    recorded = (experiment.decision or {}).get("action")
-    if not force and recorded != "promote":
-        raise NoPromoteDecision(
-            f"experiment {experiment_id} has no recorded promote decision (recorded: {recorded!r}); "
-            "run `abloop evaluate` first or force it"
-        )
-    decision = dict(experiment.decision or {}, forced=force, via=via)
-    return conclude(db, experiment_id, outcome="promoted", decision=decision)
+        return list(session.scalars(select(Experiment).order_by(Experiment.started_at.desc()).limit(limit)))

@@ -85,6 +85,41 @@ class Experiment(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column()
     decision: Mapped[dict[str, Any] | None] = mapped_column()
+    # What the experiment is judged on, and how it rolls out (experiment.decision / experiment.rollout).
+    primary_metric: Mapped[str | None] = mapped_column(String(64))
+    rollout: Mapped[dict[str, Any] | None] = mapped_column()
+
+
+class ExperimentEvent(Base):
+    """One transition in an experiment's life, with its reason: start, share change, rollout step, end.
+
+    A share change or rollout step starts a new *phase*; the sample-ratio check runs per phase.
+    """
+
+    __tablename__ = "experiment_events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id"), index=True)
+    ts: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    from_share: Mapped[float | None] = mapped_column(Float)
+    to_share: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    analysis: Mapped[dict[str, Any] | None] = mapped_column()
+
+
+class AnswerScore(Base):
+    """An automatic score of one logged answer: groundedness by embeddings, or an LLM judge."""
+
+    __tablename__ = "answer_scores"
+    __table_args__ = (UniqueConstraint("event_id", "method"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    event_id: Mapped[str] = mapped_column(ForeignKey("search_events.id"), index=True)
+    method: Mapped[str] = mapped_column(String(32))  # "grounding" | "judge"
+    score: Mapped[float] = mapped_column(Float)  # 0..1, higher is better
+    detail: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PromptTemplate(Base):

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from proxy.routing import assign_arm
+from experiment.assignment import assign_arm
 from retrieval.build import build_index
 from retrieval.corpus import Document
 from retrieval.embedder import Embedder

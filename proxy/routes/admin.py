@@ -7,6 +7,8 @@ import logging
 
 from fastapi import APIRouter, HTTPException, status
 
+from experiment import lifecycle
+from experiment.metrics import DEFAULT_PRIMARY
 from proxy.deps import AdminDep, StateDep
 from proxy.schemas import (
     ArmView,
@@ -16,9 +18,9 @@ from proxy.schemas import (
     ProcessUrlRequest,
     ProcessUrlResponse,
     PromoteRequest,
+    RollbackRequest,
 )
 from retrieval.fetch import FetchError, UnsafeURLError, fetch_url
-from store import experiments
 from store.models import Experiment
 
 log = logging.getLogger("abloop.proxy")
@@ -48,6 +50,10 @@ def _view(experiment: Experiment) -> ExperimentView:
         candidate_share=experiment.candidate_share,
         salt=experiment.salt,
         started_at=experiment.started_at,
+        primary_metric=experiment.primary_metric or DEFAULT_PRIMARY,
+        rollout=experiment.rollout,
+        ended_at=experiment.ended_at,
+        decision=experiment.decision,
     )
 
 
@@ -58,31 +64,52 @@ async def get_experiment(state: StateDep) -> ExperimentView:
 
 @router.put("/admin/experiment", response_model=ExperimentView)
 async def update_experiment(body: ExperimentUpdate, state: StateDep) -> ExperimentView:
+    """A share change starts a new phase; a new candidate starts a new experiment; a rollout ramps by steps."""
     current = (await state.live.refresh()).experiment
-    if body.candidate is not None:
-        await asyncio.to_thread(
-            experiments.start_candidate,
-            state.db,
-            base_url=str(body.candidate.base_url).rstrip("/"),
-            model=body.candidate.model,
-            adapter_id=body.candidate.adapter_id,
-            share=body.candidate_share,
-        )
-    else:
-        await asyncio.to_thread(experiments.set_share, state.db, current.id, body.candidate_share)
+    try:
+        if body.candidate is not None:
+            current = await asyncio.to_thread(
+                lifecycle.start_candidate,
+                state.db,
+                base_url=str(body.candidate.base_url).rstrip("/"),
+                model=body.candidate.model,
+                adapter_id=body.candidate.adapter_id,
+                share=0.0 if body.rollout is not None else body.candidate_share,
+                primary_metric=body.primary_metric,
+                reason="new candidate via admin-api",
+            )
+        elif body.candidate_share is not None:
+            await asyncio.to_thread(lifecycle.set_share, state.db, current.id, body.candidate_share,
+                                    reason="share set via admin-api")
+        if body.rollout is not None:
+            await asyncio.to_thread(lifecycle.set_rollout, state.db, current.id, body.rollout.model_dump(),
+                                    reason="rollout started via admin-api")
+    except lifecycle.ExperimentNotRunning as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    return _view((await state.live.refresh()).experiment)
+
+
+async def _conclude(state: StateDep, experiment_id: str, operation, **kwargs) -> ExperimentView:
+    """Run promote or rollback; 404 for an unknown experiment, 409 when it cannot end that way now."""
+    try:
+        await asyncio.to_thread(operation, state.db, experiment_id, via="admin-api", **kwargs)
+    except lifecycle.ExperimentNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown experiment_id {experiment_id!r}") from None
+    except (lifecycle.NoPromoteDecision, lifecycle.ExperimentNotRunning) as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     return _view((await state.live.refresh()).experiment)
 
 
 @router.post("/admin/promote", response_model=ExperimentView)
 async def promote(body: PromoteRequest, state: StateDep) -> ExperimentView:
-    """Candidate becomes control and the share returns to 0 (see `store.experiments.promote`)."""
-    try:
-        await asyncio.to_thread(experiments.promote, state.db, body.experiment_id, force=body.force, via="admin-api")
-    except experiments.ExperimentNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown experiment_id {body.experiment_id!r}") from None
-    except (experiments.NoPromoteDecision, experiments.ExperimentNotRunning) as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    return _view((await state.live.refresh()).experiment)
+    """Candidate becomes control and the share returns to 0 (see `experiment.lifecycle.promote`)."""
+    return await _conclude(state, body.experiment_id, lifecycle.promote, force=body.force)
+
+
+@router.post("/admin/rollback", response_model=ExperimentView)
+async def rollback(body: RollbackRequest, state: StateDep) -> ExperimentView:
+    """The experiment ends rolled_back and every user is served by control (`experiment.lifecycle.rollback`)."""
+    return await _conclude(state, body.experiment_id, lifecycle.rollback, reason=body.reason)
 
 
 @router.post("/process_url", response_model=ProcessUrlResponse)

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, status
 from sqlalchemy.exc import SQLAlchemyError
 
+from experiment.assignment import assign_arm
 from proxy.deps import AppState, StateDep
-from proxy.routing import assign_arm
 from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest, SearchResponse, Timings
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store.events import event_exists

@@ -1,4 +1,4 @@
-"""The experiment lifecycle in the store."""
+"""The experiment life cycle (experiment.lifecycle) over the store, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
+from experiment import lifecycle
 from store import experiments
 from store.config import Settings
 from store.db import Database
@@ -50,7 +51,7 @@ def test_ensure_running_without_candidate(db: Database) -> None:
 
 def test_set_share_keeps_salt_and_id(db: Database) -> None:
     seeded = experiments.ensure_running(db, _settings())
-    changed = experiments.set_share(db, seeded.id, 0.6)
+    changed = lifecycle.set_share(db, seeded.id, 0.6)
     assert (changed.id, changed.salt, changed.candidate_share) == (seeded.id, seeded.salt, 0.6)
     stored = experiments.get(db, seeded.id)
     assert (stored.salt, stored.candidate_share, stored.status) == (seeded.salt, 0.6, "running")
@@ -58,7 +59,7 @@ def test_set_share_keeps_salt_and_id(db: Database) -> None:
 
 def test_start_candidate_starts_a_new_experiment(db: Database) -> None:
     old = experiments.ensure_running(db, _settings())
-    fresh = experiments.start_candidate(db, base_url="http://new.test/v1", model="lora-v2", adapter_id="ad-1")
+    fresh = lifecycle.start_candidate(db, base_url="http://new.test/v1", model="lora-v2", adapter_id="ad-1")
     assert fresh.id != old.id and fresh.salt != old.salt
     assert (fresh.control_base_url, fresh.control_model) == (old.control_base_url, old.control_model)
     assert (fresh.candidate_base_url, fresh.candidate_model, fresh.candidate_adapter_id) == (
@@ -75,27 +76,27 @@ def test_start_candidate_starts_a_new_experiment(db: Database) -> None:
 
 def test_conclude_promoted_makes_the_candidate_control(db: Database) -> None:
     old = experiments.ensure_running(db, _settings())
-    fresh = experiments.conclude(db, old.id, outcome="promoted", decision={"decision": "promote"})
+    fresh = lifecycle.conclude(db, old.id, outcome="promoted", decision={"decision": "promote"})
     assert (fresh.control_base_url, fresh.control_model) == ("http://candidate.test/v1", "candidate-model")
     assert fresh.candidate_base_url is None and fresh.candidate_share == 0.0
     assert fresh.salt != old.salt
     ended = experiments.get(db, old.id)
     assert ended.status == "promoted" and ended.decision == {"decision": "promote"}
     assert experiments.get_running(db).id == fresh.id
-    with pytest.raises(experiments.ExperimentNotRunning):
-        experiments.conclude(db, old.id, outcome="promoted")
-    with pytest.raises(experiments.ExperimentNotRunning):  # the successor has no candidate
-        experiments.conclude(db, fresh.id, outcome="promoted")
+    with pytest.raises(lifecycle.ExperimentNotRunning):
+        lifecycle.conclude(db, old.id, outcome="promoted")
+    with pytest.raises(lifecycle.ExperimentNotRunning):  # the successor has no candidate
+        lifecycle.conclude(db, fresh.id, outcome="promoted")
 
 
 def test_conclude_rolled_back_keeps_control(db: Database) -> None:
     old = experiments.ensure_running(db, _settings())
-    fresh = experiments.conclude(db, old.id, outcome="rolled_back")
+    fresh = lifecycle.conclude(db, old.id, outcome="rolled_back")
     assert (fresh.control_base_url, fresh.control_model) == (old.control_base_url, old.control_model)
     assert fresh.candidate_share == 0.0 and fresh.candidate_base_url is None
     assert experiments.get(db, old.id).status == "rolled_back"
     with pytest.raises(ValueError):
-        experiments.conclude(db, fresh.id, outcome="maybe")
+        lifecycle.conclude(db, fresh.id, outcome="maybe")
     with pytest.raises(experiments.ExperimentNotFound):
         experiments.get(db, "no-such-id")
 
@@ -133,3 +134,51 @@ def test_concurrent_ensure_running_leaves_exactly_one(db: Database) -> None:
         with db.session() as session:
             for experiment in session.scalars(select(Experiment)):
                 experiment.status = "stopped"
+
+
+def _kinds(db: Database, experiment_id: str) -> list[str]:
+    return [event.kind for event in experiments.list_events(db, experiment_id)]
+
+
+def test_every_transition_is_recorded_with_its_reason(db: Database) -> None:
+    seeded = experiments.ensure_running(db, _settings())
+    lifecycle.set_share(db, seeded.id, 0.5, reason="ramp to half")
+    lifecycle.set_share(db, seeded.id, 0.5)  # no change, no transition
+    fresh = lifecycle.promote(db, seeded.id, force=True, via="test")
+    events = experiments.list_events(db, seeded.id)
+    assert [e.kind for e in events] == ["start", "share", "promoted"]
+    assert (events[1].from_share, events[1].to_share, events[1].reason) == (0.25, 0.5, "ramp to half")
+    assert events[2].reason == "forced by an operator" and events[2].to_share == 0.0
+    assert _kinds(db, fresh.id) == ["start"]
+    assert experiments.get(db, seeded.id).decision["forced"] is True
+
+
+def test_rollback_serves_control_and_refuses_an_ended_experiment(db: Database) -> None:
+    seeded = experiments.ensure_running(db, _settings())
+    fresh = lifecycle.rollback(db, seeded.id, via="test", reason="answers got worse", analysis={"decision": "x"})
+    assert (fresh.control_base_url, fresh.candidate_base_url, fresh.candidate_share) == (
+        "http://control.test/v1", None, 0.0)
+    ended = experiments.get(db, seeded.id)
+    assert ended.status == "rolled_back" and ended.decision["reason"] == "answers got worse"
+    [_start, rolled] = experiments.list_events(db, seeded.id)
+    assert rolled.kind == "rolled_back" and rolled.analysis == {"decision": "x"}
+    with pytest.raises(lifecycle.ExperimentNotRunning, match="rolled_back"):
+        lifecycle.rollback(db, seeded.id, via="test")
+    with pytest.raises(experiments.ExperimentNotFound):
+        lifecycle.rollback(db, "no-such-id", via="test")
+
+
+def test_a_rollout_plan_moves_to_its_first_step(db: Database) -> None:
+    seeded = experiments.ensure_running(db, _settings())
+    started = lifecycle.set_rollout(db, seeded.id, {"steps": [0.05, 0.25, 0.5], "min_users_per_step": 10})
+    assert started.candidate_share == 0.05
+    assert started.rollout == {"steps": [0.05, 0.25, 0.5], "min_users_per_step": 10, "min_hours_per_step": 1.0,
+                               "auto_promote": True, "step": 0}
+    assert _kinds(db, seeded.id) == ["start", "rollout_step"]
+    for bad in ({"steps": []}, {"steps": [0.5, 0.25]}, {"steps": [0.0, 0.5]}, {"steps": [1.5]},
+                {"steps": [0.1], "min_users_per_step": -1}):
+        with pytest.raises(ValueError):
+            lifecycle.set_rollout(db, seeded.id, bad)
+    without = lifecycle.conclude(db, seeded.id, outcome="stopped")
+    with pytest.raises(lifecycle.ExperimentNotRunning, match="no candidate"):
+        lifecycle.set_rollout(db, without.id, {"steps": [0.1]})

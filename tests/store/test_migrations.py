@@ -1,4 +1,4 @@
-"""The Alembic initial migration creates exactly the schema store/models.py declares."""
+"""The Alembic migrations create exactly the schema store/models.py declares."""
 
 from __future__ import annotations
 
@@ -14,21 +14,22 @@ from sqlalchemy import inspect
 from store.db import MIGRATIONS_DIR, Database
 from store.models import Base
 
-TABLES = {"search_events", "feedback", "experiments", "prompt_templates", "adapters"}
+TABLES = {"search_events", "feedback", "experiments", "prompt_templates", "adapters", "experiment_events",
+          "answer_scores"}
 
 
 def _tables(db: Database) -> set[str]:
     return set(inspect(db.engine).get_table_names()) - {"alembic_version"}
 
 
-def test_migrate_creates_the_five_tables_and_is_idempotent(empty_db: Database) -> None:
+def test_migrate_creates_every_table_and_is_idempotent(empty_db: Database) -> None:
     assert _tables(empty_db) == set()
     empty_db.migrate()
     assert _tables(empty_db) == TABLES
     empty_db.migrate()  # a second run is a no-op
     assert _tables(empty_db) == TABLES
     with empty_db.engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0001"
+        assert MigrationContext.configure(connection).get_current_revision() == "0002"
 
 
 def test_migrated_schema_matches_the_models(db: Database) -> None:
@@ -64,7 +65,8 @@ def test_downgrade_drops_everything(db: Database) -> None:
 def test_importing_store_pulls_in_no_heavy_packages() -> None:
     code = (
         "import sys, store, store.config, store.models, store.db, store.experiments, store.prompts, "
-        "store.events, store.writer\n"
+        "store.events, store.writer, store.scores, experiment, experiment.lifecycle, experiment.assignment, "
+        "experiment.metrics, experiment.status\n"
         "heavy = [m for m in ('torch', 'faiss', 'fastapi', 'transformers', 'sentence_transformers', "
         "'retrieval', 'proxy', 'training', 'flows', 'serving') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

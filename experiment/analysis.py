@@ -1,0 +1,292 @@
+"""One experiment's analysis: per-arm metrics with intervals, per-phase sample-ratio checks,
+guardrails, the primary metric's always-valid comparison, and the decision.
+
+`analyse(db, id)` reads the store; `analyse_collected(collected, policy)` is the pure part that the
+calibration benchmark (bench/stats_calibration.py) runs on simulated users.
+`Analysis.to_dict()` is what `abloop evaluate --json` prints; its keys only grow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from experiment import stats
+from experiment.decision import (
+    NOT_ENOUGH_DATA,
+    SRM_P,
+    Decision,
+    Policy,
+    decide,
+    guardrail_breached,
+)
+from experiment.metrics import (
+    ARMS,
+    DEFAULT_PRIMARY,
+    METRICS,
+    ArmUsers,
+    Collected,
+    collect,
+)
+from store.db import Database
+from store.experiments import get_running
+from store.models import utcnow
+
+FIXED_LABEL = "fixed-horizon, per request, for reference only: not valid under repeated looks and not used to decide"
+SEQUENTIAL_METHOD = ("asymptotic confidence sequence (Waudby-Smith et al. 2023, eq. 9; as GrowthBook's sequential "
+                     "engine), user-level delta-method variances")
+
+
+@dataclass
+class Analysis:
+    experiment_id: str | None
+    status: str | None
+    candidate_share: float | None
+    primary_metric: str
+    arms: dict[str, dict[str, Any]]
+    srm: dict[str, Any]
+    thumbs_up: dict[str, Any] | None
+    rating: dict[str, Any] | None
+    guardrails: dict[str, Any]
+    decision: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    primary: dict[str, Any] | None = None
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    assignment: dict[str, Any] = field(default_factory=dict)
+    sequential: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+    evaluated_at: str = field(default_factory=lambda: utcnow().isoformat())
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_ready(dict(self.__dict__))
+
+    @property
+    def action(self) -> str:
+        return self.decision["action"]
+
+
+def _json_ready(value: Any) -> Any:
+    """nan and inf are not JSON: they become null."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _json_ready(value.item())
+    return value
+
+
+def empty(reason: str, policy: Policy | None = None) -> Analysis:
+    """The analysis of nothing: what `abloop evaluate --json` prints when there is no experiment to analyse."""
+    policy = policy or Policy()
+    return Analysis(
+        experiment_id=None, status=None, candidate_share=None, primary_metric=DEFAULT_PRIMARY,
+        arms={arm: _arm_summary(None) for arm in ARMS},
+        srm={"p_value": None, "mismatch": False, "observed": [0, 0], "expected": None, "phases": []},
+        thumbs_up=None, rating=None, guardrails={"breached": [], "checked": False, "results": {}},
+        decision=Decision(NOT_ENOUGH_DATA, reason).to_dict(), policy=policy.to_dict(),
+    )
+
+
+def analyse(db: Database, experiment_id: str | None = None, policy: Policy | None = None) -> Analysis:
+    """Analyse an experiment (default: the running one); never writes."""
+    policy = policy or Policy()
+    if experiment_id is None:
+        running = get_running(db)
+        if running is None:
+            return empty("no running experiment", policy)
+        experiment_id = running.id
+    collected = collect(db, experiment_id, cuped_lookback_days=policy.cuped_lookback_days if policy.cuped else 0)
+    return analyse_collected(collected, policy)
+
+
+def analyse_collected(collected: Collected, policy: Policy | None = None) -> Analysis:
+    policy = policy or Policy()
+    experiment = collected.experiment
+    control, candidate = collected.arms["control"], collected.arms["candidate"]
+    primary_name = experiment.primary_metric or DEFAULT_PRIMARY
+
+    metrics = {name: _compare(name, control, candidate, policy) for name in METRICS}
+    metrics["latency_p95_ms"] = _compare_quantile(control, candidate, 0.95, policy)
+    primary = metrics.get(primary_name)
+    if primary is not None:
+        primary = dict(primary, metric=primary_name, label=METRICS[primary_name].label)
+
+    phases, mismatches = _phases(collected)
+    users = (control.users, candidate.users)
+    guardrails = _guardrails(metrics, users, policy)
+    denominator = METRICS[primary_name].denominator
+    decision = decide(
+        has_candidate=bool(experiment.candidate_base_url),
+        srm_mismatch=mismatches,
+        users=users,
+        signals=(control.total(denominator), candidate.total(denominator)),
+        breached=guardrails["breached"],
+        primary=primary,
+        primary_name=primary_name,
+        policy=policy,
+    )
+    observed = [sum(p["users"][0] for p in phases), sum(p["users"][1] for p in phases)]
+    expected = [sum(p["expected"][0] for p in phases if p["expected"]), sum(p["expected"][1] for p in phases
+                                                                            if p["expected"])]
+    p_values = [p["p_value"] for p in phases if p["p_value"] is not None]
+    return Analysis(
+        experiment_id=experiment.id,
+        status=experiment.status,
+        candidate_share=experiment.candidate_share,
+        primary_metric=primary_name,
+        arms={"control": _arm_summary(control), "candidate": _arm_summary(candidate)},
+        srm={"p_value": min(p_values) if p_values else None, "mismatch": bool(mismatches), "observed": observed,
+             "expected": expected, "threshold": SRM_P, "phases": phases,
+             "note": "per phase, each against that phase's share; users active in a phase by the arm that served them"},
+        thumbs_up=_label(stats.two_proportions(control.total("thumbs_up"), control.total("thumbs"),
+                                               candidate.total("thumbs_up"), candidate.total("thumbs"), policy.alpha)),
+        rating=_label(_ratings_welch(collected, policy.alpha)),
+        guardrails=guardrails,
+        decision=decision.to_dict(),
+        metrics=metrics,
+        primary=primary,
+        phases=phases,
+        assignment={"rule": "first assignment", "users_in_both_arms": collected.crossovers,
+                    "requests_excluded": collected.excluded_requests,
+                    "anonymous_requests": collected.anonymous_requests},
+        sequential={"method": SEQUENTIAL_METHOD, "alpha": policy.alpha, "tuning_users": policy.sequential_tuning},
+        policy=policy.to_dict(),
+    )
+
+
+def _label(block: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if block is None else dict(block, label=FIXED_LABEL)
+
+
+def _ratings_welch(collected: Collected, alpha: float) -> dict[str, Any] | None:
+    """Welch's test on per-user mean ratings (users who rated), the fixed-horizon reference block."""
+    means = []
+    for arm in ARMS:
+        columns = collected.arms[arm].columns
+        rated = columns["ratings"] > 0
+        means.append((columns["rating_sum"][rated] / columns["ratings"][rated]).tolist())
+    return stats.welch(means[0], means[1], alpha)
+
+
+def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) -> dict[str, Any] | None:
+    metric = METRICS[name]
+    use_pre = policy.cuped and name in control.pre and name in candidate.pre
+    comparison = stats.compare_ratio(
+        control.columns[metric.numerator], control.columns[metric.denominator],
+        candidate.columns[metric.numerator], candidate.columns[metric.denominator],
+        alpha=policy.alpha, tuning=policy.sequential_tuning,
+        control_pre=control.pre.get(name) if use_pre else None,
+        candidate_pre=candidate.pre.get(name) if use_pre else None,
+    )
+    if comparison is None:
+        return None
+    return {
+        "higher_is_better": metric.higher_is_better,
+        "control": comparison.control,
+        "candidate": comparison.candidate,
+        "difference": comparison.difference,
+        "relative": comparison.relative,
+        "ci": list(comparison.sequential_ci),
+        "p_value": comparison.sequential_p_value,
+        "chance_to_win": comparison.chance_to_win if metric.higher_is_better else 1 - comparison.chance_to_win,
+        "std_error": comparison.std_error,
+        "fixed_horizon": {"ci": list(comparison.fixed_ci), "p_value": comparison.fixed_p_value},
+        "cuped": comparison.cuped,
+        "users": list(comparison.users),
+    }
+
+
+def _compare_quantile(control: ArmUsers, candidate: ArmUsers, q: float, policy: Policy) -> dict[str, Any] | None:
+    a = stats.quantile_estimate(control.latencies_ms, q, policy.alpha)
+    b = stats.quantile_estimate(candidate.latencies_ms, q, policy.alpha)
+    if a is None or b is None:
+        return None
+    difference = b.value - a.value
+    variance = a.variance + b.variance
+    ci, p_value = stats.sequential_interval(difference, variance, len(control.latencies_ms)
+                                            + len(candidate.latencies_ms), policy.alpha, policy.sequential_tuning)
+    return {"higher_is_better": False, "control": a.value, "candidate": b.value, "difference": difference,
+            "relative": difference / a.value if a.value else None, "ci": list(ci), "p_value": p_value,
+            "std_error": variance ** 0.5, "unit": "requests"}
+
+
+def _guardrails(metrics: dict[str, Any], users: tuple[int, int], policy: Policy) -> dict[str, Any]:
+    checked = min(users) >= policy.min_users_per_arm
+    results: dict[str, Any] = {}
+    breached: list[str] = []
+    for guardrail in policy.guardrails:
+        comparison = metrics.get(guardrail.metric)
+        if comparison is None:
+            results[guardrail.metric] = {"status": "no data"}
+            continue
+        hit, margin = guardrail_breached(guardrail, control=comparison["control"], ci=tuple(comparison["ci"]),
+                                         higher_is_better=comparison["higher_is_better"])
+        hit = hit and checked
+        results[guardrail.metric] = {"status": "breached" if hit else ("ok" if checked else "waiting for sample"),
+                                     "margin": margin, "relative_margin": guardrail.relative,
+                                     "difference": comparison["difference"], "ci": comparison["ci"]}
+        if hit:
+            breached.append(f"{guardrail.metric} {comparison['control']:.4g} -> {comparison['candidate']:.4g} "
+                            f"(worse by more than {margin:.4g} at level {policy.alpha})")
+    return {"breached": breached, "checked": checked, "results": results,
+            "note": "one-sided against a margin on the always-valid interval; only after the minimum sample"}
+
+
+def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, mismatches = [], []
+    for count in collected.phases:
+        phase = count.phase
+        total = sum(count.users)
+        p_value = stats.sample_ratio(list(count.users), [1 - phase.share, phase.share])
+        mismatch = p_value is not None and p_value < SRM_P
+        if mismatch:
+            mismatches.append(f"phase {phase.index + 1} (share {phase.share:.0%}, p={p_value:.2g})")
+        rows.append({
+            "index": phase.index, "share": phase.share, "start": phase.start.isoformat(),
+            "end": phase.end.isoformat() if phase.end else None, "reason": phase.reason,
+            "users": list(count.users),
+            "expected": [total * (1 - phase.share), total * phase.share] if total else None,
+            "p_value": p_value, "mismatch": mismatch,
+        })
+    return rows, mismatches
+
+
+def _arm_summary(arm: ArmUsers | None) -> dict[str, Any]:
+    """Point figures per arm; the keys of the first version stay (`abloop evaluate --json` only grows)."""
+    import numpy as np
+
+    if arm is None:
+        return {"users": 0, "requests": 0, "thumbs": 0, "ratings": 0}
+
+    def ratio(num: str, den: str) -> float | None:
+        total = arm.total(den)
+        return arm.total(num) / total if total else None
+
+    latencies = arm.latencies_ms
+    return {
+        "users": arm.users,
+        "requests": int(arm.total("requests")),
+        "thumbs": int(arm.total("thumbs")),
+        "thumbs_up": int(arm.total("thumbs_up")),
+        "thumbs_up_rate": ratio("thumbs_up", "thumbs"),
+        "thumbs_up_per_request": ratio("thumbs_up", "requests"),
+        "feedback_rate": ratio("feedback_events", "requests"),
+        "satisfaction": ratio("satisfaction_sum", "satisfaction_n"),
+        "ratings": int(arm.total("ratings")),
+        "mean_rating": ratio("rating_sum", "ratings"),
+        "correction_rate": ratio("corrections", "requests"),
+        "error_rate": ratio("errors", "requests"),
+        "fallback_rate": ratio("fallbacks", "requests"),
+        "answer_score": ratio("grounding_sum", "grounding_n"),
+        "answers_scored": int(arm.total("grounding_n")),
+        "judge_score": ratio("judge_sum", "judge_n"),
+        "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
+        "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies.size else None,
+        "tokens_in": int(arm.total("tokens_in")),
+        "tokens_out": int(arm.total("tokens_out")),
+    }

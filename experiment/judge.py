@@ -1,0 +1,100 @@
+"""An LLM judge over any OpenAI-compatible endpoint: one 1-5 grade per answer, mapped to [0, 1].
+
+Optional beside the embedding grounding score: it costs a request per answer but also sees whether
+the question was answered. The API key goes only into the Authorization header; it is never part
+of an error message or a repr.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+_SYSTEM = "You grade answers from a search assistant. Reply with a single integer from 1 to 5 and nothing else."
+_RUBRIC = (
+    "Grade how well the answer is supported by the passages and answers the question.\n"
+    "5 = fully supported by the passages and answers the question\n"
+    "4 = answers the question; minor details not in the passages\n"
+    "3 = partly supported, or only partly answers the question\n"
+    "2 = mostly unsupported by the passages, or mostly off the question\n"
+    "1 = contradicts or ignores the passages, or does not answer the question"
+)
+# Bounds the judge's prompt: the grade needs the gist, and logged texts can be long.
+_MAX_PASSAGE_CHARS = 2000
+_MAX_TEXT_CHARS = 4000
+_MAX_TOKENS = 8
+_RAW_CHARS = 200
+_INTEGER = re.compile(r"\d+")
+
+
+class JudgeError(RuntimeError):
+    """The judge could not grade an answer: transport failure, HTTP error, or an unreadable reply."""
+
+
+class LLMJudge:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"LLMJudge(url={self.url!r}, model={self.model!r})"
+
+    def __enter__(self) -> LLMJudge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def score(self, question: str, answer: str, passages: Sequence[str]) -> tuple[float, dict[str, Any]]:
+        """(grade - 1) / 4 and {"raw", "model", "grade"}; raises JudgeError when no grade comes back."""
+        reply = self._complete(_prompt(question, answer, passages))
+        grade = _first_grade(reply)
+        if grade is None:
+            raise JudgeError(f"judge {self.model!r} gave no grade 1-5: {reply[:_RAW_CHARS]!r}")
+        return (grade - 1) / 4, {"raw": reply[:_RAW_CHARS], "model": self.model, "grade": grade}
+
+    def _complete(self, prompt: str) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": _MAX_TOKENS,
+        }
+        try:
+            response = self._client.post(self.url, json=body)
+        except httpx.HTTPError as exc:
+            raise JudgeError(f"judge request to {self.url} failed: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise JudgeError(f"judge at {self.url} answered HTTP {response.status_code}: "
+                             f"{response.text[:_RAW_CHARS]!r}")
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, LookupError, TypeError):
+            raise JudgeError(f"judge at {self.url} sent no chat completion: {response.text[:_RAW_CHARS]!r}") from None
+        if not isinstance(content, str):
+            raise JudgeError(f"judge at {self.url} sent no text content: {content!r}"[:300])
+        return content
+
+
+def _prompt(question: str, answer: str, passages: Sequence[str]) -> str:
+    context = "\n\n".join(f"[{n}] {p[:_MAX_PASSAGE_CHARS]}" for n, p in enumerate(passages, start=1))
+    return (f"{_RUBRIC}\n\nPassages:\n{context or '(none)'}\n\nQuestion: {question[:_MAX_TEXT_CHARS]}\n\n"
+            f"Answer: {answer[:_MAX_TEXT_CHARS]}\n\nGrade (1-5):")
+
+
+def _first_grade(reply: str) -> int | None:
+    """The first integer in the reply that is a valid grade ("Grade: 4/5" -> 4; "10" is skipped)."""
+    for match in _INTEGER.finditer(reply):
+        value = int(match.group())
+        if 1 <= value <= 5:
+            return value
+    return None

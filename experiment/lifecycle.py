@@ -1,0 +1,197 @@
+"""The life cycle of an experiment: start, ramp, promote, roll back, stop.
+
+Each operation is one transaction that changes the experiment and records the transition with its
+reason in `experiment_events`, so the change and its why cannot drift apart. The admin API, the
+CLI, the flows and the rollout all call these functions; nothing else changes an experiment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from store.db import Database
+from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, new_salt
+from store.models import Experiment, utcnow
+
+__all__ = [
+    "ExperimentNotFound",
+    "ExperimentNotRunning",
+    "NoPromoteDecision",
+    "conclude",
+    "promote",
+    "rollback",
+    "set_rollout",
+    "set_share",
+    "start_candidate",
+    "stop",
+]
+
+
+class ExperimentNotRunning(RuntimeError):
+    pass
+
+
+class NoPromoteDecision(RuntimeError):
+    pass
+
+
+def _running_by_id(session: Session, experiment_id: str) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
+    if experiment.status != RUNNING:
+        raise ExperimentNotRunning(f"experiment {experiment_id} is {experiment.status}, not running")
+    return experiment
+
+
+def set_share(db: Database, experiment_id: str, share: float, *, reason: str = "share changed by an operator",
+              kind: str = "share", analysis: dict[str, Any] | None = None) -> Experiment:
+    """Change the split in place: same salt, so users only move in the direction of the change.
+
+    A change starts a new phase (the sample-ratio check runs per phase); setting the same share
+    again records nothing.
+    """
+    with db.session() as session:
+        experiment = _running_by_id(session, experiment_id)
+        if experiment.candidate_share != share:
+            add_event(session, experiment, kind, from_share=experiment.candidate_share, to_share=share,
+                      reason=reason, analysis=analysis)
+            experiment.candidate_share = share
+        return experiment
+
+
+def set_rollout(db: Database, experiment_id: str, plan: dict[str, Any], *,
+                reason: str = "rollout started") -> Experiment:
+    """Attach a progressive rollout (see `experiment.rollout.RolloutPlan`) and move to its first step."""
+    from experiment.rollout import RolloutPlan
+
+    checked = RolloutPlan.from_dict(plan)
+    with db.session() as session:
+        experiment = _running_by_id(session, experiment_id)
+        if not experiment.candidate_base_url:
+            raise ExperimentNotRunning(f"experiment {experiment_id} has no candidate to roll out")
+        first = checked.steps[0]
+        add_event(session, experiment, "rollout_step", from_share=experiment.candidate_share, to_share=first,
+                  reason=f"{reason}: step 1 of {len(checked.steps)} ({first:.0%})")
+        experiment.rollout = checked.to_dict(step=0)
+        experiment.candidate_share = first
+        return experiment
+
+
+def start_candidate(
+    db: Database,
+    *,
+    base_url: str,
+    model: str,
+    adapter_id: str | None = None,
+    share: float | None = None,
+    primary_metric: str | None = None,
+    reason: str = "new candidate",
+) -> Experiment:
+    """A new candidate is a new experiment (new id, new salt); the control arm carries over."""
+    current = get_running(db)
+    if current is None:
+        raise ExperimentNotFound("no running experiment")
+    with db.session() as session:
+        old = _running_by_id(session, current.id)
+        _end(session, old, "stopped", {"reason": "replaced by a new candidate"})
+        fresh = Experiment(
+            control_base_url=old.control_base_url,
+            control_model=old.control_model,
+            control_adapter_id=old.control_adapter_id,
+            candidate_base_url=base_url,
+            candidate_model=model,
+            candidate_adapter_id=adapter_id,
+            candidate_share=old.candidate_share if share is None else share,
+            salt=new_salt(),
+            status=RUNNING,
+            primary_metric=primary_metric,
+        )
+        session.add(fresh)
+        session.flush()
+        add_event(session, fresh, "start", to_share=fresh.candidate_share, reason=f"{reason}: {model}")
+    return fresh
+
+
+def _end(session: Session, experiment: Experiment, outcome: str, decision: dict[str, Any]) -> None:
+    analysis = decision.pop("analysis", None)  # kept once, on the transition, not again on the row
+    experiment.status = outcome
+    experiment.ended_at = utcnow()
+    experiment.decision = decision
+    add_event(session, experiment, outcome, from_share=experiment.candidate_share, to_share=0.0,
+              reason=str(decision.get("reason") or outcome), analysis=analysis)
+
+
+def conclude(
+    db: Database, experiment_id: str, *, outcome: str, decision: dict[str, Any] | None = None
+) -> Experiment:
+    """End a running experiment as `promoted`, `rolled_back` or `stopped` and start its successor.
+
+    Promoted: the candidate becomes control. Otherwise control stays. Either way the successor
+    has no candidate and a share of 0, so every user is served by the winner.
+    """
+    if outcome not in ("promoted", "rolled_back", "stopped"):
+        raise ValueError(f"unknown outcome {outcome!r}")
+    with db.session() as session:
+        old = _running_by_id(session, experiment_id)
+        if outcome == "promoted" and not old.candidate_base_url:
+            raise ExperimentNotRunning(f"experiment {experiment_id} has no candidate to promote")
+        _end(session, old, outcome, dict(decision or {}))
+        if outcome == "promoted":
+            control = (old.candidate_base_url, old.candidate_model, old.candidate_adapter_id)
+        else:
+            control = (old.control_base_url, old.control_model, old.control_adapter_id)
+        fresh = Experiment(
+            control_base_url=control[0],
+            control_model=control[1],
+            control_adapter_id=control[2],
+            candidate_share=0.0,
+            salt=new_salt(),
+            status=RUNNING,
+        )
+        session.add(fresh)
+        session.flush()
+        add_event(session, fresh, "start", to_share=0.0, reason=f"successor of {old.id} ({outcome})")
+    return fresh
+
+
+def promote(db: Database, experiment_id: str, *, force: bool = False, via: str,
+            reason: str | None = None) -> Experiment:
+    """Candidate becomes control, share back to 0; returns the successor experiment.
+
+    Without `force` the experiment must carry a recorded "promote" decision (written by
+    `abloop evaluate` or the evaluate_arms flow): a promotion is backed by numbers or by an
+    operator who said so.
+    """
+    experiment = get(db, experiment_id)
+    recorded = (experiment.decision or {}).get("action")
+    if not force and recorded != "promote":
+        raise NoPromoteDecision(
+            f"experiment {experiment_id} has no recorded promote decision (recorded: {recorded!r}); "
+            "run `abloop evaluate` first or force it"
+        )
+    default = "forced by an operator" if force and recorded != "promote" else f"promoted via {via}"
+    decision = dict(experiment.decision or {}, forced=force, via=via, reason=reason or default)
+    return conclude(db, experiment_id, outcome="promoted", decision=decision)
+
+
+def rollback(db: Database, experiment_id: str, *, via: str, reason: str | None = None,
+             analysis: dict[str, Any] | None = None) -> Experiment:
+    """End the experiment as rolled_back: every user is served by control from the next refresh on.
+
+    Needs no recorded decision: taking traffic off a candidate is always allowed.
+    """
+    experiment = get(db, experiment_id)
+    decision = dict(experiment.decision or {}, via=via, reason=reason or f"rolled back via {via}")
+    if analysis is not None:
+        decision["analysis"] = analysis
+    return conclude(db, experiment_id, outcome="rolled_back", decision=decision)
+
+
+def stop(db: Database, experiment_id: str, *, via: str, reason: str | None = None) -> Experiment:
+    """End the experiment without a winner; control keeps serving."""
+    experiment = get(db, experiment_id)
+    decision = dict(experiment.decision or {}, via=via, reason=reason or f"stopped via {via}")
+    return conclude(db, experiment_id, outcome="stopped", decision=decision)

@@ -1,0 +1,261 @@
+"""What is measured per user and arm, and how it is read from the store.
+
+The user is the unit of randomisation, so it is the unit of analysis: every metric is a ratio of
+per-user sums (thumbs-up per request = sum of a user's thumbs-up / sum of their requests), and its
+variance comes from the delta method over users (`experiment.stats.ratio_estimate`). Treating one
+user's ten requests as ten independent trials understates the variance and inflates false wins.
+
+Assignment: a user belongs to the arm of their first request. If a share change later moved them
+to the other arm, those later requests are left out of the comparison (their treatment is mixed)
+and counted in `crossovers`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from experiment.phases import Phase, PhaseLocator, as_utc, phases_of
+from store.db import Database
+from store.experiments import ExperimentNotFound, list_events
+from store.models import AnswerScore, Experiment, Feedback, SearchEvent
+
+if TYPE_CHECKING:
+    import numpy as np
+
+ARMS = ("control", "candidate")
+
+# Per-user sums. A feedback row's satisfaction is the mean of the signals it carries, each on 0..1:
+# thumbs up 1 / down 0, rating (r - 1) / 4. It lets thumbs and ratings decide together, and either alone.
+COLUMNS = (
+    "requests", "errors", "fallbacks", "tokens_in", "tokens_out",
+    "feedback_events", "thumbs_up", "thumbs", "rating_sum", "ratings", "corrections",
+    "satisfaction_sum", "satisfaction_n", "grounding_sum", "grounding_n", "judge_sum", "judge_n",
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    numerator: str
+    denominator: str
+    higher_is_better: bool
+    label: str
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("satisfaction", "satisfaction_sum", "satisfaction_n", True,
+           "satisfaction per feedback (thumbs up = 1, down = 0, rating r = (r-1)/4)"),
+    Metric("thumbs_up_per_request", "thumbs_up", "requests", True, "thumbs-up per request"),
+    Metric("thumbs_up_rate", "thumbs_up", "thumbs", True, "thumbs-up among thumbs given (responders)"),
+    Metric("feedback_rate", "feedback_events", "requests", True, "requests that got any feedback"),
+    Metric("mean_rating", "rating_sum", "ratings", True, "mean rating (1-5)"),
+    Metric("correction_rate", "corrections", "requests", False, "corrections per request"),
+    Metric("error_rate", "errors", "requests", False, "requests no arm answered"),
+    Metric("fallback_rate", "fallbacks", "requests", False, "requests served by the other arm"),
+    Metric("answer_score", "grounding_sum", "grounding_n", True, "answer grounded in retrieved items (0-1)"),
+    Metric("judge_score", "judge_sum", "judge_n", True, "LLM judge score (0-1)"),
+    Metric("tokens_out_per_request", "tokens_out", "requests", False, "output tokens per request"),
+)}
+PRIMARY_METRICS = ("satisfaction", "thumbs_up_per_request", "thumbs_up_rate", "mean_rating", "answer_score",
+                   "judge_score")
+DEFAULT_PRIMARY = "satisfaction"
+
+
+@dataclass
+class ArmUsers:
+    """One arm's users as aligned per-user arrays, plus per-request latencies for quantiles."""
+
+    user_ids: list[str]
+    columns: dict[str, np.ndarray]
+    latencies_ms: np.ndarray
+    pre: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> the user's value before (nan: none)
+
+    @property
+    def users(self) -> int:
+        return len(self.columns["requests"])
+
+    def total(self, column: str) -> float:
+        return float(self.columns[column].sum())
+
+
+@dataclass(frozen=True)
+class PhaseCount:
+    phase: Phase
+    users: tuple[int, int]  # active users in the phase per arm they were served by then (control, candidate)
+
+
+@dataclass
+class Collected:
+    experiment: Experiment
+    arms: dict[str, ArmUsers]
+    phases: list[PhaseCount]
+    crossovers: int = 0  # users seen in both arms
+    excluded_requests: int = 0  # their requests in the arm they were moved to
+    anonymous_requests: int = 0  # no user id: always control, not randomised, left out
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+def satisfaction(thumbs: str | None, rating: int | None) -> float | None:
+    signals = []
+    if thumbs in ("up", "down"):
+        signals.append(1.0 if thumbs == "up" else 0.0)
+    if rating is not None:
+        signals.append((rating - 1) / 4)
+    return sum(signals) / len(signals) if signals else None
+
+
+class _Sums:
+    """Per-user sums keyed by user id, filled from event and feedback rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0.0))
+
+    def add_event(self, user: str, status: str, tokens_in: int | None, tokens_out: int | None) -> None:
+        row = self.rows[user]
+        row["requests"] += 1
+        row["errors"] += status == "error"
+        row["fallbacks"] += status == "fallback"
+        row["tokens_in"] += tokens_in or 0
+        row["tokens_out"] += tokens_out or 0
+
+    def add_feedback(self, user: str, thumbs: str | None, rating: int | None, corrected: str | None,
+                     first_on_event: bool) -> None:
+        row = self.rows[user]
+        row["feedback_events"] += first_on_event
+        row["thumbs_up"] += thumbs == "up"
+        row["thumbs"] += thumbs in ("up", "down")
+        if rating is not None:
+            row["rating_sum"] += rating
+            row["ratings"] += 1
+        row["corrections"] += corrected is not None
+        score = satisfaction(thumbs, rating)
+        if score is not None:
+            row["satisfaction_sum"] += score
+            row["satisfaction_n"] += 1
+
+    def add_score(self, user: str, method: str, score: float) -> None:
+        row = self.rows[user]
+        row[f"{method}_sum"] += score
+        row[f"{method}_n"] += 1
+
+
+def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14.0) -> Collected:
+    """Read an experiment's events, feedback and answer scores into per-user arrays per assigned arm."""
+    with db.session() as session:
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None:
+            raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
+        events = session.execute(
+            select(SearchEvent.id, SearchEvent.ts, SearchEvent.user_id, SearchEvent.arm, SearchEvent.status,
+                   SearchEvent.timings, SearchEvent.tokens_in, SearchEvent.tokens_out)
+            .where(SearchEvent.experiment_id == experiment_id)
+            .order_by(SearchEvent.ts, SearchEvent.id)
+        ).all()
+        feedback = session.execute(
+            select(Feedback.event_id, Feedback.ts, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer)
+            .join(SearchEvent, SearchEvent.id == Feedback.event_id)
+            .where(SearchEvent.experiment_id == experiment_id)
+            .order_by(Feedback.ts, Feedback.id)
+        ).all()
+        scores = session.execute(
+            select(AnswerScore.event_id, AnswerScore.method, AnswerScore.score)
+            .join(SearchEvent, SearchEvent.id == AnswerScore.event_id)
+            .where(SearchEvent.experiment_id == experiment_id)
+        ).all()
+    phases = phases_of(experiment, list_events(db, experiment_id))
+    collected = _assemble(experiment, phases, events, feedback, scores)
+    if cuped_lookback_days > 0:
+        _attach_pre_period(db, collected, as_utc(experiment.started_at), timedelta(days=cuped_lookback_days))
+    return collected
+
+
+def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, feedback: Iterable,
+              scores: Iterable) -> Collected:
+    import numpy as np
+
+    locate = PhaseLocator(phases)
+    first_arm: dict[str, str] = {}
+    sums = {arm: _Sums() for arm in ARMS}
+    latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    phase_arm: list[dict[str, str]] = [{} for _ in phases]  # per phase: user -> arm first served there
+    counted: dict[str, tuple[str, str]] = {}  # event id -> (arm, user) for events in the comparison
+    crossed: set[str] = set()
+    excluded = anonymous = 0
+    for event_id, ts, user, arm, status, timings, tokens_in, tokens_out in events:
+        if arm not in sums:
+            continue
+        if not user:
+            anonymous += 1
+            continue
+        phase_arm[locate(ts)].setdefault(user, arm)
+        home = first_arm.setdefault(user, arm)
+        if arm != home:
+            crossed.add(user)
+            excluded += 1
+            continue
+        counted[event_id] = (arm, user)
+        sums[arm].add_event(user, status, tokens_in, tokens_out)
+        if timings and timings.get("total") is not None:
+            latencies[arm].append(float(timings["total"]))
+    seen_feedback: set[str] = set()
+    for event_id, _ts, thumbs, rating, corrected in feedback:
+        if event_id in counted:
+            arm, user = counted[event_id]
+            sums[arm].add_feedback(user, thumbs, rating, corrected, first_on_event=event_id not in seen_feedback)
+            seen_feedback.add(event_id)
+    for event_id, method, score in scores:
+        if event_id in counted and method in ("grounding", "judge"):
+            arm, user = counted[event_id]
+            sums[arm].add_score(user, method, float(score))
+    arms = {}
+    for arm in ARMS:
+        rows = sums[arm].rows
+        users = list(rows)
+        columns = {c: np.array([rows[u][c] for u in users], dtype=float) for c in COLUMNS}
+        arms[arm] = ArmUsers(user_ids=users, columns=columns, latencies_ms=np.asarray(latencies[arm], dtype=float))
+    counts = []
+    for phase, by_user in zip(phases, phase_arm, strict=True):
+        served = list(by_user.values())
+        counts.append(PhaseCount(phase, (served.count("control"), served.count("candidate"))))
+    return Collected(experiment=experiment, arms=arms, phases=counts, crossovers=len(crossed),
+                     excluded_requests=excluded, anonymous_requests=anonymous)
+
+
+def _attach_pre_period(db: Database, collected: Collected, started: datetime, lookback: timedelta) -> None:
+    """Each user's feedback before the experiment, per metric: the CUPED covariate (nan where none)."""
+    import numpy as np
+
+    with db.session() as session:
+        rows = session.execute(
+            select(SearchEvent.id, SearchEvent.user_id, SearchEvent.status, Feedback.thumbs, Feedback.rating,
+                   Feedback.corrected_answer, Feedback.id)
+            .outerjoin(Feedback, Feedback.event_id == SearchEvent.id)
+            .where(SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
+        ).all()
+    if not rows:
+        return
+    pre = _Sums()
+    seen: set[str] = set()
+    for event_id, user, status, thumbs, rating, corrected, feedback_id in rows:
+        first = event_id not in seen
+        if first:
+            seen.add(event_id)
+            pre.add_event(user, status, None, None)
+        if feedback_id is not None:
+            pre.add_feedback(user, thumbs, rating, corrected, first_on_event=first)
+    for arm_users in collected.arms.values():
+        ids = arm_users.user_ids
+        for name in PRIMARY_METRICS:
+            metric = METRICS[name]
+            values = np.full(len(ids), np.nan)
+            for n, user in enumerate(ids):
+                row = pre.rows.get(user)
+                if row and row[metric.denominator] > 0:
+                    values[n] = row[metric.numerator] / row[metric.denominator]
+            arm_users.pre[name] = values

@@ -1,0 +1,345 @@
+"""The statistics core of the experiment engine: pure functions on arrays, no I/O.
+
+The unit of analysis is the user, because users (not requests) are what assignment randomises: requests of one
+user are correlated, so treating them as independent understates the variance. Every per-request rate is therefore a
+ratio of per-user sums, analysed with the delta method; a per-user mean is the special case with denominator 1.
+
+The formulas follow gbstats 0.8.0 (GrowthBook's engine) so that the numbers can be checked against it:
+`gbstats/models/statistics.py` (RatioStatistic, RegressionAdjustedStatistic, compute_theta, QuantileStatistic) and
+`gbstats/frequentist/tests.py` (TTest.dof, TwoSidedTTest, SequentialTwoSidedTTest). All differences are absolute
+(candidate - control); the relative lift is reported alongside but not tested.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.stats import chisquare, norm, t, ttest_ind
+
+__all__ = [
+    "Comparison",
+    "Estimate",
+    "compare_ratio",
+    "linearised",
+    "quantile_estimate",
+    "ratio_estimate",
+    "sample_ratio",
+    "sequential_interval",
+    "two_proportions",
+    "welch",
+]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with the variance of the estimator itself (not the per-user variance)."""
+
+    value: float
+    variance: float
+    users: int
+
+    def std_error(self) -> float:
+        return math.sqrt(self.variance) if self.variance >= 0 else math.nan
+
+
+def _pair(num: ArrayLike, den: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    num_arr, den_arr = np.asarray(num, dtype=float).ravel(), np.asarray(den, dtype=float).ravel()
+    if num_arr.shape != den_arr.shape:
+        raise ValueError(f"numerator and denominator differ in length: {num_arr.size} != {den_arr.size}")
+    return num_arr, den_arr
+
+
+def linearised(num: ArrayLike, den: ArrayLike) -> np.ndarray:
+    """Per-user influence values of the ratio R = sum(num) / sum(den): R + (num_i - R den_i) / mean(den).
+
+    Their mean is R and their sample variance (ddof=1) is the delta-method per-user variance of R, the same number as
+    gbstats RatioStatistic.variance: var_m/mu_d^2 - 2 cov mu_m/mu_d^3 + mu_m^2 var_d/mu_d^4 equals
+    var(num - R den)/mu_d^2 because R = mu_m/mu_d. Turning a ratio into a per-user mean is what lets CUPED and the
+    t-tests treat ratio metrics exactly like mean metrics. All nan when sum(den) == 0 (the ratio is undefined).
+    """
+    num_arr, den_arr = _pair(num, den)
+    if num_arr.size == 0 or den_arr.sum() == 0:
+        return np.full(num_arr.shape, np.nan)
+    mean_den = den_arr.mean()
+    ratio = num_arr.sum() / den_arr.sum()
+    return ratio + (num_arr - ratio * den_arr) / mean_den
+
+
+def ratio_estimate(num: ArrayLike, den: ArrayLike) -> Estimate:
+    """sum(num) / sum(den) over users, with the delta-method variance of that ratio (gbstats RatioStatistic).
+
+    Estimate.variance is RatioStatistic.variance / n. Computed as the sample variance of the linearised values, which
+    is algebraically the gbstats formula but free of the cancellation in sum-of-squares forms. Degenerate inputs give
+    nan rather than gbstats' 0: an undefined ratio (sum(den) == 0) or a single user has no usable variance.
+    """
+    num_arr, den_arr = _pair(num, den)
+    n = int(num_arr.size)
+    if n == 0 or den_arr.sum() == 0:
+        return Estimate(math.nan, math.nan, n)
+    value = float(num_arr.sum() / den_arr.sum())
+    if n < 2:
+        return Estimate(value, math.nan, n)
+    return Estimate(value, float(np.var(linearised(num_arr, den_arr), ddof=1)) / n, n)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate against control on one metric, by user.
+
+    `control` and `candidate` are the unadjusted arm values (what a reader expects to see); `difference` is
+    candidate - control after CUPED when it was applied, so it can differ slightly from candidate - control.
+    Fixed-horizon numbers are valid only for a single look; the sequential ones stay valid under continuous monitoring
+    and are what decisions use.
+    """
+
+    control: float
+    candidate: float
+    difference: float
+    relative: float | None
+    std_error: float
+    dof: float
+    fixed_ci: tuple[float, float]
+    fixed_p_value: float
+    sequential_ci: tuple[float, float]
+    sequential_p_value: float
+    chance_to_win: float
+    users: tuple[int, int]
+    cuped: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists, nan and infinities become None (JSON has neither)."""
+        return _json_ready(asdict(self))
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+@dataclass(frozen=True)
+class _Arm:
+    """One arm as gbstats sees it: the mean of per-user values and their per-user (ddof=1) variance."""
+
+    mean: float
+    variance: float
+    n: int
+
+
+def _welch_dof(a: _Arm, b: _Arm) -> float:
+    # Welch-Satterthwaite, exactly gbstats TTest.dof (frequentist/tests.py).
+    var_a, var_b = a.variance / a.n, b.variance / b.n
+    denominator = var_b**2 / (b.n - 1) + var_a**2 / (a.n - 1)
+    return (var_a + var_b) ** 2 / denominator if denominator > 0 else math.nan
+
+
+def _fixed(difference: float, variance: float, dof: float, alpha: float) -> tuple[tuple[float, float], float]:
+    # gbstats TwoSidedTTest: p = 2 (1 - F_t(|d| / se)), ci = d -+ t_{1-alpha/2, dof} se. t.sf keeps small p exact.
+    se = math.sqrt(variance)
+    width = float(t.ppf(1 - alpha / 2, dof)) * se
+    p_value = float(2 * t.sf(abs(difference) / se, dof))
+    return (difference - width, difference + width), min(p_value, 1.0)
+
+
+def sequential_interval(difference: float, variance: float, n_total: int, alpha: float,
+                        tuning: float) -> tuple[tuple[float, float], float]:
+    """Always-valid two-sided interval and p-value for a difference (gbstats SequentialTwoSidedTTest).
+
+    Asymptotic confidence sequence of Waudby-Smith et al. 2023 (arXiv 2103.06476v7): valid uniformly over time, so
+    the experiment can be evaluated every hour without inflating false decisions. `variance` is the variance of the
+    difference (sum over arms of per-user variance / n), `n_total` the users in both arms, `tuning` the sample size
+    at which the interval is tightest relative to a fixed one (gbstats' sequential_tuning_parameter).
+    """
+    if n_total < 1 or not 0 < alpha < 1 or tuning <= 0:
+        raise ValueError(f"need n_total >= 1, 0 < alpha < 1, tuning > 0; got {n_total}, {alpha}, {tuning}")
+    if not variance > 0:
+        p_value = 1.0 if difference == 0 else 0.0
+        return (difference, difference), p_value
+    n = float(n_total)
+    # eq 161: rho chosen so that the boundary is tightest at n = tuning.
+    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / tuning
+    # eq 9: half-width sqrt(s2) sqrt(2 (N rho^2 + 1) log(sqrt(N rho^2 + 1) / alpha) / (N rho)^2), s2 per-unit variance.
+    s2 = variance * n
+    tr2p1 = n * rho2 + 1
+    width = math.sqrt(s2) * math.sqrt(2 * tr2p1 * math.log(math.sqrt(tr2p1) / alpha) / (n * n * rho2))
+    # eq 155: p = min(1, 1 / e-value), e-value = exp(rho^2 S_t^2 / (2 (N rho^2 + 1))) / sqrt(N rho^2 + 1); in logs so a
+    # large effect cannot overflow.
+    st2 = difference**2 * n / variance
+    log_evalue = rho2 * st2 / (2 * tr2p1) - 0.5 * math.log(tr2p1)
+    p_value = math.exp(-log_evalue) if log_evalue > 0 else 1.0
+    return (difference - width, difference + width), p_value
+
+
+def _cuped(post_a: np.ndarray, post_b: np.ndarray, pre_a: np.ndarray,
+           pre_b: np.ndarray) -> tuple[_Arm, _Arm, dict[str, Any]] | None:
+    """Regression adjustment (CUPED, Deng et al. 2013) as gbstats RegressionAdjustedStatistic; None if not applicable.
+
+    Missing pre values are imputed with the pooled mean of the present ones, which keeps every user in the analysis
+    (dropping users without history would bias the comparison) while their pre term adds no information.
+    """
+    present_a, present_b = ~np.isnan(pre_a), ~np.isnan(pre_b)
+    present = np.concatenate([pre_a[present_a], pre_b[present_b]])
+    if present.size < 2 or np.ptp(present) == 0:  # exact test: np.var of a constant can round above 0
+        return None
+    pooled_mean = present.mean()
+    x_a, x_b = np.where(present_a, pre_a, pooled_mean), np.where(present_b, pre_b, pooled_mean)
+    # gbstats compute_theta: covariance over variance of the *joint* sample (both arms pooled, one grand mean).
+    x, y = np.concatenate([x_a, x_b]), np.concatenate([post_a, post_b])
+    if np.ptp(y) == 0:
+        return None  # gbstats returns theta 0 and falls back to the unadjusted statistic
+    theta = float(np.cov(y, x, ddof=1)[0, 1] / np.var(x, ddof=1))
+    if theta == 0:
+        return None
+
+    def adjusted(post: np.ndarray, pre: np.ndarray) -> _Arm:
+        # RegressionAdjustedStatistic: mean = post mean - theta pre mean; variance = var(post) + theta^2 var(pre)
+        # - 2 theta cov(post, pre), i.e. the ddof=1 variance of post - theta pre within the arm.
+        return _Arm(float(post.mean() - theta * pre.mean()), float(np.var(post - theta * pre, ddof=1)), post.size)
+
+    info = {"theta": theta, "users_with_pre": [int(present_a.sum()), int(present_b.sum())]}
+    return adjusted(post_a, x_a), adjusted(post_b, x_b), info
+
+
+def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num: ArrayLike,
+                  candidate_den: ArrayLike, *, alpha: float = 0.05, tuning: float = 5000.0,
+                  control_pre: ArrayLike | None = None, candidate_pre: ArrayLike | None = None) -> Comparison | None:
+    """Compare a ratio metric between arms, one array entry per user; None when an arm cannot be analysed.
+
+    Each arm's ratio is linearised into per-user values whose mean is the ratio and whose variance is the
+    delta-method variance, then the two per-user samples are compared as gbstats does for absolute differences:
+    Welch t (fixed horizon), the always-valid sequential interval, and P(candidate > control) under a flat prior.
+    With `control_pre` and `candidate_pre` (the same metric per user before the experiment, nan where unknown) the
+    difference is CUPED-adjusted, which narrows the intervals by the share of variance the history explains.
+    """
+    num_a, den_a = _pair(control_num, control_den)
+    num_b, den_b = _pair(candidate_num, candidate_den)
+    if num_a.size < 2 or num_b.size < 2 or den_a.sum() == 0 or den_b.sum() == 0:
+        return None
+    if (control_pre is None) != (candidate_pre is None):
+        raise ValueError("give pre-experiment values for both arms or for neither")
+    post_a, post_b = linearised(num_a, den_a), linearised(num_b, den_b)
+    raw_a = _Arm(float(num_a.sum() / den_a.sum()), float(np.var(post_a, ddof=1)), num_a.size)
+    raw_b = _Arm(float(num_b.sum() / den_b.sum()), float(np.var(post_b, ddof=1)), num_b.size)
+    arm_a, arm_b, cuped = raw_a, raw_b, None
+    if control_pre is not None and candidate_pre is not None:
+        pre_a, pre_b = np.asarray(control_pre, dtype=float).ravel(), np.asarray(candidate_pre, dtype=float).ravel()
+        if pre_a.shape != post_a.shape or pre_b.shape != post_b.shape:
+            raise ValueError("pre-experiment arrays must have one entry per user of their arm")
+        adjusted = _cuped(post_a, post_b, pre_a, pre_b)
+        if adjusted is not None:
+            arm_a, arm_b, cuped = adjusted
+    difference = arm_b.mean - arm_a.mean
+    variance = arm_a.variance / arm_a.n + arm_b.variance / arm_b.n  # gbstats frequentist_variance, absolute
+    if cuped is not None:
+        unadjusted = raw_a.variance / raw_a.n + raw_b.variance / raw_b.n
+        cuped["variance_reduction"] = 1 - variance / unadjusted if unadjusted > 0 else 0.0
+    relative = difference / raw_a.mean if raw_a.mean != 0 else None
+    users = (raw_a.n, raw_b.n)
+    sequential_ci, sequential_p = sequential_interval(difference, variance, raw_a.n + raw_b.n, alpha, tuning)
+    if variance > 0:
+        dof = _welch_dof(arm_a, arm_b)
+        fixed_ci, fixed_p = _fixed(difference, variance, dof, alpha)
+        chance = float(norm.cdf(difference / math.sqrt(variance)))
+    else:  # no spread in either arm: the difference is known exactly
+        dof, fixed_ci = math.nan, (difference, difference)
+        fixed_p = 1.0 if difference == 0 else 0.0
+        chance = 0.5 if difference == 0 else float(difference > 0)
+    return Comparison(control=raw_a.mean, candidate=raw_b.mean, difference=difference, relative=relative,
+                      std_error=math.sqrt(variance), dof=dof, fixed_ci=fixed_ci, fixed_p_value=fixed_p,
+                      sequential_ci=sequential_ci, sequential_p_value=sequential_p, chance_to_win=chance, users=users,
+                      cuped=cuped)
+
+
+def sample_ratio(observed: Sequence[int], shares: Sequence[float]) -> float | None:
+    """Chi-square goodness-of-fit p-value of users per arm against the configured shares (sample ratio mismatch).
+
+    A tiny p-value means assignment or logging is broken and no comparison can be trusted. Shares are normalised to
+    sum to 1. None when there is nothing to test: no users, or a share of 0 or 1 (an arm expected to be empty).
+    """
+    if len(observed) != len(shares):
+        raise ValueError(f"{len(observed)} counts for {len(shares)} shares")
+    total = sum(observed)
+    if total == 0 or any(share <= 0 or share >= 1 for share in shares):
+        return None
+    weights = np.asarray(shares, dtype=float) / sum(shares)
+    return float(chisquare(np.asarray(observed, dtype=float), total * weights).pvalue)
+
+
+def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05) -> Estimate | None:
+    """Sample quantile (np.quantile's default 'linear' definition) with a distribution-free variance.
+
+    The interval [X_(l), X_(u)] between order statistics at ranks n q -+ z sqrt(n q (1 - q)) (the normal approximation
+    to the Binomial(n, q) count below the quantile) covers the true quantile with about 1 - alpha probability whatever
+    the distribution. As in gbstats QuantileStatistic.variance_init with n_star = n, the per-unit variance is
+    (n - 1) ((upper - lower) / (2 z))^2, and Estimate.variance is that / n, the variance of the quantile itself.
+    None when the ranks would fall outside the sample (gbstats _has_zero_variance: n <= z^2 q / (1 - q) or
+    n <= z^2 (1 - q) / q) or when the interval has zero width on fewer than 1000 values. nan values are ignored.
+    """
+    if not 0 < q < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need 0 < q < 1 and 0 < alpha < 1; got {q}, {alpha}")
+    data = np.asarray(values, dtype=float).ravel()
+    data = np.sort(data[~np.isnan(data)])
+    n = int(data.size)
+    z = float(norm.ppf(1 - alpha / 2))
+    if n < 2 or n <= z * z * q / (1 - q) or n <= z * z * (1 - q) / q:
+        return None
+    half = z * math.sqrt(n * q * (1 - q))
+    lower_rank = max(1, math.floor(n * q - half))  # 1-based ranks, rounded outwards (conservative)
+    upper_rank = min(n, math.ceil(n * q + half))
+    width = float(data[upper_rank - 1] - data[lower_rank - 1])
+    if width <= 0 and n < 1000:
+        return None
+    per_unit = (n - 1) * (width / (2 * z)) ** 2
+    return Estimate(float(np.quantile(data, q)), per_unit / n, n)
+
+
+# Fixed-horizon, per-request reference blocks, kept in the report next to the by-user analysis. Moved unchanged from
+# store/arms.py (same keys, same numbers).
+
+
+def two_proportions(x_a: int, n_a: int, x_b: int, n_b: int, alpha: float) -> dict[str, Any] | None:
+    """Lift (b - a) of a rate with a Wald interval, a pooled z-test, and P(b > a) under Beta(1, 1) priors."""
+    if n_a == 0 or n_b == 0:
+        return None
+    p_a, p_b = x_a / n_a, x_b / n_b
+    lift = p_b - p_a
+    se = np.sqrt(p_a * (1 - p_a) / n_a + p_b * (1 - p_b) / n_b)
+    pooled = (x_a + x_b) / (n_a + n_b)
+    se_pooled = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    p_value = float(2 * norm.sf(abs(lift) / se_pooled)) if se_pooled > 0 else 1.0
+    z = norm.ppf(1 - alpha / 2)
+    rng = np.random.default_rng(0)  # fixed: the same data gives the same chance to win
+    draws_a = rng.beta(1 + x_a, 1 + n_a - x_a, 20_000)
+    draws_b = rng.beta(1 + x_b, 1 + n_b - x_b, 20_000)
+    return {"control": p_a, "candidate": p_b, "lift": lift, "ci": [lift - z * se, lift + z * se],
+            "p_value": p_value, "chance_to_win": float(np.mean(draws_b > draws_a))}
+
+
+def welch(a: Sequence[float], b: Sequence[float], alpha: float) -> dict[str, Any] | None:
+    """Difference of means (b - a) with Welch's t-test and interval."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    mean_a, mean_b = float(np.mean(a)), float(np.mean(b))
+    var_a, var_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = float(np.sqrt(var_a + var_b))
+    if se == 0:
+        return {"control": mean_a, "candidate": mean_b, "lift": mean_b - mean_a, "ci": [mean_b - mean_a] * 2,
+                "p_value": 1.0 if mean_a == mean_b else 0.0}
+    dof = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    margin = float(t.ppf(1 - alpha / 2, dof)) * se
+    p_value = float(ttest_ind(b, a, equal_var=False).pvalue)
+    return {"control": mean_a, "candidate": mean_b, "lift": mean_b - mean_a,
+            "ci": [mean_b - mean_a - margin, mean_b - mean_a + margin], "p_value": p_value}

@@ -1,0 +1,120 @@
+"""What `abloop status` and `abloop evaluate` show: an experiment, its phase, rollout step and transitions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiment.metrics import DEFAULT_PRIMARY
+from experiment.phases import phases_of
+from store.db import Database
+from store.events import count_events, count_feedback
+from store.experiments import get, get_running, list_events
+from store.models import Experiment
+
+
+def _arm(base_url: str | None, model: str | None, adapter_id: str | None) -> dict[str, Any] | None:
+    return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id}
+
+
+def describe(db: Database, experiment_id: str | None = None) -> dict[str, Any]:
+    """The experiment (default: the running one) with its phases and every recorded transition."""
+    experiment: Experiment | None = get(db, experiment_id) if experiment_id else get_running(db)
+    status: dict[str, Any] = {
+        "database": db.engine.url.render_as_string(hide_password=True),
+        "search_events": count_events(db),
+        "feedback": count_feedback(db),
+        "experiment": None,
+    }
+    if experiment is None:
+        return status
+    events = list_events(db, experiment.id)
+    phases = phases_of(experiment, events)
+    status["experiment"] = {
+        "id": experiment.id,
+        "status": experiment.status,
+        "control": _arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
+        "candidate": _arm(experiment.candidate_base_url, experiment.candidate_model, experiment.candidate_adapter_id),
+        "candidate_share": experiment.candidate_share,
+        "primary_metric": experiment.primary_metric or DEFAULT_PRIMARY,
+        "started_at": experiment.started_at.isoformat(),
+        "ended_at": experiment.ended_at.isoformat() if experiment.ended_at else None,
+        "phase": {"index": phases[-1].index + 1, "of": len(phases), "share": phases[-1].share,
+                  "since": phases[-1].start.isoformat()},
+        "rollout": experiment.rollout,
+        "decision": experiment.decision,
+        "search_events": count_events(db, experiment.id),
+        "transitions": [
+            {"ts": e.ts.isoformat(), "kind": e.kind, "from_share": e.from_share, "to_share": e.to_share,
+             "reason": e.reason}
+            for e in events
+        ],
+    }
+    return status
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"database: {status['database']}  index: {status.get('index_version')}  "
+             f"events: {status['search_events']}  feedback: {status['feedback']}"]
+    experiment = status["experiment"]
+    if experiment is None:
+        return "\n".join([*lines, "no running experiment"])
+    candidate = experiment["candidate"]
+    lines += [
+        f"experiment {experiment['id']} ({experiment['status']}), primary metric {experiment['primary_metric']}",
+        f"  control:   {experiment['control']['model']} @ {experiment['control']['base_url']}",
+        f"  candidate: {candidate['model']} @ {candidate['base_url']}" if candidate else "  candidate: none",
+        f"  share {_share(experiment['candidate_share'])}, phase {experiment['phase']['index']} of "
+        f"{experiment['phase']['of']} since {experiment['phase']['since']}",
+    ]
+    rollout = experiment["rollout"]
+    if rollout:
+        steps = " -> ".join(_share(s) for s in rollout["steps"])
+        lines.append(f"  rollout {steps}: step {rollout['step'] + 1} of {len(rollout['steps'])} (min "
+                     f"{rollout['min_users_per_step']} users and {rollout['min_hours_per_step']} h per step, "
+                     f"{'auto-promote' if rollout['auto_promote'] else 'promote on approval'})")
+    decision = experiment["decision"] or {}
+    if decision.get("action"):
+        lines.append(f"  last decision: {decision['action']} - {decision.get('reason', '')}")
+    lines.append("  transitions:")
+    for t in experiment["transitions"]:
+        lines.append(f"    {t['ts']}  {t['kind']:<13} {_share(t['from_share']):>4} -> {_share(t['to_share']):<4} "
+                     f"{t['reason']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_analysis(analysis: dict[str, Any]) -> str:
+    """A terminal table of an analysis: per-arm figures, the primary metric, guardrails and the decision."""
+    if analysis["experiment_id"] is None:
+        return f"decision: {analysis['decision']['action']} - {analysis['decision']['reason']}"
+    lines = [f"experiment {analysis['experiment_id']} (candidate share {_share(analysis['candidate_share'])}, "
+             f"primary metric {analysis['primary_metric']})",
+             f"  {'':<22}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"]
+    for name in ("users", "requests", "satisfaction", "thumbs_up_per_request", "thumbs_up_rate", "feedback_rate",
+                 "mean_rating", "correction_rate", "error_rate", "fallback_rate", "answer_score", "latency_p95_ms"):
+        values = [analysis["arms"][arm].get(name) for arm in ("control", "candidate")]
+        comparison = analysis.get("metrics", {}).get(name)
+        interval = "" if not comparison else f"  [{_fmt(comparison['ci'][0])}, {_fmt(comparison['ci'][1])}]"
+        lines.append(f"  {name:<22}{_fmt(values[0]):>12}{_fmt(values[1]):>12}{interval}")
+    for phase in analysis.get("phases", []):
+        lines.append(f"  phase {phase['index'] + 1}: share {_share(phase['share'])}, users {phase['users']}, "
+                     f"sample-ratio p={_fmt(phase['p_value'])}{'  MISMATCH' if phase['mismatch'] else ''}")
+    assignment = analysis.get("assignment", {})
+    if assignment.get("users_in_both_arms"):
+        lines.append(f"  users seen in both arms: {assignment['users_in_both_arms']} (counted by first assignment; "
+                     f"{assignment['requests_excluded']} later requests left out)")
+    lines.append(f"  guardrails breached: {'; '.join(analysis['guardrails']['breached']) or 'none'}")
+    lines.append(f"decision: {analysis['decision']['action']} - {analysis['decision']['reason']}")
+    rollout = analysis["decision"].get("rollout")
+    if rollout:
+        lines.append(f"rollout: {rollout}")
+    return "\n".join(lines)

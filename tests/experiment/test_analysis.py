@@ -1,0 +1,202 @@
+"""The analysis and its decision on traffic written the way the proxy writes it."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import insert
+
+import experiment
+from experiment import lifecycle
+from experiment.decision import Policy
+from experiment.rollout import record_decision
+from flows.cli import main
+from store import experiments
+from store.models import AnswerScore, Feedback, SearchEvent, new_id, utcnow
+from tests.experiment import traffic
+from tests.experiment.traffic import ArmBehaviour
+
+
+def test_clear_winner_is_promoted_and_the_decision_unlocks_promote(db):
+    running = traffic.start(db)
+    traffic.write(db, running, users=1500, control=ArmBehaviour(up=0.45), candidate=ArmBehaviour(up=0.62))
+    analysis = experiment.analyse(db, running.id)
+    assert analysis.action == "promote", analysis.decision
+    primary = analysis.primary
+    assert primary["metric"] == "satisfaction" and primary["ci"][0] > 0
+    # The sequential interval is wider than the fixed-horizon one it is reported beside.
+    fixed = primary["fixed_horizon"]["ci"]
+    assert primary["ci"][0] < fixed[0] and primary["ci"][1] > fixed[1]
+    assert analysis.thumbs_up["p_value"] < 0.001 and "fixed-horizon" in analysis.thumbs_up["label"]
+    assert analysis.arms["control"]["users"] + analysis.arms["candidate"]["users"] == 1500
+    with pytest.raises(lifecycle.NoPromoteDecision):
+        lifecycle.promote(db, running.id, via="test")
+    record_decision(db, analysis)
+    assert experiments.get(db, running.id).decision["action"] == "promote"
+    lifecycle.promote(db, running.id, via="test")
+    assert experiments.get(db, running.id).status == "promoted"
+
+
+def test_ratings_alone_can_decide(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=4000, control=ArmBehaviour(up=None, rating_mean=3.0),
+                  candidate=ArmBehaviour(up=None, rating_mean=3.33))
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert analysis.arms["control"]["thumbs"] == 0 and analysis.arms["candidate"]["ratings"] > 1500
+    assert analysis.metrics["mean_rating"]["ci"][0] > 0
+    assert analysis.action == "promote", analysis.decision
+
+
+def test_halving_the_feedback_rate_is_flagged_not_hidden(sqlite_db):
+    """Thumbs-up among responders is equal (0.6 vs 0.6); per request it halves (0.24 vs 0.12)."""
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=2000, control=ArmBehaviour(up=0.6, feedback=0.4),
+                  candidate=ArmBehaviour(up=0.6, feedback=0.2))
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert analysis.metrics["thumbs_up_rate"]["ci"][0] < 0 < analysis.metrics["thumbs_up_rate"]["ci"][1]
+    per_request = analysis.metrics["thumbs_up_per_request"]
+    assert per_request["control"] == pytest.approx(0.24, abs=0.03)
+    assert per_request["candidate"] == pytest.approx(0.12, abs=0.03)
+    assert per_request["ci"][1] < 0
+    assert analysis.guardrails["results"]["feedback_rate"]["status"] == "breached"
+    assert analysis.action == "roll_back" and "feedback_rate" in analysis.decision["reason"]
+
+
+def test_guardrails_wait_for_the_minimum_sample(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=120, control=ArmBehaviour(error=0.0),
+                  candidate=ArmBehaviour(error=0.3), seed=3)
+    small = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100))
+    assert small.arms["candidate"]["error_rate"] > 0.15  # plainly worse as a point estimate...
+    assert small.action == "not_enough_data" and not small.guardrails["checked"]  # ...but not yet tested
+    traffic.write(sqlite_db, running, users=600, control=ArmBehaviour(error=0.0),
+                  candidate=ArmBehaviour(error=0.3), seed=4, first_user=120)
+    large = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100))
+    assert large.action == "roll_back" and "error_rate" in large.decision["reason"]
+    assert large.guardrails["results"]["error_rate"]["status"] == "breached"
+
+
+def test_a_small_noisy_error_difference_is_not_a_breach(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=800, control=ArmBehaviour(error=0.01),
+                  candidate=ArmBehaviour(error=0.02), seed=5)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert analysis.guardrails["results"]["error_rate"]["status"] == "ok"
+    assert analysis.action == "keep_running"
+
+
+def test_no_difference_keeps_running_and_little_data_says_so(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=60)
+    assert experiment.analyse(sqlite_db, running.id).action == "not_enough_data"
+    traffic.write(sqlite_db, running, users=2000, seed=1, first_user=60)
+    assert experiment.analyse(sqlite_db, running.id).action == "keep_running"
+
+
+def test_sample_ratio_mismatch_blocks_any_verdict(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.5)
+    # Users bucketed as if the share were 0.3 while the experiment says 0.5: assignment is broken.
+    traffic.write(sqlite_db, running, users=2000, share=0.3, candidate=ArmBehaviour(up=0.8))
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert analysis.srm["mismatch"] and analysis.srm["p_value"] < 0.001
+    assert analysis.action == "keep_running" and "sample ratio" in analysis.decision["reason"]
+
+
+def test_a_ramp_is_checked_per_phase_and_movers_are_counted_once(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.1)
+    traffic.write(sqlite_db, running, users=1500, requests_per_user=2, ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    ramped = experiments.get(sqlite_db, running.id)
+    # The same users come back (some now bucketed to the candidate) and new ones arrive.
+    traffic.write(sqlite_db, ramped, users=3000, requests_per_user=2, ts=utcnow() + timedelta(seconds=1), seed=2)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert [p["share"] for p in analysis.phases] == [0.1, 0.5]
+    assert not analysis.srm["mismatch"], analysis.srm
+    assert all(p["p_value"] > 0.001 for p in analysis.phases)
+    # Users 0..1499 with buckets in [1000, 5000) moved from control to candidate: about 40% of them.
+    moved = analysis.assignment["users_in_both_arms"]
+    assert 500 < moved < 700
+    assert analysis.assignment["requests_excluded"] == 2 * moved
+    assert analysis.action != "promote" and analysis.action != "roll_back"
+
+
+def test_cuped_uses_feedback_from_before_the_experiment(sqlite_db):
+    running = traffic.start(sqlite_db)
+    before = experiments.get(sqlite_db, running.id).started_at - timedelta(days=2)
+    # Each user's taste persists: their pre-period thumbs predict their in-experiment thumbs.
+    traffic.write(sqlite_db, running, users=1000, requests_per_user=4, propensity_sd=0.3, seed=7, ts=before)
+    with sqlite_db.session() as session:  # move those rows out of the experiment, into its past
+        session.query(SearchEvent).filter(SearchEvent.ts < running.started_at).update(
+            {SearchEvent.experiment_id: "an-older-experiment"})
+    traffic.write(sqlite_db, running, users=1000, requests_per_user=4, propensity_sd=0.3, seed=7)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    cuped = analysis.metrics["satisfaction"]["cuped"]
+    assert cuped is not None and cuped["variance_reduction"] > 0.2, cuped
+    without = experiment.analyse(sqlite_db, running.id, Policy(cuped=False)).metrics["satisfaction"]
+    assert without["cuped"] is None
+    assert analysis.metrics["satisfaction"]["std_error"] < without["std_error"]
+
+
+def test_answer_scores_are_reported_per_arm_and_can_be_primary(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=400, control=ArmBehaviour(feedback=0.0),
+                  candidate=ArmBehaviour(feedback=0.0))
+    with sqlite_db.session() as session:
+        events = session.query(SearchEvent.id, SearchEvent.arm).all()
+        session.execute(insert(AnswerScore), [
+            {"id": new_id(), "event_id": event_id, "method": "grounding",
+             "score": 0.8 if arm == "candidate" else 0.6, "created_at": utcnow()}
+            for event_id, arm in events
+        ])
+    with sqlite_db.session() as session:
+        session.get(type(running), running.id).primary_metric = "answer_score"
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert analysis.arms["candidate"]["answer_score"] == pytest.approx(0.8)
+    assert analysis.arms["control"]["answers_scored"] > 150
+    assert analysis.primary["metric"] == "answer_score" and analysis.action == "promote"
+
+
+def test_feedback_rows_on_one_event_count_once_for_the_feedback_rate(sqlite_db):
+    running = traffic.start(sqlite_db)
+    silent = ArmBehaviour(feedback=0.0)
+    traffic.write(sqlite_db, running, users=10, control=silent, candidate=silent)
+    with sqlite_db.session() as session:
+        event_id, arm = session.query(SearchEvent.id, SearchEvent.arm).first()
+        for thumbs in ("up", "down"):
+            session.execute(insert(Feedback), [{"id": new_id(), "event_id": event_id, "ts": utcnow(),
+                                                "thumbs": thumbs}])
+    summary = experiment.analyse(sqlite_db, running.id).arms[arm]
+    assert summary["thumbs"] == 2 and summary["feedback_rate"] == pytest.approx(1 / summary["requests"])
+
+
+def test_abloop_evaluate_json_prints_the_analysis(db, monkeypatch, capsys):
+    running = traffic.start(db)
+    traffic.write(db, running, users=300)
+    monkeypatch.setenv("DATABASE_URL", db.url)
+    main(["evaluate", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["experiment_id"] == running.id
+    assert set(printed["arms"]) == {"control", "candidate"}
+    assert printed["decision"]["action"] == "keep_running"
+    for key in ("thumbs_up", "rating", "srm", "guardrails", "decision", "metrics", "primary", "phases"):
+        assert key in printed
+    assert {"lift", "ci", "p_value", "chance_to_win"} <= set(printed["thumbs_up"])
+    assert experiments.get(db, running.id).decision["action"] == "keep_running"
+
+
+def test_abloop_evaluate_json_on_an_empty_store_is_not_enough_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    main(["evaluate", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["experiment_id"] is None and printed["decision"]["action"] == "not_enough_data"
+
+
+def test_abloop_evaluate_of_an_unknown_experiment_is_one_line_and_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--json", "--experiment", "nope"])
+    message = str(exit_.value.code)
+    assert "unknown experiment" in message and "\n" not in message
+    assert capsys.readouterr().out == ""
