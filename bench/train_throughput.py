@@ -78,10 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build_data(scratch: Path, rows: int, seed: int) -> Path:
     """A simulated house-style dataset; short prompts (one passage) keep CPU steps affordable."""
+    from abloop.simulate import simulate_traffic
     from store.db import Database
     from training.dataset import build_dataset
     from training.select import SelectionConfig
-    from training.simulate import simulate_traffic
 
     db = Database(f"sqlite:///{scratch / 'bench.db'}")
     db.migrate()

@@ -8,7 +8,9 @@ calibration benchmark (bench/stats_calibration.py) runs on simulated users.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from experiment import stats
@@ -28,6 +30,7 @@ from experiment.metrics import (
     Collected,
     collect,
 )
+from experiment.phases import as_utc
 from store.db import Database
 from store.experiments import get_running
 from store.models import utcnow
@@ -67,8 +70,6 @@ class Analysis:
 
 def _json_ready(value: Any) -> Any:
     """nan and inf are not JSON: they become null."""
-    import math
-
     if isinstance(value, dict):
         return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -92,16 +93,50 @@ def empty(reason: str, policy: Policy | None = None) -> Analysis:
     )
 
 
-def analyse(db: Database, experiment_id: str | None = None, policy: Policy | None = None) -> Analysis:
-    """Analyse an experiment (default: the running one); never writes."""
+def analyse(db: Database, experiment_id: str | None = None, policy: Policy | None = None,
+            until: datetime | None = None) -> Analysis:
+    """Analyse an experiment (default: the running one), as it stood at `until` (default: now); never writes."""
     policy = policy or Policy()
     if experiment_id is None:
         running = get_running(db)
         if running is None:
             return empty("no running experiment", policy)
         experiment_id = running.id
-    collected = collect(db, experiment_id, cuped_lookback_days=policy.cuped_lookback_days if policy.cuped else 0)
+    collected = collect(db, experiment_id, cuped_lookback_days=policy.cuped_lookback_days if policy.cuped else 0,
+                        until=until)
     return analyse_collected(collected, policy)
+
+
+def timeline(db: Database, experiment_id: str, policy: Policy | None = None, points: int = 12) -> list[dict[str, Any]]:
+    """The primary metric over time: per arm with its always-valid interval, and the difference's.
+
+    Each point re-analyses the experiment as it stood then, so the band is what an operator
+    evaluating at that moment would have seen.
+    """
+    from sqlalchemy import func, select
+
+    from store.models import SearchEvent
+
+    policy = policy or Policy()
+    with db.session() as session:
+        first, last = session.execute(
+            select(func.min(SearchEvent.ts), func.max(SearchEvent.ts)).where(SearchEvent.experiment_id == experiment_id)
+        ).one()
+    if first is None:
+        return []
+    first, last = as_utc(first), as_utc(last)
+    step = (last - first) / max(points - 1, 1)
+    series = []
+    for n in range(points):
+        until = last if n == points - 1 else first + step * n
+        analysis = analyse(db, experiment_id, policy, until=until)
+        primary = analysis.primary or {}
+        series.append({"ts": until.isoformat(), "users": [analysis.arms[a]["users"] for a in ARMS],
+                       "share": analysis.candidate_share, "arms": primary.get("arms"),
+                       "difference": primary.get("difference"), "ci": primary.get("ci"),
+                       "action": analysis.action})
+    return series
+
 
 
 def analyse_collected(collected: Collected, policy: Policy | None = None) -> Analysis:
@@ -114,7 +149,9 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
     metrics["latency_p95_ms"] = _compare_quantile(control, candidate, 0.95, policy)
     primary = metrics.get(primary_name)
     if primary is not None:
-        primary = dict(primary, metric=primary_name, label=METRICS[primary_name].label)
+        primary = dict(primary, metric=primary_name, label=METRICS[primary_name].label,
+                       arms={"control": _arm_sequence(control, primary_name, policy),
+                             "candidate": _arm_sequence(candidate, primary_name, policy)})
 
     phases, mismatches = _phases(collected)
     users = (control.users, candidate.users)
@@ -199,6 +236,17 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         "cuped": comparison.cuped,
         "users": list(comparison.users),
     }
+
+
+def _arm_sequence(arm: ArmUsers, name: str, policy: Policy) -> dict[str, Any]:
+    """One arm's value of a metric with its own always-valid interval (for the metric-over-time chart)."""
+    metric = METRICS[name]
+    estimate = stats.ratio_estimate(arm.columns[metric.numerator], arm.columns[metric.denominator])
+    if estimate.users < 2 or math.isnan(estimate.variance):  # the ratio or its variance is undefined
+        return {"value": estimate.value, "ci": None, "users": estimate.users}
+    ci, _p = stats.sequential_interval(estimate.value, estimate.variance, estimate.users, policy.alpha,
+                                       policy.sequential_tuning)
+    return {"value": estimate.value, "ci": list(ci), "users": estimate.users}
 
 
 def _compare_quantile(control: ArmUsers, candidate: ArmUsers, q: float, policy: Policy) -> dict[str, Any] | None:

@@ -9,7 +9,10 @@ once the minimum sample is reached, so early noise cannot trigger a roll back.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from store.config import Settings
 
 PROMOTE, KEEP_RUNNING, ROLL_BACK, NOT_ENOUGH_DATA = "promote", "keep_running", "roll_back", "not_enough_data"
 ACTIONS = (PROMOTE, KEEP_RUNNING, ROLL_BACK, NOT_ENOUGH_DATA)
@@ -47,6 +50,12 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(min_users_per_arm=settings.experiment_min_users_per_arm,
+                   min_signals_per_arm=settings.experiment_min_signals_per_arm,
+                   sequential_tuning=settings.experiment_sequential_tuning)
 
 
 @dataclass(frozen=True)

@@ -145,24 +145,34 @@ class _Sums:
         row[f"{method}_n"] += 1
 
 
-def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14.0) -> Collected:
-    """Read an experiment's events, feedback and answer scores into per-user arrays per assigned arm."""
+def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14.0,
+            until: datetime | None = None) -> Collected:
+    """Read an experiment's events, feedback and answer scores into per-user arrays per assigned arm.
+
+    `until` reads the experiment as it stood at that moment (events and feedback up to it), for
+    the metric-over-time chart of the report.
+    """
     with db.session() as session:
         experiment = session.get(Experiment, experiment_id)
         if experiment is None:
             raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
-        events = session.execute(
+        event_query = (
             select(SearchEvent.id, SearchEvent.ts, SearchEvent.user_id, SearchEvent.arm, SearchEvent.status,
                    SearchEvent.timings, SearchEvent.tokens_in, SearchEvent.tokens_out)
             .where(SearchEvent.experiment_id == experiment_id)
             .order_by(SearchEvent.ts, SearchEvent.id)
-        ).all()
-        feedback = session.execute(
+        )
+        feedback_query = (
             select(Feedback.event_id, Feedback.ts, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer)
             .join(SearchEvent, SearchEvent.id == Feedback.event_id)
             .where(SearchEvent.experiment_id == experiment_id)
             .order_by(Feedback.ts, Feedback.id)
-        ).all()
+        )
+        if until is not None:
+            event_query = event_query.where(SearchEvent.ts <= until)
+            feedback_query = feedback_query.where(Feedback.ts <= until)
+        events = session.execute(event_query).all()
+        feedback = session.execute(feedback_query).all()
         scores = session.execute(
             select(AnswerScore.event_id, AnswerScore.method, AnswerScore.score)
             .join(SearchEvent, SearchEvent.id == AnswerScore.event_id)

@@ -16,9 +16,11 @@ from flows.scoring import score_answers
 @task(retries=2, retry_delay_seconds=10)
 def analyse_experiment(database_url: str, experiment_id: str | None) -> dict:
     import experiment
+    from experiment.decision import Policy
+    from store.config import Settings
     from store.db import Database
 
-    return experiment.evaluate(Database(database_url), experiment_id).to_dict()
+    return experiment.evaluate(Database(database_url), experiment_id, Policy.from_settings(Settings())).to_dict()
 
 
 @task

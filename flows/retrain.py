@@ -59,12 +59,16 @@ def load_on_candidate_server(server_base_url: str, name: str, adapter_dir: str) 
 
 @task(retries=2, retry_delay_seconds=5)
 def start_experiment(database_url: str, server_base_url: str, name: str, adapter_id: str | None,
-                     share: float) -> str:
+                     share: float, rollout: dict | None = None) -> str:
+    """A new experiment with the adapter as candidate: at `share`, or ramped by a rollout plan."""
     from experiment import lifecycle
     from store.db import Database
 
-    experiment = lifecycle.start_candidate(Database(database_url), base_url=server_base_url, model=name,
-                                           adapter_id=adapter_id, share=share, reason="retrained adapter")
+    db = Database(database_url)
+    experiment = lifecycle.start_candidate(db, base_url=server_base_url, model=name, adapter_id=adapter_id,
+                                           share=0.0 if rollout else share, reason="retrained adapter")
+    if rollout:
+        lifecycle.set_rollout(db, experiment.id, rollout, reason="rollout of a retrained adapter")
     return experiment.id
 
 
@@ -77,6 +81,7 @@ def retrain(
     learning_rate: float = 2e-4,
     min_examples: int = 20,
     base: str = "default",
+    rollout: dict | None = None,
 ) -> dict:
     from store.config import Settings
 
@@ -100,6 +105,7 @@ def retrain(
 
     load_on_candidate_server(candidate_server, adapter["name"], adapter["adapter_dir"])
     experiment_id = start_experiment(settings.database_url, candidate_server, adapter["name"],
-                                     adapter["adapter_id"], candidate_share)
-    log.info(f"experiment {experiment_id}: candidate {adapter['name']} on {candidate_share:.0%} of users")
+                                     adapter["adapter_id"], candidate_share, rollout)
+    plan = f"rollout {rollout['steps']}" if rollout else f"{candidate_share:.0%} of users"
+    log.info(f"experiment {experiment_id}: candidate {adapter['name']} on {plan}")
     return {"status": "candidate", "experiment_id": experiment_id, "adapter": adapter, "gate": verdict}

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     embed_threads: int = Field(1, ge=1)
     ingest_max_bytes: int = Field(5_000_000, ge=1)
     ingest_timeout_s: float = Field(10.0, gt=0)
+    # The experiment decision rule (experiment.decision.Policy); the defaults suit production traffic.
+    experiment_min_users_per_arm: int = Field(100, ge=2)
+    experiment_min_signals_per_arm: int = Field(50, ge=1)
+    experiment_sequential_tuning: float = Field(5000.0, gt=0)  # users at which the interval is tightest
     # Automatic answer scoring (evaluate_arms): events sampled per arm, and an optional LLM judge.
     answer_score_sample: int = Field(200, ge=0)
     judge_api_base: str | None = None

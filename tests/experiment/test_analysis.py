@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import insert
 
 import experiment
+from abloop.cli import main
 from experiment import lifecycle
 from experiment.decision import Policy
 from experiment.rollout import record_decision
-from flows.cli import main
 from store import experiments
 from store.models import AnswerScore, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import experiment
-from flows.cli import main
+from abloop.cli import main
 from serving.stub import running_stub
 from store import experiments
 from tests.proxy.conftest import make_settings, running_proxy

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from abloop.simulate import simulate_traffic
 from store.db import Database
 from tests.training.conftest import BagOfWordsEncoder
 from training.dataset import HOLDOUT_FILE, build_dataset, read_rows
 from training.evaluate import EVAL_FILE, METRICS_FILE, encode_pair, load_tokenizer, rouge_l
 from training.registry import AdapterNameTaken, adapter_name, get_adapter, register_adapter
-from training.simulate import simulate_traffic
 from training.train import dataset_hash, train_lora
 
 

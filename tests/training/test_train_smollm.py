@@ -2,9 +2,9 @@
 
 import pytest
 
+from abloop.simulate import simulate_traffic
 from tests.training.conftest import BagOfWordsEncoder
 from training.dataset import build_dataset
-from training.simulate import simulate_traffic
 from training.train import train_lora
 
 

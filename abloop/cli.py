@@ -79,14 +79,23 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import experiment
+    from experiment.decision import Policy
 
-    analysis = experiment.evaluate(_db(), args.experiment)
+    analysis = experiment.evaluate(_db(), args.experiment, Policy.from_settings(_settings()))
     if args.json:
         print(json.dumps(analysis.to_dict(), default=str))
         return
     from experiment.status import render_analysis
 
     print(render_analysis(analysis.to_dict()))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from experiment.decision import Policy
+    from experiment.report import write_report
+
+    path = write_report(_db(), args.experiment, Path(args.out), Policy.from_settings(_settings()))
+    print(json.dumps({"report": str(path)}))
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -148,7 +157,7 @@ def cmd_eval_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(_args: argparse.Namespace) -> None:
-    from flows.demo import run_demo
+    from abloop.demo import run_demo
 
     run_demo()
 
@@ -214,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status, "The running experiment, its phase, rollout step and every transition.")
     status.add_argument("--experiment", help="default: the running experiment")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    report = add("report", cmd_report, "Write the self-contained HTML operator report of an experiment.")
+    report.add_argument("--experiment", help="default: the running experiment, else the last one with a candidate")
+    report.add_argument("--out", default="reports", help="directory (default: reports/)")
 
     add("migrate", cmd_migrate, "Apply the schema migrations once (replicas do not race to migrate).")
     add("demo", cmd_demo, "Run the whole loop end to end on the embedded defaults.")

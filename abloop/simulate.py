@@ -35,7 +35,7 @@ from training.synthetic import ChunkLike, active_layout, load_chunks
 SIMULATED_SESSION = "simulated"
 SIMULATED_MODEL = "simulated"
 
-_QUESTION_TEMPLATES = (
+QUESTION_TEMPLATES = (
     "What is {s} in Python?",
     "How does {s} work?",
     "Explain {s}.",
@@ -70,7 +70,7 @@ def house_answer(chunk: ChunkLike) -> str:
 def first_sentence(text: str) -> str:
     match = _SENTENCE.match(" ".join(text.split()))
     sentence = match.group(1) if match else " ".join(text.split())
-    return sentence[:-1] + "." if sentence[-1] in ":;" else sentence
+    return sentence[:-1] + "." if sentence and sentence[-1] in ":;" else sentence
 
 
 def pydoc_chunks(max_chars: int = 350) -> list[SimChunk]:
@@ -119,7 +119,7 @@ def simulate_traffic(
     now = now or datetime.now(UTC)
     users = [f"{SIMULATED_USER_PREFIX}{i:04d}" for i in range(max(5, n_queries // 4))]
     # Walk every (passage, phrasing) pair once before repeating any, as real users rarely repeat.
-    pairs = [(c, t) for c in pool for t in _QUESTION_TEMPLATES]
+    pairs = [(c, t) for c in pool for t in QUESTION_TEMPLATES]
     rng.shuffle(pairs)
 
     counts: Counter[str] = Counter()
@@ -127,7 +127,7 @@ def simulate_traffic(
     feedback: list[Feedback] = []
     for n in range(n_queries):
         chunk, phrasing = pairs[n % len(pairs)]
-        question = phrasing.format(s=_subject(chunk.title))
+        question = phrasing.format(s=subject(chunk.title))
         if rng.random() < pii_rate:
             question += f" Reply to sim.user{n}@example.com"
             counts["questions_with_pii"] += 1
@@ -225,7 +225,7 @@ def _title_and_first_paragraph(doc: str) -> tuple[str, str]:
     return title, ""
 
 
-def _subject(title: str) -> str:
+def subject(title: str) -> str:
     """A title as it reads mid-sentence: "The "for" statement" -> "the "for" statement"."""
     first = title.split(" ", 1)[0]
     plain_word = first[:1].isupper() and (len(first) == 1 or first[1:].islower())  # not "NaN", not "CPU"

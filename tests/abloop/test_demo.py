@@ -1,0 +1,77 @@
+"""The demo: its console, and its whole path through the real parts with small sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from abloop.console import DemoConsole
+from tests.conftest import free_port
+
+
+def test_library_output_goes_to_the_log_and_stages_to_the_terminal(tmp_path, capfd):
+    log = tmp_path / "logs" / "demo.log"
+    with DemoConsole(log) as console:
+        with console.stage("warm-up", "simulated users") as stage:
+            print("a library prints this")
+            os.write(2, b"C code writes this to fd 2\n")
+            stage.done("160 users")
+        summary = console.summary({"simulated": "all simulated", "primary_metric": "satisfaction",
+                                   "arms": {"control": {"users": 10, "value": 0.2, "ci": [0.1, 0.3]},
+                                            "candidate": {"users": 12, "value": 0.8, "ci": [0.7, 0.9]}},
+                                   "verdict": {"action": "promote", "reason": "candidate is better"}})
+    terminal = capfd.readouterr()
+    assert "warm-up" in terminal.out and "promote" in terminal.out and "SIMULATED" in terminal.out
+    assert "a library prints this" not in terminal.out + terminal.err
+    assert "C code writes this" not in terminal.out + terminal.err
+    logged = log.read_text()
+    assert "a library prints this" in logged and "C code writes this to fd 2" in logged
+    assert json.loads((tmp_path / "summary.json").read_text())["verdict"]["action"] == "promote"
+    assert summary["seconds"] >= 0
+    print("stdout works again")
+    assert "stdout works again" in capfd.readouterr().out
+
+
+def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
+    console = DemoConsole(tmp_path / "logs" / "demo.log")
+    with pytest.raises(RuntimeError), console, console.stage("retrain", "LoRA"):
+        raise RuntimeError("the model server went away")
+    out = capfd.readouterr().out
+    assert "demo failed" in out and "the model server went away" in out
+    assert console.stages[0].status == "failed"
+
+
+@pytest.mark.slow
+def test_the_whole_demo_path_with_small_sizes(tmp_path):
+    """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small."""
+    from abloop.demo import DemoConfig, run_demo
+    from store.db import Database
+    from store.models import Feedback, SearchEvent
+
+    work = tmp_path / ".abloop-demo"
+    config = DemoConfig(work=work, warmup_users=60, users_per_step=30, batch_users=40, max_batches=3,
+                        after_users=6, max_steps=4, min_examples=8, max_tokens=24, score_sample=5, concurrency=8,
+                        model_port=free_port(), proxy_port=free_port())
+    saved = dict(os.environ)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # reports/ lands here
+    try:
+        summary = run_demo(config)
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.stdout.flush()
+    assert summary["retrain"] == "candidate", summary
+    assert summary["verdict"]["action"] in {"promote", "keep_running", "roll_back", "not_enough_data"}
+    assert (tmp_path / "reports" / "latest.html").is_file()
+    db = Database(f"sqlite:///{work / 'abloop.db'}")
+    with db.session() as session:
+        users = {u for (u,) in session.query(SearchEvent.user_id).distinct()}
+        comments = {c for (c,) in session.query(Feedback.comment).distinct()}
+    assert users and all(u.startswith("sim-") for u in users)
+    assert comments == {"simulated feedback (abloop demo)"}
+    assert (work / "logs" / "demo.log").stat().st_size > 0
