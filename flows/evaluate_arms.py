@@ -35,23 +35,21 @@ def resolve_experiment(database_url: str, experiment_id: str | None) -> str | No
 
 
 @task
-def publish(analysis: dict) -> None:
-    from experiment.status import render_analysis
+def publish(database_url: str, analysis: dict) -> None:
+    """The operator report's content (experiment.report) as a markdown artifact, and the per-arm table."""
+    from experiment.decision import Policy
+    from experiment.report import gather, to_markdown
+    from store.config import Settings
+    from store.db import Database
 
     rows = [{"arm": arm, **values} for arm, values in analysis["arms"].items()]
     create_table_artifact(rows, key="arms", description="Per assigned arm (users are the unit)")
-    decision = analysis["decision"]
-    create_markdown_artifact(
-        "\n".join([
-            f"# Experiment {analysis['experiment_id']}",
-            f"**Decision: {decision['action']}** - {decision['reason']}",
-            "",
-            "```",
-            render_analysis(analysis),
-            "```",
-        ]),
-        key="decision",
-    )
+    if analysis["experiment_id"] is None:
+        markdown = f"**Decision: {analysis['decision']['action']}** - {analysis['decision']['reason']}"
+    else:
+        bundle = gather(Database(database_url), analysis["experiment_id"], Policy.from_settings(Settings()), points=6)
+        markdown = to_markdown(bundle)
+    create_markdown_artifact(markdown, key="decision")
 
 
 @flow(name="evaluate_arms")
@@ -67,6 +65,6 @@ def evaluate_arms(experiment_id: str | None = None, score_sample: int | None = N
         score_answers(settings.database_url, target, per_arm, settings.embedding_model,
                       settings.judge_api_base, settings.judge_model, key)
     analysis = analyse_experiment(settings.database_url, experiment_id)
-    publish(analysis)
+    publish(settings.database_url, analysis)
     log.info(f"experiment {analysis['experiment_id']}: {analysis['decision']['action']}")
     return analysis

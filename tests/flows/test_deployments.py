@@ -11,6 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+ON_DEMAND = {"promote", "rollback"}  # an operator's decision, never a schedule
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
@@ -22,4 +23,4 @@ def test_deployment_entrypoint_is_a_flow_named_after_its_file(deployment):
     accepted = inspect.signature(flow.fn).parameters
     assert set(deployment.get("parameters", {})) <= set(accepted)
     assert deployment["work_pool"]["name"] in {"cpu", "gpu"}
-    assert deployment["schedules"]
+    assert bool(deployment["schedules"]) == (deployment["name"] not in ON_DEMAND)

@@ -1,0 +1,26 @@
+"""promote: the candidate of an experiment becomes control (the same operation as the admin API and CLI).
+
+Without `force` the experiment must carry a recorded "promote" decision (from `evaluate_arms`).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+
+@task
+def promote_experiment(database_url: str, experiment_id: str, force: bool) -> dict:
+    from experiment import lifecycle
+    from store.db import Database
+
+    successor = lifecycle.promote(Database(database_url), experiment_id, force=force, via="prefect")
+    return {"promoted": experiment_id, "new_experiment": successor.id, "control_model": successor.control_model}
+
+
+@flow(name="promote")
+def promote(experiment_id: str, force: bool = False) -> dict:
+    from store.config import Settings
+
+    outcome = promote_experiment(Settings().database_url, experiment_id, force)
+    get_run_logger().info(f"experiment {experiment_id} promoted; {outcome['control_model']} now serves everyone")
+    return outcome
