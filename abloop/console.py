@@ -112,6 +112,8 @@ class DemoConsole:
             if stage.status == "running":
                 stage.done(stage.detail)
             print(f"== stage {name}: {stage.status} {stage.detail} ({stage.seconds:.1f} s)", flush=True)
+            if not self.console.is_terminal:  # no live table to update: one line per finished stage instead
+                self.console.print(f"{_ICONS[stage.status]} {name}: {stage.detail} ({stage.seconds:.1f} s)")
             self._refresh()
 
     def note(self, text: str) -> None:

@@ -38,21 +38,22 @@ def _port(variable: str, default: int) -> int:
 class DemoConfig:
     """Sizes chosen so the loop closes in about ten minutes on two CPU cores."""
 
-    warmup_users: int = 160
-    rollout_steps: tuple[float, ...] = (0.1, 0.5)
-    users_per_step: int = 200  # the rollout's minimum users per step
-    batch_users: int = 100  # users between two evaluations ("hourly" in production)
+    warmup_users: int = 100
+    rollout_steps: tuple[float, ...] = (0.2, 0.5)
+    users_per_step: int = 160  # the rollout's minimum users per step: about 110 candidate users by the end
+    batch_users: int = 80  # users between two evaluations ("hourly" in production)
     max_batches: int = 8
     after_users: int = 20
-    max_steps: int = 30  # LoRA steps on CPU
+    max_steps: int = 24  # LoRA steps on CPU
     min_examples: int = 20  # training rows below which retrain skips
     learning_rate: float = 1e-3
     concurrency: int = 16
-    max_tokens: int = 64
+    max_tokens: int = 48
     top_k: int = 1  # one passage: short prompts, fast CPU steps
     score_sample: int = 30
     model: str = "default"  # or an HF directory (tests use a tiny random model)
     seed: int = 0
+    corpus: str = "pydoc"  # or a directory of text files (the tests use a few pydoc topics)
     work: Path = WORK
     model_port: int = field(default_factory=lambda: _port("ABLOOP_DEMO_MODEL_PORT", 8001))
     proxy_port: int = field(default_factory=lambda: _port("ABLOOP_DEMO_PROXY_PORT", 8000))
@@ -68,6 +69,8 @@ def demo_env(config: DemoConfig) -> dict[str, str]:
         "SPOOL_DIR": str(work / "spool"),
         "PREFECT_HOME": str(work / "prefect"),
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # Prefect's temporary server shares two busy cores with the model server and the trainer.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "EXPERIMENT_REFRESH_S": "1",
         "LLM_TIMEOUT_S": "600",  # a CPU model serving 16 requests at once is slow, not down
         # A demo-sized policy: a minimum sample of 15 users per arm and an always-valid interval
@@ -146,7 +149,8 @@ class _Loop:
 
         self.config = config
         self.console = console
-        self.rule = HouseStyleRule()
+        # Corrections are what teaches the trainer the house style; keen correctors keep the warm-up short.
+        self.rule = HouseStyleRule(correction_rate=0.8)
         self.queries = queries(200, seed=config.seed)
         self.users = make_users(config.warmup_users + config.max_batches * config.batch_users + config.after_users,
                                 seed=config.seed)
@@ -161,14 +165,17 @@ class _Loop:
         settings = Settings()
         self.console.note(f"simulated users' rule: {self.rule.describe()}")
         self.index(settings)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        # The model server does the heavy work while users search (training runs only between those stages),
+        # so it gets every core; the proxy's single embedding thread is enough (bench/proxy_overhead.py).
+        env = dict(os.environ)
         logs = self.config.work / "logs"
         ports = (self.config.model_port, self.config.proxy_port)
         serve = [*_cli(), "serve-model", "--model", self.config.model, "--port", str(ports[0])]
         with self.console.stage("serve", f"model server :{ports[0]} and proxy :{ports[1]}") as stage, \
                 _background("model-server", serve, env, f"http://127.0.0.1:{ports[0]}/healthz", logs):
             model = httpx.get(f"{self.model_base}/models", timeout=30).json()["data"][0]["id"]
-            proxy_env = env | {"LLM_API_BASE": self.model_base, "LLM_MODEL": model, "ADMIN_TOKEN": self.admin_token}
+            proxy_env = env | {"LLM_API_BASE": self.model_base, "LLM_MODEL": model, "ADMIN_TOKEN": self.admin_token,
+                               "OMP_NUM_THREADS": "1"}
             with _background("proxy", [*_cli(), "proxy", "--port", str(ports[1])], proxy_env,
                              f"{self.proxy_url}/readyz", logs):
                 stage.done(f"{model} serves control; no candidate yet")
@@ -186,10 +193,11 @@ class _Loop:
         from flows.ingest import ingest
         from retrieval.index import IndexStore
 
-        with self.console.stage("index", "Python's documentation topics (`ingest` flow)") as stage:
+        what = "Python's documentation topics" if self.config.corpus == "pydoc" else self.config.corpus
+        with self.console.stage("index", f"{what} (`ingest` flow)") as stage:
             current = IndexStore(settings.index_dir).current_version()
             if current is None:
-                built = ingest(corpus="pydoc")
+                built = ingest(corpus=self.config.corpus)
                 stage.done(f"index {built['index_version']}: {built['chunks']} chunks")
             else:
                 stage.done(f"reusing index {current}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from experiment import stats
 from experiment.decision import (
     NOT_ENOUGH_DATA,
@@ -211,15 +213,27 @@ def _ratings_welch(collected: Collected, alpha: float) -> dict[str, Any] | None:
 
 
 def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) -> dict[str, Any] | None:
+    """Candidate against control within each phase of first assignment, combined (see stats.stratified)."""
     metric = METRICS[name]
     use_pre = policy.cuped and name in control.pre and name in candidate.pre
-    comparison = stats.compare_ratio(
-        control.columns[metric.numerator], control.columns[metric.denominator],
-        candidate.columns[metric.numerator], candidate.columns[metric.denominator],
-        alpha=policy.alpha, tuning=policy.sequential_tuning,
-        control_pre=control.pre.get(name) if use_pre else None,
-        candidate_pre=candidate.pre.get(name) if use_pre else None,
-    )
+    parts = []
+    for stratum in np.intersect1d(control.strata, candidate.strata):
+        a, b = control.strata == stratum, candidate.strata == stratum
+        part = stats.compare_ratio(
+            control.columns[metric.numerator][a], control.columns[metric.denominator][a],
+            candidate.columns[metric.numerator][b], candidate.columns[metric.denominator][b],
+            alpha=policy.alpha, tuning=policy.sequential_tuning,
+            control_pre=control.pre[name][a] if use_pre else None,
+            candidate_pre=candidate.pre[name][b] if use_pre else None,
+        )
+        if part is not None:
+            parts.append(part)
+    if not parts:
+        return None
+    pooled = [stats.ratio_estimate(arm.columns[metric.numerator], arm.columns[metric.denominator]).value
+              for arm in (control, candidate)]
+    comparison = stats.stratified(parts, control=pooled[0], candidate=pooled[1], alpha=policy.alpha,
+                                  tuning=policy.sequential_tuning)
     if comparison is None:
         return None
     return {
@@ -235,6 +249,7 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         "fixed_horizon": {"ci": list(comparison.fixed_ci), "p_value": comparison.fixed_p_value},
         "cuped": comparison.cuped,
         "users": list(comparison.users),
+        "strata": len(parts),
     }
 
 

@@ -74,6 +74,7 @@ class ArmUsers:
     user_ids: list[str]
     columns: dict[str, np.ndarray]
     latencies_ms: np.ndarray
+    strata: np.ndarray  # per user: the phase of their first request (comparisons are made within phases)
     pre: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> the user's value before (nan: none)
 
     @property
@@ -191,6 +192,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
 
     locate = PhaseLocator(phases)
     first_arm: dict[str, str] = {}
+    first_phase: dict[str, int] = {}
     sums = {arm: _Sums() for arm in ARMS}
     latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
     phase_arm: list[dict[str, str]] = [{} for _ in phases]  # per phase: user -> arm first served there
@@ -203,7 +205,9 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         if not user:
             anonymous += 1
             continue
-        phase_arm[locate(ts)].setdefault(user, arm)
+        phase = locate(ts)
+        phase_arm[phase].setdefault(user, arm)
+        first_phase.setdefault(user, phase)
         home = first_arm.setdefault(user, arm)
         if arm != home:
             crossed.add(user)
@@ -228,7 +232,8 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         rows = sums[arm].rows
         users = list(rows)
         columns = {c: np.array([rows[u][c] for u in users], dtype=float) for c in COLUMNS}
-        arms[arm] = ArmUsers(user_ids=users, columns=columns, latencies_ms=np.asarray(latencies[arm], dtype=float))
+        arms[arm] = ArmUsers(user_ids=users, columns=columns, latencies_ms=np.asarray(latencies[arm], dtype=float),
+                             strata=np.array([first_phase[u] for u in users], dtype=int))
     counts = []
     for phase, by_user in zip(phases, phase_arm, strict=True):
         served = list(by_user.values())

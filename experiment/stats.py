@@ -30,6 +30,7 @@ __all__ = [
     "ratio_estimate",
     "sample_ratio",
     "sequential_interval",
+    "stratified",
     "two_proportions",
     "welch",
 ]
@@ -261,6 +262,48 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
                       std_error=math.sqrt(variance), dof=dof, fixed_ci=fixed_ci, fixed_p_value=fixed_p,
                       sequential_ci=sequential_ci, sequential_p_value=sequential_p, chance_to_win=chance, users=users,
                       cuped=cuped)
+
+
+def stratified(strata: Sequence[Comparison], *, control: float, candidate: float, alpha: float = 0.05,
+               tuning: float = 5000.0) -> Comparison:
+    """One comparison from per-stratum comparisons (post-stratification), weighted by users in each stratum.
+
+    A ramp changes the share between phases, so the arms draw their users from the phases in different
+    proportions; pooling them turns any change over time (a weekday, a novelty effect, a drift in taste) into a
+    false treatment effect. Comparing within each phase of first assignment, where the split was random at one
+    share, and averaging with fixed weights w_k = n_k / n removes that bias: difference = sum w_k d_k,
+    variance = sum w_k^2 var_k. The fixed-horizon interval uses the normal quantile (the strata's Welch degrees
+    of freedom do not combine into one); the sequential interval is the same always-valid formula on the combined
+    estimate. `control` and `candidate` are the pooled arm values, for display.
+    """
+    if not strata:
+        raise ValueError("stratified needs at least one stratum")
+    if len(strata) == 1:
+        return strata[0]
+    sizes = np.array([sum(c.users) for c in strata], dtype=float)
+    weights = sizes / sizes.sum()
+    difference = float(sum(w * c.difference for w, c in zip(weights, strata, strict=True)))
+    variance = float(sum(w**2 * c.std_error**2 for w, c in zip(weights, strata, strict=True)))
+    users = (sum(c.users[0] for c in strata), sum(c.users[1] for c in strata))
+    sequential_ci, sequential_p = sequential_interval(difference, variance, sum(users), alpha, tuning)
+    if variance > 0:
+        se = math.sqrt(variance)
+        z = float(norm.ppf(1 - alpha / 2))
+        fixed_ci = (difference - z * se, difference + z * se)
+        fixed_p = float(2 * norm.sf(abs(difference) / se))
+        chance = float(norm.cdf(difference / se))
+    else:
+        fixed_ci, fixed_p = (difference, difference), 1.0 if difference == 0 else 0.0
+        chance = 0.5 if difference == 0 else float(difference > 0)
+    cuped = None
+    reductions = [c.cuped for c in strata if c.cuped]
+    if reductions:
+        cuped = {"strata_adjusted": len(reductions), "variance_reduction": float(np.mean(
+            [r["variance_reduction"] for r in reductions]))}
+    return Comparison(control=control, candidate=candidate, difference=difference,
+                      relative=difference / control if control else None, std_error=math.sqrt(variance), dof=math.nan,
+                      fixed_ci=fixed_ci, fixed_p_value=fixed_p, sequential_ci=sequential_ci,
+                      sequential_p_value=sequential_p, chance_to_win=chance, users=users, cuped=cuped)
 
 
 def sample_ratio(observed: Sequence[int], shares: Sequence[float]) -> float | None:

@@ -47,14 +47,20 @@ def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
 @pytest.mark.slow
 def test_the_whole_demo_path_with_small_sizes(tmp_path):
     """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small."""
+    from pydoc_data.topics import topics
+
     from abloop.demo import DemoConfig, run_demo
     from store.db import Database
     from store.models import Feedback, SearchEvent
 
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("assert", "for", "lambda", "with", "try", "if", "while", "import", "function", "class"):
+        (corpus / f"{name}.txt").write_text(topics[name])
     work = tmp_path / ".abloop-demo"
-    config = DemoConfig(work=work, warmup_users=60, users_per_step=30, batch_users=40, max_batches=3,
-                        after_users=6, max_steps=4, min_examples=8, max_tokens=24, score_sample=5, concurrency=8,
-                        model_port=free_port(), proxy_port=free_port())
+    config = DemoConfig(work=work, corpus=str(corpus), warmup_users=60, users_per_step=30, batch_users=40,
+                        max_batches=3, after_users=6, max_steps=4, min_examples=8, max_tokens=24, score_sample=5,
+                        concurrency=8, model_port=free_port(), proxy_port=free_port())
     saved = dict(os.environ)
     cwd = os.getcwd()
     os.chdir(tmp_path)  # reports/ lands here

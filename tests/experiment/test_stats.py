@@ -28,6 +28,7 @@ from experiment.stats import (
     ratio_estimate,
     sample_ratio,
     sequential_interval,
+    stratified,
     two_proportions,
     welch,
 )
@@ -273,3 +274,23 @@ def test_users_are_the_unit_delta_method_matches_simulation_and_per_request_bino
     naive = np.mean(ratios * (1 - ratios) / requests.sum(axis=1))
     assert delta == pytest.approx(empirical, rel=0.2)
     assert naive < 0.6 * empirical
+
+
+def test_stratified_weights_each_phase_by_its_users_and_adds_variances_so():
+    rng = np.random.default_rng(11)
+    parts, sizes = [], []
+    for n_a, n_b, p in ((900, 100, 0.3), (500, 500, 0.6)):
+        a, b = rng.binomial(1, p, n_a).astype(float), rng.binomial(1, p + 0.05, n_b).astype(float)
+        parts.append(compare_ratio(a, np.ones(n_a), b, np.ones(n_b)))
+        sizes.append(n_a + n_b)
+    combined = stratified(parts, control=0.4, candidate=0.5, alpha=0.05, tuning=5000)
+    w = np.array(sizes) / sum(sizes)
+    assert combined.difference == pytest.approx(w[0] * parts[0].difference + w[1] * parts[1].difference)
+    assert combined.std_error == pytest.approx(np.sqrt(w[0] ** 2 * parts[0].std_error ** 2
+                                                       + w[1] ** 2 * parts[1].std_error ** 2))
+    assert combined.users == (1400, 600)
+    assert combined.sequential_ci == pytest.approx(sequential_interval(combined.difference, combined.std_error ** 2,
+                                                                       2000, 0.05, 5000)[0])
+    low, high = combined.fixed_ci
+    assert (high - low) / 2 == pytest.approx(1.959964 * combined.std_error, rel=1e-5)
+    assert stratified(parts[:1], control=0.0, candidate=0.0) is parts[0]
