@@ -90,7 +90,8 @@ class DemoConsole:
         if exc_info[0] is not None and exc_info[0] is not KeyboardInterrupt:
             self.console.print(f"[red]demo failed:[/] {exc_info[1]} (details in {self.log_path})")
         self._terminal.close()
-        self._log.close()
+        # The log stays open: handlers created meanwhile (Prefect's, at exit) still hold it as their stream.
+        self._log.flush()
 
     def _stop_live(self) -> None:
         if getattr(self, "_live", None) is not None:

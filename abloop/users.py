@@ -305,34 +305,12 @@ async def simulate(
     return report
 
 
-def run_simulation(
-    base_url: str,
-    users: Sequence[SimulatedUser],
-    *,
-    queries: Sequence[str],
-    requests_per_user: int = 1,
-    rule: HouseStyleRule,
-    concurrency: int = 8,
-    seed: int = 0,
-    top_k: int = 3,
-    on_result: Callable[[SimResult], None] | None = None,
-    timeout_s: float = 300,
-) -> SimReport:
-    """`simulate` from synchronous code (not from inside a running event loop: await `simulate` there)."""
-    return asyncio.run(
-        simulate(
-            base_url,
-            users,
-            queries=queries,
-            requests_per_user=requests_per_user,
-            rule=rule,
-            concurrency=concurrency,
-            seed=seed,
-            top_k=top_k,
-            on_result=on_result,
-            timeout_s=timeout_s,
-        )
-    )
+def run_simulation(base_url: str, users: Sequence[SimulatedUser], **options: Any) -> SimReport:
+    """`simulate` from synchronous code (not from inside a running event loop: await `simulate` there).
+
+    Takes `simulate`'s keyword options.
+    """
+    return asyncio.run(simulate(base_url, users, **options))
 
 
 class SimulationFailed(RuntimeError):

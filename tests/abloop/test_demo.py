@@ -45,8 +45,12 @@ def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_the_whole_demo_path_with_small_sizes(tmp_path):
-    """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small."""
+def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
+    """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small.
+
+    Real embeddings, FAISS, Prefect, proxy, model server and LoRA training; the model is a tiny random Llama
+    so the test takes about a minute (the real SmolLM2 run is measured in docs/BENCHMARKS.md, "make demo").
+    """
     from pydoc_data.topics import topics
 
     from abloop.demo import DemoConfig, run_demo
@@ -59,8 +63,8 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path):
         (corpus / f"{name}.txt").write_text(topics[name])
     work = tmp_path / ".abloop-demo"
     config = DemoConfig(work=work, corpus=str(corpus), warmup_users=60, users_per_step=30, batch_users=40,
-                        max_batches=3, after_users=6, max_steps=4, min_examples=8, max_tokens=24, score_sample=5,
-                        concurrency=8, model_port=free_port(), proxy_port=free_port())
+                        max_batches=3, after_users=6, max_steps=30, min_examples=8, max_tokens=24, score_sample=5,
+                        concurrency=8, model=str(tiny_model_dir), model_port=free_port(), proxy_port=free_port())
     saved = dict(os.environ)
     cwd = os.getcwd()
     os.chdir(tmp_path)  # reports/ lands here
