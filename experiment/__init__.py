@@ -7,7 +7,7 @@ an analysis runs, and nothing here pulls in torch, faiss or FastAPI.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from experiment.analysis import Analysis
@@ -30,14 +30,3 @@ def evaluate(db: Database, experiment_id: str | None = None, policy: Policy | No
 
     return _evaluate(db, experiment_id, policy)
 
-
-def __getattr__(name: str) -> Any:  # pragma: no cover - convenience re-exports without import cost
-    if name in {"Analysis"}:
-        from experiment import analysis
-
-        return getattr(analysis, name)
-    if name == "Policy":
-        from experiment import decision
-
-        return decision.Policy
-    raise AttributeError(name)

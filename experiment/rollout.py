@@ -12,7 +12,7 @@ Every action is a transition in `experiment_events` with its reason and the anal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from experiment import lifecycle
@@ -20,7 +20,7 @@ from experiment.analysis import Analysis, analyse
 from experiment.decision import KEEP_RUNNING, PROMOTE, ROLL_BACK, Policy
 from experiment.phases import as_utc
 from store.db import Database
-from store.experiments import RUNNING, get, list_events
+from store.experiments import RUNNING, get
 from store.models import Experiment, utcnow
 
 
@@ -80,7 +80,7 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
         successor = lifecycle.rollback(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
                                        analysis=snapshot)
         return {"did": "rolled_back", "step": step, "successor": successor.id}
-    users, hours = _step_progress(db, experiment, analysis)
+    users, hours = _step_progress(experiment, analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
     waiting = {"did": "wait", "step": step, "step_users": users, "step_hours": round(hours, 3)}
     if not ready or action not in (KEEP_RUNNING, PROMOTE):
@@ -107,13 +107,13 @@ def _advance(db: Database, experiment_id: str, plan: RolloutPlan, step: int, rea
         experiment.rollout = plan.to_dict(step=step)
 
 
-def _step_progress(db: Database, experiment: Experiment, analysis: Analysis) -> tuple[int, float]:
+def _step_progress(experiment: Experiment, analysis: Analysis) -> tuple[int, float]:
     """Users active in the current step (its phase) and hours since it began."""
-    current = analysis.phases[-1] if analysis.phases else None
-    users = sum(current["users"]) if current else 0
-    started = max((as_utc(e.ts) for e in list_events(db, experiment.id) if e.kind == "rollout_step"),
-                  default=as_utc(experiment.started_at))
-    return users, (utcnow() - started) / timedelta(hours=1)
+    if not analysis.phases:
+        return 0, (utcnow() - as_utc(experiment.started_at)) / timedelta(hours=1)
+    current = analysis.phases[-1]
+    started = datetime.fromisoformat(current["start"])
+    return sum(current["users"]), (utcnow() - started) / timedelta(hours=1)
 
 
 def _brief(analysis: Analysis) -> dict[str, Any]:

@@ -12,8 +12,15 @@ from store.experiments import get, get_running, list_events
 from store.models import Experiment
 
 
-def _arm(base_url: str | None, model: str | None, adapter_id: str | None) -> dict[str, Any] | None:
-    return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id}
+def arms_of(experiment: Experiment) -> dict[str, dict[str, Any] | None]:
+    """The experiment's two arms as {base_url, model, adapter_id}; None for an arm that is not configured."""
+
+    def arm(base_url: str | None, model: str | None, adapter_id: str | None) -> dict[str, Any] | None:
+        return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id}
+
+    return {"control": arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
+            "candidate": arm(experiment.candidate_base_url, experiment.candidate_model,
+                             experiment.candidate_adapter_id)}
 
 
 def describe(db: Database, experiment_id: str | None = None) -> dict[str, Any]:
@@ -32,8 +39,7 @@ def describe(db: Database, experiment_id: str | None = None) -> dict[str, Any]:
     status["experiment"] = {
         "id": experiment.id,
         "status": experiment.status,
-        "control": _arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
-        "candidate": _arm(experiment.candidate_base_url, experiment.candidate_model, experiment.candidate_adapter_id),
+        **arms_of(experiment),
         "candidate_share": experiment.candidate_share,
         "primary_metric": experiment.primary_metric or DEFAULT_PRIMARY,
         "started_at": experiment.started_at.isoformat(),

@@ -69,14 +69,12 @@ def _choose(db: Database, experiment_id: str | None) -> tuple[Experiment | None,
 
 
 def _describe(experiment: Experiment) -> dict[str, Any]:
-    def arm(base_url: str | None, model: str | None, adapter_id: str | None) -> dict[str, Any] | None:
-        return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id}
+    from experiment.status import arms_of
 
     return {
         "id": experiment.id,
         "status": experiment.status,
-        "control": arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
-        "candidate": arm(experiment.candidate_base_url, experiment.candidate_model, experiment.candidate_adapter_id),
+        **arms_of(experiment),
         "candidate_share": experiment.candidate_share,
         "primary_metric": experiment.primary_metric,
         "started_at": _iso(experiment.started_at),

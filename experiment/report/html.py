@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from experiment import phases
 from experiment.metrics import ARMS
 from experiment.report.charts import _interval_bar, _line_chart, _Series
 from experiment.report.content import (
@@ -26,8 +27,9 @@ from experiment.report.content import (
 from experiment.report.format import _delta, _e, _fixed, _interval, _label, _num, _p, _pct, _value, _when
 from store.experiments import RUNNING
 
-SHARE_KINDS = ("share", "rollout_step")
-END_KINDS = ("promoted", "rolled_back", "stopped")
+# Markers on the charts: every share-setting transition after the start, and the end.
+SHARE_KINDS = tuple(kind for kind in phases.SHARE_KINDS if kind != "start")
+END_KINDS = phases.END_KINDS
 
 
 _CSS = """

@@ -15,6 +15,7 @@ import pytest
 
 import experiment
 from abloop.cli import main
+from experiment.analysis import Analysis
 from serving.stub import running_stub
 from store import experiments
 from tests.proxy.conftest import make_settings, running_proxy
@@ -66,7 +67,7 @@ def _simulate(client: httpx.Client, url: str, users: range, rule: Rule, seed: in
     return served
 
 
-def _evaluate(app) -> experiment.Analysis:
+def _evaluate(app) -> Analysis:
     """What the hourly evaluate_arms run does, after the proxy's write queue is flushed."""
     state = app.state.abloop
     loop = state.live._task.get_loop()
