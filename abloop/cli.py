@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from store.config import apply_runtime_env
 
@@ -98,26 +99,29 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps({"report": str(path)}))
 
 
+def _conclude(args: argparse.Namespace, outcome: str, operation: Callable[..., Any], **options: Any) -> None:
+    """Promote or roll back through experiment.lifecycle; a refusal is one line and a non-zero exit."""
+    from experiment import lifecycle
+
+    refusals = (lifecycle.ExperimentNotFound, lifecycle.NoPromoteDecision, lifecycle.ExperimentNotRunning)
+    try:
+        fresh = operation(_db(), args.experiment, via="cli", **options)
+    except refusals as error:
+        raise SystemExit(f"not {outcome.replace('_', ' ')}: {error}") from None
+    print(json.dumps({outcome: args.experiment, "new_experiment": fresh.id,
+                      "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
+
+
 def cmd_promote(args: argparse.Namespace) -> None:
     from experiment import lifecycle
 
-    try:
-        fresh = lifecycle.promote(_db(), args.experiment, force=args.force, via="cli")
-    except (lifecycle.ExperimentNotFound, lifecycle.NoPromoteDecision, lifecycle.ExperimentNotRunning) as error:
-        raise SystemExit(f"not promoted: {error}") from None
-    print(json.dumps({"promoted": args.experiment, "new_experiment": fresh.id,
-                      "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
+    _conclude(args, "promoted", lifecycle.promote, force=args.force)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     from experiment import lifecycle
 
-    try:
-        fresh = lifecycle.rollback(_db(), args.experiment, via="cli", reason=args.reason)
-    except (lifecycle.ExperimentNotFound, lifecycle.ExperimentNotRunning) as error:
-        raise SystemExit(f"not rolled back: {error}") from None
-    print(json.dumps({"rolled_back": args.experiment, "new_experiment": fresh.id,
-                      "control": {"base_url": fresh.control_base_url, "model": fresh.control_model}}))
+    _conclude(args, "rolled_back", lifecycle.rollback, reason=args.reason)
 
 
 def _resolve_base(base: str) -> Path:
