@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serving.options import add_server_arguments
 from store.config import apply_runtime_env
 
 apply_runtime_env()  # before anything imports torch
@@ -51,13 +52,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_model(args: argparse.Namespace) -> None:
-    from serving.server import parse_adapter_args, run
+    from serving.server import serve_from_args
 
-    try:
-        adapters = parse_adapter_args(args.adapter)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    run(model=args.model, host=args.host, port=args.port, adapters=adapters)
+    serve_from_args(args)
 
 
 def cmd_migrate(_args: argparse.Namespace) -> None:
@@ -188,10 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--kind", choices=["flat", "hnsw"], default="flat")
 
     serve = add("serve-model", cmd_serve_model, "Run the embedded OpenAI-compatible model server.")
-    serve.add_argument("--model", default="default", help="default | HF_DIR")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8001)
-    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    add_server_arguments(serve)
 
     dataset = sub.add_parser("dataset", help="Training data.").add_subparsers(dest="action", required=True)
     ds_build = add("build", cmd_dataset_build, "Build a training dataset from logged traffic.", parent=dataset)

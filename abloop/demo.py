@@ -137,8 +137,18 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     config.work.mkdir(parents=True, exist_ok=True)
     _fresh_store(config)
     os.environ.update(demo_env(config))
-    with DemoConsole(config.work / "logs" / "demo.log") as console:
+    with _prefect_settings_from_env(), DemoConsole(config.work / "logs" / "demo.log") as console:
         return _Loop(config, console).run()
+
+
+def _prefect_settings_from_env():
+    """Prefect reads its settings once, at import; a caller that imported it before `run_demo` set the
+    demo's environment (the tests do) would otherwise keep its own home and the 20 s server start-up limit."""
+    import prefect.context
+    from prefect.settings import Settings as PrefectSettings
+
+    current = prefect.context.get_settings_context()
+    return prefect.context.SettingsContext(profile=current.profile, settings=PrefectSettings())
 
 
 class _Loop:

@@ -93,6 +93,7 @@ def create_app(
     max_batch: int = 16,
     max_queue: int = 256,
     device: str | None = None,
+    dtype: str = "auto",
 ) -> FastAPI:
     """The model server app.
 
@@ -108,7 +109,7 @@ def create_app(
         if eng is None:
             from serving.model import load_base_model
 
-            loaded = await asyncio.to_thread(load_base_model, model, device)
+            loaded = await asyncio.to_thread(load_base_model, model, device, dtype)
             eng = Engine(loaded, max_batch=max_batch, max_queue=max_queue)
         eng.start()
         app.state.engine = eng

@@ -46,10 +46,11 @@ def run(
     *,
     max_batch: int = 16,
     max_queue: int = 256,
+    dtype: str = "auto",
     log_level: str = "info",
 ) -> None:
     """Serve ``model`` (``"default"`` or a local HF dir) with ``adapters`` ({name: path}) until stopped."""
-    app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue, dtype=dtype)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
@@ -133,26 +134,22 @@ class ServerThread:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__)
-    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF dir")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
-    parser.add_argument("--max-batch", type=int, default=16, help="1 switches batching off")
-    parser.add_argument("--max-queue", type=int, default=256)
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+def serve_from_args(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(
-        args.model,
-        args.host,
-        args.port,
-        parse_adapter_args(args.adapter),
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        log_level=args.log_level,
-    )
+    try:
+        adapters = parse_adapter_args(args.adapter)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    run(args.model, args.host, args.port, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+        dtype=args.dtype, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from serving.options import add_server_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__)
+    add_server_arguments(parser)
+    serve_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -157,12 +157,10 @@ def _record(db: Database, adapter_dir: Path, report: EvalReport) -> None:
 
 
 def device_and_dtype() -> tuple[Any, Any]:
-    """CUDA with bf16 where there is a GPU; CPU in fp32 otherwise."""
-    import torch
+    """The serving policy: CUDA in bf16 (fp16 without bf16); CPU in bf16 where it is native, else fp32."""
+    from serving.model import choose_device_dtype
 
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.device("cpu"), torch.float32
+    return choose_device_dtype()
 
 
 def load_tokenizer(path: Path) -> Any:

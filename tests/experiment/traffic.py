@@ -31,11 +31,19 @@ class ArmBehaviour:
 SAME = ArmBehaviour()
 
 
-def start(db: Database, share: float = 0.5) -> Experiment:
-    """A running experiment with a candidate arm at `share`."""
-    return experiments.ensure_running(db, Settings(_env_file=None, database_url=db.url,
-                                                   llm_api_base_new_model="http://candidate.test/v1",
-                                                   candidate_share=share))
+def start(db: Database, share: float = 0.5, salt: str = "fixed-test-salt") -> Experiment:
+    """A running experiment with a candidate arm at `share`.
+
+    The salt is fixed so that which user lands in which arm, and so every figure a test reads,
+    is the same on every run (a fresh random salt made tolerances fail a few runs in a hundred).
+    """
+    running = experiments.ensure_running(db, Settings(_env_file=None, database_url=db.url,
+                                                      llm_api_base_new_model="http://candidate.test/v1",
+                                                      candidate_share=share))
+    with db.session() as session:
+        session.get(Experiment, running.id).salt = salt
+    running.salt = salt
+    return running
 
 
 def write(

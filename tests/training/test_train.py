@@ -59,7 +59,7 @@ def test_train_saves_a_versioned_adapter_with_metrics(tiny_run, data_dir, module
     for key in ("loss_base", "loss_adapter", "perplexity_base", "perplexity_adapter"):
         assert metrics["holdout"][key] > 0
     assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] > 0
-    assert metrics["params"]["device"] == "cpu" and metrics["params"]["dtype"] == "float32"
+    assert metrics["params"]["device"] == "cpu" and metrics["params"]["dtype"] == _cpu_dtype()
     row = get_adapter(module_db, tiny_run.name)
     assert row is not None and row.id == tiny_run.adapter_id
     assert row.dataset_hash == dataset_hash(data_dir) and row.train_metrics["name"] == tiny_run.name
@@ -165,3 +165,10 @@ def test_rouge_l():
     assert rouge_l("dog", "the cat") == 0.0
     # LCS "the cat" (2): precision 2/3, recall 2/2.
     assert rouge_l("the black cat", "The cat!") == pytest.approx(0.8)
+
+
+def _cpu_dtype() -> str:
+    """What training picks on this CPU: bf16 where it is native, fp32 elsewhere."""
+    from serving.model import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
