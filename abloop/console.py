@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,9 @@ class Stage:
     count: int = 0
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    # Called once when the stage finishes: a stage that wraps later ones (serve) is reported when it is
+    # done, not when its block closes after everything it wraps.
+    on_end: Callable[[Stage], None] | None = field(default=None, repr=False)
 
     def advance(self, n: int = 1) -> None:
         self.count += n
@@ -43,10 +46,17 @@ class Stage:
         self.detail = detail
 
     def done(self, detail: str) -> None:
-        self.status, self.detail, self.ended = "done", detail, time.monotonic()
+        self._end("done", detail)
 
     def fail(self, detail: str) -> None:
-        self.status, self.detail, self.ended = "failed", detail, time.monotonic()
+        self._end("failed", detail)
+
+    def _end(self, status: str, detail: str) -> None:
+        if self.ended is not None:
+            return
+        self.status, self.detail, self.ended = status, detail, time.monotonic()
+        if self.on_end is not None:
+            self.on_end(self)
 
     @property
     def seconds(self) -> float:
@@ -101,7 +111,7 @@ class DemoConsole:
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[Stage]:
-        stage = Stage(name, what)
+        stage = Stage(name, what, on_end=self._finished)
         self.stages.append(stage)
         print(f"== stage {name}: {what}", flush=True)  # into the log, to line it up with library output
         try:
@@ -110,12 +120,13 @@ class DemoConsole:
             stage.fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
             raise
         finally:
-            if stage.status == "running":
-                stage.done(stage.detail)
-            print(f"== stage {name}: {stage.status} {stage.detail} ({stage.seconds:.1f} s)", flush=True)
-            if not self.console.is_terminal:  # no live table to update: one line per finished stage instead
-                self.console.print(f"{_ICONS[stage.status]} {name}: {stage.detail} ({stage.seconds:.1f} s)")
-            self._refresh()
+            stage.done(stage.detail)  # no-op if the stage already finished
+
+    def _finished(self, stage: Stage) -> None:
+        print(f"== stage {stage.name}: {stage.status} {stage.detail} ({stage.seconds:.1f} s)", flush=True)
+        if not self.console.is_terminal:  # no live table to update: one line per finished stage instead
+            self.console.print(f"{_ICONS[stage.status]} {stage.name}: {stage.detail} ({stage.seconds:.1f} s)")
+        self._refresh()
 
     def note(self, text: str) -> None:
         self.notes.append(text)
