@@ -117,7 +117,7 @@ def main() -> None:
     apply_runtime_env()
     import torch
 
-    from serving.model import choose_device_dtype, cpu_has_native_bf16
+    from store.runtime import choose_device_dtype, cpu_has_native_bf16
 
     results = {name: _measure(dtype, args) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     engine = {name: _engine_searches_per_s(dtype_name, args)

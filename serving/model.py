@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.options import DTYPES
 from store.config import apply_runtime_env
+from store.runtime import choose_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -121,35 +121,6 @@ def resolve_base_model(model: str = "default", cache_dir: Path | None = None) ->
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model!r} is neither 'default' nor a local Hugging Face model directory")
     return path.resolve()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
-    import torch
-
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def choose_device_dtype(device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
-    """The device (CUDA when present) and the weights' dtype.
-
-    ``auto`` is bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 on other CPUs (where bf16
-    is emulated and slower), as vLLM's and llama.cpp's CPU paths choose. On this project's 2-core
-    AVX512-BF16 machine bf16 made a 16 x 300-token prefill 4.2x and a LoRA training step 1.6x faster
-    than fp32 (docs/BENCHMARKS.md, "bf16 on CPU").
-    """
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dtype != "auto":
-        return dev, getattr(torch, dtype)
-    if dev.type == "cuda":
-        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dev, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 @dataclass

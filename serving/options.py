@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from store.runtime import DTYPES
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

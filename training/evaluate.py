@@ -158,7 +158,7 @@ def _record(db: Database, adapter_dir: Path, report: EvalReport) -> None:
 
 def device_and_dtype() -> tuple[Any, Any]:
     """The serving policy: CUDA in bf16 (fp16 without bf16); CPU in bf16 where it is native, else fp32."""
-    from serving.model import choose_device_dtype
+    from store.runtime import choose_device_dtype
 
     return choose_device_dtype()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.engine import _held_back
-from serving.model import DEFAULT_MODEL_NAME, choose_device_dtype, resolve_base_model, served_model_name
+from serving.model import DEFAULT_MODEL_NAME, resolve_base_model, served_model_name
 from serving.schemas import ChatCompletionRequest
 from serving.server import parse_adapter_args
 
@@ -22,21 +22,6 @@ def test_parse_adapter_args():
     for bad in (["a"], ["=x"], ["a="], ["a=/x", "a=/y"]):
         with pytest.raises(ValueError):
             parse_adapter_args(bad)
-
-
-def test_dtype_choice(monkeypatch):
-    import torch
-
-    import serving.model
-
-    assert choose_device_dtype("cpu", "float32") == (torch.device("cpu"), torch.float32)
-    assert choose_device_dtype("cpu", "bfloat16")[1] is torch.bfloat16
-    monkeypatch.setattr(serving.model, "cpu_has_native_bf16", lambda: True)
-    assert choose_device_dtype("cpu")[1] is torch.bfloat16  # auto: native bf16 is faster than fp32
-    monkeypatch.setattr(serving.model, "cpu_has_native_bf16", lambda: False)
-    assert choose_device_dtype("cpu")[1] is torch.float32  # auto: emulated bf16 would be slower
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        choose_device_dtype("cpu", "int4")
 
 
 def test_served_names_and_resolution(tmp_path):

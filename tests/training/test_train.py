@@ -169,6 +169,6 @@ def test_rouge_l():
 
 def _cpu_dtype() -> str:
     """What training picks on this CPU: bf16 where it is native, fp32 elsewhere."""
-    from serving.model import cpu_has_native_bf16
+    from store.runtime import cpu_has_native_bf16
 
     return "bfloat16" if cpu_has_native_bf16() else "float32"

@@ -1,0 +1,50 @@
+"""DESIGN's import direction, checked on the source: a new import that goes the wrong way fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"abloop", "flows", "proxy", "experiment", "training", "retrieval", "serving", "store"}
+# What each package may import besides itself (DESIGN, "Import direction, one way only").
+# One exception to DESIGN's "serving -> nothing of ours": serving reads the leaf `store` for process
+# defaults (store.config.apply_runtime_env) and the device/dtype policy it shares with training
+# (store.runtime); both import no torch, FastAPI or database driver at module import.
+ALLOWED = {
+    "abloop": OURS,
+    "flows": {"experiment", "training", "retrieval", "store", "serving"},
+    "proxy": {"experiment", "retrieval", "store"},
+    "training": {"store", "retrieval"},
+    "experiment": {"store"},
+    "serving": {"store"},
+    "retrieval": set(),
+    "store": set(),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & OURS
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_go_one_way(package):
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(_imports(path) - ALLOWED[package] - {package})
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def test_the_check_sees_a_wrong_import(tmp_path):
+    module = tmp_path / "leaf.py"
+    module.write_text("import json\nfrom proxy.app import create_app\n\ndef f():\n    import flows.retrain\n")
+    assert _imports(module) == {"proxy", "flows"}
