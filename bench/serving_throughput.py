@@ -34,10 +34,10 @@ from pathlib import Path
 
 import httpx
 
-from store.config import OFFLINE_ENV
+from store.config import DEFAULT_LLM_MODEL, OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_NAME = DEFAULT_LLM_MODEL
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PROMPTS = [

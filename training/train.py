@@ -56,7 +56,7 @@ def train_lora(
     out_root: Path,
     *,
     base_model_dir: Path,
-    base_name: str = "SmolLM2-135M-Instruct",
+    base_name: str | None = None,
     max_steps: int = 60,
     learning_rate: float = 2e-4,
     batch_size: int = 4,
@@ -73,6 +73,9 @@ def train_lora(
 
     started = time.perf_counter()
     data_dir, out_root = Path(data_dir), Path(out_root)
+    # The base's directory name is its served name (the default is converted into a directory named
+    # after the model), so an adapter is named and registered after the base it was really trained on.
+    base_name = base_name or Path(base_model_dir).name
     train_rows, holdout_rows = read_rows(data_dir / TRAIN_FILE), read_rows(data_dir / HOLDOUT_FILE)
     if not train_rows:
         raise ValueError(f"{data_dir / TRAIN_FILE} has no rows")

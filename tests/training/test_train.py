@@ -38,7 +38,6 @@ def tiny_run(data_dir, tiny_model_dir, module_db, tmp_path_factory):
         data_dir,
         tmp_path_factory.mktemp("adapters"),
         base_model_dir=tiny_model_dir,
-        base_name="tiny",
         max_steps=3,
         batch_size=2,
         lora_r=4,
@@ -47,8 +46,9 @@ def tiny_run(data_dir, tiny_model_dir, module_db, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_saves_a_versioned_adapter_with_metrics(tiny_run, data_dir, module_db):
-    assert re.fullmatch(r"tiny-\d{8}T\d{6}Z-[0-9a-f]{8}", tiny_run.name)
+def test_train_saves_a_versioned_adapter_with_metrics(tiny_run, data_dir, module_db, tiny_model_dir):
+    # Named after the base it was trained on (an HF directory here), not after the default model.
+    assert re.fullmatch(re.escape(tiny_model_dir.name) + r"-\d{8}T\d{6}Z-[0-9a-f]{8}", tiny_run.name)
     assert tiny_run.name.endswith(dataset_hash(data_dir)[:8])
     assert tiny_run.adapter_dir.name == tiny_run.name
     assert (tiny_run.adapter_dir / "adapter_config.json").is_file()
@@ -61,7 +61,7 @@ def test_train_saves_a_versioned_adapter_with_metrics(tiny_run, data_dir, module
     assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] > 0
     assert metrics["params"]["device"] == "cpu" and metrics["params"]["dtype"] == _cpu_dtype()
     row = get_adapter(module_db, tiny_run.name)
-    assert row is not None and row.id == tiny_run.adapter_id
+    assert row is not None and row.id == tiny_run.adapter_id and row.base_model == tiny_model_dir.name
     assert row.dataset_hash == dataset_hash(data_dir) and row.train_metrics["name"] == tiny_run.name
 
 
