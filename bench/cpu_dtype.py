@@ -75,8 +75,9 @@ def _engine_searches_per_s(dtype_name: str, args) -> float:
     import asyncio
     from pydoc_data.topics import topics
 
-    from serving.engine import Engine, SamplingParams
+    from serving.engine import Engine
     from serving.model import load_base_model
+    from serving.sampling import SamplingParams
     from store.prompts import DEFAULT_SYSTEM_PROMPT
 
     engine = Engine(load_base_model("default", dtype=dtype_name), max_batch=args.batch)

@@ -6,5 +6,5 @@ Entry points (import them from their modules; importing ``serving`` itself stays
 * ``serving.server.ServerThread`` - the server in-process on a free loopback port (``.base_url``)
 * ``serving.app.create_app(engine=None, *, model="default", adapters=None, max_batch=16, max_queue=256)``
 * ``serving.model.resolve_base_model(model="default") -> Path`` - a local HF dir (converts the GGUF once)
-* ``serving.engine.Engine`` - the batching generation engine and adapter registry
+* ``serving.engine.Engine`` - the batching generation engine (scheduler, model runner, adapter manager)
 """

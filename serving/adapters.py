@@ -1,10 +1,11 @@
-"""The LoRA adapter registry: which adapter names are routable, and loading/unloading them with peft.
+"""The LoRA adapter manager: which adapter names are routable, and loading/unloading them with peft.
 
 Adapter names are versions: a name is never accepted twice, even after an unload, so a response that
 names an adapter always came from the same weights.  The API side (validate, reserve the name, queue the
 op) runs on the event loop; the ops themselves run on the engine's worker thread between steps, so they
 never race a forward.  An unload takes the name out of service at once (new requests get 404) and
-deletes the weights once no queued or running request uses them.
+deletes the weights once no queued or running request uses them.  The manager swaps the runner's
+``model`` / ``peft``; the runner never calls back.
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ import os
 import threading
 import time
 import warnings
-from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from serving.errors import AdapterExists, BadAdapter, EngineError, EngineStopped, ModelNotFound
-
-if TYPE_CHECKING:
-    from serving.engine import RequestHandle, _Batch
+from serving.runner import ModelRunner
 
 # The engine's logger name, so log configuration and filters written for the engine still see these lines.
 log = logging.getLogger("serving.engine")
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -42,22 +39,35 @@ class _AdapterOp:
     future: Future
 
 
-class _AdapterRegistry:
-    """The adapter half of :class:`serving.engine.Engine` (a mixin: it shares the engine's lock and queues)."""
-
-    # Provided by the engine.
-    name: str
-    model: Any
-    running: bool
-    _cond: threading.Condition
-    _ops: list[_AdapterOp]
-    _pending: deque[RequestHandle]
-    _batch: _Batch | None
-
-    def _init_registry(self) -> None:
-        self._peft: Any = None  # the PeftModel wrapper once the first adapter is loaded
+class AdapterManager:
+    def __init__(self, runner: ModelRunner, cond: threading.Condition, *, base_name: str,
+                 is_running: Callable[[], bool]):
+        self.name = base_name
+        self._runner = runner
+        self._cond = cond  # the engine's: ops are queued under it and the worker waits on it
+        self._is_running = is_running
+        self._ops: list[_AdapterOp] = []
         self._adapters: dict[str, dict[str, Any]] = {}  # routable adapters: name -> {"path", "created"}
-        self._used_names: set[str] = {self.name}  # every adapter name ever loaded or being loaded
+        self._used_names: set[str] = {base_name}  # every adapter name ever loaded or being loaded
+
+    def is_routable(self, name: str) -> bool:
+        """Whether requests may use ``name`` now; the caller holds the condition."""
+        return name in self._adapters
+
+    def has_ops(self) -> bool:
+        return bool(self._ops)
+
+    def take_ops(self) -> list[_AdapterOp]:
+        """The queued loads and unloads; the caller holds the condition."""
+        ops, self._ops = self._ops, []
+        return ops
+
+    def fail_ops(self, error: EngineError) -> None:
+        with self._cond:
+            ops = self.take_ops()
+        for op in ops:
+            if not op.future.done():
+                op.future.set_exception(error)
 
     # ------------------------------------------------------------------ registry (any thread)
     def model_names(self) -> list[str]:
@@ -118,7 +128,7 @@ class _AdapterRegistry:
         await self._run_op("unload", name, None)
 
     async def _run_op(self, kind: str, name: str, path: str | None) -> None:
-        if not self.running:
+        if not self._is_running():
             raise EngineStopped("the engine is not running")
         fut: Future = Future()
         with self._cond:
@@ -127,19 +137,14 @@ class _AdapterRegistry:
         await asyncio.shield(asyncio.wrap_future(fut))  # a client that goes away does not undo the op
 
     # ------------------------------------------------------------------ ops (worker thread)
-    def _adapter_in_use(self, name: str) -> bool:
-        if self._batch and any(r.adapter_key == name for r in self._batch.rows):
-            return True
-        with self._cond:
-            return any(h.adapter == name and not h.cancelled for h in self._pending)
-
-    def _run_ops(self, ops: list[_AdapterOp]) -> None:
+    def run_ops(self, ops: list[_AdapterOp], in_use: Callable[[str], bool]) -> None:
+        """Apply ``ops``; an unload of an adapter that ``in_use`` says a request still needs waits."""
         deferred: list[_AdapterOp] = []
         for op in ops:
             try:
                 if op.kind == "load":
                     self._do_load(op.name, op.path)
-                elif self._adapter_in_use(op.name):
+                elif in_use(op.name):
                     deferred.append(op)
                     continue
                 else:
@@ -154,39 +159,39 @@ class _AdapterRegistry:
                 self._ops[:0] = deferred
 
     def _do_unload(self, name: str) -> None:
-        if set(self._peft.peft_config) <= {name}:
+        runner = self._runner
+        if set(runner.peft.peft_config) <= {name}:
             # The last adapter: take the LoRA layers out again (a PeftModel without adapters is not
             # usable) and go back to the plain base model; the next load wraps it afresh.
-            self.model = self._peft.unload()
-            self._peft = None
+            runner.model = runner.peft.unload()
+            runner.peft = None
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "adapter X was active ...": we pass adapter_names per row
-                self._peft.delete_adapter(name)
+                runner.peft.delete_adapter(name)
         log.info("unloaded adapter %s", name)
 
     def _do_load(self, name: str, path: str) -> None:
         from peft import PeftModel
 
+        runner = self._runner
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            if self._peft is None:
+            if runner.peft is None:
                 try:
-                    self._peft = PeftModel.from_pretrained(
-                        self.model, path, adapter_name=name, is_trainable=False
-                    )
+                    runner.peft = PeftModel.from_pretrained(runner.model, path, adapter_name=name, is_trainable=False)
                 except BaseException:
-                    _strip_tuner_layers(self.model)  # a half-done first load must not change the base
+                    _strip_tuner_layers(runner.model)  # a half-done first load must not change the base
                     raise
             else:
                 try:
-                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                    runner.peft.load_adapter(path, adapter_name=name, is_trainable=False)
                 except BaseException:
-                    if name in self._peft.peft_config:
+                    if name in runner.peft.peft_config:
                         self._do_unload(name)
                     raise
-        self._peft.eval()
+        runner.peft.eval()
         with self._cond:
             self._adapters[name] = {"path": path, "created": int(time.time())}
         log.info("loaded adapter %s from %s in %.2fs", name, path, time.perf_counter() - t0)

@@ -20,7 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import Engine, EngineError, ModelNotFound, RequestHandle, SamplingParams
+from serving.engine import Engine
+from serving.errors import EngineError, ModelNotFound
+from serving.requests import RequestHandle
+from serving.sampling import SamplingParams
 from serving.schemas import (
     AssistantMessage,
     ChatCompletion,

@@ -21,7 +21,7 @@ class SamplingParams:
     seed: int | None = None
 
 
-def _new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The row's own random stream (``None`` for greedy rows), so a seed reproduces whatever the batch."""
     if params.temperature > 0:
         generator = torch.Generator(device=device)
@@ -33,7 +33,7 @@ def _new_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return None
 
 
-def _sample(
+def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """One token per row of ``logits``: greedy, or temperature + top-p with that row's generator."""
@@ -55,7 +55,7 @@ def _sample(
     return out
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one was found (the stop itself is not returned)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
@@ -63,14 +63,14 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text, False
 
 
-def _streamable(text: str, stops: list[str]) -> int:
+def streamable(text: str, stops: list[str]) -> int:
     """How much of an unfinished row's ``text`` may be streamed now without taking anything back later."""
     safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence is not text yet
-    safe -= _held_back(text[:safe], stops)  # might be the start of a stop string
+    safe -= held_back(text[:safe], stops)  # might be the start of a stop string
     return safe
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
     best = 0
     for s in stops:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from serving.engine import _held_back
 from serving.model import DEFAULT_MODEL_NAME, resolve_base_model, served_model_name
+from serving.sampling import held_back
 from serving.schemas import ChatCompletionRequest
 from serving.server import parse_adapter_args
 
 
 def test_held_back_keeps_possible_stop_prefixes():
-    assert _held_back("hello wor", ["world"]) == 3
-    assert _held_back("hello", ["world"]) == 0
-    assert _held_back("abc\n", ["\n\n", "c\nX"]) == 2
-    assert _held_back("anything", []) == 0
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["world"]) == 0
+    assert held_back("abc\n", ["\n\n", "c\nX"]) == 2
+    assert held_back("anything", []) == 0
 
 
 def test_parse_adapter_args():
