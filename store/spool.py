@@ -34,7 +34,7 @@ from store.models import Feedback, SearchEvent
 # The tables a spool record may name (and so the writer may write); their columns are what a
 # record is checked against when it is read back.
 TABLES: dict[str, Table] = {"search_events": SearchEvent.__table__, "feedback": Feedback.__table__}
-_COLUMNS = {name: frozenset(table.c.keys()) for name, table in TABLES.items()}
+COLUMNS = {name: frozenset(table.c.keys()) for name, table in TABLES.items()}
 _DATETIME_COLUMNS = {
     name: tuple(column.name for column in table.c if isinstance(column.type, DateTime))
     for name, table in TABLES.items()
@@ -46,7 +46,7 @@ REJECTED_DIR = "rejected"
 SPOOL_ROTATE_BYTES = 64 * 1024 * 1024
 STALE_CLAIM_S = 600.0  # a claim from another host untouched this long is taken over
 
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 
 # Claims held by this process (all writers in it), so a claim named with our own pid is only
 # taken over when it belongs to an earlier process that had the same pid (containers reuse pids).
@@ -55,7 +55,7 @@ _CLAIMS_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
-class _Entry:
+class Entry:
     table: str
     row: dict[str, Any]
     attempts: int = 0  # times the database refused this row on its own (not counting outages)
@@ -75,7 +75,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _encode(entry: _Entry) -> str:
+def encode_entry(entry: Entry) -> str:
     record: dict[str, Any] = {"table": entry.table, "row": entry.row}
     if entry.attempts:
         record["attempts"] = entry.attempts
@@ -87,18 +87,18 @@ def _encode(entry: _Entry) -> str:
     return text + "\n"
 
 
-def _decode(line: bytes) -> _Entry:
+def decode_entry(line: bytes) -> Entry:
     """One spool line back to an entry; datetimes (ISO strings) back to datetimes. ValueError if unusable."""
     record = json.loads(line)
     table, row = record.get("table"), record.get("row")
     if table not in TABLES or not isinstance(row, dict) or not row.get("id"):
         raise ValueError("not a spool record")
-    if row.keys() - _COLUMNS[table]:
-        raise ValueError(f"unknown columns for {table}: {sorted(row.keys() - _COLUMNS[table])}")
+    if row.keys() - COLUMNS[table]:
+        raise ValueError(f"unknown columns for {table}: {sorted(row.keys() - COLUMNS[table])}")
     for name in _DATETIME_COLUMNS[table]:
         if isinstance(row.get(name), str):
             row[name] = datetime.fromisoformat(row[name])
-    return _Entry(table, row, int(record.get("attempts") or 0))
+    return Entry(table, row, int(record.get("attempts") or 0))
 
 
 # --- spool files -----------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class Spool:
     in a forked child). Methods block on the disk: call them from a worker thread.
     """
 
-    def __init__(self, directory: Path, *, host: str = _HOST) -> None:
+    def __init__(self, directory: Path, *, host: str = HOST) -> None:
         self.directory = Path(directory)
         self.host = host
         self._lock = threading.Lock()  # one append (or set-aside) at a time from this writer
@@ -168,9 +168,9 @@ class Spool:
             return 0
         return total
 
-    def append(self, entries: list[_Entry]) -> None:
+    def append(self, entries: list[Entry]) -> None:
         """Append entries to this writer's spool file and fsync. Thread-safe."""
-        data = "".join(_encode(entry) for entry in entries).encode()
+        data = "".join(encode_entry(entry) for entry in entries).encode()
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
             while True:
@@ -203,11 +203,11 @@ class Spool:
                     self._path = self._new_path()
                 return
 
-    def set_aside(self, entries: list[_Entry], raw_lines: list[bytes]) -> None:
+    def set_aside(self, entries: list[Entry], raw_lines: list[bytes]) -> None:
         """Append refused rows (and unreadable lines, as they were) to rejected/, for an operator."""
         if not entries and not raw_lines:
             return
-        data = "".join(_encode(entry) for entry in entries).encode()
+        data = "".join(encode_entry(entry) for entry in entries).encode()
         data += b"".join(line if line.endswith(b"\n") else line + b"\n" for line in raw_lines)
         self.rejected_path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.rejected_path, "ab") as handle:

@@ -29,12 +29,7 @@ from sqlalchemy import insert as generic_insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from store.db import Database
-from store.spool import _COLUMNS, TABLES, Spool, _decode, _encode, _Entry
-
-# Re-exported: callers and tests import these from here, as from before the spool had its own module.
-from store.spool import _HOST as _HOST
-from store.spool import CLAIM_MARK as CLAIM_MARK
-from store.spool import REJECTED_DIR as REJECTED_DIR
+from store.spool import COLUMNS, TABLES, Entry, Spool, decode_entry, encode_entry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +42,7 @@ MAX_ROW_ATTEMPTS = 5  # a row the database refuses this many times is set aside,
 class _WriteFailed(Exception):
     """The database (not a row) failed; `written` made it in before, `remaining` did not."""
 
-    def __init__(self, written: list[_Entry], bad: list[_Entry], remaining: list[_Entry], cause: BaseException):
+    def __init__(self, written: list[Entry], bad: list[Entry], remaining: list[Entry], cause: BaseException):
         super().__init__(str(cause))
         self.written, self.bad, self.remaining, self.cause = written, bad, remaining, cause
 
@@ -71,7 +66,7 @@ def _insert_statement(dialect: str, table: Table):
     return generic_insert(table)  # other dialects: no idempotent replay (only SQLite and PostgreSQL are supported)
 
 
-def _insert(connection, entries: list[_Entry]) -> None:
+def _insert(connection, entries: list[Entry]) -> None:
     """Insert in one transaction: search_events first, rows with the same columns in one executemany."""
     groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
     for entry in sorted(entries, key=lambda e: _TABLE_ORDER[e.table]):
@@ -90,7 +85,7 @@ def _is_row_error(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.StatementError | sa_exc.CompileError | TypeError | ValueError)
 
 
-def _write_entries(db: Database, entries: list[_Entry]) -> tuple[list[_Entry], list[_Entry]]:
+def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
     """Write entries; returns (written, refused rows). Raises _WriteFailed when the database fails.
 
     Blocking: runs in a worker thread. One transaction for the batch; if a row spoils it, each row
@@ -104,8 +99,8 @@ def _write_entries(db: Database, entries: list[_Entry]) -> tuple[list[_Entry], l
         if not _is_row_error(exc):
             raise _WriteFailed([], [], entries, exc) from exc
         log.warning("a batch of %d rows was refused (%s); writing them one by one", len(entries), exc)
-    written: list[_Entry] = []
-    bad: list[_Entry] = []
+    written: list[Entry] = []
+    bad: list[Entry] = []
     ordered = sorted(entries, key=lambda e: _TABLE_ORDER[e.table])
     for position, entry in enumerate(ordered):
         try:
@@ -156,7 +151,7 @@ class EventWriter:
         self.replayed = 0
         self.rejected = 0
 
-        self._queue: deque[_Entry] = deque()
+        self._queue: deque[Entry] = deque()
         self._inflight = 0
         self._seq = 0  # last sequence number handed out
         self._done_seq = 0  # every queued row up to here is written, spooled or set aside
@@ -210,10 +205,10 @@ class EventWriter:
             raise ValueError(f"unknown table {table!r}; expected one of {sorted(TABLES)}")
         if not isinstance(row, dict) or not row.get("id"):
             raise ValueError("row must be a dict with an 'id'")
-        unknown = row.keys() - _COLUMNS[table]
+        unknown = row.keys() - COLUMNS[table]
         if unknown:
             raise ValueError(f"unknown columns for {table}: {sorted(unknown)}")
-        entry = _Entry(table, dict(row))
+        entry = Entry(table, dict(row))
         entry.row["id"] = str(entry.row["id"])
         self._pending[entry.row["id"]] += 1
         if self.queue_depth >= self.max_queue:
@@ -300,7 +295,7 @@ class EventWriter:
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Entry]:
+    def _take_batch(self) -> list[Entry]:
         count = min(self.batch_size, len(self._queue))
         return [self._queue.popleft() for _ in range(count)]
 
@@ -314,7 +309,7 @@ class EventWriter:
                 if leftover and not self._stopping:
                     return
 
-    def _finish(self, batch: list[_Entry], leftover: list[_Entry], *, requeue: bool) -> None:
+    def _finish(self, batch: list[Entry], leftover: list[Entry], *, requeue: bool) -> None:
         """Book a processed batch; `leftover` could be neither written nor spooled."""
         if leftover and requeue:
             self._queue.extendleft(reversed(leftover))
@@ -322,19 +317,19 @@ class EventWriter:
         else:
             if leftover:  # stopping, the database and the spool both failing: the last resort is the log
                 for entry in leftover:
-                    log.critical("UNWRITTEN %s", _encode(entry).rstrip())
+                    log.critical("UNWRITTEN %s", encode_entry(entry).rstrip())
                 self._release(leftover)
             done = max(entry.seq for entry in batch)
         self._done_seq = max(self._done_seq, done)
         self._progress.set()
         self._progress = asyncio.Event()
 
-    async def _process(self, batch: list[_Entry]) -> list[_Entry]:
+    async def _process(self, batch: list[Entry]) -> list[Entry]:
         """Write a batch, else spool it. Returns the rows that could be neither (the spool failed)."""
         self._inflight += len(batch)
         try:
             pending = batch
-            refused: list[_Entry] = []
+            refused: list[Entry] = []
             if not self._db_down:
                 tries = 1 if self._stopping else 1 + self.max_retries
                 for attempt in range(tries):
@@ -369,7 +364,7 @@ class EventWriter:
                 if pending:
                     log.error("database unavailable; spooling events until a replay succeeds")
                     self._db_down = True
-            to_spool = [_Entry(e.table, e.row, e.attempts + 1, e.seq) for e in refused] + pending
+            to_spool = [Entry(e.table, e.row, e.attempts + 1, e.seq) for e in refused] + pending
             to_spool.sort(key=lambda e: _TABLE_ORDER[e.table])  # events before their feedback on replay
             if not to_spool:
                 return []
@@ -383,7 +378,7 @@ class EventWriter:
         finally:
             self._inflight -= len(batch)
 
-    def _release(self, entries: list[_Entry]) -> None:
+    def _release(self, entries: list[Entry]) -> None:
         self._release_ids(entry.row["id"] for entry in entries)
 
     def _release_ids(self, ids) -> None:
@@ -444,11 +439,11 @@ class EventWriter:
         Blocking: runs in a worker thread. On failure the claim is given back.
         """
         outcome = _ReplayOutcome()
-        retry: list[_Entry] = []
-        refused: list[_Entry] = []
+        retry: list[Entry] = []
+        refused: list[Entry] = []
         unreadable: list[bytes] = []
 
-        def insert(chunk: list[_Entry]) -> None:
+        def insert(chunk: list[Entry]) -> None:
             written, bad = _write_entries(db, chunk)
             outcome.replayed += len(written)
             outcome.replayed_ids.extend(entry.row["id"] for entry in written)
@@ -461,12 +456,12 @@ class EventWriter:
                 # Wait out an append that began before the claim; later appends see the rename.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                chunk: list[_Entry] = []
+                chunk: list[Entry] = []
                 for line in handle:
                     if not line.strip():
                         continue
                     try:
-                        chunk.append(_decode(line))
+                        chunk.append(decode_entry(line))
                     except (ValueError, TypeError, AttributeError):
                         unreadable.append(line)
                         continue

@@ -17,7 +17,8 @@ from sqlalchemy.exc import OperationalError
 from store import events
 from store.db import Database
 from store.models import SearchEvent
-from store.writer import CLAIM_MARK, MAX_ROW_ATTEMPTS, REJECTED_DIR, TABLES, EventWriter, _encode, _Entry
+from store.spool import CLAIM_MARK, REJECTED_DIR, TABLES, Entry, encode_entry
+from store.writer import MAX_ROW_ATTEMPTS, EventWriter
 from tests.store.conftest import event_row, feedback_row, wait_until
 
 
@@ -27,7 +28,7 @@ def _spool_files(spool: Path) -> list[Path]:
 
 def _write_spool_file(path: Path, rows: list[tuple[str, dict]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(_encode(_Entry(table, row)) for table, row in rows))
+    path.write_text("".join(encode_entry(Entry(table, row)) for table, row in rows))
 
 
 async def test_2000_rows_arrive_exactly_once(db: Database, make_writer) -> None:
@@ -226,9 +227,7 @@ async def test_queue_overflow_goes_to_the_spool(db: Database, make_writer) -> No
 async def test_stale_claims_are_taken_over(db: Database, make_writer, tmp_path: Path) -> None:
     import socket
 
-    from store import writer as writer_module
-
-    host = writer_module._HOST
+    from store.spool import HOST as host
     assert socket.gethostname()
     spool = tmp_path / "spool"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
