@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,19 @@ ALLOWED = {
 }
 
 
-def _imports(path: Path) -> set[str]:
+def _modules(path: Path) -> set[str]:
+    """The top-level modules `path` imports anywhere (inside functions too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-    return found & OURS
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    return _modules(path) & OURS
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -48,3 +54,30 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     module = tmp_path / "leaf.py"
     module.write_text("import json\nfrom proxy.app import create_app\n\ndef f():\n    import flows.retrain\n")
     assert _imports(module) == {"proxy", "flows"}
+
+
+def test_every_third_party_import_is_declared():
+    """A module imported by the application must come from a distribution pyproject.toml names."""
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {_normalise(re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0]) for r in requirements}
+    distributions = packages_distributions()
+    modules = set().union(*(_third_party(path) for package in ALLOWED for path in (ROOT / package).rglob("*.py")))
+    undeclared = {
+        module: distributions.get(module)
+        for module in modules - set(sys.stdlib_module_names)
+        if not any(_normalise(d) in declared for d in distributions.get(module, [module]))
+    }
+    assert undeclared == {}
+
+
+def _third_party(path: Path) -> set[str]:
+    return _modules(path) - OURS
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
