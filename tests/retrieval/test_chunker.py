@@ -51,8 +51,14 @@ def test_long_word_is_cut_hard() -> None:
     assert "".join(chunks).count("x") >= 250
 
 
-def test_stable() -> None:
-    assert chunk_text(PARAGRAPHS, max_chars=200, overlap=40) == chunk_text(PARAGRAPHS, max_chars=200, overlap=40)
+def test_exact_chunks_of_a_small_text() -> None:
+    # Worked by hand: paragraphs over max_chars - overlap (28) split into sentences; each new chunk
+    # opens with the previous chunk's last whole words of at most `overlap` (12) characters.
+    text = "Alpha beta gamma. Delta epsilon.\n\nZeta eta theta iota. Kappa lambda mu."
+    assert chunk_text(text, max_chars=40, overlap=0) == [
+        "Alpha beta gamma. Delta epsilon.", "Zeta eta theta iota. Kappa lambda mu."]
+    assert chunk_text(text, max_chars=40, overlap=12) == [
+        "Alpha beta gamma. Delta epsilon.", "epsilon. Zeta eta theta iota.", "theta iota. Kappa lambda mu."]
 
 
 def test_paragraphs_are_kept_together_when_they_fit() -> None:

@@ -105,6 +105,9 @@ def test_seed_makes_sampling_reproducible(client, model_name):
         ).choices[0].message.content
 
     assert sample(1234) == sample(1234)
+    # ...and the seed is really used: other seeds give other samples (if the seed or the temperature
+    # were ignored, all three would be the same text).
+    assert len({sample(1234), sample(4321), sample(99)}) > 1
 
 
 def test_models_health_and_stats(client, server, model_name):
@@ -112,8 +115,12 @@ def test_models_health_and_stats(client, server, model_name):
     assert model_name in ids
     assert client.models.retrieve(model_name).id == model_name
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
-    stats = httpx.get(f"{server.url}/stats").json()
-    assert stats["max_batch"] == 16 and stats["completed"] >= 1
+    before = httpx.get(f"{server.url}/stats").json()
+    client.chat.completions.create(model=model_name, messages=QUESTION, max_tokens=3, temperature=0)
+    after = httpx.get(f"{server.url}/stats").json()
+    assert after["max_batch"] == 16
+    assert after["completed"] == before["completed"] + 1 and after["requests"] == before["requests"] + 1
+    assert after["generated_tokens"] - before["generated_tokens"] in (1, 2, 3)  # max_tokens, or EOS earlier
 
 
 def _assert_error_shape(r: httpx.Response, status: int) -> dict:

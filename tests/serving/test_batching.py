@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
@@ -30,74 +28,93 @@ def _body(model: str, prompt: str, max_tokens: int = 10) -> dict:
     }
 
 
-async def test_concurrent_requests_are_batched_and_match_unbatched(server, model_name):
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
-        sequential = []
-        for prompt in PROMPTS[:4]:
-            r = await client.post("/chat/completions", json=_body(model_name, prompt))
-            sequential.append(r.json()["choices"][0]["message"]["content"])
+def _ids(engine, prompt: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": prompt}])
 
-        before = (await client.get(f"{server.url}/stats")).json()
-        responses = await asyncio.gather(
-            *(client.post("/chat/completions", json=_body(model_name, p)) for p in PROMPTS)
-        )
-        after = (await client.get(f"{server.url}/stats")).json()
 
-    assert all(r.status_code == 200 for r in responses)
-    texts = [r.json()["choices"][0]["message"]["content"] for r in responses]
+def _greedy(max_tokens: int):
+    from serving.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+@pytest.fixture
+def own_engine(loaded_model):
+    """A fresh engine on a private copy of the weights: its counters start at zero and nothing else uses it."""
+    from serving.engine import Engine
+    from serving.model import load_base_model
+
+    def make(**kwargs):
+        engine = Engine(load_base_model(str(loaded_model.path)), **kwargs)
+        engine.start()
+        made.append(engine)
+        return engine
+
+    made = []
+    yield make
+    for engine in made:
+        engine.stop()
+
+
+async def test_concurrent_requests_are_batched_and_match_unbatched(own_engine):
+    engine = own_engine(max_batch=16)
+    sequential = [(await engine.submit(_ids(engine, p), _greedy(10)).result()).text for p in PROMPTS[:4]]
+    assert engine.stats.max_rows == 1  # one at a time so far
+
+    # Submitted back to back without yielding: all eight are queued while the first forward runs,
+    # so they share forward passes whatever the machine's load.
+    handles = [engine.submit(_ids(engine, p), _greedy(10)) for p in PROMPTS]
+    texts = [(await h.result()).text for h in handles]
+
     assert all(t.strip() for t in texts)
-    # 8 requests, fewer than 8 batches started, and forward passes ran several rows at once
-    assert after["prefill_batches"] - before["prefill_batches"] < 8
-    assert after["requests"] - before["requests"] == 8
-    assert after["max_rows"] > 1
+    assert engine.stats.requests == 12 and engine.stats.completed == 12
+    assert engine.stats.max_rows > 1  # what the engine ran, not which request returned first
+    assert engine.stats.prefill_batches < 12
     # greedy answers do not depend on what else was in the batch
     assert texts[:4] == sequential
 
 
-async def test_short_requests_do_not_wait_for_long_ones(server, model_name):
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
-        loop = asyncio.get_running_loop()
-        done_at: dict[str, float] = {}
-
-        async def timed(tag: str, body: dict):
-            r = await client.post("/chat/completions", json=body)
-            done_at[tag] = loop.time()
-            return r
-
-        long_body = _body(model_name, "Write a long story about a dragon.", max_tokens=60)
-        long_body["stop"] = None
-        short = _body(model_name, "Name a color.", max_tokens=2)
-        results = await asyncio.gather(timed("long", long_body), timed("short", short))
-    assert [r.status_code for r in results] == [200, 200]
-    assert results[0].json()["usage"]["completion_tokens"] > 2
-    assert done_at["short"] < done_at["long"]
+async def test_short_requests_do_not_wait_for_long_ones(engine):
+    long = engine.submit(_ids(engine, "Write a long story about a dragon."), _greedy(200))
+    short = engine.submit(_ids(engine, "Name a color."), _greedy(2))
+    await short.result()
+    # The long row is still generating when the short one has its answer: rows finish on their own.
+    assert not long.done
+    assert (await long.result()).completion_tokens > 2
 
 
-async def test_full_queue_is_503_with_retry_after(loaded_model):
-    """A tiny queue (1 waiting) with batching off: a burst gets 503 + Retry-After, the rest succeed."""
+async def test_full_queue_is_refused_not_grown(own_engine):
+    from serving.errors import QueueFull
+
+    engine = own_engine(max_batch=1, max_queue=1)
+    accepted, refused = [], 0
+    for prompt in PROMPTS[:3]:  # back to back: one runs (200 tokens), one waits, the queue is full
+        try:
+            accepted.append(engine.submit(_ids(engine, prompt), _greedy(200)))
+        except QueueFull:
+            refused += 1
+    assert refused >= 1 and len(accepted) >= 1
+    assert engine.stats.rejected == refused
+    for handle in accepted:
+        handle.cancel()
+    assert engine.stats.max_rows <= 1  # batching off really is off
+
+
+async def test_full_queue_is_503_with_retry_after(own_engine):
     from serving.app import create_app
-    from serving.engine import Engine
-    from serving.model import load_base_model
     from serving.server import ServerThread
 
-    own = load_base_model(str(loaded_model.path))  # a private copy: never touches the shared engine's model
-    eng = Engine(own, max_batch=1, max_queue=1)
+    engine = own_engine(max_batch=1, max_queue=1)
+    running = engine.submit(_ids(engine, PROMPTS[0]), _greedy(200))
+    waiting = engine.submit(_ids(engine, PROMPTS[1]), _greedy(200))  # the queue is now full
     try:
-        with ServerThread(create_app(eng)) as srv:
+        with ServerThread(create_app(engine)) as srv:
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=300) as client:
-                responses = await asyncio.gather(
-                    *(client.post("/chat/completions", json=_body(own.name, p, 8)) for p in PROMPTS[:6])
-                )
-            stats = httpx.get(f"{srv.url}/stats").json()
+                r = await client.post("/chat/completions", json=_body(engine.name, PROMPTS[2], 8))
     finally:
-        eng.stop()
-    codes = sorted(r.status_code for r in responses)
-    assert 503 in codes and 200 in codes, codes
-    assert set(codes) <= {200, 503}
-    for r in responses:
-        if r.status_code == 503:
-            assert int(r.headers["retry-after"]) >= 1
-            err = r.json()["error"]
-            assert err["code"] == "queue_full" and err["type"] == "server_error"
-    assert stats["rejected"] == codes.count(503)
-    assert stats["max_rows"] == 1  # batching off really is off
+        running.cancel()
+        waiting.cancel()
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["code"] == "queue_full" and err["type"] == "server_error"
