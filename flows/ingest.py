@@ -1,13 +1,21 @@
-"""ingest: the bundled corpus, a directory or a file of URLs -> a new index version.
+"""ingest: the bundled corpus, a directory or a file of URLs -> (optional LLM metadata) -> a new index version.
 
+With METADATA_API_BASE set, each document gets a title, tags and a category from that endpoint; a
+document whose metadata cannot be had is indexed without it (counted in the result and logged).
 Proxies notice the new version on their own within a refresh interval (they poll INDEX_DIR/CURRENT).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from retrieval.corpus import Document
+
+if TYPE_CHECKING:
+    from retrieval.metadata import Extraction
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -17,14 +25,32 @@ def load_documents(corpus: str) -> list[Document]:
     return load_corpus(corpus)
 
 
+# No retries: a failed call only costs its own document the metadata. NO_CACHE: the inputs hold a key.
+@task(cache_policy=NO_CACHE)
+def extract_metadata(documents: list[Document], api_base: str, model: str, api_key: str | None,
+                     timeout_s: float) -> Extraction:
+    from retrieval.metadata import MetadataExtractor
+
+    log = get_run_logger()
+    with MetadataExtractor(api_base, model, api_key, timeout_s) as extractor:
+        extraction = extractor.extract_all(documents)
+    for source, failure in extraction.failures.items():
+        log.warning(f"no metadata for {source} ({failure.outcome}), indexed without it: {failure}")
+    log.info(f"metadata from {model}: {extraction.counts()}")
+    return extraction
+
+
 @task
-def build_version(documents: list[Document], index_dir: str, embedding_model: str, kind: str) -> dict:
+def build_version(documents: list[Document], index_dir: str, embedding_model: str, kind: str,
+                  extraction: Extraction | None = None) -> dict:
     from retrieval.build import build_index
     from retrieval.embedder import Embedder
     from retrieval.index import IndexStore
 
-    index = build_index(documents, Embedder(embedding_model), IndexStore(index_dir), kind=kind)
-    return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind}
+    metadata = extraction.metadata if extraction is not None else None
+    index = build_index(documents, Embedder(embedding_model), IndexStore(index_dir), kind=kind, metadata=metadata)
+    return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind,
+            "metadata": extraction.counts() if extraction is not None else None}
 
 
 @flow(name="ingest")
@@ -34,6 +60,11 @@ def ingest(corpus: str = "pydoc", kind: str = "flat") -> dict:
     settings = Settings()
     log = get_run_logger()
     documents = load_documents(corpus)
-    built = build_version(documents, str(settings.index_dir), settings.embedding_model, kind)
+    extraction = None
+    if settings.metadata_api_base:
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        extraction = extract_metadata(documents, settings.metadata_api_base, settings.metadata_model, key,
+                                      settings.llm_timeout_s)
+    built = build_version(documents, str(settings.index_dir), settings.embedding_model, kind, extraction)
     log.info(f"index {built['index_version']}: {built['chunks']} chunks from {built['documents']} documents")
     return built

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from retrieval.metadata import OUTCOMES as METADATA_OUTCOMES
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# POST /api/v1/process_url: ok, refused (unsafe URL), fetch_error, empty (no text), error (anything else).
+PROCESS_URL_OUTCOMES = ("ok", "refused", "fetch_error", "empty", "error")
 
 
 class Metrics:
@@ -43,7 +48,43 @@ class Metrics:
             "abloop_feedback", "Feedback received by kind (rating, thumbs_up, thumbs_down, correction).",
             ["kind"], registry=r,
         )
+        self.process_url = Counter(
+            "abloop_process_url", "URL ingestion requests by outcome (ok, refused, fetch_error, empty, error).",
+            ["outcome"], registry=r,
+        )
+        self.process_url_latency = Histogram(
+            "abloop_process_url_seconds", "URL ingestion latency: fetch, metadata, chunk, embed, save.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.metadata_extraction = Counter(
+            "abloop_metadata_extraction", "LLM metadata extractions by outcome (ok, invalid answer, error).",
+            ["outcome"], registry=r,
+        )
+        # Every outcome is exported from the start, at 0, so rates and alerts see the series.
+        for outcome in PROCESS_URL_OUTCOMES:
+            self.process_url.labels(outcome)
+        for outcome in METADATA_OUTCOMES:
+            self.metadata_extraction.labels(outcome)
 
     def watch(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time (writer queue depth, spool size, circuit state)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def watch_label(self, name: str, documentation: str, label: str, read: Callable[[], str | None]) -> None:
+        """An info-style gauge read at scrape time: value 1, the current value of `read` as its label."""
+        self.registry.register(_LabelGauge(name, documentation, label, read))
+
+
+class _LabelGauge:
+    def __init__(self, name: str, documentation: str, label: str, read: Callable[[], str | None]) -> None:
+        self._name, self._documentation, self._label, self._read = name, documentation, label, read
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, labels=[self._label])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=[self._label])
+        value = self._read()
+        if value is not None:
+            family.add_metric([value], 1.0)
+        yield family

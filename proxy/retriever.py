@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from retrieval.fetch import FetchedPage
 from retrieval.index import Hit, IndexStore, VectorIndex
+from retrieval.metadata import DocumentMetadata
 
 
 class Retriever:
@@ -21,10 +23,16 @@ class Retriever:
         self._batching = None  # its BatchingEmbedder, for the request path
         self._load_lock = asyncio.Lock()
         self.index: VectorIndex | None = None
+        self.load_seconds = 0.0  # how long the last (re)load read the index from disk
 
     @property
     def version(self) -> str | None:
         return self.index.version if self.index is not None else None
+
+    @property
+    def size(self) -> int:
+        """Chunks in the index in memory (0 without one)."""
+        return len(self.index) if self.index is not None else 0
 
     async def start(self) -> None:
         if self.store.current_version() is not None:
@@ -50,7 +58,9 @@ class Retriever:
 
     async def reload(self) -> VectorIndex:
         await self._embedder()
+        started = time.perf_counter()
         self.index = await asyncio.to_thread(self.store.load)
+        self.load_seconds = time.perf_counter() - started
         return self.index
 
     async def maybe_reload(self) -> None:
@@ -65,14 +75,15 @@ class Retriever:
         vector = await (await self._embedder()).embed(query)
         return index.search(vector, top_k)
 
-    async def add_page(self, page: FetchedPage) -> tuple[VectorIndex, int]:
-        """Chunk, embed and add one fetched page; returns the new index and how many chunks it added."""
+    async def add_page(self, page: FetchedPage, metadata: DocumentMetadata | None = None) -> tuple[VectorIndex, int]:
+        """Chunk, embed and add one fetched page (with its LLM metadata, if any); the new index and chunks added."""
         from retrieval.build import add_documents
         from retrieval.corpus import Document
 
         await self._embedder()
-        before = len(self.index) if self.index is not None else 0
+        before = self.size
         document = Document(title=page.title or page.final_url, source=page.final_url, text=page.text)
-        index = await asyncio.to_thread(add_documents, [document], self._plain, self.store)
+        by_source = {document.source: metadata} if metadata is not None else None
+        index = await asyncio.to_thread(add_documents, [document], self._plain, self.store, by_source)
         self.index = index
         return index, len(index) - before

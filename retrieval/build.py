@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from retrieval.chunker import chunk_text
@@ -9,13 +12,27 @@ from retrieval.corpus import Document
 from retrieval.embedder import Embedder
 from retrieval.index import Chunk, IndexStore, VectorIndex, chunk_id
 
+if TYPE_CHECKING:
+    from retrieval.metadata import DocumentMetadata
 
-def chunk_documents(documents: list[Document], *, max_chars: int = 1000, overlap: int = 150) -> list[Chunk]:
+Metadata = Mapping[str, "DocumentMetadata"]  # by document source
+
+
+def chunk_documents(documents: list[Document], *, max_chars: int = 1000, overlap: int = 150,
+                    metadata: Metadata | None = None) -> list[Chunk]:
+    """A document's metadata, where given, sets its chunks' title, tags and category."""
     return [
-        Chunk(id=chunk_id(doc.source, position, text), title=doc.title, source=doc.source, text=text)
+        Chunk(id=chunk_id(doc.source, position, text), source=doc.source, text=text, **_labels(doc, metadata))
         for doc in documents
         for position, text in enumerate(chunk_text(doc.text, max_chars=max_chars, overlap=overlap))
     ]
+
+
+def _labels(document: Document, metadata: Metadata | None) -> dict[str, Any]:
+    found = (metadata or {}).get(document.source)
+    if found is None:
+        return {"title": document.title}
+    return {"title": found.title, "tags": found.tags, "category": found.category}
 
 
 def embed_chunks(chunks: list[Chunk], embedder: Embedder) -> np.ndarray:
@@ -24,9 +41,10 @@ def embed_chunks(chunks: list[Chunk], embedder: Embedder) -> np.ndarray:
     return embedder.encode(texts)
 
 
-def build_index(documents: list[Document], embedder: Embedder, store: IndexStore, *, kind: str = "flat") -> VectorIndex:
+def build_index(documents: list[Document], embedder: Embedder, store: IndexStore, *, kind: str = "flat",
+                metadata: Metadata | None = None) -> VectorIndex:
     """A fresh index of exactly these documents, saved as the new current version."""
-    chunks = chunk_documents(documents)
+    chunks = chunk_documents(documents, metadata=metadata)
     if not chunks:
         raise ValueError("no text to index: every document is empty")
     index = VectorIndex.build(chunks, embed_chunks(chunks, embedder), kind=kind)
@@ -35,13 +53,14 @@ def build_index(documents: list[Document], embedder: Embedder, store: IndexStore
     return index
 
 
-def add_documents(documents: list[Document], embedder: Embedder, store: IndexStore) -> VectorIndex:
+def add_documents(documents: list[Document], embedder: Embedder, store: IndexStore,
+                  metadata: Metadata | None = None) -> VectorIndex:
     """Add to the current version (or a new empty one) and save the result as the new current.
 
     Embedding happens outside the lock (it is the slow part); load-extend-save happens inside
     it, so two writers never both extend the same old version and drop each other's chunks.
     """
-    chunks = chunk_documents(documents)
+    chunks = chunk_documents(documents, metadata=metadata)
     embeddings = embed_chunks(chunks, embedder)
     with store.lock():
         if store.current_version() is None:

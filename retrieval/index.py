@@ -24,7 +24,8 @@ KINDS = ("flat", "hnsw")
 _HNSW_M = 32
 _HNSW_EF_CONSTRUCTION = 200
 _HNSW_EF_SEARCH = 64
-_FORMAT = 1
+# 2: chunks carry tags and category (LLM metadata); format 1 versions still load, without them.
+_FORMAT = 2
 _VERSION_RE = re.compile(r"^v\d{8}T\d{12}Z-[0-9a-f]{6}$")
 _CURRENT = "CURRENT"
 _TMP_PREFIX = ".tmp-"
@@ -38,6 +39,9 @@ class Chunk:
     title: str
     source: str
     text: str
+    # Its document's metadata (retrieval.metadata); empty where none was extracted.
+    tags: tuple[str, ...] = ()
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Hit:
     source: str
     score: float
     text: str
+    tags: tuple[str, ...] = ()
+    category: str | None = None
 
 
 def chunk_id(source: str, position: int, text: str) -> str:
@@ -128,7 +134,7 @@ class VectorIndex:
             if label < 0:  # HNSW may find fewer than k neighbours
                 continue
             chunk = self.chunks[label]
-            hits.append(Hit(chunk.id, chunk.title, chunk.source, float(score), chunk.text))
+            hits.append(Hit(chunk.id, chunk.title, chunk.source, float(score), chunk.text, chunk.tags, chunk.category))
         return hits
 
     def with_added(self, chunks: list[Chunk], embeddings: np.ndarray) -> VectorIndex:
@@ -292,7 +298,13 @@ def _chunks_jsonl(chunks: list[Chunk]) -> bytes:
 
 def _read_chunks(path: Path) -> list[Chunk]:
     with open(path, encoding="utf-8") as handle:
-        return [Chunk(**json.loads(line)) for line in handle if line.strip()]
+        return [_chunk(json.loads(line)) for line in handle if line.strip()]
+
+
+def _chunk(record: dict[str, Any]) -> Chunk:
+    # Format 1 lines have no tags or category: the defaults stand in.
+    return Chunk(id=record["id"], title=record["title"], source=record["source"], text=record["text"],
+                 tags=tuple(record.get("tags") or ()), category=record.get("category"))
 
 
 def _meta_json(index: VectorIndex) -> bytes:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from retrieval.index import IndexStore
+from serving.stub import running_stub
 
 pytestmark = pytest.mark.slow
 
@@ -24,3 +27,48 @@ def test_ingest_flow_builds_a_new_index_version(tmp_path, monkeypatch):
     store = IndexStore(tmp_path / "index")
     assert built["index_version"] == store.current_version()
     assert built["documents"] == 2 and built["chunks"] == len(store.load()) >= 2
+
+
+LABELS = {"title": "Python notes", "tags": ["python", "basics"], "category": "programming"}
+
+
+def _corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "walrus.txt").write_text("The walrus operator := assigns inside an expression. Added in 3.8.")
+    (corpus / "lists.md").write_text("# Lists\n\nA list is a mutable sequence; append adds an item.")
+    return corpus
+
+
+def test_ingest_flow_stores_llm_metadata_with_every_chunk(tmp_path, monkeypatch):
+    from flows.ingest import ingest
+
+    with running_stub(model="labeller", answer=json.dumps(LABELS)) as (stub, url):
+        monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
+        monkeypatch.setenv("METADATA_API_BASE", url)
+        monkeypatch.setenv("METADATA_MODEL", "labeller")
+        built = ingest(corpus=str(_corpus(tmp_path)))
+    assert stub.requests == 2
+    assert built["metadata"] == {"ok": 2, "invalid": 0, "error": 0}
+    chunks = IndexStore(tmp_path / "index").load().chunks
+    assert {c.source for c in chunks} == {"walrus.txt", "lists.md"}
+    assert all((c.title, c.tags, c.category) == ("Python notes", ("python", "basics"), "programming") for c in chunks)
+
+
+@pytest.mark.parametrize("endpoint", ["bad answer", "failing"])
+def test_ingest_flow_indexes_every_document_when_metadata_fails(tmp_path, monkeypatch, endpoint):
+    from flows.ingest import ingest
+
+    stub_options = {"bad answer": {"answer": "I'd rather not."}, "failing": {"status": 500}}[endpoint]
+    with running_stub(**stub_options) as (_stub, url):
+        monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
+        monkeypatch.setenv("METADATA_API_BASE", url)
+        state = ingest(corpus=str(_corpus(tmp_path)), return_state=True)
+    assert state.is_completed()
+    built = state.result()
+    outcome = {"bad answer": "invalid", "failing": "error"}[endpoint]
+    assert built["metadata"] == {"ok": 0, "invalid": 0, "error": 0, outcome: 2}
+    chunks = IndexStore(tmp_path / "index").load().chunks
+    assert built["documents"] == 2 and {c.source for c in chunks} == {"walrus.txt", "lists.md"}
+    assert all(c.tags == () and c.category is None for c in chunks)
+    assert {c.title for c in chunks} == {"The walrus operator := assigns inside an expression. Added in 3.8.", "Lists"}
