@@ -78,9 +78,21 @@ def test_evaluate_records_the_verdict(tiny_run, data_dir, tiny_model_dir, module
         db=module_db,
         embedder=BagOfWordsEncoder(),
     )
-    assert report.holdout["n"] == len(read_rows(data_dir / HOLDOUT_FILE))
+    holdout = read_rows(data_dir / HOLDOUT_FILE)
+    assert report.holdout["n"] == len(holdout)
     assert report.answers["n"] == 4
-    assert report.passed == (not report.reasons)
+    # The figures the gate read, computed here another way: one unpadded row at a time, plain forward.
+    loss_base = _completion_loss_by_hand(tiny_model_dir, None, holdout)
+    loss_adapter = _completion_loss_by_hand(tiny_model_dir, tiny_run.adapter_dir, holdout)
+    # (padding and batching move the figures by about 1e-6 relative; a label off by one token moves them more)
+    assert report.holdout["loss_base"] == pytest.approx(loss_base, rel=1e-4)
+    assert report.holdout["loss_adapter"] == pytest.approx(loss_adapter, rel=1e-4)
+    # ...and the verdict those figures call for under the report's thresholds.
+    improved = (loss_base - loss_adapter) / loss_base >= report.thresholds["min_loss_improvement"]
+    tolerance = report.thresholds["answer_tolerance"]
+    answers_held = all(report.answers[f"{m}_adapter"] >= report.answers[f"{m}_base"] - tolerance
+                       for m in ("rouge_l", "similarity"))
+    assert report.passed == (improved and answers_held)
     on_disk = json.loads((tiny_run.adapter_dir / EVAL_FILE).read_text())
     assert on_disk == report.to_dict()
     assert get_adapter(module_db, tiny_run.name).eval_metrics["passed"] == report.passed
@@ -172,3 +184,28 @@ def _cpu_dtype() -> str:
     from store.runtime import cpu_has_native_bf16
 
     return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def _completion_loss_by_hand(base_dir: Path, adapter_dir: Path | None, rows: list[dict]) -> float:
+    """Mean NLL per completion token, each row alone (no padding), in the dtype the gate uses."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from store.runtime import choose_device_dtype
+    from training.evaluate import encode_pair, load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=choose_device_dtype("cpu")[1])
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    tokenizer = load_tokenizer(base_dir)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for row in rows:
+            ids, start = encode_pair(tokenizer, row["prompt"], row["completion"])
+            logits = model(input_ids=torch.tensor([ids])).logits[0, start - 1 : -1].float()
+            total += F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="sum").item()
+            count += len(ids) - start
+    return total / count
