@@ -225,10 +225,8 @@ async def test_queue_overflow_goes_to_the_spool(db: Database, make_writer) -> No
 
 
 async def test_stale_claims_are_taken_over(db: Database, make_writer, tmp_path: Path) -> None:
-    import socket
-
     from store.spool import HOST as host
-    assert socket.gethostname()
+
     spool = tmp_path / "spool"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
