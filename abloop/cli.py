@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    if args.weekly:
+        from experiment.report import write_weekly_report
+
+        path = write_weekly_report(_db(), args.week_ending, Path(args.out))
+        print(json.dumps({"report": str(path)}))
+        return
+    if args.week_ending is not None:
+        raise SystemExit("abloop report: --week-ending goes with --weekly")
     from experiment.decision import Policy
     from experiment.report import write_report
 
@@ -222,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--experiment", help="default: the running experiment")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    report = add("report", cmd_report, "Write the self-contained HTML operator report of an experiment.")
-    report.add_argument("--experiment", help="default: the running experiment, else the last one with a candidate")
+    report = add("report", cmd_report, "Write the self-contained HTML operator report of an experiment, or the "
+                 "weekly report (--weekly).")
+    which = report.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help="default: the running experiment, else the last one with a candidate")
+    which.add_argument("--weekly", action="store_true", help="week over week per arm (what the weekly_report flow "
+                       "writes, without Prefect)")
+    report.add_argument("--week-ending", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                        help="with --weekly: the last day of the week (default: yesterday, UTC)")
     report.add_argument("--out", default="reports", help="directory (default: reports/)")
 
     add("migrate", cmd_migrate, "Apply the schema migrations once (replicas do not race to migrate).")

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from store import prompts
 from store.db import Database
 from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, new_salt
 from store.models import Experiment, utcnow
@@ -89,8 +90,13 @@ def start_candidate(
     share: float | None = None,
     primary_metric: str | None = None,
     reason: str = "new candidate",
+    prompt_template_id: str | None = None,
 ) -> Experiment:
-    """A new candidate is a new experiment (new id, new salt); the control arm carries over."""
+    """A new candidate is a new experiment (new id, new salt); the control arm carries over.
+
+    With `prompt_template_id` the candidate renders its prompts with that template version
+    (control keeps the active one): the same model with another prompt is a candidate too.
+    """
     current = get_running(db)
     if current is None:
         raise ExperimentNotFound("no running experiment")
@@ -104,6 +110,7 @@ def start_candidate(
             candidate_base_url=base_url,
             candidate_model=model,
             candidate_adapter_id=adapter_id,
+            candidate_prompt_template_id=prompt_template_id,
             candidate_share=old.candidate_share if share is None else share,
             salt=new_salt(),
             status=RUNNING,
@@ -111,7 +118,8 @@ def start_candidate(
         )
         session.add(fresh)
         session.flush()
-        add_event(session, fresh, "start", to_share=fresh.candidate_share, reason=f"{reason}: {model}")
+        prompt = f" with prompt template {prompt_template_id}" if prompt_template_id else ""
+        add_event(session, fresh, "start", to_share=fresh.candidate_share, reason=f"{reason}: {model}{prompt}")
     return fresh
 
 
@@ -141,6 +149,9 @@ def conclude(
         _end(session, old, outcome, dict(decision or {}))
         if outcome == "promoted":
             control = (old.candidate_base_url, old.candidate_model, old.candidate_adapter_id)
+            if old.candidate_prompt_template_id:
+                # Control renders with the active version, so the winning prompt becomes active.
+                prompts.activate_in(session, old.candidate_prompt_template_id)
         else:
             control = (old.control_base_url, old.control_model, old.control_adapter_id)
         fresh = Experiment(

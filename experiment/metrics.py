@@ -111,8 +111,8 @@ def satisfaction(thumbs: str | None, rating: int | None) -> float | None:
     return sum(signals) / len(signals) if signals else None
 
 
-class _Sums:
-    """Per-user sums keyed by user id, filled from event and feedback rows."""
+class UserSums:
+    """Per-user sums keyed by user id, filled from event and feedback rows (per arm here, per week in `weekly`)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0.0))
@@ -193,7 +193,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
     locate = PhaseLocator(phases)
     first_arm: dict[str, str] = {}
     first_phase: dict[str, int] = {}
-    sums = {arm: _Sums() for arm in ARMS}
+    sums = {arm: UserSums() for arm in ARMS}
     latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
     phase_arm: list[dict[str, str]] = [{} for _ in phases]  # per phase: user -> arm first served there
     counted: dict[str, tuple[str, str]] = {}  # event id -> (arm, user) for events in the comparison
@@ -255,7 +255,7 @@ def _attach_pre_period(db: Database, collected: Collected, started: datetime, lo
         ).all()
     if not rows:
         return
-    pre = _Sums()
+    pre = UserSums()
     seen: set[str] = set()
     for event_id, user, status, thumbs, rating, corrected, feedback_id in rows:
         first = event_id not in seen

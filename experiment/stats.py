@@ -7,7 +7,8 @@ ratio of per-user sums, analysed with the delta method; a per-user mean is the s
 The formulas follow gbstats 0.8.0 (GrowthBook's engine) so that the numbers can be checked against it:
 `gbstats/models/statistics.py` (RatioStatistic, RegressionAdjustedStatistic, compute_theta, QuantileStatistic) and
 `gbstats/frequentist/tests.py` (TTest.dof, TwoSidedTTest, SequentialTwoSidedTTest). All differences are absolute
-(candidate - control); the relative lift is reported alongside but not tested.
+(candidate - control); the relative lift is reported alongside but not tested. The one relative comparison is
+`relative_change` (one week against the last, for the weekly report).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "linearised",
     "quantile_estimate",
     "ratio_estimate",
+    "relative_change",
     "sample_ratio",
     "sequential_interval",
     "stratified",
@@ -262,6 +264,34 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
                       std_error=math.sqrt(variance), dof=dof, fixed_ci=fixed_ci, fixed_p_value=fixed_p,
                       sequential_ci=sequential_ci, sequential_p_value=sequential_p, chance_to_win=chance, users=users,
                       cuped=cuped)
+
+
+def relative_change(before: Estimate, after: Estimate, alpha: float = 0.05) -> dict[str, Any] | None:
+    """after / before - 1 of two independent estimates (two weeks, say), with its interval; None if undefined.
+
+    The first-order delta method on the ratio of two independent estimators, as gbstats computes relative lifts
+    (frequentist_variance with relative=True): var = var_after / before^2 + after^2 var_before / before^4, each var the
+    variance of the estimator (Estimate.variance, e.g. from ratio_estimate). Interval and p-value as gbstats
+    TwoSidedTTest: Student t on the Welch-Satterthwaite degrees of freedom of the two per-user samples. Undefined when
+    `before` is 0, a value or variance is nan, an estimate rests on fewer than two users, or the variance degenerates
+    to 0 while a sample had spread (`after` is 0 with no spread: the formula would claim the change exactly).
+    """
+    values = (before.value, after.value, before.variance, after.variance)
+    if before.users < 2 or after.users < 2 or any(math.isnan(v) for v in values) or before.value == 0:
+        return None
+    relative = after.value / before.value - 1
+    variance = after.variance / before.value**2 + after.value**2 * before.variance / before.value**4
+    if variance > 0:
+        dof = _welch_dof(_Arm(before.value, before.variance * before.users, before.users),
+                         _Arm(after.value, after.variance * after.users, after.users))
+        ci, p_value = _fixed(relative, variance, dof, alpha)
+    elif before.variance == 0 and after.variance == 0:  # no spread in either sample: the change is known exactly
+        dof, ci, p_value = math.nan, (relative, relative), 1.0 if relative == 0 else 0.0
+    else:
+        return None
+    return _json_ready({"before": before.value, "after": after.value, "relative": relative,
+                        "std_error": math.sqrt(variance), "ci": ci, "p_value": p_value, "dof": dof,
+                        "users": (before.users, after.users)})
 
 
 def stratified(strata: Sequence[Comparison], *, control: float, candidate: float, alpha: float = 0.05,

@@ -16,7 +16,7 @@ from proxy.deps import AppState
 from proxy.live import Live
 from proxy.metrics import Metrics
 from proxy.retriever import Retriever
-from proxy.routes import admin, health, search
+from proxy.routes import admin, health, prompts, rules, search
 from proxy.upstream import Upstream
 from store.config import Settings
 from store.db import Database
@@ -83,6 +83,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(search.router)
     app.include_router(admin.router)
+    app.include_router(prompts.router)
+    app.include_router(rules.router)
     app.include_router(health.router)
     return app
 
@@ -97,6 +99,11 @@ def _watch(state: AppState) -> None:
             lambda: state.live.snapshot.experiment.candidate_share if state.live.snapshot else 0.0)
     m.watch("abloop_open_circuits", "Upstream servers whose circuit breaker is open.",
             lambda: sum(b.is_open for b in state.upstream.breakers.values()))
+    m.watch("abloop_index_chunks", "Chunks in the index version this replica serves.", lambda: state.retriever.size)
+    m.watch("abloop_index_load_seconds", "Seconds the last index (re)load took to read from disk.",
+            lambda: state.retriever.load_seconds)
+    m.watch_label("abloop_index_info", "The index version this replica serves (value 1).", "version",
+                  lambda: state.retriever.version)
 
 
 async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:

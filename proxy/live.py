@@ -24,11 +24,18 @@ log = logging.getLogger("abloop.proxy")
 @dataclass(frozen=True)
 class Snapshot:
     experiment: Experiment
-    prompt: PromptTemplate
+    prompt: PromptTemplate  # the active version: control's, and the candidate's unless it has its own
+    candidate_prompt: PromptTemplate | None = None
 
     @property
     def has_candidate(self) -> bool:
         return bool(self.experiment.candidate_base_url)
+
+    def prompt_for(self, arm: Arm) -> PromptTemplate:
+        """The template version an arm renders its prompt with."""
+        if arm == "candidate" and self.candidate_prompt is not None:
+            return self.candidate_prompt
+        return self.prompt
 
     def plan(self, assigned: Arm) -> list[tuple[Arm, Target]]:
         """The assigned arm first, then the other one to fall back to (if there is one)."""
@@ -61,7 +68,9 @@ class Live:
     async def refresh(self) -> Snapshot:
         def _read() -> Snapshot:
             experiment = experiments.ensure_running(self._db, self._settings)  # seeds the first one from env
-            return Snapshot(experiment=experiment, prompt=prompts.active(self._db))
+            candidate_id = experiment.candidate_prompt_template_id
+            return Snapshot(experiment=experiment, prompt=prompts.active(self._db),
+                            candidate_prompt=prompts.get(self._db, candidate_id) if candidate_id else None)
 
         self.snapshot = await asyncio.to_thread(_read)
         return self.snapshot

@@ -28,6 +28,9 @@ class Item(BaseModel):
     source: str
     score: float
     text: str
+    # The document's LLM metadata (METADATA_API_BASE); empty where none was extracted.
+    tags: list[str] = []
+    category: str | None = None
 
 
 class Timings(BaseModel):
@@ -72,12 +75,15 @@ class ArmConfig(BaseModel):
     base_url: HttpUrl
     model: str = Field(min_length=1, max_length=256)
     adapter_id: str | None = None
+    # A prompt template version the candidate renders with (same model, another prompt).
+    prompt_template_id: str | None = Field(None, min_length=1, max_length=36)
 
 
 class ArmView(BaseModel):
     base_url: str
     model: str
     adapter_id: str | None = None
+    prompt_template_id: str | None = None  # None: the active template
 
 
 class RolloutConfig(BaseModel):
@@ -153,9 +159,13 @@ class ProcessUrlRequest(BaseModel):
 class ProcessUrlResponse(BaseModel):
     url: str
     final_url: str
-    title: str
+    title: str  # the extracted title where metadata was extracted, else the page's own
     chunks_added: int
     index_version: str
+    # extracted; off (METADATA_API_BASE unset); failed (indexed without metadata, see the proxy log).
+    metadata: Literal["extracted", "off", "failed"] = "off"
+    tags: list[str] = []
+    category: str | None = None
 
 
 class IndexView(BaseModel):

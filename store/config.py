@@ -81,8 +81,16 @@ class Settings(BaseSettings):
     answer_score_sample: int = Field(200, ge=0)
     judge_api_base: str | None = None
     judge_model: str | None = None
+    # Optional LLM metadata (title, tags, category) for ingested documents; unset = off. Key: LLM_API_KEY.
+    metadata_api_base: str | None = None
+    metadata_model: str = DEFAULT_LLM_MODEL
+    # The weekly report (flows/weekly_report.py): a Slack-compatible incoming webhook (else the Prefect Secret block
+    # `slack-webhook-url`, else no post), and where reports/ is served, for an absolute link in the message.
+    slack_webhook_url: SecretStr | None = None
+    report_base_url: str | None = None
 
-    @field_validator("llm_api_base_new_model", "llm_model_new", "judge_api_base", "judge_model", mode="before")
+    @field_validator("llm_api_base_new_model", "llm_model_new", "judge_api_base", "judge_model", "metadata_api_base",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

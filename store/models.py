@@ -88,6 +88,9 @@ class Experiment(Base):
     # What the experiment is judged on, and how it rolls out (experiment.decision / experiment.rollout).
     primary_metric: Mapped[str | None] = mapped_column(String(64))
     rollout: Mapped[dict[str, Any] | None] = mapped_column()
+    # A prompt template version as the candidate arm (same model, another prompt). Control always
+    # renders with the active version, so promoting such a candidate activates its version.
+    candidate_prompt_template_id: Mapped[str | None] = mapped_column(String(36))
 
 
 class ExperimentEvent(Base):
@@ -136,6 +139,28 @@ class PromptTemplate(Base):
     few_shot: Mapped[list[Any]] = mapped_column(default=list)
     active: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Approved banned_phrase / required_format rules the proxy applies to answers
+    # (store.prompts.apply_output_rules); None on versions written before migration 0003.
+    output_rules: Mapped[list[Any] | None] = mapped_column(default=list)
+
+
+class Rule(Base):
+    """A rule proposed from users' corrections; an operator approves or rejects it.
+
+    Rules are data (a sentence, a phrase, a format), never code: approved ones go into the next
+    prompt template version (store.rules, training.rules).
+    """
+
+    __tablename__ = "rules"
+    __table_args__ = (UniqueConstraint("kind", "text"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    status: Mapped[str] = mapped_column(String(16), default="proposed", index=True)  # proposed|approved|rejected
+    kind: Mapped[str] = mapped_column(String(32))  # instruction | banned_phrase | required_format
+    text: Mapped[str] = mapped_column(Text)
+    feedback_ids: Mapped[list[Any]] = mapped_column(default=list)  # the corrections that support it
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column()
 
 
 class Adapter(Base):

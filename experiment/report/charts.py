@@ -7,7 +7,7 @@ The charts know nothing of the bundle: the page's chart section turns the timeli
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,8 @@ def _fmt_axis(value: float, metric: str, delta: bool) -> str:
 
 
 def _line_chart(series: Sequence[_Series], *, metric: str, delta: bool, height: int, markers: Sequence[dict[str, Any]],
-                label: str, chart_id: str) -> str:
+                label: str, chart_id: str, x_label: str = "users in the comparison (both arms)",
+                x_tick: Callable[[float], str] = "{:,.0f}".format) -> str:
     width = 1000
     xs = [x for s in series for x, y in s.points if y is not None]  # the axis starts at the first look with a value
     core = [y for s in series for _, y in s.points if y is not None]
@@ -132,9 +133,9 @@ def _line_chart(series: Sequence[_Series], *, metric: str, delta: bool, height: 
             out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{height - frame.bottom}" '
                        f'y2="{height - frame.bottom + 4}" class="axis"/>')
             out.append(f'<text x="{x:.1f}" y="{height - frame.bottom + 18}" class="tick" text-anchor="middle">'
-                       f'{tick:,.0f}</text>')
+                       f'{_e(x_tick(tick))}</text>')
     out.append(f'<text x="{width - frame.right}" y="{height - 4}" class="axis-label" text-anchor="end">'
-               'users in the comparison (both arms)</text>')
+               f'{_e(x_label)}</text>')
     out.append(f'<g clip-path="url(#{chart_id}-clip)">')
     if delta and y0 < 0 < y1:
         out.append(f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{frame.y(0):.1f}" y2="{frame.y(0):.1f}" '
@@ -180,8 +181,11 @@ def _runs(items: Iterable[Any]) -> list[list[Any]]:
     return [run for run in runs if run]
 
 
-def _interval_bar(metric: str, comparison: dict[str, Any]) -> str:
-    """A small bar of the difference's interval around zero, green/red where it clears zero (GrowthBook's style)."""
+def _interval_bar(metric: str, comparison: dict[str, Any], label: str | None = None) -> str:
+    """A small bar of the difference's interval around zero, green/red where it clears zero (GrowthBook's style).
+
+    `label` names the interval for screen readers (default: the interval in the metric's unit).
+    """
     ci = comparison.get("ci") or [None, None]
     low, high, point = _num(ci[0]), _num(ci[1]), _num(comparison.get("difference"))
     if low is None or high is None or point is None:
@@ -199,7 +203,7 @@ def _interval_bar(metric: str, comparison: dict[str, Any]) -> str:
     else:
         color = "#94a3b8"
     return (f'<svg class="ci-bar" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-            f'aria-label="interval {_e(_interval(metric, ci))}">'
+            f'aria-label="{_e(label or f"interval {_interval(metric, ci)}")}">'
             f'<line x1="{width / 2}" x2="{width / 2}" y1="1" y2="{height - 1}" stroke="#475569" stroke-width="1"/>'
             f'<rect x="{x(low):.1f}" y="6" width="{max(x(high) - x(low), 1.5):.1f}" height="10" rx="3" '
             f'fill="{color}" fill-opacity="0.75"/>'

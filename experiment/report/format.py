@@ -65,6 +65,18 @@ def _signed(value: float, spec: str) -> str:
     return format(0.0, spec) if text.lstrip("+-").strip("0.,") == "" else text
 
 
+def _change(value: Any) -> str:
+    """A relative change (0.1 is +10%), signed; "–" where there is none (nothing last week)."""
+    v = _num(value)
+    return "–" if v is None else _signed(v * 100, "+.1f") + "%"
+
+
+def _change_interval(ci: Sequence[Any] | None) -> str:
+    if not ci or _num(ci[0]) is None or _num(ci[1]) is None:
+        return "–"
+    return f"[{_change(ci[0])}, {_change(ci[1])}]"
+
+
 def _interval(metric: str, ci: Sequence[Any] | None, delta: bool = True) -> str:
     if not ci or _num(ci[0]) is None or _num(ci[1]) is None:
         return "–"

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from experiment.decision import Policy
 from experiment.metrics import ARMS
-from experiment.report.content import ANSWER_CHARS
+from experiment.report.content import _truncate
 from store.db import Database
 from store.experiments import RUNNING, get, get_running, list_events, list_experiments
 from store.models import Adapter, Experiment, Feedback, SearchEvent, utcnow
@@ -166,7 +166,3 @@ def _offline_gate(db: Database, adapter_id: str | None) -> dict[str, Any] | None
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
-
-
-def _truncate(text: str, limit: int = ANSWER_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit].rstrip() + "…"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from fastapi import APIRouter, HTTPException, status
 
@@ -20,7 +21,9 @@ from proxy.schemas import (
     PromoteRequest,
     RollbackRequest,
 )
-from retrieval.fetch import FetchError, UnsafeURLError, fetch_url
+from retrieval.fetch import FetchedPage, FetchError, UnsafeURLError, fetch_url
+from retrieval.metadata import DocumentMetadata, MetadataError, MetadataExtractor
+from store import prompts
 from store.models import Experiment
 
 log = logging.getLogger("abloop.proxy")
@@ -35,6 +38,7 @@ def _view(experiment: Experiment) -> ExperimentView:
             base_url=experiment.candidate_base_url,
             model=experiment.candidate_model,
             adapter_id=experiment.candidate_adapter_id,
+            prompt_template_id=experiment.candidate_prompt_template_id,
         )
     return ExperimentView(
         id=experiment.id,
@@ -66,6 +70,10 @@ async def get_experiment(state: StateDep) -> ExperimentView:
 async def update_experiment(body: ExperimentUpdate, state: StateDep) -> ExperimentView:
     """A share change starts a new phase; a new candidate starts a new experiment; a rollout ramps by steps."""
     current = (await state.live.refresh()).experiment
+    template_id = body.candidate.prompt_template_id if body.candidate is not None else None
+    if template_id is not None and await asyncio.to_thread(prompts.get, state.db, template_id) is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"candidate.prompt_template_id: unknown prompt template {template_id[:36]!r}")
     try:
         if body.candidate is not None:
             current = await asyncio.to_thread(
@@ -77,6 +85,7 @@ async def update_experiment(body: ExperimentUpdate, state: StateDep) -> Experime
                 share=0.0 if body.rollout is not None else body.candidate_share,
                 primary_metric=body.primary_metric,
                 reason="new candidate via admin-api",
+                prompt_template_id=template_id,
             )
         elif body.candidate_share is not None:
             await asyncio.to_thread(lifecycle.set_share, state.db, current.id, body.candidate_share,
@@ -112,22 +121,69 @@ async def rollback(body: RollbackRequest, state: StateDep) -> ExperimentView:
     return await _conclude(state, body.experiment_id, lifecycle.rollback, reason=body.reason)
 
 
+# The process_url outcome (abloop_process_url_total) of each refusal it answers with.
+_PROCESS_URL_OUTCOMES = {status.HTTP_400_BAD_REQUEST: "refused", status.HTTP_502_BAD_GATEWAY: "fetch_error",
+                         status.HTTP_422_UNPROCESSABLE_CONTENT: "empty"}
+
+
 @router.post("/process_url", response_model=ProcessUrlResponse)
 async def process_url(body: ProcessUrlRequest, state: StateDep) -> ProcessUrlResponse:
+    """Fetch (SSRF-safe), extract text and optional LLM metadata, chunk, embed, add to the index; counted and timed."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        response = await _ingest_url(body.url, state)
+        outcome = "ok"
+        return response
+    except HTTPException as error:
+        outcome = _PROCESS_URL_OUTCOMES.get(error.status_code, "error")
+        raise
+    finally:
+        state.metrics.process_url.labels(outcome).inc()
+        state.metrics.process_url_latency.observe(time.perf_counter() - started)
+
+
+async def _ingest_url(url: str, state: StateDep) -> ProcessUrlResponse:
     settings = state.settings
     try:
-        page = await fetch_url(body.url, max_bytes=settings.ingest_max_bytes, timeout_s=settings.ingest_timeout_s,
+        page = await fetch_url(url, max_bytes=settings.ingest_max_bytes, timeout_s=settings.ingest_timeout_s,
                                transport=state.ingest_transport, resolver=state.ingest_resolver)
     except UnsafeURLError as error:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"url refused: {error}") from None
     except FetchError as error:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"url could not be fetched: {error}") from None
     if not page.text.strip():
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "url: the page has no extractable text")
-    index, added = await state.retriever.add_page(page)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "url: the page has no extractable text")
+    metadata = await _metadata(page, state) if settings.metadata_api_base else None
+    index, added = await state.retriever.add_page(page, metadata)
     log.info("ingested %s chunks into index %s", added, index.version)
-    return ProcessUrlResponse(url=body.url, final_url=page.final_url, title=page.title,
-                              chunks_added=added, index_version=index.version)
+    if metadata is not None:
+        labels = {"metadata": "extracted", "title": metadata.title, "tags": list(metadata.tags),
+                  "category": metadata.category}
+    else:
+        labels = {"metadata": "failed" if settings.metadata_api_base else "off", "title": page.title}
+    return ProcessUrlResponse(url=url, final_url=page.final_url, chunks_added=added, index_version=index.version,
+                              **labels)
+
+
+async def _metadata(page: FetchedPage, state: StateDep) -> DocumentMetadata | None:
+    """The page's LLM metadata, or None when the endpoint gives none: the page is indexed all the same."""
+    settings = state.settings
+    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+
+    def _extract() -> DocumentMetadata:
+        with MetadataExtractor(settings.metadata_api_base, settings.metadata_model, key,
+                               settings.llm_timeout_s) as extractor:
+            return extractor.extract(page.title or page.final_url, page.text, page.final_url)
+
+    try:
+        metadata = await asyncio.to_thread(_extract)
+    except MetadataError as error:
+        state.metrics.metadata_extraction.labels(error.outcome).inc()
+        log.warning("no metadata for %s (%s), indexed without it: %s", page.final_url, error.outcome, error)
+        return None
+    state.metrics.metadata_extraction.labels("ok").inc()
+    return metadata
 
 
 @router.post("/admin/reload-index", response_model=IndexView)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store.events import event_exists
 from store.models import new_id, utcnow
-from store.prompts import render_messages
+from store.prompts import apply_output_rules, render_messages
 
 router = APIRouter(prefix="/api/v1", tags=["search"])
 
@@ -33,7 +34,7 @@ async def search(
 
     hits = await state.retriever.search(body.query, body.top_k)
     retrieval_ms = (time.perf_counter() - started) * 1000
-    prompt = snapshot.prompt
+    prompt = snapshot.prompt_for(arm)
     messages = render_messages(prompt.system_prompt, prompt.template, prompt.few_shot or [], hits, body.query)
 
     request_id = new_id()
@@ -51,8 +52,8 @@ async def search(
             "scores": [round(hit.score, 6) for hit in hits],
             "index_version": state.retriever.version,
         },
-        "prompt_template_id": snapshot.prompt.id,
-        "prompt_template_version": snapshot.prompt.version,
+        "prompt_template_id": prompt.id,
+        "prompt_template_version": prompt.version,
     }
     try:
         completion = await state.upstream.complete(snapshot.plan(arm), messages)
@@ -63,6 +64,10 @@ async def search(
         raise HTTPException(code, {"message": "every arm failed", "request_id": request_id,
                                    "failures": [str(f) for f in failure.failures]}) from None
 
+    if prompt.output_rules:
+        # The answer the user reads is the one logged: feedback and corrections are about it.
+        answer = apply_output_rules(completion.answer, prompt.output_rules, [hit.title for hit in hits])
+        completion = dataclasses.replace(completion, answer=answer)
     total_ms = (time.perf_counter() - started) * 1000
     _log(state, event, completion, retrieval_ms, total_ms)
     return SearchResponse(
@@ -71,7 +76,8 @@ async def search(
         served_arm=completion.served_arm,
         model=completion.model,
         answer=completion.answer,
-        items=[Item(id=h.id, title=h.title, source=h.source, score=h.score, text=h.text) for h in hits],
+        items=[Item(id=h.id, title=h.title, source=h.source, score=h.score, text=h.text, tags=list(h.tags),
+                    category=h.category) for h in hits],
         timings_ms=Timings(retrieval=round(retrieval_ms, 3), llm=round(completion.llm_ms, 3), total=round(total_ms, 3)),
     )
 

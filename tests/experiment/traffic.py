@@ -60,8 +60,12 @@ def write(
     share: float | None = None,
     ts: datetime | None = None,
     prefix: str = "test-user",
+    step: timedelta = timedelta(microseconds=10),
 ) -> None:
-    """`users` users, assigned by the experiment's salt and `share` (default: the stored share)."""
+    """`users` users, assigned by the experiment's salt and `share` (default: the stored share).
+
+    Requests are `step` apart from `ts` on, in user order (a larger step spreads them over days).
+    """
     rng = random.Random(seed)
     share = experiment.candidate_share if share is None else share
     moment = ts or utcnow()
@@ -75,7 +79,7 @@ def write(
             event_id = new_id()
             failed = rng.random() < behaviour.error
             fell_back = not failed and rng.random() < behaviour.fallback
-            moment += timedelta(microseconds=10)
+            moment += step
             events.append({
                 "id": event_id, "ts": moment, "user_id": user, "experiment_id": experiment.id, "arm": arm,
                 "served_arm": None if failed else ("control" if fell_back else arm), "query": "q",

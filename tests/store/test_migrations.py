@@ -9,13 +9,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
+from store import experiments, prompts
 from store.db import MIGRATIONS_DIR, Database
 from store.models import Base
 
 TABLES = {"search_events", "feedback", "experiments", "prompt_templates", "adapters", "experiment_events",
-          "answer_scores"}
+          "answer_scores", "rules"}
 
 
 def _tables(db: Database) -> set[str]:
@@ -29,7 +30,7 @@ def test_migrate_creates_every_table_and_is_idempotent(empty_db: Database) -> No
     empty_db.migrate()  # a second run is a no-op
     assert _tables(empty_db) == TABLES
     with empty_db.engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0002"
+        assert MigrationContext.configure(connection).get_current_revision() == "0003"
 
 
 def test_migrated_schema_matches_the_models(db: Database) -> None:
@@ -62,11 +63,35 @@ def test_downgrade_drops_everything(db: Database) -> None:
     assert _tables(db) == TABLES
 
 
+def test_0003_keeps_existing_rows_and_adds_prompt_rules(empty_db: Database) -> None:
+    """Upgrading a store written by 0002: old rows keep their values, the new columns are empty."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with empty_db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+    with empty_db.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO experiments (id, control_base_url, control_model, candidate_share, salt, status, started_at) "
+            "VALUES ('e1', 'http://c/v1', 'm', 0.5, 's', 'running', CURRENT_TIMESTAMP)"))
+        connection.execute(text(
+            "INSERT INTO prompt_templates (id, name, version, system_prompt, template, few_shot, active, created_at) "
+            "VALUES ('t1', 'search-answer', 1, 'sys', '{question}', '[]', true, CURRENT_TIMESTAMP)"))
+    empty_db.migrate()
+    experiment = experiments.get(empty_db, "e1")
+    assert (experiment.candidate_share, experiment.candidate_prompt_template_id) == (0.5, None)
+    template = prompts.get(empty_db, "t1")
+    assert (template.system_prompt, template.active, template.output_rules) == ("sys", True, None)
+    with empty_db.engine.connect() as connection:
+        assert {c["name"] for c in inspect(connection).get_columns("rules")} == {
+            "id", "status", "kind", "text", "feedback_ids", "created_at", "decided_at"}
+
+
 def test_importing_store_pulls_in_no_heavy_packages() -> None:
     code = (
         "import sys, store, store.config, store.models, store.db, store.experiments, store.prompts, "
-        "store.events, store.writer, store.scores, experiment, experiment.lifecycle, experiment.assignment, "
-        "experiment.metrics, experiment.status\n"
+        "store.events, store.writer, store.scores, store.rules, experiment, experiment.lifecycle, "
+        "experiment.assignment, experiment.metrics, experiment.status\n"
         "heavy = [m for m in ('torch', 'faiss', 'fastapi', 'transformers', 'sentence_transformers', "
         "'retrieval', 'proxy', 'training', 'flows', 'serving') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
