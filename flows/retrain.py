@@ -62,9 +62,14 @@ def start_experiment(database_url: str, server_base_url: str, name: str, adapter
                      share: float, rollout: dict | None = None) -> str:
     """A new experiment with the adapter as candidate: at `share`, or ramped by a rollout plan."""
     from experiment import lifecycle
+    from store import experiments
+    from store.config import Settings
     from store.db import Database
 
     db = Database(database_url)
+    # A store no proxy has seeded yet has no running experiment: seed it as a proxy would (control
+    # from LLM_API_BASE / LLM_MODEL) so that the candidate has a control to be compared with.
+    experiments.ensure_running(db, Settings())
     experiment = lifecycle.start_candidate(db, base_url=server_base_url, model=name, adapter_id=adapter_id,
                                            share=0.0 if rollout else share, reason="retrained adapter")
     if rollout:
