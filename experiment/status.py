@@ -13,14 +13,27 @@ from store.models import Experiment
 
 
 def arms_of(experiment: Experiment) -> dict[str, dict[str, Any] | None]:
-    """The experiment's two arms as {base_url, model, adapter_id}; None for an arm that is not configured."""
+    """The experiment's two arms as {base_url, model, adapter_id, prompt_template_id}; None for an arm
+    that is not configured. Control always renders with the active template (prompt_template_id None)."""
 
-    def arm(base_url: str | None, model: str | None, adapter_id: str | None) -> dict[str, Any] | None:
-        return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id}
+    def arm(base_url: str | None, model: str | None, adapter_id: str | None,
+            prompt_template_id: str | None = None) -> dict[str, Any] | None:
+        return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id,
+                                          "prompt_template_id": prompt_template_id}
 
     return {"control": arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
             "candidate": arm(experiment.candidate_base_url, experiment.candidate_model,
-                             experiment.candidate_adapter_id)}
+                             experiment.candidate_adapter_id, experiment.candidate_prompt_template_id)}
+
+
+def arm_label(described: dict[str, Any] | None, arm: str) -> str:
+    """How an arm is named to an operator: its model, and its prompt template when it has its own
+    (a prompt experiment runs the same model on both arms)."""
+    if not described:
+        return "no candidate" if arm == "candidate" else "(model not named)"
+    name = described.get("model") or "(model not named)"
+    template = described.get("prompt_template_id")
+    return f"{name} with prompt template {template[:8]}" if template else name
 
 
 def describe(db: Database, experiment_id: str | None = None) -> dict[str, Any]:
@@ -71,8 +84,9 @@ def render(status: dict[str, Any]) -> str:
     candidate = experiment["candidate"]
     lines += [
         f"experiment {experiment['id']} ({experiment['status']}), primary metric {experiment['primary_metric']}",
-        f"  control:   {experiment['control']['model']} @ {experiment['control']['base_url']}",
-        f"  candidate: {candidate['model']} @ {candidate['base_url']}" if candidate else "  candidate: none",
+        f"  control:   {arm_label(experiment['control'], 'control')} @ {experiment['control']['base_url']}",
+        f"  candidate: {arm_label(candidate, 'candidate')} @ {candidate['base_url']}" if candidate
+        else "  candidate: none",
         f"  share {_share(experiment['candidate_share'])}, phase {experiment['phase']['index']} of "
         f"{experiment['phase']['of']} since {experiment['phase']['since']}",
     ]

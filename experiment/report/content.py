@@ -10,6 +10,7 @@ from typing import Any
 
 from experiment.decision import KEEP_RUNNING, NOT_ENOUGH_DATA, PROMOTE, ROLL_BACK
 from experiment.report.format import _pct, _value
+from experiment.status import arm_label
 
 
 def _simulated_banner(where: str) -> str:
@@ -53,8 +54,7 @@ METHOD_NOTES = (
 def _arm_name(bundle: dict[str, Any], arm: str) -> str:
     if not bundle.get("experiment"):
         return "–"
-    described = bundle["experiment"].get(arm) or {}
-    return described.get("model") or ("no candidate" if arm == "candidate" else "(model not named)")
+    return arm_label(bundle["experiment"].get(arm), arm)
 
 
 def _verdict(bundle: dict[str, Any]) -> tuple[str, str, str, str]:

@@ -26,6 +26,7 @@ from experiment.report.content import (
 )
 from experiment.report.format import _delta, _e, _fixed, _interval, _label, _num, _p, _pct, _value, _when
 from experiment.report.page import _banner, _card, _notes_footer, _page, _tiles
+from experiment.status import arm_label
 from store.experiments import RUNNING
 
 # Markers on the charts: every share-setting transition after the start, and the end.
@@ -71,7 +72,7 @@ def _header(bundle: dict[str, Any], title: str) -> str:
             if described:
                 adapter = f" · adapter {described['adapter_id']}" if described.get("adapter_id") else ""
                 sub = f"{described.get('base_url')}{adapter} · {users or 0:,} users"
-                name = described.get("model") or "(model not named)"
+                name = arm_label(described, arm)
             else:
                 name, sub = "no candidate arm", "every user is served by control"
             parts.append(f'<div class="arm"><span class="tag {arm}">{arm}</span><span class="name">{_e(name)}</span>'

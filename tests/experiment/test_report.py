@@ -205,3 +205,21 @@ def test_an_empty_store_and_a_young_experiment_still_render(sqlite_db, tmp_path)
     page = render_html(young)
     assert "Not enough data" in page and "No offline gate" not in page and "Sample-ratio check per phase" in page
     assert "not a registered adapter" in page and "No answered request logged yet" in page
+
+
+def test_a_prompt_experiment_names_the_candidate_template(sqlite_db):
+    """Same model on both arms, another prompt on the candidate: status and report say which template."""
+    from experiment.status import describe, render
+    from store import prompts
+
+    template = prompts.new_version(sqlite_db, name=prompts.DEFAULT_NAME, system_prompt="Answer in one line.",
+                                   template=prompts.DEFAULT_TEMPLATE, few_shot=[], activate=False)
+    running = traffic.start(sqlite_db)
+    tried = lifecycle.start_candidate(sqlite_db, base_url=running.control_base_url, model=running.control_model,
+                                      prompt_template_id=template.id, share=0.5)
+    label = f"{running.control_model} with prompt template {template.id[:8]}"
+    status = render(describe(sqlite_db, tried.id))
+    assert f"candidate: {label}" in status and f"control:   {running.control_model} @" in status
+    assert "with prompt template" not in status.split("candidate:")[0]  # control keeps the active template
+    page = render_html(gather(sqlite_db, tried.id))
+    assert label in page and page.count("with prompt template") == page.count(label)
