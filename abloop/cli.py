@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -47,9 +48,21 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
     settings = _settings()
     documents = load_corpus(args.corpus)
-    index = build_index(documents, Embedder(settings.embedding_model), IndexStore(settings.index_dir), kind=args.kind)
+    extraction = _extract_metadata(documents, settings) if settings.metadata_api_base else None
+    index = build_index(documents, Embedder(settings.embedding_model), IndexStore(settings.index_dir), kind=args.kind,
+                        metadata=extraction.metadata if extraction else None)
     print(json.dumps({"index_dir": str(settings.index_dir), "index_version": index.version,
-                      "documents": len(documents), "chunks": len(index), "kind": index.kind}))
+                      "documents": len(documents), "chunks": len(index), "kind": index.kind,
+                      "metadata": extraction.counts() if extraction else "off"}))
+
+
+def _extract_metadata(documents, settings):
+    """Title, tags and category from METADATA_API_BASE, as the `ingest` flow does; failures index without it."""
+    from retrieval.metadata import extract_documents
+
+    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+    return extract_documents(documents, settings.metadata_api_base, settings.metadata_model, api_key,
+                             settings.llm_timeout_s)
 
 
 def cmd_serve_model(args: argparse.Namespace) -> None:
@@ -130,6 +143,11 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     _conclude(args, "rolled_back", lifecycle.rollback, reason=args.reason)
 
 
+def _library_output_to_stderr():
+    """stdout carries only the command's JSON (so it can be piped to jq); the trainer prints its log dicts."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _resolve_base(base: str) -> Path:
     from serving.model import resolve_base_model
 
@@ -140,8 +158,9 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     from training.dataset import build_dataset
 
     db = _db()
-    card = build_dataset(db, Path(args.out), min_rating=args.min_rating,
-                         semantic_threshold=args.semantic_threshold)
+    with _library_output_to_stderr():
+        card = build_dataset(db, Path(args.out), min_rating=args.min_rating,
+                             semantic_threshold=args.semantic_threshold)
     print(json.dumps(card.to_dict(), indent=2, default=str))
 
 
@@ -149,9 +168,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from training.train import train_lora
 
     db = _db()
-    result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
-                        max_steps=args.max_steps, learning_rate=args.learning_rate,
-                        load_in_4bit=args.load_in_4bit, db=db)
+    with _library_output_to_stderr():
+        result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
+                            max_steps=args.max_steps, learning_rate=args.learning_rate,
+                            load_in_4bit=args.load_in_4bit, db=db)
     print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
                      indent=2, default=str))
 
@@ -160,7 +180,9 @@ def cmd_eval_adapter(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_adapter
 
     db = _db()
-    report = evaluate_adapter(Path(args.data), Path(args.adapter), base_model_dir=_resolve_base(args.base), db=db)
+    with _library_output_to_stderr():
+        report = evaluate_adapter(Path(args.data), Path(args.adapter), base_model_dir=_resolve_base(args.base),
+                                  db=db)
     print(json.dumps(report.to_dict(), indent=2, default=str))
     if not report.passed:
         sys.exit(1)

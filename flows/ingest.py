@@ -29,11 +29,10 @@ def load_documents(corpus: str) -> list[Document]:
 @task(cache_policy=NO_CACHE)
 def extract_metadata(documents: list[Document], api_base: str, model: str, api_key: str | None,
                      timeout_s: float) -> Extraction:
-    from retrieval.metadata import MetadataExtractor
+    from retrieval.metadata import extract_documents
 
     log = get_run_logger()
-    with MetadataExtractor(api_base, model, api_key, timeout_s) as extractor:
-        extraction = extractor.extract_all(documents)
+    extraction = extract_documents(documents, api_base, model, api_key, timeout_s)
     for source, failure in extraction.failures.items():
         log.warning(f"no metadata for {source} ({failure.outcome}), indexed without it: {failure}")
     log.info(f"metadata from {model}: {extraction.counts()}")

@@ -172,6 +172,13 @@ class MetadataExtractor:
         return content
 
 
+def extract_documents(documents: Sequence[Document], base_url: str, model: str, api_key: str | None = None,
+                      timeout_s: float = 30.0) -> Extraction:
+    """Metadata for every document from one endpoint (the `ingest` flow and `abloop index build`)."""
+    with MetadataExtractor(base_url, model, api_key, timeout_s) as extractor:
+        return extractor.extract_all(documents)
+
+
 def _prompt(title: str, text: str, source: str) -> str:
     return f"Source: {source}\nTitle: {title}\n\nDocument:\n{text[:_MAX_TEXT_CHARS]}\n\nJSON:"
 
