@@ -88,7 +88,12 @@ class CircuitBreaker:
 
 
 class Upstream:
-    """One pooled client for every arm; breakers are keyed by server so a dead one costs nothing."""
+    """One pooled client for every arm; breakers are keyed by server so a dead one costs nothing.
+
+    Its pool (proxy/http1.py, HTTP/1.1 keep-alive) holds at most `max_connections` open at once over
+    all the arms' servers; a call beyond that waits for a free one within the timeout, a cancelled
+    call closes its connection, and a request is never sent twice.
+    """
 
     def __init__(
         self,
@@ -105,9 +110,8 @@ class Upstream:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers=headers,
-            transport=transport or KeepAliveTransport(max_idle_per_host=max_connections),
+            transport=transport or KeepAliveTransport(max_connections=max_connections),
         )
         self._max_tokens = max_tokens
         self._temperature = temperature
