@@ -32,7 +32,6 @@ from experiment.metrics import (
     Collected,
     collect,
 )
-from experiment.phases import as_utc
 from store.db import Database
 from store.experiments import get_running
 from store.models import utcnow
@@ -126,7 +125,6 @@ def timeline(db: Database, experiment_id: str, policy: Policy | None = None, poi
         ).one()
     if first is None:
         return []
-    first, last = as_utc(first), as_utc(last)
     step = (last - first) / max(points - 1, 1)
     series = []
     for n in range(points):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from experiment.phases import Phase, PhaseLocator, as_utc, phases_of
+from experiment.phases import Phase, PhaseLocator, phases_of
 from store.db import Database
 from store.experiments import ExperimentNotFound, list_events
 from store.models import AnswerScore, Experiment, Feedback, SearchEvent
@@ -182,7 +182,7 @@ def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14
     phases = phases_of(experiment, list_events(db, experiment_id))
     collected = _assemble(experiment, phases, events, feedback, scores)
     if cuped_lookback_days > 0:
-        _attach_pre_period(db, collected, as_utc(experiment.started_at), timedelta(days=cuped_lookback_days))
+        _attach_pre_period(db, collected, experiment.started_at, timedelta(days=cuped_lookback_days))
     return collected
 
 

@@ -10,18 +10,13 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from store.models import Experiment, ExperimentEvent
 
 # Transitions that set a share; the others (promoted, rolled_back, stopped) end the last phase.
 SHARE_KINDS = ("start", "share", "rollout_step")
 END_KINDS = ("promoted", "rolled_back", "stopped")
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every timestamp we write is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 @dataclass(frozen=True)
@@ -40,17 +35,17 @@ def phases_of(experiment: Experiment, events: Sequence[ExperimentEvent]) -> list
     phase from `started_at` with the share it began with.
     """
     bounds: list[tuple[datetime, float, str]] = []
-    ended: datetime | None = as_utc(experiment.ended_at) if experiment.ended_at else None
-    started = as_utc(experiment.started_at)
+    ended: datetime | None = experiment.ended_at
+    started = experiment.started_at
     for event in events:
         if event.kind in SHARE_KINDS and event.to_share is not None:
             if bounds and bounds[-1][1] == event.to_share:
                 continue
             # The recorded start is written a moment after `started_at`: the first phase begins with the experiment.
-            moment = started if event.kind == "start" and not bounds else as_utc(event.ts)
+            moment = started if event.kind == "start" and not bounds else event.ts
             bounds.append((moment, float(event.to_share), event.reason or event.kind))
         elif event.kind in END_KINDS:
-            ended = as_utc(event.ts)
+            ended = event.ts
     if not bounds or bounds[0][0] > started:
         first_share = next((e.from_share for e in events if e.from_share is not None), experiment.candidate_share)
         bounds.insert(0, (started, float(first_share), "start"))
@@ -67,4 +62,4 @@ class PhaseLocator:
         self._starts = [phase.start for phase in phases]
 
     def __call__(self, moment: datetime) -> int:
-        return max(bisect_right(self._starts, as_utc(moment)) - 1, 0)
+        return max(bisect_right(self._starts, moment) - 1, 0)

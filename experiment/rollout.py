@@ -18,7 +18,6 @@ from typing import Any
 from experiment import lifecycle
 from experiment.analysis import Analysis, analyse
 from experiment.decision import KEEP_RUNNING, PROMOTE, ROLL_BACK, Policy
-from experiment.phases import as_utc
 from store.db import Database
 from store.experiments import RUNNING, get
 from store.models import Experiment, utcnow
@@ -110,7 +109,7 @@ def _advance(db: Database, experiment_id: str, plan: RolloutPlan, step: int, rea
 def _step_progress(experiment: Experiment, analysis: Analysis) -> tuple[int, float]:
     """Users active in the current step (its phase) and hours since it began."""
     if not analysis.phases:
-        return 0, (utcnow() - as_utc(experiment.started_at)) / timedelta(hours=1)
+        return 0, (utcnow() - experiment.started_at) / timedelta(hours=1)
     current = analysis.phases[-1]
     started = datetime.fromisoformat(current["start"])
     return sum(current["users"]), (utcnow() - started) / timedelta(hours=1)

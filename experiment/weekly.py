@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from experiment.metrics import ARMS, COLUMNS, METRICS, UserSums, satisfaction
-from experiment.phases import as_utc
 from experiment.report import SIMULATED_PREFIX
 from store.db import Database
 from store.models import AnswerScore, Experiment, Feedback, PromptTemplate, SearchEvent, utcnow
@@ -69,7 +68,6 @@ class Weeks:
         return (self.end - timedelta(days=1)).date()
 
     def which(self, moment: datetime) -> str | None:
-        moment = as_utc(moment)
         if self.this_start <= moment < self.end:
             return "this"
         return "last" if self.last_start <= moment < self.this_start else None
@@ -93,7 +91,7 @@ def parse_week_ending(text: str | None) -> date | None:
 def weeks_ending(week_ending: date | None = None, now: datetime | None = None) -> Weeks:
     """The seven UTC days that end with `week_ending` (default: yesterday, so a Monday run covers Monday to Sunday)
     and the seven days before them."""
-    last_day = week_ending or (as_utc(now or utcnow()).date() - timedelta(days=1))
+    last_day = week_ending or ((now or utcnow()).date() - timedelta(days=1))
     end = datetime.combine(last_day + timedelta(days=1), time(), tzinfo=UTC)
     return Weeks(last_start=end - 2 * WEEK, this_start=end - WEEK, end=end)
 
@@ -166,7 +164,7 @@ class _Tally:
     def _targets(self, week: str, ts: datetime, user: str, arm: str,
                  template: tuple[str | None, int | None]) -> list[_Group]:
         start = self.weeks.this_start if week == "this" else self.weeks.last_start
-        targets = [self.groups[week]["overall"], self.days[week][(as_utc(ts) - start).days],
+        targets = [self.groups[week]["overall"], self.days[week][(ts - start).days],
                    self.templates[week][template]]
         if arm in ARMS:
             targets.append(self.groups[week][arm])
@@ -397,7 +395,7 @@ def _misses(db: Database, tally: _Tally) -> dict[str, list[dict[str, Any]]]:
             ts, answer, status = events.get(miss.event_id, (None, None, None))
             out[kind].append({"query": miss.query, "events": miss.events, "simulated_events": miss.simulated_events,
                               "worst": None if kind == "no_hits" else miss.worst, "event_id": miss.event_id,
-                              "arm": miss.arm, "ts": as_utc(ts).isoformat() if ts else None, "status": status,
+                              "arm": miss.arm, "ts": ts.isoformat() if ts else None, "status": status,
                               "answer": answer, **miss.detail})
     return out
 
@@ -411,5 +409,5 @@ def _experiments(db: Database, events: dict[str | None, Counter[str]]) -> list[d
         found = session.scalars(select(Experiment).where(Experiment.id.in_(ids))).all() if ids else []
     rows = [{"id": e.id, "status": e.status, "candidate_share": e.candidate_share, **arms_of(e),
              "events": {"last": events[e.id]["last"], "this": events[e.id]["this"]},
-             "started_at": as_utc(e.started_at).isoformat()} for e in found]
+             "started_at": e.started_at.isoformat()} for e in found]
     return sorted(rows, key=lambda r: r["started_at"])

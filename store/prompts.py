@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from store.db import Database
-from store.models import Feedback, PromptTemplate, SearchEvent
+from store.db import Database, insert_ignoring
+from store.models import Feedback, PromptTemplate, SearchEvent, new_id, utcnow
 
 DEFAULT_NAME = "search-answer"
 DEFAULT_SYSTEM_PROMPT = (
@@ -69,11 +69,29 @@ def find_active(db: Database, name: str = DEFAULT_NAME) -> PromptTemplate | None
 
 
 def active(db: Database, name: str = DEFAULT_NAME) -> PromptTemplate:
-    """The active version, creating version 1 from the defaults on first use."""
+    """The active version, creating version 1 from the defaults on first use.
+
+    Replicas that start together all get here with no template yet: version 1 is inserted with
+    ON CONFLICT (name, version) DO NOTHING, so one of them writes it and every one reads it back.
+    """
     found = find_active(db, name)
-    if found is not None:
-        return found
-    return new_version(db, name=name, system_prompt=DEFAULT_SYSTEM_PROMPT, template=DEFAULT_TEMPLATE)
+    if found is None:
+        _create_first_version(db, name)
+        found = find_active(db, name)
+    if found is None:  # versions exist, none active: each was written with activate=False
+        found = new_version(db, name=name, system_prompt=DEFAULT_SYSTEM_PROMPT, template=DEFAULT_TEMPLATE)
+    return found
+
+
+def _create_first_version(db: Database, name: str) -> None:
+    with db.session() as session:
+        dialect = session.get_bind().dialect.name
+        session.execute(
+            insert_ignoring(dialect, PromptTemplate.__table__, conflict=("name", "version")).values(
+                id=new_id(), name=name, version=1, system_prompt=DEFAULT_SYSTEM_PROMPT, template=DEFAULT_TEMPLATE,
+                few_shot=[], output_rules=[], active=True, created_at=utcnow(),
+            )
+        )
 
 
 def new_version(

@@ -27,16 +27,18 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Table
+from sqlalchemy import Table
 
 from store.models import Feedback, SearchEvent
+from store.sanitize import storable
+from store.types import UTCDateTime
 
 # The tables a spool record may name (and so the writer may write); their columns are what a
 # record is checked against when it is read back.
 TABLES: dict[str, Table] = {"search_events": SearchEvent.__table__, "feedback": Feedback.__table__}
 COLUMNS = {name: frozenset(table.c.keys()) for name, table in TABLES.items()}
 _DATETIME_COLUMNS = {
-    name: tuple(column.name for column in table.c if isinstance(column.type, DateTime))
+    name: tuple(column.name for column in table.c if isinstance(column.type, UTCDateTime))
     for name, table in TABLES.items()
 }
 
@@ -98,6 +100,8 @@ def decode_entry(line: bytes) -> Entry:
     for name in _DATETIME_COLUMNS[table]:
         if isinstance(row.get(name), str):
             row[name] = datetime.fromisoformat(row[name])
+    # Rows spooled before the writer made them storable (store.sanitize) would be refused for ever.
+    row, _changed = storable(table, row)
     return Entry(table, row, int(record.get("attempts") or 0))
 
 

@@ -10,7 +10,6 @@ from sqlalchemy import insert, select, update
 
 import experiment
 from experiment import lifecycle
-from experiment.phases import as_utc
 from experiment.report import SIMULATED_BANNER, gather, render_html, to_markdown, write_report
 from store.db import Database
 from store.models import Adapter, Experiment, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
@@ -64,7 +63,7 @@ def _spread_over(db: Database, span: timedelta) -> None:
     tables = ((Experiment, Experiment.started_at), (ExperimentEvent, ExperimentEvent.ts), (SearchEvent, SearchEvent.ts),
               (Feedback, Feedback.ts))
     with db.session() as session:
-        rows = sorted(((as_utc(ts), rank, model, row_id) for rank, (model, column) in enumerate(tables)
+        rows = sorted(((ts, rank, model, row_id) for rank, (model, column) in enumerate(tables)
                        for row_id, ts in session.execute(select(model.id, column))), key=lambda r: (r[0], r[1]))
         start, step = utcnow() - span, span / max(len(rows), 1)
         moved: dict[type, list[dict]] = {model: [] for model, _column in tables}
