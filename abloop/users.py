@@ -345,7 +345,9 @@ async def _interact(
     feedback = user.react(answer, items, rule, rng)
     if feedback is not None:
         try:
-            given = await _post(client, "/api/v1/feedback", {"request_id": request_id, **feedback})
+            # X-User-Id: feedback is rate limited per user, else per address (every simulated user's is the same).
+            given = await _post(client, "/api/v1/feedback", {"request_id": request_id, **feedback},
+                                headers={"X-User-Id": user.user_id})
             if given.status_code != 201:
                 _fail(f"feedback HTTP {given.status_code}", user, given.text[:200], errors)
                 feedback = None
@@ -366,14 +368,15 @@ async def _interact(
     )
 
 
-async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any],
+                headers: dict[str, str] | None = None) -> httpx.Response:
     """POST, waiting out a rate limit (429 with Retry-After) a couple of times as a patient user would."""
-    response = await client.post(path, json=body)
+    response = await client.post(path, json=body, headers=headers)
     for _ in range(_MAX_ATTEMPTS - 1):
         if response.status_code not in _RETRY_STATUSES:
             break
         await asyncio.sleep(_retry_after(response))
-        response = await client.post(path, json=body)
+        response = await client.post(path, json=body, headers=headers)
     return response
 
 

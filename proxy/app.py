@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from proxy.deps import AppState
+from proxy.limits import BodySizeLimit
 from proxy.live import Live
 from proxy.metrics import Metrics
+from proxy.ratelimit import RateLimited, RateLimiter, rate_limited
 from proxy.retriever import Retriever
 from proxy.routes import admin, health, prompts, rules, search
 from proxy.upstream import Upstream
@@ -25,18 +28,8 @@ from store.writer import EventWriter
 log = logging.getLogger("abloop.proxy")
 
 
-def create_app(
-    settings: Settings | None = None,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-    ingest_transport: httpx.AsyncBaseTransport | None = None,
-    ingest_resolver: Any = None,
-) -> FastAPI:
-    """Build the proxy. Nothing connects or loads until the app starts (its lifespan).
-
-    `transport` replaces the network for upstream LLM calls and `ingest_*` for URL ingestion;
-    both are for tests.
-    """
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the proxy. Nothing connects or loads until the app starts (its lifespan)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -50,7 +43,8 @@ def create_app(
             flush_interval_s=settings.writer_flush_interval_s,
         )
         retriever = Retriever(settings.index_dir, settings.embedding_model,
-                              max_batch=settings.embed_max_batch, threads=settings.embed_threads)
+                              max_batch=settings.embed_max_batch, threads=settings.embed_threads,
+                              backend=settings.embed_backend, cache_size=settings.embed_cache_size)
         live = Live(settings, db, retriever)
         upstream = Upstream(
             timeout_s=settings.llm_timeout_s,
@@ -60,10 +54,10 @@ def create_app(
             failure_threshold=settings.circuit_failure_threshold,
             reset_s=settings.circuit_reset_s,
             max_connections=settings.upstream_max_connections,
-            transport=transport,
         )
         metrics = Metrics()
-        state = AppState(settings, db, writer, retriever, live, upstream, metrics, ingest_transport, ingest_resolver)
+        state = AppState(settings, db, writer, retriever, live, upstream, metrics,
+                         rate_limiter=RateLimiter(settings, metrics))
         _watch(state)
         await writer.start()
         await retriever.start()
@@ -74,13 +68,16 @@ def create_app(
             yield
         finally:
             await live.stop()
+            await state.rate_limiter.aclose()
             await upstream.aclose()
             await retriever.stop()
             await writer.stop()  # flushes, or spools what it cannot write: nothing is lost
             db.dispose()
 
     app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RateLimited, rate_limited)
     app.include_router(search.router)
     app.include_router(admin.router)
     app.include_router(prompts.router)
@@ -107,18 +104,60 @@ def _watch(state: AppState) -> None:
 
 
 async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 with FastAPI's usual `detail` plus one sentence that names each bad field."""
-    problems = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part not in ("body",)) or "body"
-        problems.append(f"{location}: {item.get('msg')}")
+    """422 with FastAPI's usual `detail` plus one sentence that names each bad field.
+
+    The input is hostile until validated: `detail` echoes at most a short excerpt of it, and only
+    text that encodes (a lone surrogate or an infinity would otherwise turn the 422 into a 500).
+    """
+    issues = [_issue(item) for item in error.errors()]
+    problems = [f"{_location(issue['loc'])}: {issue['msg']}" for issue in issues]
     return JSONResponse(
         status_code=422,
-        content={"message": "invalid request: " + "; ".join(problems), "detail": _jsonable(error.errors())},
+        content={"message": "invalid request: " + "; ".join(problems), "detail": issues},
     )
 
 
-def _jsonable(errors: Any) -> Any:
-    from fastapi.encoders import jsonable_encoder
+# The most of any client-sent value a 422 echoes back.
+_EXCERPT_CHARS = 80
 
-    return jsonable_encoder(errors, custom_encoder={Exception: str})
+
+def _issue(item: dict[str, Any]) -> dict[str, Any]:
+    issue: dict[str, Any] = {
+        # A body's unknown key is part of `loc`, so it is client text like any other.
+        "loc": [part if isinstance(part, int) else _excerpt(str(part)) for part in item.get("loc", ())],
+        "msg": _encodable(str(item.get("msg", ""))),
+        "type": str(item.get("type", "")),
+    }
+    if "input" in item:
+        issue["input"] = _excerpt(item["input"])
+    if item.get("ctx"):
+        issue["ctx"] = {str(key): _excerpt(value) for key, value in item["ctx"].items()}
+    return issue
+
+
+def _location(loc: list[str | int]) -> str:
+    if len(loc) == 2 and loc[0] == "header":
+        return "-".join(word.capitalize() for word in str(loc[1]).split("-")) + " header"
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+def _excerpt(value: Any) -> Any:
+    """`value` as JSON-safe and short: numbers as they are, anything else as text cut to _EXCERPT_CHARS."""
+    if value is None or isinstance(value, bool):
+        return value
+    if (isinstance(value, int) and abs(value) < 10**15) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, dict | list | tuple):
+        try:
+            text = json.dumps(value, default=str)
+        except (ValueError, RecursionError):  # nested past the recursion limit, or an int too long to print
+            text = type(value).__name__
+    else:
+        text = str(value)  # an error in `ctx`: its message; NaN and infinities: "nan", "inf"
+    if len(text) > _EXCERPT_CHARS:
+        text = f"{text[:_EXCERPT_CHARS]}… [cut, {len(text)} characters]"
+    return _encodable(text)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

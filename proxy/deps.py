@@ -1,10 +1,11 @@
-"""Dependencies the routes declare: the app's state, its settings, and the admin check."""
+"""Dependencies the routes declare: the app's state, its settings, how pages are fetched, and the admin check."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
@@ -12,9 +13,15 @@ from proxy.live import Live
 from proxy.metrics import Metrics
 from proxy.retriever import Retriever
 from proxy.upstream import Upstream
+from retrieval.fetch import FetchedPage, fetch_url
 from store.config import Settings
 from store.db import Database
 from store.writer import EventWriter
+
+if TYPE_CHECKING:
+    from proxy.ratelimit import RateLimiter  # which imports this module
+
+Fetch = Callable[..., Awaitable[FetchedPage]]
 
 # Dependencies are async on purpose: FastAPI runs plain `def` dependencies in a thread pool,
 # which costs a thread hand-off on every request.
@@ -29,9 +36,7 @@ class AppState:
     live: Live
     upstream: Upstream
     metrics: Metrics
-    # Test seams for URL ingestion: an httpx transport and a DNS resolver (None = the real ones).
-    ingest_transport: Any = None
-    ingest_resolver: Any = None
+    rate_limiter: RateLimiter | None = None  # set by the lifespan
 
 
 async def get_state(request: Request) -> AppState:
@@ -44,6 +49,14 @@ async def get_settings(request: Request) -> Settings:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_fetch() -> Fetch:
+    """How process_url fetches a page: `retrieval.fetch.fetch_url` (SSRF-safe, over the network)."""
+    return fetch_url
+
+
+FetchDep = Annotated[Fetch, Depends(get_fetch)]
 
 
 async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:

@@ -10,6 +10,8 @@ from prometheus_client.core import GaugeMetricFamily
 from retrieval.metadata import OUTCOMES as METADATA_OUTCOMES
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# The routes proxy/ratelimit.py limits (the search router's).
+RATE_LIMITED_ROUTES = ("/api/v1/search", "/api/v1/feedback")
 # POST /api/v1/process_url: ok, refused (unsafe URL), fetch_error, empty (no text), error (anything else).
 PROCESS_URL_OUTCOMES = ("ok", "refused", "fetch_error", "empty", "error")
 
@@ -60,7 +62,17 @@ class Metrics:
             "abloop_metadata_extraction", "LLM metadata extractions by outcome (ok, invalid answer, error).",
             ["outcome"], registry=r,
         )
+        self.rate_limited = Counter(
+            "abloop_rate_limited", "Requests refused with 429 by the per-user rate limit, by route.", ["route"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "abloop_rate_limit_errors", "Requests served without a rate-limit check because Redis was unreachable.",
+            registry=r,
+        )
         # Every outcome is exported from the start, at 0, so rates and alerts see the series.
+        for route in RATE_LIMITED_ROUTES:
+            self.rate_limited.labels(route)
         for outcome in PROCESS_URL_OUTCOMES:
             self.process_url.labels(outcome)
         for outcome in METADATA_OUTCOMES:

@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    UrlConstraints,
+    field_validator,
+    model_validator,
+)
+
+
+def _encodable(value: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no response, log line or store row can encode.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text, not a lone surrogate") from None
+    return value
+
+
+def _utf8_header(value: object) -> object:
+    # Starlette decodes header bytes as Latin-1; the contract's headers are UTF-8, so decode the same bytes again.
+    if not isinstance(value, str):
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ValueError("must be UTF-8") from None
+
+
+def _whole_number(value: object) -> object:
+    # JSON Schema counts 43.0 as an integer, and strict mode (below) alone would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Every client-supplied string and integer: these types, not `str` and `int`.
+Text = Annotated[str, AfterValidator(_encodable)]
+HeaderText = Annotated[str, BeforeValidator(_utf8_header)]
+Integer = Annotated[int, BeforeValidator(_whole_number)]
+
+# Request bodies: unknown fields, NaN or infinity, and values of another JSON type ("5" or true for a
+# number) are 422s, so that a body the OpenAPI schema rejects is never accepted.
+REQUEST_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 ArmName = Literal["control", "candidate"]
 # experiment.metrics.PRIMARY_METRICS (a test keeps the two equal).
@@ -14,12 +58,12 @@ PrimaryMetric = Literal["satisfaction", "thumbs_up_per_request", "thumbs_up_rate
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    query: str = Field(min_length=1, max_length=4000)
-    user_id: str | None = Field(None, min_length=1, max_length=256)
-    session_id: str | None = Field(None, max_length=256)
-    top_k: int = Field(5, ge=1, le=50)
+    query: Text = Field(min_length=1, max_length=4000)
+    user_id: Text | None = Field(None, min_length=1, max_length=256)
+    session_id: Text | None = Field(None, max_length=256)
+    top_k: Integer = Field(5, ge=1, le=50)
 
 
 class Item(BaseModel):
@@ -50,13 +94,13 @@ class SearchResponse(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    request_id: str = Field(min_length=1, max_length=64)
-    rating: int | None = Field(None, ge=1, le=5)
+    request_id: Text = Field(min_length=1, max_length=64)
+    rating: Integer | None = Field(None, ge=1, le=5)
     thumbs: Literal["up", "down"] | None = None
-    corrected_answer: str | None = Field(None, min_length=1, max_length=20_000)
-    comment: str | None = Field(None, max_length=4000)
+    corrected_answer: Text | None = Field(None, min_length=1, max_length=20_000)
+    comment: Text | None = Field(None, max_length=4000)
 
     @model_validator(mode="after")
     def _needs_a_signal(self) -> FeedbackRequest:
@@ -70,13 +114,13 @@ class FeedbackResponse(BaseModel):
 
 
 class ArmConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    base_url: HttpUrl
-    model: str = Field(min_length=1, max_length=256)
-    adapter_id: str | None = None
+    base_url: Annotated[HttpUrl, UrlConstraints(max_length=1024)]  # the store's column widths
+    model: Text = Field(min_length=1, max_length=256)
+    adapter_id: Text | None = Field(None, max_length=36)
     # A prompt template version the candidate renders with (same model, another prompt).
-    prompt_template_id: str | None = Field(None, min_length=1, max_length=36)
+    prompt_template_id: Text | None = Field(None, min_length=1, max_length=36)
 
 
 class ArmView(BaseModel):
@@ -89,10 +133,10 @@ class ArmView(BaseModel):
 class RolloutConfig(BaseModel):
     """Ramp steps for the candidate's share; `evaluate_arms` advances them (experiment.rollout)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     steps: list[float] = Field(min_length=1, max_length=20)
-    min_users_per_step: int = Field(100, ge=0)
+    min_users_per_step: Integer = Field(100, ge=0)
     min_hours_per_step: float = Field(1.0, ge=0)
     auto_promote: bool = True
 
@@ -118,7 +162,7 @@ class ExperimentView(BaseModel):
 
 
 class ExperimentUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     candidate_share: float | None = Field(None, ge=0.0, le=1.0)
     candidate: ArmConfig | None = None
@@ -137,23 +181,23 @@ class ExperimentUpdate(BaseModel):
 
 
 class PromoteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    experiment_id: str = Field(min_length=1, max_length=64)
+    experiment_id: Text = Field(min_length=1, max_length=64)
     force: bool = False
 
 
 class RollbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    experiment_id: str = Field(min_length=1, max_length=64)
-    reason: str | None = Field(None, max_length=1000)
+    experiment_id: Text = Field(min_length=1, max_length=64)
+    reason: Text | None = Field(None, max_length=1000)
 
 
 class ProcessUrlRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    url: str = Field(min_length=1, max_length=2048)
+    url: Text = Field(min_length=1, max_length=2048)
 
 
 class ProcessUrlResponse(BaseModel):
@@ -171,3 +215,46 @@ class ProcessUrlResponse(BaseModel):
 class IndexView(BaseModel):
     index_version: str | None
     chunks: int
+
+
+class ValidationIssue(BaseModel):
+    """One entry of a 422's `detail`: FastAPI's, with `input` and `ctx` cut to a short, JSON-safe excerpt."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error: `message` names the problem (413, 422, 429); `detail` is FastAPI's (HTTPException's, 422's list)."""
+
+    message: str | None = None
+    detail: str | list[ValidationIssue] | dict[str, Any] | None = None
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The body is not UTF-8 text, or (process_url) the URL is refused",
+    401: "No bearer token in the Authorization header",
+    403: "Wrong admin token, or ADMIN_TOKEN is unset (admin endpoints disabled)",
+    404: "Unknown id",
+    409: "Conflicts with the current state",
+    413: "Request body over MAX_BODY_BYTES",
+    422: "Invalid input; `message` names each bad field",
+    429: "Over this user's rate limit; retry after Retry-After seconds",
+    502: "The upstream failed",
+    503: "The store is unreachable; retry after Retry-After seconds",
+    504: "Every arm timed out",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses, each with the ErrorBody model."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        responses[code] = {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]}
+        if code in (429, 503):
+            responses[code]["headers"] = _RETRY_AFTER
+    return responses

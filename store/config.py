@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,19 @@ class Settings(BaseSettings):
     # Intra-op threads for the proxy's embedder. One leaves the other cores to the event loop;
     # torch's default (all cores) made threads wait on each other (bench/proxy_overhead.py).
     embed_threads: int = Field(1, ge=1)
+    # The runtime that embeds queries (retrieval/fast_embedder.py): the model exported once to ONNX runs several
+    # times faster than torch with the same neighbours; indexing stays on torch. EMBED_CACHE_SIZE: recent distinct
+    # queries whose vectors are kept (exact match, LRU; 0 = off). docs/BENCHMARKS.md, "Query embeddings (issue 13)".
+    embed_backend: Literal["torch", "onnx", "openvino"] = "onnx"
+    embed_cache_size: int = Field(10_000, ge=0)
+    # Per-user rate limit on search and feedback (proxy/ratelimit.py): a token bucket of RATE_LIMIT_BURST refilled at
+    # RATE_LIMIT_PER_MINUTE (0 = off); shared by the replicas through Redis when REDIS_URL is set, else per replica.
+    rate_limit_per_minute: int = Field(120, ge=0)
+    rate_limit_burst: int = Field(30, ge=1)
+    rate_limit_trust_forwarded: bool = False  # key anonymous requests by the first X-Forwarded-For hop
+    rate_limit_key_prefix: str = "abloop:ratelimit:"
+    redis_url: str | None = None
+    max_body_bytes: int = Field(1_048_576, ge=1)  # a request body over this is a 413, unread
     ingest_max_bytes: int = Field(5_000_000, ge=1)
     ingest_timeout_s: float = Field(10.0, gt=0)
     # The experiment decision rule (experiment.decision.Policy); the defaults suit production traffic.
@@ -90,7 +104,7 @@ class Settings(BaseSettings):
     report_base_url: str | None = None
 
     @field_validator("llm_api_base_new_model", "llm_model_new", "judge_api_base", "judge_model", "metadata_api_base",
-                     mode="before")
+                     "redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

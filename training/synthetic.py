@@ -61,12 +61,10 @@ class SyntheticConfig:
     max_tokens: int = 512
     timeout_s: float = 60.0
     seed: int = 0
-    transport: httpx.BaseTransport | None = field(default=None, repr=False, compare=False)  # tests
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for private in ("api_key", "transport"):
-            data.pop(private)
+        data.pop("api_key")
         data["index_dir"] = str(self.index_dir) if self.index_dir else None
         return data
 
@@ -147,7 +145,6 @@ def generate_synthetic(
         base_url=config.base_url.rstrip("/") + "/",
         headers=headers,
         timeout=config.timeout_s,
-        transport=config.transport,
     ) as client:
         for chunk in chunks:
             try:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from experiment import lifecycle
 from experiment.metrics import DEFAULT_PRIMARY
-from proxy.deps import AdminDep, StateDep
+from proxy.deps import AdminDep, Fetch, FetchDep, StateDep
 from proxy.schemas import (
     ArmView,
     ExperimentUpdate,
@@ -20,15 +20,17 @@ from proxy.schemas import (
     ProcessUrlResponse,
     PromoteRequest,
     RollbackRequest,
+    error_responses,
 )
-from retrieval.fetch import FetchedPage, FetchError, UnsafeURLError, fetch_url
+from retrieval.fetch import FetchedPage, FetchError, UnsafeURLError
 from retrieval.metadata import DocumentMetadata, MetadataError, MetadataExtractor
 from store import prompts
 from store.models import Experiment
 
 log = logging.getLogger("abloop.proxy")
 
-router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[AdminDep],
+                   responses=error_responses(401, 403, 422))
 
 
 def _view(experiment: Experiment) -> ExperimentView:
@@ -66,7 +68,7 @@ async def get_experiment(state: StateDep) -> ExperimentView:
     return _view((await state.live.refresh()).experiment)
 
 
-@router.put("/admin/experiment", response_model=ExperimentView)
+@router.put("/admin/experiment", response_model=ExperimentView, responses=error_responses(400, 409, 413))
 async def update_experiment(body: ExperimentUpdate, state: StateDep) -> ExperimentView:
     """A share change starts a new phase; a new candidate starts a new experiment; a rollout ramps by steps."""
     current = (await state.live.refresh()).experiment
@@ -109,13 +111,13 @@ async def _conclude(state: StateDep, experiment_id: str, operation, **kwargs) ->
     return _view((await state.live.refresh()).experiment)
 
 
-@router.post("/admin/promote", response_model=ExperimentView)
+@router.post("/admin/promote", response_model=ExperimentView, responses=error_responses(400, 404, 409, 413))
 async def promote(body: PromoteRequest, state: StateDep) -> ExperimentView:
     """Candidate becomes control and the share returns to 0 (see `experiment.lifecycle.promote`)."""
     return await _conclude(state, body.experiment_id, lifecycle.promote, force=body.force)
 
 
-@router.post("/admin/rollback", response_model=ExperimentView)
+@router.post("/admin/rollback", response_model=ExperimentView, responses=error_responses(400, 404, 409, 413))
 async def rollback(body: RollbackRequest, state: StateDep) -> ExperimentView:
     """The experiment ends rolled_back and every user is served by control (`experiment.lifecycle.rollback`)."""
     return await _conclude(state, body.experiment_id, lifecycle.rollback, reason=body.reason)
@@ -126,13 +128,13 @@ _PROCESS_URL_OUTCOMES = {status.HTTP_400_BAD_REQUEST: "refused", status.HTTP_502
                          status.HTTP_422_UNPROCESSABLE_CONTENT: "empty"}
 
 
-@router.post("/process_url", response_model=ProcessUrlResponse)
-async def process_url(body: ProcessUrlRequest, state: StateDep) -> ProcessUrlResponse:
+@router.post("/process_url", response_model=ProcessUrlResponse, responses=error_responses(400, 413, 502))
+async def process_url(body: ProcessUrlRequest, state: StateDep, fetch: FetchDep) -> ProcessUrlResponse:
     """Fetch (SSRF-safe), extract text and optional LLM metadata, chunk, embed, add to the index; counted and timed."""
     started = time.perf_counter()
     outcome = "error"
     try:
-        response = await _ingest_url(body.url, state)
+        response = await _ingest_url(body.url, state, fetch)
         outcome = "ok"
         return response
     except HTTPException as error:
@@ -143,11 +145,10 @@ async def process_url(body: ProcessUrlRequest, state: StateDep) -> ProcessUrlRes
         state.metrics.process_url_latency.observe(time.perf_counter() - started)
 
 
-async def _ingest_url(url: str, state: StateDep) -> ProcessUrlResponse:
+async def _ingest_url(url: str, state: StateDep, fetch: Fetch) -> ProcessUrlResponse:
     settings = state.settings
     try:
-        page = await fetch_url(url, max_bytes=settings.ingest_max_bytes, timeout_s=settings.ingest_timeout_s,
-                               transport=state.ingest_transport, resolver=state.ingest_resolver)
+        page = await fetch(url, max_bytes=settings.ingest_max_bytes, timeout_s=settings.ingest_timeout_s)
     except UnsafeURLError as error:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"url refused: {error}") from None
     except FetchError as error:
@@ -186,7 +187,7 @@ async def _metadata(page: FetchedPage, state: StateDep) -> DocumentMetadata | No
     return metadata
 
 
-@router.post("/admin/reload-index", response_model=IndexView)
+@router.post("/admin/reload-index", response_model=IndexView, responses=error_responses(409))
 async def reload_index(state: StateDep) -> IndexView:
     if state.retriever.store.current_version() is None:
         raise HTTPException(status.HTTP_409_CONFLICT, "no index in INDEX_DIR; run `abloop index build` first")

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Response, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from proxy.deps import StateDep
 
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]  # index loaded, store reachable
+    index_version: str | None
 
 
 @router.get("/healthz")
@@ -18,7 +25,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "No index loaded, or the store unreachable"}})
 async def readyz(state: StateDep) -> JSONResponse:
     store_ok = await asyncio.to_thread(state.db.ping)
     checks = {"index": state.retriever.version is not None, "store": store_ok}
@@ -29,6 +37,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

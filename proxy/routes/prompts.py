@@ -16,15 +16,17 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.deps import AdminDep, StateDep
+from proxy.schemas import Text, error_responses
 from store import prompts
 from store.models import PromptTemplate
 
 if TYPE_CHECKING:
     from training.tuning import TuneResult
 
-router = APIRouter(prefix="/api/v1/prompts", tags=["prompts"], dependencies=[AdminDep])
+router = APIRouter(prefix="/api/v1/prompts", tags=["prompts"], dependencies=[AdminDep],
+                   responses=error_responses(401, 403, 422))
 
-TemplateId = Annotated[str, Path(min_length=1, max_length=64)]
+TemplateId = Annotated[Text, Path(min_length=1, max_length=64)]
 
 
 class TemplateCounts(BaseModel):
@@ -119,13 +121,14 @@ async def list_templates(state: StateDep) -> TemplateList:
     return TemplateList(templates=[_view(v, usage[v.id]) for v in versions], count=len(versions))
 
 
-@router.get("/templates/{template_id}", response_model=TemplateView)
+@router.get("/templates/{template_id}", response_model=TemplateView, responses=error_responses(404))
 async def get_template(template_id: TemplateId, state: StateDep) -> TemplateView:
     template = await _template(state, template_id)
     return _view(template, (await asyncio.to_thread(prompts.usage, state.db, [template.id]))[template.id])
 
 
-@router.get("/templates/{template_id}/tuning-candidates", response_model=TuningCandidates)
+@router.get("/templates/{template_id}/tuning-candidates", response_model=TuningCandidates,
+            responses=error_responses(404))
 async def tuning_candidates(
     template_id: TemplateId,
     state: StateDep,
@@ -146,7 +149,7 @@ async def tuning_candidates(
                             candidates=[TuningCandidateView(**c.to_dict()) for c in found])
 
 
-@router.post("/templates/auto-tune-all", response_model=AutoTuneAll)
+@router.post("/templates/auto-tune-all", response_model=AutoTuneAll, responses=error_responses(400, 413))
 async def auto_tune_all(state: StateDep, body: AutoTuneRequest | None = None) -> AutoTuneAll:
     """Auto-tune every active template (what the nightly flow does after proposing rules)."""
     body = body or AutoTuneRequest()
@@ -155,7 +158,7 @@ async def auto_tune_all(state: StateDep, body: AutoTuneRequest | None = None) ->
 
 
 @router.post("/templates/{template_id}/auto-tune", response_model=AutoTuneResult,
-             responses={201: {"description": "A new version was written"}})
+             responses={201: {"description": "A new version was written"}, **error_responses(400, 404, 413)})
 async def auto_tune(template_id: TemplateId, body: AutoTuneRequest, state: StateDep,
                     response: Response) -> AutoTuneResult:
     """201 with the new version; 200 with the preview for a dry run, or when nothing would change."""

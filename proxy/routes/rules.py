@@ -14,13 +14,15 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
 from proxy.deps import AdminDep, StateDep
+from proxy.schemas import Text, error_responses
 from store import rules
 from store.models import Rule
 
-router = APIRouter(prefix="/api/v1/rules", tags=["rules"], dependencies=[AdminDep])
+router = APIRouter(prefix="/api/v1/rules", tags=["rules"], dependencies=[AdminDep],
+                   responses=error_responses(401, 403, 422))
 
 RuleStatus = Literal["proposed", "approved", "rejected"]  # store.rules.STATUSES
-RuleId = Annotated[str, Path(min_length=1, max_length=64)]
+RuleId = Annotated[Text, Path(min_length=1, max_length=64)]
 
 
 class RuleView(BaseModel):
@@ -54,13 +56,13 @@ async def list_rules(
     return RuleList(rules=[RuleView.of(rule) for rule in found], count=len(found))
 
 
-@router.post("/{rule_id}/approve", response_model=RuleView)
+@router.post("/{rule_id}/approve", response_model=RuleView, responses=error_responses(404, 409))
 async def approve(rule_id: RuleId, state: StateDep) -> RuleView:
     """The rule goes into the next prompt template version."""
     return await _decide(state, rule_id, rules.APPROVED)
 
 
-@router.post("/{rule_id}/reject", response_model=RuleView)
+@router.post("/{rule_id}/reject", response_model=RuleView, responses=error_responses(404, 409))
 async def reject(rule_id: RuleId, state: StateDep) -> RuleView:
     return await _decide(state, rule_id, rules.REJECTED)
 

@@ -12,20 +12,31 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from experiment.assignment import assign_arm
 from proxy.deps import AppState, StateDep
-from proxy.schemas import FeedbackRequest, FeedbackResponse, Item, SearchRequest, SearchResponse, Timings
+from proxy.ratelimit import RateLimitDep
+from proxy.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    HeaderText,
+    Item,
+    SearchRequest,
+    SearchResponse,
+    Timings,
+    error_responses,
+)
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store.events import event_exists
 from store.models import new_id, utcnow
 from store.prompts import apply_output_rules, render_messages
 
-router = APIRouter(prefix="/api/v1", tags=["search"])
+# Both routes are rate limited per user (429 with Retry-After); a refused search is not logged as an event.
+router = APIRouter(prefix="/api/v1", tags=["search"], dependencies=[RateLimitDep])
 
 
-@router.post("/search", response_model=SearchResponse)
+@router.post("/search", response_model=SearchResponse, responses=error_responses(400, 413, 422, 429, 502, 504))
 async def search(
     body: SearchRequest,
     state: StateDep,
-    x_user_id: Annotated[str | None, Header(max_length=256)] = None,
+    x_user_id: Annotated[HeaderText | None, Header(max_length=256)] = None,
 ) -> SearchResponse:
     started = time.perf_counter()
     user_id = body.user_id or x_user_id or None
@@ -127,7 +138,8 @@ def _log(
             metrics.tokens.labels(arm, "out").inc(completion.tokens_out)
 
 
-@router.post("/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackResponse)
+@router.post("/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackResponse,
+             responses=error_responses(400, 404, 413, 422, 429, 503))
 async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     if not await _event_known(state, body.request_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown request_id {body.request_id!r}")

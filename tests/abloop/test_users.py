@@ -239,7 +239,7 @@ async def test_at_most_concurrency_searches_are_in_flight(tmp_path):
 
     with running_stub(model="control-model", answer=PLAIN, delay_s=0.05) as (stub, control):
         settings = make_settings(tmp_path, llm_api_base=control, llm_model="control-model")
-        with running_proxy(settings, transport=Counting()) as (url, _app):
+        with running_proxy(settings, upstream=Counting()) as (url, _app):
             report = await simulate(url, make_users(24, seed=0), queries=["How do lists work?"], requests_per_user=2,
                                     rule=HouseStyleRule(), concurrency=4)
     assert report.answered == 48 and stub.requests >= 48

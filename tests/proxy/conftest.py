@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from proxy.app import create_app
+from proxy.deps import get_fetch
+from proxy.upstream import Upstream
+from retrieval.fetch import fetch_url
 from serving.stub import running_stub
 from store.config import Settings
 from tests.conftest import free_port, serve_app
@@ -47,10 +55,42 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
 
 
 @contextmanager
-def running_proxy(settings: Settings, **app_kwargs) -> Iterator[tuple[str, object]]:
-    app = create_app(settings, **app_kwargs)
-    with serve_app(app) as url:
+def proxy_app(
+    settings: Settings,
+    *,
+    upstream: httpx.AsyncBaseTransport | None = None,
+    dependency_overrides: dict[Any, Any] | None = None,
+) -> Iterator[FastAPI]:
+    """The proxy app, not yet started. `upstream` answers its LLM calls in place of the network (the
+    lifespan's Upstream is built with it while this block runs); `dependency_overrides` go to FastAPI's
+    own, e.g. `fake_web(...)`."""
+    app = create_app(settings)
+    app.dependency_overrides.update(dependency_overrides or {})
+    faked = mock.patch("proxy.app.Upstream", partial(Upstream, transport=upstream)) if upstream else nullcontext()
+    with faked:
+        yield app
+
+
+@contextmanager
+def running_proxy(settings: Settings, **fakes: Any) -> Iterator[tuple[str, FastAPI]]:
+    """The proxy under uvicorn, with `proxy_app`'s fakes; yields its base URL and the app."""
+    with proxy_app(settings, **fakes) as app, serve_app(app) as url:
         yield url, app
+
+
+def fake_llm() -> httpx.MockTransport:
+    """An OpenAI-compatible upstream for every arm that always answers "<model> says hi"."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        return httpx.Response(200, json={"model": model, "choices": [{"message": {"content": f"{model} says hi"}}]})
+
+    return httpx.MockTransport(answer)
+
+
+def fake_web(transport: httpx.AsyncBaseTransport, resolver) -> dict[Any, Any]:
+    """Dependency overrides that make process_url fetch through `transport`, resolving host names with `resolver`."""
+    return {get_fetch: lambda: partial(fetch_url, transport=transport, resolver=resolver)}
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from store import experiments
-from tests.proxy.conftest import ADMIN_TOKEN, make_settings, running_proxy
+from tests.proxy.conftest import ADMIN_TOKEN, fake_web, make_settings, running_proxy
 
 ADMIN_ROUTES = [
     ("GET", "/api/v1/admin/experiment", None),
@@ -134,7 +134,7 @@ def test_process_url_refuses_a_redirect_to_a_private_address(tmp_path, client, a
         return {"public.example": ["93.184.216.34"], "intranet.example": ["10.1.2.3"]}[host]
 
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1])
-    with running_proxy(settings, ingest_transport=httpx.MockTransport(handler), ingest_resolver=resolver) as (url, _):
+    with running_proxy(settings, dependency_overrides=fake_web(httpx.MockTransport(handler), resolver)) as (url, _):
         response = client.post(f"{url}/api/v1/process_url", json={"url": "http://public.example/page"},
                                headers=admin_headers)
     assert response.status_code == 400

@@ -16,7 +16,7 @@ from retrieval.embedder import Embedder
 from retrieval.index import IndexStore
 from serving.stub import running_stub
 from store.config import default_embedding_model
-from tests.proxy.conftest import dead_url, make_settings, running_proxy
+from tests.proxy.conftest import dead_url, fake_web, make_settings, running_proxy
 
 LABELS = {"title": "Python's walrus operator", "tags": ["python", "assignment expressions"], "category": "programming"}
 DOCUMENTS = [
@@ -71,7 +71,7 @@ def test_metadata_reaches_the_index_search_items_and_metrics(tmp_path, index_dir
                                                             control_upstream, labeller):
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
                              metadata_api_base=labeller[1], metadata_model="labeller")
-    with running_proxy(settings, ingest_transport=_transport(), ingest_resolver=_public_resolver) as (url, _app):
+    with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _app):
         before = _samples(client.get(f"{url}/metrics").text)
         ingested = client.post(f"{url}/api/v1/process_url", json={"url": "https://docs.example/walrus"},
                                headers=admin_headers)
@@ -110,7 +110,7 @@ def test_a_failed_extraction_still_ingests_the_page(tmp_path, index_dir, client,
         metadata_api_base = garbage_url if endpoint == "bad answer" else dead_url()
         settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
                                  metadata_api_base=metadata_api_base)
-        with running_proxy(settings, ingest_transport=_transport(), ingest_resolver=_public_resolver) as (url, _):
+        with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _):
             ingested = client.post(f"{url}/api/v1/process_url", json={"url": "https://docs.example/walrus"},
                                    headers=admin_headers)
             top = client.post(f"{url}/api/v1/search", json={"query": "walrus operator"}).json()["items"][0]
@@ -138,8 +138,8 @@ def test_refusals_are_counted_by_outcome_and_never_ask_for_metadata(tmp_path, cl
 
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], metadata_api_base=labeller_url)
     targets = {"http://127.0.0.1/": 400, "https://docs.example/down": 502, "https://docs.example/empty": 422}
-    with running_proxy(settings, ingest_transport=httpx.MockTransport(pages),
-                       ingest_resolver=_public_resolver) as (url, _):
+    web = fake_web(httpx.MockTransport(pages), _public_resolver)
+    with running_proxy(settings, dependency_overrides=web) as (url, _):
         codes = {target: client.post(f"{url}/api/v1/process_url", json={"url": target},
                                      headers=admin_headers).status_code for target in targets}
         samples = _samples(client.get(f"{url}/metrics").text)

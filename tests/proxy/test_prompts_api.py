@@ -43,7 +43,7 @@ def upstream() -> RecordingUpstream:
 @pytest.fixture
 def proxy(tmp_path, upstream):
     settings = make_settings(tmp_path, llm_api_base="http://control.test/v1", llm_model="control-model")
-    with running_proxy(settings, transport=upstream.transport) as (url, app):
+    with running_proxy(settings, upstream=upstream.transport) as (url, app):
         yield url, app
 
 

@@ -13,7 +13,7 @@ from retrieval.corpus import Document
 from retrieval.embedder import Embedder
 from retrieval.index import IndexStore
 from store.config import default_embedding_model
-from tests.proxy.conftest import make_settings, running_proxy
+from tests.proxy.conftest import fake_web, make_settings, running_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_ingested_page_is_searchable_on_every_replica(tmp_path, index_dir, clien
     replica_a = make_settings(tmp_path / "a", **common)
     replica_b = make_settings(tmp_path / "b", **common)
     with (
-        running_proxy(replica_a, ingest_transport=_public_page_transport(), ingest_resolver=_public_resolver) as (a, _),
+        running_proxy(replica_a, dependency_overrides=fake_web(_public_page_transport(), _public_resolver)) as (a, _),
         running_proxy(replica_b) as (b, app_b),
     ):
         before = app_b.state.abloop.retriever.version

@@ -61,8 +61,10 @@ def _simulate(client: httpx.Client, url: str, users: range, rule: Rule, seed: in
         assert found.status_code == 200, found.text
         body = found.json()
         served[body["model"]] = served.get(body["model"], 0) + 1
+        # X-User-Id: feedback is rate limited per user, else per address (every simulated user's is 127.0.0.1).
         given = client.post(f"{url}/api/v1/feedback", json={"request_id": body["request_id"],
-                                                            **rule(body["answer"], rng)})
+                                                            **rule(body["answer"], rng)},
+                            headers={"X-User-Id": f"sim-{n}"})
         assert given.status_code == 201, given.text
     return served
 

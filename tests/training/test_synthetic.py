@@ -1,7 +1,9 @@
 import json
 from collections import Counter
+from functools import partial
 
 import httpx
+import pytest
 
 from retrieval.index import Chunk, IndexStore, VectorIndex
 from training.dataset import HOLDOUT_FILE, TRAIN_FILE, build_dataset, read_rows
@@ -41,12 +43,22 @@ def _llm(replies: dict[str, list[dict[str, str]]], seen: list[dict] | None = Non
     return httpx.MockTransport(handler)
 
 
-def _config(transport: httpx.BaseTransport, **kwargs) -> SyntheticConfig:
+@pytest.fixture
+def fake_llm(monkeypatch):
+    """Route the generator's HTTP client through `transport` instead of the network."""
+
+    def install(transport: httpx.BaseTransport) -> None:
+        monkeypatch.setattr(httpx, "Client", partial(httpx.Client, transport=transport))
+
+    return install
+
+
+def _config(**kwargs) -> SyntheticConfig:
     kwargs.setdefault("min_support", 0.3)
-    return SyntheticConfig(base_url="http://llm.test/v1", model="gen", transport=transport, **kwargs)
+    return SyntheticConfig(base_url="http://llm.test/v1", model="gen", **kwargs)
 
 
-def test_unsupported_and_duplicate_pairs_are_dropped(encoder):
+def test_unsupported_and_duplicate_pairs_are_dropped(encoder, fake_llm):
     replies = {
         "Generators": [
             {"question": "What does a generator function use?", "answer": "It uses the yield statement."},
@@ -59,7 +71,8 @@ def test_unsupported_and_duplicate_pairs_are_dropped(encoder):
         ],
     }
     seen: list[dict] = []
-    config = _config(_llm(replies, seen), questions_per_chunk=3, api_key="k")
+    fake_llm(_llm(replies, seen))
+    config = _config(questions_per_chunk=3, api_key="k")
     result = generate_synthetic(
         [GENERATORS, SORTING],
         config=config,
@@ -79,15 +92,16 @@ def test_unsupported_and_duplicate_pairs_are_dropped(encoder):
     assert seen[0]["model"] == "gen"
 
 
-def test_llm_errors_and_garbage_are_counted_not_fatal(encoder):
+def test_llm_errors_and_garbage_are_counted_not_fatal(encoder, fake_llm):
     def handler(request: httpx.Request) -> httpx.Response:
         if "Generators" in json.loads(request.content)["messages"][-1]["content"]:
             return httpx.Response(500, text="boom")
         return httpx.Response(200, json={"choices": [{"message": {"content": "no idea"}}]})
 
+    fake_llm(httpx.MockTransport(handler))
     result = generate_synthetic(
         [GENERATORS, SORTING],
-        config=_config(httpx.MockTransport(handler)),
+        config=_config(),
         encoder=encoder,
         real_questions=[],
         layout=LAYOUT,
@@ -111,24 +125,24 @@ def test_rarely_retrieved_chunks_are_preferred():
     assert [c.id for c in chosen] == ["c-gen", "c-sort"]
 
 
-def test_build_dataset_adds_filtered_synthetic_rows(db, add_event, encoder, tmp_path):
+def test_build_dataset_adds_filtered_synthetic_rows(db, add_event, encoder, tmp_path, fake_llm):
     chunks = [GENERATORS, SORTING]
     IndexStore(tmp_path / "index").save(VectorIndex.build(chunks, encoder.encode([c.text for c in chunks])))
     add_event("how do I sort a list", "Use sorted().", {"rating": 5}, retrieved_ids=["c-sort"])
-    replies = {
+    fake_llm(_llm({
         "Generators": [
             {"question": "What does a generator function use?", "answer": "It uses the yield statement."},
             {"question": "How do I sort a list", "answer": "A generator function uses yield."},
             {"question": "Capital of France?", "answer": "Paris is the capital."},
         ],
-    }
+    }))
     card = build_dataset(
         db,
         tmp_path / "ds",
         embedder=encoder,
         holdout_fraction=0.0,
         select=SelectionConfig(enabled=False),
-        synthetic=_config(_llm(replies), index_dir=tmp_path / "index", questions_per_chunk=3),
+        synthetic=_config(index_dir=tmp_path / "index", questions_per_chunk=3),
     )
     rows = read_rows(tmp_path / "ds" / TRAIN_FILE) + read_rows(tmp_path / "ds" / HOLDOUT_FILE)
     synthetic = [r for r in rows if r["source"] == "synthetic"]

@@ -1,0 +1,223 @@
+"""Hostile input at the proxy's HTTP boundary, through the real app under uvicorn: body size limit (413),
+bounded 422 bodies, unencodable strings and non-finite numbers, invalid UTF-8, and X-User-Id as UTF-8."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from experiment.assignment import assign_arm
+from proxy.limits import BodySizeLimit
+from tests.proxy.conftest import ADMIN_TOKEN, fake_llm, make_settings, running_proxy
+
+LIMIT = 1000  # MAX_BODY_BYTES for these tests: small, so over-limit bodies are cheap to send
+HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
+def _settings(tmp_path, **overrides):
+    values = {"llm_api_base": "http://control.test/v1", "llm_model": "control-model", "max_body_bytes": LIMIT,
+              "rate_limit_per_minute": 0}  # these tests send many requests from one address
+    return make_settings(tmp_path, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    with running_proxy(_settings(tmp_path_factory.mktemp("proxy")), upstream=fake_llm()) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(proxy):
+    with httpx.Client(base_url=proxy[0], headers=HEADERS, timeout=30) as c:
+        yield c
+
+
+def _request_id(client: httpx.Client) -> str:
+    found = client.post("/api/v1/search", json={"query": "what is a list?"})
+    assert found.status_code == 200, found.text
+    return found.json()["request_id"]
+
+
+def _search_body(size: int) -> bytes:
+    """A valid search body of exactly `size` bytes."""
+    head, tail = b'{"query": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+# --- 413 --------------------------------------------------------------------------------------------
+
+
+def test_a_body_at_the_limit_passes_and_one_byte_more_is_413(client):
+    assert client.post("/api/v1/search", content=_search_body(LIMIT)).status_code == 200
+    over = client.post("/api/v1/search", content=_search_body(LIMIT + 1))
+    assert over.status_code == 413
+    assert over.json() == {"message": f"request body over {LIMIT} bytes"}
+
+
+def test_a_chunked_body_is_counted_as_it_streams(client):
+    def stream(size: int):
+        body = _search_body(size)
+        for start in range(0, len(body), 100):
+            yield body[start:start + 100]
+
+    fits = client.post("/api/v1/search", content=stream(LIMIT))
+    over = client.post("/api/v1/search", content=stream(LIMIT + 1))
+    assert over.request.headers["transfer-encoding"] == "chunked" and "content-length" not in over.request.headers
+    assert fits.status_code == 200, fits.text
+    assert over.status_code == 413 and over.json() == {"message": f"request body over {LIMIT} bytes"}
+
+
+async def test_a_declared_length_over_the_limit_is_refused_unread():
+    calls: list[str] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        calls.append("app")
+
+    async def receive():
+        calls.append("receive")
+        return {"type": "http.request", "body": b"x" * 11}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/search", "headers": [(b"content-length", b"11")]}
+    await BodySizeLimit(app, max_bytes=10)(scope, receive, send)
+    assert calls == []  # neither the app nor a single body byte
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"]) == {"message": "request body over 10 bytes"}
+
+
+def test_a_20_mb_body_gets_a_small_413(client):
+    response = client.post("/api/v1/search", content=_search_body(20_000_000))
+    assert response.status_code == 413 and len(response.content) < 100
+    assert response.headers["connection"] == "close"  # the unread rest cannot be followed by another request
+
+
+def test_every_route_refuses_an_oversized_body(proxy, client):
+    _url, app = proxy
+    routes = [(method, path.replace("{template_id}", "t").replace("{rule_id}", "r"))
+              for path, operations in app.openapi()["paths"].items() for method in operations]
+    assert len(routes) > 15
+    for method, path in routes:
+        response = client.request(method.upper(), path, content=b"x" * (LIMIT + 1))
+        assert response.status_code == 413, (method, path, response.text)
+
+
+def test_the_default_limit_is_one_mebibyte():
+    from store.config import Settings
+
+    assert Settings().max_body_bytes == 1_048_576
+
+
+# --- 422 bodies are bounded --------------------------------------------------------------------------
+
+
+def test_a_20_mb_field_gets_a_short_422_that_names_it(tmp_path):
+    settings = _settings(tmp_path, max_body_bytes=64_000_000)
+    with running_proxy(settings, upstream=fake_llm()) as (url, _app):
+        huge = "y" * 20_000_000
+        responses = [
+            httpx.post(f"{url}/api/v1/search", json={"query": huge}, timeout=60),
+            httpx.post(f"{url}/api/v1/search", json={"query": "q", huge: 1}, timeout=60),  # an unknown key
+            httpx.post(f"{url}/api/v1/search", json={"user_id": "u", "session_id": huge}, timeout=60),  # query missing
+        ]
+    for response in responses:
+        assert response.status_code == 422, response.text[:300]
+        assert len(response.content) < 2000
+    too_long, unknown, missing = (r.json() for r in responses)
+    assert too_long["message"].startswith("invalid request: query: String should have at most 4000 characters")
+    (issue,) = too_long["detail"]
+    assert issue["loc"] == ["body", "query"] and issue["type"] == "string_too_long"
+    assert issue["input"].startswith("y" * 80 + "…") and "cut, 20000000 characters" in issue["input"]
+    assert unknown["detail"][0]["loc"][1].startswith("y" * 80 + "…")
+    assert "query: Field required" in missing["message"] and "cut" in missing["detail"][0]["input"]
+
+
+# --- unencodable strings and non-finite numbers -------------------------------------------------------
+
+SURROGATE = r"\ud800"  # a JSON escape that decodes to a lone surrogate
+
+
+@pytest.mark.parametrize(
+    ("path", "template", "field"),
+    [
+        ("/api/v1/search", '{"query": "VALUE"}', "query"),
+        ("/api/v1/search", '{"query": "q", "user_id": "VALUE"}', "user_id"),
+        ("/api/v1/search", '{"query": "q", "session_id": "VALUE"}', "session_id"),
+        ("/api/v1/feedback", '{"request_id": "VALUE", "rating": 5}', "request_id"),
+        ("/api/v1/feedback", '{"request_id": "{id}", "thumbs": "up", "comment": "VALUE"}', "comment"),
+        ("/api/v1/feedback", '{"request_id": "{id}", "corrected_answer": "VALUE"}', "corrected_answer"),
+        ("/api/v1/admin/promote", '{"experiment_id": "VALUE"}', "experiment_id"),
+        ("/api/v1/admin/rollback", '{"experiment_id": "e", "reason": "VALUE"}', "reason"),
+        ("/api/v1/admin/experiment", '{"candidate": {"base_url": "http://c.test/v1", "model": "VALUE"}}', "model"),
+        ("/api/v1/admin/experiment", '{"candidate": {"base_url": "http://c.test/v1", "model": "m", '
+                                     '"adapter_id": "VALUE"}}', "adapter_id"),
+        ("/api/v1/process_url", '{"url": "http://example.com/VALUE"}', "url"),
+    ],
+)
+def test_a_lone_surrogate_is_a_422_naming_the_field(client, path, template, field):
+    body = template.replace("{id}", _request_id(client)).replace("VALUE", SURROGATE)
+    method = "PUT" if path.endswith("/experiment") else "POST"
+    response = client.request(method, path, content=body)
+    assert response.status_code == 422, response.text
+    assert f"{field}: " in response.json()["message"]
+    assert response.json()["detail"][0]["loc"][-1] == field
+
+
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_422(client, value):
+    searched = client.post("/api/v1/search", content='{"query": "q", "top_k": VALUE}'.replace("VALUE", value))
+    shared = client.put("/api/v1/admin/experiment", content='{"candidate_share": VALUE}'.replace("VALUE", value))
+    ramp = client.put("/api/v1/admin/experiment",
+                      content='{"rollout": {"steps": [0.5], "min_hours_per_step": VALUE}}'.replace("VALUE", value))
+    assert searched.status_code == 422 and "top_k: " in searched.json()["message"]
+    assert shared.status_code == 422 and "candidate_share: " in shared.json()["message"]
+    assert ramp.status_code == 422 and "rollout.min_hours_per_step: " in ramp.json()["message"]
+
+
+def test_a_value_of_another_json_type_is_422_and_a_whole_float_is_an_integer(client):
+    as_text = client.post("/api/v1/search", json={"query": "q", "top_k": "3"})
+    as_bool = client.put("/api/v1/admin/experiment", json={"candidate_share": False})
+    whole = client.post("/api/v1/search", json={"query": "q", "top_k": 3.0})  # JSON Schema's integer allows it
+    assert as_text.status_code == 422 and "top_k: " in as_text.json()["message"]
+    assert as_bool.status_code == 422 and "candidate_share: " in as_bool.json()["message"]
+    assert whole.status_code == 200, whole.text
+
+
+@pytest.mark.parametrize("raw", [b'{"query": "\xff\xfe"}', b'{"query": "\xed\xa0\x80"}', b"\xff", b'{"query": "\xc3'])
+def test_invalid_utf8_in_the_body_is_a_client_error(client, raw):
+    response = client.post("/api/v1/search", content=raw)
+    assert response.status_code in (400, 422), response.text
+    assert response.json()
+
+
+# --- X-User-Id is UTF-8 --------------------------------------------------------------------------------
+
+
+def test_a_non_ascii_user_routes_to_the_same_arm_by_header_as_by_body(tmp_path):
+    settings = _settings(tmp_path, llm_api_base_new_model="http://candidate.test/v1", llm_model_new="candidate-model",
+                         candidate_share=0.5)
+    with running_proxy(settings, upstream=fake_llm()) as (url, _app), \
+            httpx.Client(base_url=url, headers=HEADERS, timeout=30) as client:
+        salt = client.get("/api/v1/admin/experiment").json()["salt"]
+
+        def arm(user: str) -> str:
+            return assign_arm(salt, user, 0.5, has_candidate=True)
+
+        # Users whose Latin-1 misreading would land on the other arm: only a UTF-8 decoding passes.
+        users = [u for u in (f"jürgen-{i}" for i in range(40)) if arm(u) != arm(u.encode().decode("latin-1"))][:6]
+        assert {arm(u) for u in users} == {"control", "candidate"}
+        for user in users:
+            by_body = client.post("/api/v1/search", json={"query": "q", "user_id": user}).json()["arm"]
+            by_header = client.post("/api/v1/search", json={"query": "q"}, headers={"X-User-Id": user.encode()})
+            assert by_header.status_code == 200, by_header.text
+            assert by_header.json()["arm"] == by_body == arm(user), user
+
+
+def test_an_x_user_id_that_is_not_utf8_is_a_422_naming_it(client):
+    response = client.post("/api/v1/search", json={"query": "q"}, headers={"X-User-Id": b"caf\xe9"})
+    assert response.status_code == 422
+    assert response.json()["message"] == "invalid request: X-User-Id header: Value error, must be UTF-8"
+    assert response.json()["detail"][0]["loc"] == ["header", "x-user-id"]
