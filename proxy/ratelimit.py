@@ -38,6 +38,7 @@ from prometheus_client import Counter
 
 from proxy.deps import StateDep
 from proxy.metrics import Metrics
+from proxy.schemas import utf8_header
 from store.config import Settings
 
 log = logging.getLogger("abloop.proxy.ratelimit")
@@ -206,7 +207,7 @@ class RateLimiter:
             await self._buckets.aclose()
 
     async def _key(self, request: Request) -> str:
-        user_id = await _body_user_id(request) or request.headers.get("x-user-id")
+        user_id = await _body_user_id(request) or _header_user_id(request)
         if user_id:
             return "user:" + user_id
         return "addr:" + self._address(request)
@@ -217,6 +218,15 @@ class RateLimiter:
             if first_hop:
                 return first_hop
         return request.client.host if request.client else "unknown"
+
+
+def _header_user_id(request: Request) -> str | None:
+    """X-User-Id as routing reads it (UTF-8); a header that is not UTF-8 is refused by the route anyway."""
+    raw = request.headers.get("x-user-id")
+    try:
+        return utf8_header(raw) if raw else None
+    except ValueError:
+        return raw
 
 
 def _buckets(settings: Settings, metrics: Metrics) -> Buckets | None:

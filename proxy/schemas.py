@@ -27,8 +27,9 @@ def _encodable(value: str) -> str:
     return value
 
 
-def _utf8_header(value: object) -> object:
-    # Starlette decodes header bytes as Latin-1; the contract's headers are UTF-8, so decode the same bytes again.
+def utf8_header(value: object) -> object:
+    """A header value as the client sent it: Starlette decodes header bytes as Latin-1, the contract's
+    headers are UTF-8, so the same bytes are decoded again. Not UTF-8: ValueError."""
     if not isinstance(value, str):
         return value
     try:
@@ -44,7 +45,7 @@ def _whole_number(value: object) -> object:
 
 # Every client-supplied string and integer: these types, not `str` and `int`.
 Text = Annotated[str, AfterValidator(_encodable)]
-HeaderText = Annotated[str, BeforeValidator(_utf8_header)]
+HeaderText = Annotated[str, BeforeValidator(utf8_header)]
 Integer = Annotated[int, BeforeValidator(_whole_number)]
 
 # Request bodies: unknown fields, NaN or infinity, and values of another JSON type ("5" or true for a

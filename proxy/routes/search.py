@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, status
@@ -141,8 +142,10 @@ def _log(
 @router.post("/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackResponse,
              responses=error_responses(400, 404, 413, 422, 429, 503))
 async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
-    if not await _event_known(state, body.request_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown request_id {body.request_id!r}")
+    # Our request ids are UUIDs: anything else cannot exist, and is never sent to the store (PostgreSQL
+    # refuses a NUL in a query parameter, which would read as "store unreachable").
+    if not _is_request_id(body.request_id) or not await _event_known(state, body.request_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown request_id {body.request_id[:64]!r}")
     feedback_id = new_id()
     state.writer.submit(
         "feedback",
@@ -158,6 +161,14 @@ async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     )
     _count_feedback(state, body)
     return FeedbackResponse(feedback_id=feedback_id)
+
+
+def _is_request_id(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 async def _event_known(state: AppState, event_id: str) -> bool:

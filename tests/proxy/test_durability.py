@@ -10,10 +10,10 @@ import uuid
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, select, text
 
 from store.db import normalize_url
-from store.models import SearchEvent
+from store.models import Feedback, SearchEvent
 from tests.conftest import POSTGRES_URL, free_port
 from tests.proxy.conftest import make_settings, running_proxy
 
@@ -96,10 +96,14 @@ def pg_schema():
 
 
 def _count(schema: str) -> int:
+    return len(_rows(schema, SearchEvent))
+
+
+def _rows(schema: str, model) -> list:
     engine = create_engine(normalize_url(POSTGRES_URL) + f"?options=-csearch_path%3D{schema}")
     try:
         with engine.connect() as conn:
-            return conn.scalar(select(func.count()).select_from(SearchEvent.__table__))
+            return list(conn.execute(select(model.__table__)))
     finally:
         engine.dispose()
 
@@ -140,6 +144,27 @@ def test_events_during_a_database_outage_arrive_after_it_returns(tmp_path, pg_sc
         assert not any(writer.is_pending(i) for i in during)
     gate.close()
     assert _count(pg_schema) == 45
+    # The feedback accepted during the outage is a row now, on the event it was about.
+    assert [(row.event_id, row.thumbs) for row in _rows(pg_schema, Feedback)] == [(during[0], "up")]
+
+
+def test_text_postgresql_cannot_hold_is_stored_marked_never_dropped(tmp_path, pg_schema, control_upstream):
+    database_url = f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{pg_schema}"
+    settings = make_settings(tmp_path, llm_api_base=control_upstream[1], database_url=database_url)
+    with running_proxy(settings) as (url, app), httpx.Client(timeout=30) as client:
+        searched = client.post(f"{url}/api/v1/search", json={"query": "nul \u0000 inside", "user_id": "u\u0000x"})
+        assert searched.status_code == 200, searched.text
+        request_id = searched.json()["request_id"]
+        rated = client.post(f"{url}/api/v1/feedback",
+                            json={"request_id": request_id, "thumbs": "down", "comment": "bad \u0000 answer"})
+        forged = client.post(f"{url}/api/v1/feedback", json={"request_id": "x\u0000y", "thumbs": "up"})
+        assert rated.status_code == 201 and forged.status_code == 404  # never a store error
+        _wait(lambda: _count(pg_schema) == 1 and len(_rows(pg_schema, Feedback)) == 1)
+        assert not list((tmp_path / "spool").rglob("*rejected*/*"))
+    [event] = _rows(pg_schema, SearchEvent)
+    assert event.id == request_id and "\x00" not in event.query and "query" in event.timings["sanitized"]
+    [feedback] = _rows(pg_schema, Feedback)
+    assert feedback.event_id == request_id and feedback.thumbs == "down" and "\x00" not in feedback.comment
 
 
 def _wait(condition, timeout: float = 30.0) -> None:
