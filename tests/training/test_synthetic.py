@@ -157,3 +157,41 @@ def test_build_dataset_adds_filtered_synthetic_rows(db, add_event, encoder, tmp_
         "kept": 1,
     }
     assert "api_key" not in card.synthetic["config"]
+
+
+@pytest.mark.slow
+def test_synthetic_qa_against_the_embedded_model_server():
+    """The real parts: SmolLM2 behind the embedded server is asked for pairs, real embeddings judge them.
+
+    Measured: SmolLM2-135M does not follow the JSON instruction (it repeats "Question 1:" and a sentence of
+    the passage), so every reply is counted unparseable and nothing is kept: garbage never becomes a
+    training row. A larger generator behind `SyntheticConfig.base_url` is what makes pairs.
+    """
+    from pydoc_data.topics import topics
+    from types import SimpleNamespace
+
+    from retrieval.embedder import Embedder
+    from serving.server import ServerThread
+    from store.config import default_embedding_model
+    from store.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE
+
+    chunks = [SimpleNamespace(id=f"pydoc:{name}#0", title=name, source=f"pydoc:{name}", text=topics[name][:900])
+              for name in ("for", "while", "with")]
+    layout = PromptLayout(system_prompt=DEFAULT_SYSTEM_PROMPT, template=DEFAULT_TEMPLATE)
+    with ServerThread(model="default", max_batch=4) as server:
+        model = httpx.get(f"{server.base_url}/models").json()["data"][0]["id"]
+        before = httpx.get(f"{server.url}/stats").json()["completed"]
+        config = SyntheticConfig(base_url=server.base_url, model=model, temperature=0, max_tokens=160,
+                                 min_support=0.3)
+        result = generate_synthetic(chunks, config=config, encoder=Embedder(default_embedding_model()),
+                                    real_questions=["How do I loop over a list?"], layout=layout)
+        served = httpx.get(f"{server.url}/stats").json()["completed"] - before
+    counts = result.counts
+    assert served == 3 and counts["chunks"] == 3 and counts["llm_errors"] == 0  # every chunk was asked, answered
+    assert counts["unparseable"] == 3 or counts["generated"] > 0  # every reply is either pairs or counted
+    assert counts["kept"] == len(result.examples) <= counts["generated"]
+    for example in result.examples:  # what was kept is grounded in its chunk and laid out as the proxy would
+        assert example.support >= config.min_support
+        assert example.chunk_id in {c.id for c in chunks}
+        assert example.prompt[0]["content"] == DEFAULT_SYSTEM_PROMPT
+        assert example.question in example.prompt[-1]["content"]
