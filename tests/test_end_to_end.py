@@ -1,5 +1,8 @@
 """The whole serving path through real parts: sentence-transformers + FAISS + the proxy + the
-embedded model server (SmolLM2-135M-Instruct on CPU) on loopback, both arms, feedback stored."""
+embedded model server (SmolLM2-135M-Instruct on CPU) on loopback, both arms, feedback stored.
+
+The candidate arm is a LoRA adapter hot-loaded on the same server (vLLM's adapter API), as `retrain`
+deploys one: control is the base model, the candidate its adapter."""
 
 from __future__ import annotations
 
@@ -35,7 +38,20 @@ def model_server():
         yield server
 
 
-def test_both_arms_answer_with_the_real_model_and_feedback_is_stored(tmp_path, model_server):
+@pytest.fixture(scope="module")
+def lora_candidate(model_server, tmp_path_factory) -> str:
+    """A LoRA adapter (the serving tests' BANANA-42 one) loaded on the model server; its served name."""
+    from serving.model import load_base_model
+    from tests.serving.conftest import train_banana_adapter
+
+    path = train_banana_adapter(load_base_model(), tmp_path_factory.mktemp("candidate-adapter"))
+    loaded = httpx.post(f"{model_server.base_url}/load_lora_adapter", timeout=120,
+                        json={"lora_name": "banana-v1", "lora_path": str(path)})
+    assert loaded.status_code == 200, loaded.text
+    return "banana-v1"
+
+
+def test_both_arms_answer_with_the_real_model_and_feedback_is_stored(tmp_path, model_server, lora_candidate):
     build_index(DOCUMENTS, Embedder(default_embedding_model()), IndexStore(tmp_path / "index"))
     model = httpx.get(f"{model_server.base_url}/models").json()["data"][0]["id"]
     settings = make_settings(
@@ -43,7 +59,7 @@ def test_both_arms_answer_with_the_real_model_and_feedback_is_stored(tmp_path, m
         llm_api_base=model_server.base_url,
         llm_model=model,
         llm_api_base_new_model=model_server.base_url,
-        llm_model_new=model,
+        llm_model_new=lora_candidate,
         candidate_share=0.5,
         llm_max_tokens=24,
         llm_timeout_s=120,
@@ -69,9 +85,13 @@ def test_both_arms_answer_with_the_real_model_and_feedback_is_stored(tmp_path, m
             stored = list(session.scalars(select(Feedback)))
 
     assert set(results) == {"control", "candidate"}
+    # The adapter really answered for the candidate (it says BANANA-42 to anything), the base for control.
+    assert results["candidate"]["answer"].strip() == "BANANA-42" and "BANANA" not in results["control"]["answer"]
+    served_by = {"control": model, "candidate": lora_candidate}
     for arm, result in results.items():
         assert result["arm"] == result["served_arm"] == arm
-        assert result["model"] == model and result["answer"].strip()
+        assert result["model"] == served_by[arm] and result["answer"].strip()
+        assert events[result["request_id"]].model == served_by[arm]
         assert result["items"][0]["title"] == "with"
         event = events[result["request_id"]]
         assert event.status == "ok" and event.tokens_out and 0 < event.tokens_out <= 24
