@@ -36,18 +36,19 @@ def test_an_aa_rollout_advances_but_never_promotes_or_rolls_back(sqlite_db):
     assert experiments.get(sqlite_db, running.id).status == "running"
 
 
-def test_a_better_candidate_is_promoted_at_the_last_step(sqlite_db):
-    running = traffic.start(sqlite_db, share=0.0)
-    lifecycle.set_rollout(sqlite_db, running.id, PLAN)
+def test_a_better_candidate_is_promoted_at_the_last_step(db):
+    """On SQLite and on PostgreSQL: analysis, record_decision and the promotion through the real store."""
+    running = traffic.start(db, share=0.0)
+    lifecycle.set_rollout(db, running.id, PLAN)
     better = ArmBehaviour(up=0.75)
-    advanced = _step(sqlite_db, running.id, 2000, 0, candidate=better)
+    advanced = _step(db, running.id, 2000, 0, candidate=better)
     assert advanced.decision["rollout"]["did"] == "advanced"
-    final = _step(sqlite_db, running.id, 2000, 2000, candidate=better, seed=1)
+    final = _step(db, running.id, 2000, 2000, candidate=better, seed=1)
     assert final.action == "promote" and final.decision["rollout"]["did"] == "promoted"
-    assert experiments.get(sqlite_db, running.id).status == "promoted"
-    successor = experiments.get_running(sqlite_db)
+    assert experiments.get(db, running.id).status == "promoted"
+    successor = experiments.get_running(db)
     assert successor.control_base_url == "http://candidate.test/v1" and successor.candidate_share == 0.0
-    status = describe(sqlite_db, running.id)
+    status = describe(db, running.id)
     kinds = [t["kind"] for t in status["experiment"]["transitions"]]
     assert kinds == ["start", "rollout_step", "rollout_step", "promoted"]
     assert "automatic" in status["experiment"]["transitions"][-1]["reason"]
