@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -106,6 +108,10 @@ async def test_full_queue_is_503_with_retry_after(own_engine):
 
     engine = own_engine(max_batch=1, max_queue=1)
     running = engine.submit(_ids(engine, PROMPTS[0]), _greedy(200))
+    for _ in range(3000):  # until the worker has taken it from the queue (by the engine's state, not a sleep)
+        if engine.active_rows:
+            break
+        await asyncio.sleep(0.01)
     waiting = engine.submit(_ids(engine, PROMPTS[1]), _greedy(200))  # the queue is now full
     try:
         with ServerThread(create_app(engine)) as srv:
