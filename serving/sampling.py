@@ -19,6 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's: generate exactly max_tokens (benchmarks, tests that need a busy engine)
 
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -34,10 +34,11 @@ def _ids(engine, prompt: str) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": prompt}])
 
 
-def _greedy(max_tokens: int):
+def _greedy(max_tokens: int, *, exactly: bool = False):
+    """Greedy decoding; `exactly` ignores EOS, so the request really runs `max_tokens` steps."""
     from serving.sampling import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=0)
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=exactly)
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ async def test_concurrent_requests_are_batched_and_match_unbatched(own_engine):
 
 
 async def test_short_requests_do_not_wait_for_long_ones(engine):
-    long = engine.submit(_ids(engine, "Write a long story about a dragon."), _greedy(200))
+    long = engine.submit(_ids(engine, "Write a long story about a dragon."), _greedy(200, exactly=True))
     short = engine.submit(_ids(engine, "Name a color."), _greedy(2))
     await short.result()
     # The long row is still generating when the short one has its answer: rows finish on their own.
@@ -92,7 +93,7 @@ async def test_full_queue_is_refused_not_grown(own_engine):
     accepted, refused = [], 0
     for prompt in PROMPTS[:3]:  # back to back: one runs (200 tokens), one waits, the queue is full
         try:
-            accepted.append(engine.submit(_ids(engine, prompt), _greedy(200)))
+            accepted.append(engine.submit(_ids(engine, prompt), _greedy(200, exactly=True)))
         except QueueFull:
             refused += 1
     assert refused >= 1 and len(accepted) >= 1
@@ -107,12 +108,12 @@ async def test_full_queue_is_503_with_retry_after(own_engine):
     from serving.server import ServerThread
 
     engine = own_engine(max_batch=1, max_queue=1)
-    running = engine.submit(_ids(engine, PROMPTS[0]), _greedy(200))
+    running = engine.submit(_ids(engine, PROMPTS[0]), _greedy(400, exactly=True))
     for _ in range(3000):  # until the worker has taken it from the queue (by the engine's state, not a sleep)
         if engine.active_rows:
             break
         await asyncio.sleep(0.01)
-    waiting = engine.submit(_ids(engine, PROMPTS[1]), _greedy(200))  # the queue is now full
+    waiting = engine.submit(_ids(engine, PROMPTS[1]), _greedy(400, exactly=True))  # the queue is now full
     try:
         with ServerThread(create_app(engine)) as srv:
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=300) as client:
