@@ -1,26 +1,37 @@
-"""The proxy's view of the index: the current version in memory, embeddings micro-batched."""
+"""The proxy's view of the index: the current version in memory, query embeddings micro-batched and cached."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
+from retrieval.embedder import BatchingEmbedder
 from retrieval.fetch import FetchedPage
 from retrieval.index import Hit, IndexStore, VectorIndex
 from retrieval.metadata import DocumentMetadata
 
+log = logging.getLogger(__name__)
+
 
 class Retriever:
-    """Loads the embedder only once there is an index to search, so a proxy without one starts fast."""
+    """Loads the embedder only once there is an index to search, so a proxy without one starts fast.
 
-    def __init__(self, index_dir: Path, embedding_model: str, *, max_batch: int = 64, threads: int = 1) -> None:
+    Queries are embedded on `backend` (retrieval.fast_embedder.BACKENDS); chunks that `add_page`
+    indexes always go through torch, as `abloop index build` embeds them, so both stay in one space.
+    """
+
+    def __init__(self, index_dir: Path, embedding_model: str, *, max_batch: int = 64, threads: int = 1,
+                 backend: str = "torch", cache_size: int = 0) -> None:
         self.store = IndexStore(index_dir)
         self._embedding_model = embedding_model
         self._max_batch = max_batch
         self._threads = threads
-        self._plain = None  # retrieval.embedder.Embedder, once loaded
-        self._batching = None  # its BatchingEmbedder, for the request path
+        self._backend = backend
+        self._cache_size = cache_size
+        self._plain = None  # retrieval.embedder.Embedder (torch), for indexing; loaded on first use
+        self._batching = None  # the query embedder's BatchingEmbedder, for the request path
         self._load_lock = asyncio.Lock()
         self.index: VectorIndex | None = None
         self.load_seconds = 0.0  # how long the last (re)load read the index from disk
@@ -45,16 +56,37 @@ class Retriever:
     async def _embedder(self):
         async with self._load_lock:
             if self._batching is None:
-                import torch
-
-                from retrieval.embedder import BatchingEmbedder, Embedder
-
-                torch.set_num_threads(self._threads)
-                embedder = await asyncio.to_thread(Embedder, self._embedding_model)
-                batching = BatchingEmbedder(embedder, max_batch=self._max_batch)
+                embedder = await asyncio.to_thread(self._load_query_embedder)
+                batching = BatchingEmbedder(embedder, max_batch=self._max_batch, cache_size=self._cache_size)
                 await batching.start()
-                self._plain, self._batching = embedder, batching
+                self._batching = batching
         return self._batching
+
+    def _load_query_embedder(self):
+        from retrieval.fast_embedder import load_query_embedder
+
+        if self._backend != "torch":
+            try:
+                return load_query_embedder(self._embedding_model, self._backend, threads=self._threads)
+            except (ImportError, RuntimeError, OSError) as error:
+                # A proxy that serves on torch is better than one that never gets ready.
+                log.warning("embedding backend %s unavailable (%s); queries use torch", self._backend, error)
+        self._plain = self._plain or self._load_torch()
+        return self._plain
+
+    async def _indexing_embedder(self):
+        async with self._load_lock:
+            if self._plain is None:
+                self._plain = await asyncio.to_thread(self._load_torch)
+        return self._plain
+
+    def _load_torch(self):
+        import torch
+
+        from retrieval.embedder import Embedder
+
+        torch.set_num_threads(self._threads)
+        return Embedder(self._embedding_model)
 
     async def reload(self) -> VectorIndex:
         await self._embedder()
@@ -80,10 +112,10 @@ class Retriever:
         from retrieval.build import add_documents
         from retrieval.corpus import Document
 
-        await self._embedder()
+        embedder = await self._indexing_embedder()
         before = self.size
         document = Document(title=page.title or page.final_url, source=page.final_url, text=page.text)
         by_source = {document.source: metadata} if metadata is not None else None
-        index = await asyncio.to_thread(add_documents, [document], self._plain, self.store, by_source)
+        index = await asyncio.to_thread(add_documents, [document], embedder, self.store, by_source)
         self.index = index
         return index, len(index) - before

@@ -7,6 +7,8 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,26 +37,34 @@ class Embedder:
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Safe to call from several threads: forward passes take turns, one batch at a time."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            # The lock is per batch, not per call: a long ingestion yields between batches to
-            # query embeddings from other threads instead of starving them. It also keeps the
-            # fast tokenizer, which is not safe to share between threads, to one at a time.
-            with self._lock:
-                vectors = self._model.encode(
-                    [texts[i] for i in rows],
-                    batch_size=batch_size,
-                    convert_to_numpy=True,
-                    normalize_embeddings=True,
-                    show_progress_bar=False,
-                )
-            out[rows] = vectors
-        return out
+        return encode_in_batches(texts, batch_size, self.dim, self._forward)
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        # The lock is per batch, not per call: a long ingestion yields between batches to
+        # query embeddings from other threads instead of starving them. It also keeps the
+        # fast tokenizer, which is not safe to share between threads, to one at a time.
+        with self._lock:
+            return self._model.encode(
+                texts,
+                batch_size=len(texts),
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+
+
+def encode_in_batches(texts: list[str], batch_size: int, dim: int,
+                      forward: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """`forward` over batches of similar length; rows come back in the order of `texts`."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        out[rows] = forward([texts[i] for i in rows])
+    return out
 
 
 def _default_device() -> str:
@@ -78,22 +88,32 @@ class EmbedderStopped(RuntimeError):
 
 
 class BatchingEmbedder:
-    """Lets concurrent `embed()` calls share one forward pass.
+    """Lets concurrent `embed()` calls share one forward pass, and remembers recent queries.
 
     One worker task takes the first queued item and everything else already waiting (up to
-    `max_batch`). There is no artificial delay: while one batch runs in the encode thread, new
-    requests pile up in the queue and form the next batch, so batches grow exactly as fast as
-    load does. Encoding runs in a single dedicated thread so the event loop never blocks and
-    the model is never called from two threads at once.
+    `max_batch`). By default there is no artificial delay: while one batch runs in the encode
+    thread, new requests pile up in the queue and form the next batch, so batches grow exactly as
+    fast as load does (`max_wait_s` > 0 holds a batch open that long for more). Encoding runs in a
+    single dedicated thread so the event loop never blocks and the model is never called from
+    two threads at once.
+
+    Search traffic repeats itself: the last `cache_size` distinct texts keep their vectors (an
+    exact-match LRU; 0 turns it off), and a text queued twice in one batch is encoded once.
     """
 
-    def __init__(self, embedder: Embedder, max_batch: int = 64):
+    def __init__(self, embedder: Any, max_batch: int = 64, *, cache_size: int = 0, max_wait_s: float = 0.0):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if cache_size < 0 or max_wait_s < 0:
+            raise ValueError("cache_size and max_wait_s must be >= 0")
         self.embedder = embedder
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.cache_size = cache_size
         self.batches = 0
         self.items = 0
+        self.cache_hits = 0
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -128,6 +148,11 @@ class BatchingEmbedder:
     async def embed(self, text: str) -> np.ndarray:
         if not self.running or self._queue is None:
             raise EmbedderStopped("BatchingEmbedder is not running; call start() first")
+        cached = self._cache.get(text)
+        if cached is not None:
+            self._cache.move_to_end(text)
+            self.cache_hits += 1
+            return cached.copy()  # callers may write to theirs
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((text, future))
         return await future
@@ -136,18 +161,16 @@ class BatchingEmbedder:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._take_batch()
             # Callers that gave up (cancelled) need no forward pass.
             batch = [(text, fut) for text, fut in batch if not fut.done()]
             if not batch:
                 continue
-            texts = [text for text, _ in batch]
+            texts = list(dict.fromkeys(text for text, _ in batch))
             try:
                 vectors = await loop.run_in_executor(self._executor, self.embedder.encode, texts)
-                if len(vectors) != len(batch):
-                    raise RuntimeError(f"encoder returned {len(vectors)} vectors for {len(batch)} texts")
+                if len(vectors) != len(texts):
+                    raise RuntimeError(f"encoder returned {len(vectors)} vectors for {len(texts)} texts")
             except asyncio.CancelledError:
                 _fail(batch, EmbedderStopped("embedder stopped while this text was being embedded"))
                 raise
@@ -158,10 +181,38 @@ class BatchingEmbedder:
                 continue
             self.batches += 1
             self.items += len(batch)
-            for (_, fut), vector in zip(batch, vectors, strict=True):
+            by_text = dict(zip(texts, vectors, strict=True))
+            for text, fut in batch:
                 if not fut.done():
                     # A copy, so one caller's vector does not pin (or alias) the whole batch array.
-                    fut.set_result(vector.copy())
+                    fut.set_result(by_text[text].copy())
+            self._remember(by_text)
+
+    async def _take_batch(self) -> list[tuple[str, asyncio.Future[np.ndarray]]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    def _remember(self, by_text: dict[str, np.ndarray]) -> None:
+        if not self.cache_size:
+            return
+        for text, vector in by_text.items():
+            self._cache[text] = vector.copy()  # its own row, not a view pinning the batch
+            self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _fail_pending(self, exc: Exception) -> None:
         if self._queue is None:

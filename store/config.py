@@ -72,9 +72,12 @@ class Settings(BaseSettings):
     # Intra-op threads for the proxy's embedder. One leaves the other cores to the event loop;
     # torch's default (all cores) made threads wait on each other (bench/proxy_overhead.py).
     embed_threads: int = Field(1, ge=1)
-    # The runtime that embeds queries (retrieval/fast_embedder.py): the model exported once to ONNX runs several
-    # times faster than torch with the same neighbours; indexing stays on torch. EMBED_CACHE_SIZE: recent distinct
-    # queries whose vectors are kept (exact match, LRU; 0 = off). docs/BENCHMARKS.md, "Query embeddings (issue 13)".
+    # What embeds queries (retrieval/fast_embedder.py): the model exported once to ONNX, on OpenVINO (bf16 where the
+    # CPU has it) or ONNX Runtime, costs 2.4-3.8x less CPU than torch with the same neighbours; indexing stays on
+    # torch. EMBED_CACHE_SIZE: recent distinct queries whose vectors are kept (exact match, LRU; 0 = off).
+    # docs/BENCHMARKS.md, "Query embeddings (issue 13)".
+    # The default is ONNX Runtime fp32: exactly torch's neighbours (recall@5 1.0); OpenVINO computes in bf16 on
+    # CPUs that have it (recall@5 0.995 measured) and is an optional extra (`pip install abloop[openvino]`).
     embed_backend: Literal["torch", "onnx", "openvino"] = "onnx"
     embed_cache_size: int = Field(10_000, ge=0)
     # Per-user rate limit on search and feedback (proxy/ratelimit.py): a token bucket of RATE_LIMIT_BURST refilled at
