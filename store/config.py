@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     runs_dir: Path = Path("./runs")  # datasets and adapters the flows produce
     writer_batch_size: int = Field(500, ge=1)
     writer_flush_interval_s: float = Field(0.05, gt=0)
+    # Feedback on a request id this young that no replica's store shows yet is answered 503 (retry), not 404:
+    # the event may still be in another replica's write queue or, after a store outage, in its spool.
+    feedback_pending_window_s: float = Field(300.0, ge=0)
     circuit_failure_threshold: int = Field(3, ge=1)
     circuit_reset_s: float = Field(30.0, gt=0)
     upstream_max_connections: int = Field(256, ge=1)

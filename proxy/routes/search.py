@@ -26,7 +26,7 @@ from proxy.schemas import (
 )
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store.events import event_exists
-from store.models import new_id, utcnow
+from store.models import id_time, new_id, utcnow
 from store.prompts import apply_output_rules, render_messages
 
 # Both routes are rate limited per user (429 with Retry-After); a refused search is not logged as an event.
@@ -145,6 +145,13 @@ async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
     # Our request ids are UUIDs: anything else cannot exist, and is never sent to the store (PostgreSQL
     # refuses a NUL in a query parameter, which would read as "store unreachable").
     if not _is_request_id(body.request_id) or not await _event_known(state, body.request_id):
+        if _may_be_on_its_way(body.request_id, state.settings.feedback_pending_window_s):
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "this request_id is recent and not in the store yet (another replica may still be writing it); "
+                "retry shortly",
+                headers={"Retry-After": "2"},
+            )
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown request_id {body.request_id[:64]!r}")
     feedback_id = new_id()
     state.writer.submit(
@@ -169,6 +176,18 @@ def _is_request_id(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _may_be_on_its_way(request_id: str, window_s: float) -> bool:
+    """A request id minted less than `window_s` ago (ids are UUIDv7): its event may not be visible yet.
+
+    Measured by bench/soak.py with two replicas: feedback sent to the other replica right after a store
+    outage found its event neither in that replica's queue nor in the store (still in the first one's spool).
+    """
+    if not _is_request_id(request_id):
+        return False
+    made = id_time(request_id)
+    return made is not None and (utcnow() - made).total_seconds() < window_s
 
 
 async def _event_known(state: AppState, event_id: str) -> bool:

@@ -233,3 +233,25 @@ def test_events_record_the_exact_prompt_and_template(tmp_path, client, control_u
     assert event.tokens_in == 10 and event.tokens_out == 5
     assert event.answer == "control says hi" and event.status == "ok"
     assert event.retrieved == {"ids": [], "scores": [], "index_version": None}
+
+
+def test_feedback_on_a_recent_id_not_yet_visible_is_503_an_old_one_404(tmp_path, client, control_upstream):
+    """Another replica may still hold a fresh event in its queue or spool: retry, do not lose the feedback."""
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from store.models import id_time, new_id
+
+    def v7_at(moment: datetime) -> str:
+        return str(uuid.UUID(int=int(moment.timestamp() * 1000) << 80 | 0x7 << 76 | 0b10 << 62 | 12345))
+
+    fresh = new_id()
+    assert uuid.UUID(fresh).version == 7 and abs((id_time(fresh) - datetime.now(UTC)).total_seconds()) < 5
+    old = v7_at(datetime.now(UTC) - timedelta(hours=1))
+    settings = _settings(tmp_path, control_upstream[1], feedback_pending_window_s=300)
+    with running_proxy(settings) as (url, _app):
+        recent = client.post(f"{url}/api/v1/feedback", json={"request_id": fresh, "thumbs": "up"})
+        stale = client.post(f"{url}/api/v1/feedback", json={"request_id": old, "thumbs": "up"})
+        legacy = client.post(f"{url}/api/v1/feedback", json={"request_id": str(uuid.uuid4()), "thumbs": "up"})
+    assert recent.status_code == 503 and recent.headers["retry-after"] == "2"
+    assert stale.status_code == 404 and legacy.status_code == 404
