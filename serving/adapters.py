@@ -5,7 +5,7 @@ names an adapter always came from the same weights.  The API side (validate, res
 op) runs on the event loop; the ops themselves run on the engine's worker thread between steps, so they
 never race a forward.  An unload takes the name out of service at once (new requests get 404) and
 deletes the weights once no queued or running request uses them.  The manager swaps the runner's
-``model`` / ``peft``; the runner never calls back.
+``model`` / ``peft`` (after putting peft back in its plain state); the runner never calls back.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ class AdapterManager:
     # ------------------------------------------------------------------ ops (worker thread)
     def run_ops(self, ops: list[_AdapterOp], in_use: Callable[[str], bool]) -> None:
         """Apply ``ops``; an unload of an adapter that ``in_use`` says a request still needs waits."""
+        if ops:
+            self._runner.single.reset()  # peft loads and unloads adapters in its plain state
         deferred: list[_AdapterOp] = []
         for op in ops:
             try:

