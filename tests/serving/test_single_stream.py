@@ -257,15 +257,15 @@ def test_tied_embeddings_stay_tied(int8_model):
     assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
-def test_server_options_default_to_int8():
+def test_server_options_default_to_the_unquantised_model():
     from serving.model import DEFAULT_QUANTIZE, QUANTIZE_MODES
     from serving.options import add_server_arguments
 
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
     args = parser.parse_args([])
-    assert args.quantize == DEFAULT_QUANTIZE == "int8" and args.compile is False
-    assert parser.parse_args(["--quantize", "none", "--compile"]).quantize == "none"
+    assert args.quantize == DEFAULT_QUANTIZE == "none" and args.compile is False  # int8 is opt-in
+    assert parser.parse_args(["--quantize", "int8", "--compile"]).quantize == "int8"
     assert set(QUANTIZE_MODES) == {"none", "int8"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantize", "int4"])
