@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     db = _db()
     with _library_output_to_stderr():
         result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
-                            max_steps=args.max_steps, learning_rate=args.learning_rate,
+                            max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.learning_rate,
                             load_in_4bit=args.load_in_4bit, db=db)
     print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
                      indent=2, default=str))
@@ -228,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True)
     train.add_argument("--out", required=True)
     train.add_argument("--base", default="default", help="default | HF_DIR")
-    train.add_argument("--max-steps", type=int, default=60)
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps (default 60 unless --epochs); wins over --epochs when both are given")
+    train.add_argument("--epochs", type=float, default=None, help="passes over the training rows, instead of steps")
     train.add_argument("--learning-rate", type=float, default=2e-4)
-    train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes)")
+    train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes: the `gpu` extra)")
 
     ev = add("eval-adapter", cmd_eval_adapter, "Compare an adapter with its base on the holdout (offline gate).")
     ev.add_argument("--data", required=True)

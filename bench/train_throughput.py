@@ -52,7 +52,7 @@ def main() -> None:
 
     base_dir = resolve_base_model(args.base)
     with tempfile.TemporaryDirectory(prefix="abloop-bench-") as scratch:
-        data_dir = _build_data(Path(scratch), args.rows, args.seed)
+        data_dir = build_data(Path(scratch), args.rows, args.seed)
         results = [_spawn(config, args, base_dir, data_dir, Path(scratch)) for config in CONFIGS]
     print(_table(results, args))
     print("\ncommand: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_data(scratch: Path, rows: int, seed: int) -> Path:
+def build_data(scratch: Path, rows: int, seed: int) -> Path:
     """A simulated house-style dataset; short prompts (one passage) keep CPU steps affordable."""
     from abloop.simulate import simulate_traffic
     from store.db import Database
@@ -135,7 +135,10 @@ def _run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is visible")
     started = time.perf_counter()
-    result = _project(args) if args._worker == "project" else _trl_defaults(args, on_cuda)
+    if args._worker == "project":
+        result = _project(args)
+    else:
+        result = run_trl_defaults(Path(args._data), Path(args._base_dir), Path(args._out), args.steps, on_cuda)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["threads"] = torch.get_num_threads()
     if on_cuda:
@@ -173,20 +176,21 @@ def _project(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _trl_defaults(args: argparse.Namespace, on_cuda: bool) -> dict[str, Any]:
+def run_trl_defaults(data_dir: Path, base_dir: Path, out_dir: Path, steps: int, on_cuda: bool) -> dict[str, Any]:
+    """`steps` of SFTTrainer with trl's defaults (a full fine-tune) on `data_dir`'s training rows."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from training.dataset import TRAIN_FILE, read_rows
 
-    rows = read_rows(Path(args._data) / TRAIN_FILE)
+    rows = read_rows(data_dir / TRAIN_FILE)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     # trl's defaults, except how long to run, no tracker and no checkpoint; use_cpu is required on a
     # CPU-only machine, where the default bf16 otherwise refuses to start.
     config = SFTConfig(
-        output_dir=args._out, max_steps=args.steps, report_to="none", save_strategy="no", use_cpu=not on_cuda
+        output_dir=str(out_dir), max_steps=steps, report_to="none", save_strategy="no", use_cpu=not on_cuda
     )
-    trainer = SFTTrainer(model=args._base_dir, args=config, train_dataset=dataset)
+    trainer = SFTTrainer(model=str(base_dir), args=config, train_dataset=dataset)
     output = trainer.train()
     tokens = max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)
     tokens = tokens or trainer._total_train_tokens  # logged only every logging_steps
@@ -197,7 +201,7 @@ def _trl_defaults(args: argparse.Namespace, on_cuda: bool) -> dict[str, Any]:
         "dtype": "bf16 autocast" if config.bf16 else "fp32",
         "checkpointing": bool(config.gradient_checkpointing),
         "batch": config.per_device_train_batch_size,
-        "steps": args.steps,
+        "steps": steps,
         "tokens": int(tokens),
         "runtime_s": round(runtime, 2),
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,

@@ -2,9 +2,13 @@
 
 Loss is on the completion only (the preferred answer), never on the prompt the proxy sent. On CUDA
 the base runs in bf16 with gradient checkpointing, optionally quantised to 4 bits (bitsandbytes,
-imported only then); on CPU the frozen base is bf16 where the CPU multiplies bf16 natively (1.6x
-faster per step than fp32 on AVX512-BF16), else fp32. The LoRA weights stay fp32 (peft's default).
-Runs are seeded.
+the `gpu` extra, imported only then); the rows of a step are split into as many micro-batches as
+the free GPU memory needs (training.batching), and with a FlashAttention kernel installed they are
+packed without padding (trl's best-fit-decreasing packing: several rows per sequence of up to
+MAX_LENGTH tokens, so `batch_size` then counts packed sequences). On CPU the frozen base is bf16
+where the CPU multiplies bf16 natively (1.6x faster per step than fp32 on AVX512-BF16), else fp32,
+and batches are padded (trl's padding-free path needs FlashAttention). The LoRA weights stay fp32
+(peft's default). Runs are seeded.
 
 The adapter is saved under a versioned name that is never reused,
 `<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks such as vLLM cache adapter weights by
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from store.db import Database
+from training.batching import BatchPlan, ModelShape, plan_batch
 from training.dataset import CARD_FILE, HOLDOUT_FILE, TRAIN_FILE, DatasetCard, read_rows
 from training.evaluate import (
     METRICS_FILE,
@@ -34,6 +39,7 @@ from training.evaluate import (
     load_causal_lm,
     load_tokenizer,
     perplexity,
+    release_memory,
 )
 from training.registry import AdapterNameTaken, adapter_name, name_taken, register_adapter
 
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LENGTH = 1024
+DEFAULT_MAX_STEPS = 60
 
 
 @dataclass
@@ -57,7 +64,8 @@ def train_lora(
     *,
     base_model_dir: Path,
     base_name: str | None = None,
-    max_steps: int = 60,
+    max_steps: int | None = None,
+    epochs: float | None = None,
     learning_rate: float = 2e-4,
     batch_size: int = 4,
     lora_r: int = 16,
@@ -65,12 +73,18 @@ def train_lora(
     load_in_4bit: bool = False,
     db: Database | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `data_dir`/train.jsonl and save it under `out_root`/<versioned name>."""
+    """Train a LoRA adapter on `data_dir`/train.jsonl and save it under `out_root`/<versioned name>.
+
+    Trains for `max_steps` optimizer steps or for `epochs` passes over the rows; when both are
+    given `max_steps` wins (as in transformers, where max_steps > 0 overrides num_train_epochs);
+    with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step.
+    """
     import torch
     from peft import LoraConfig
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    schedule = _schedule(max_steps, epochs)
     started = time.perf_counter()
     data_dir, out_root = Path(data_dir), Path(out_root)
     # The base's directory name is its served name (the default is converted into a directory named
@@ -88,22 +102,29 @@ def train_lora(
     work_dir = out_root / f".{name}.partial"
     work_dir.mkdir()  # fails if a concurrent run claimed the same name
 
+    # The process may have run other stages before (the flow builds the dataset first): whether the
+    # process's peak RSS grew while training says whose peak the metrics report.
+    peak_before = _lifetime_peak_rss_mb()
     try:
         device, dtype = device_and_dtype()
         on_cuda = device.type == "cuda"
+        plan = BatchPlan(per_device=batch_size, accumulation=1)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
+            plan = _cuda_batch_plan(base_model_dir, batch_size, lora_r, load_in_4bit)
+        attention = _padding_free_attention(on_cuda)
         set_seed(seed)
         tokenizer = load_tokenizer(base_model_dir)
-        model = _load_base(base_model_dir, device, dtype, load_in_4bit)
+        model = _load_base(base_model_dir, device, dtype, load_in_4bit, attention)
         model.eval()
         with torch.inference_mode():
             base_loss, holdout_tokens = _holdout_loss(model, tokenizer, holdout_rows)
 
         config = SFTConfig(
             output_dir=str(work_dir / "trainer"),
-            max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
+            **schedule,
+            per_device_train_batch_size=plan.per_device,
+            gradient_accumulation_steps=plan.accumulation,
             learning_rate=learning_rate,
             lr_scheduler_type="cosine",
             warmup_steps=0.1,
@@ -120,6 +141,8 @@ def train_lora(
             activation_checkpointing=on_cuda,
             completion_only_loss=True,
             max_length=MAX_LENGTH,
+            # Padding-free batches need a FlashAttention kernel: elsewhere rows are padded.
+            **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if attention else {}),
             disable_tqdm=False,
         )
         trainer = SFTTrainer(
@@ -144,9 +167,13 @@ def train_lora(
         trained.save_pretrained(str(work_dir))
         tokenizer.save_pretrained(str(work_dir))
         shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+        log_history, train_output = trainer.state.log_history, output.metrics
+        # Nothing of the model may outlive this call: the offline gate loads its own copy next.
+        del trainer, trained, model, output
+        release_memory()
         metrics = _metrics(
-            trainer.state.log_history,
-            output.metrics,
+            log_history,
+            train_output,
             name=name,
             base_name=base_name,
             base_model_dir=base_model_dir,
@@ -155,9 +182,14 @@ def train_lora(
             rows=(len(train_rows), len(holdout_rows)),
             holdout=(base_loss, adapter_loss, holdout_tokens),
             params={
-                "max_steps": max_steps,
+                "max_steps": schedule["max_steps"],
+                "epochs": schedule.get("num_train_epochs"),
                 "learning_rate": learning_rate,
                 "batch_size": batch_size,
+                "per_device_batch_size": plan.per_device,
+                "gradient_accumulation_steps": plan.accumulation,
+                "packing": attention is not None,
+                "attention": attention or "default",
                 "lora_r": lora_r,
                 "lora_alpha": 2 * lora_r,
                 "lora_targets": LORA_TARGETS,
@@ -169,6 +201,7 @@ def train_lora(
                 "max_length": MAX_LENGTH,
             },
             on_cuda=on_cuda,
+            peak_before_mb=peak_before,
             wall_time_s=time.perf_counter() - started,
         )
         (work_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -200,15 +233,72 @@ def dataset_hash(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool) -> Any:
+def _schedule(max_steps: int | None, epochs: float | None) -> dict[str, Any]:
+    """SFTConfig's length of training: steps, or epochs when only they are given."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    if epochs is not None and epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if max_steps is None and epochs is not None:
+        return {"max_steps": -1, "num_train_epochs": float(epochs)}
+    if epochs is not None:
+        log.warning("both max_steps (%d) and epochs (%s) given: max_steps wins", max_steps, epochs)
+    return {"max_steps": max_steps if max_steps is not None else DEFAULT_MAX_STEPS}
+
+
+def _cuda_batch_plan(base_model_dir: Path, batch_size: int, lora_r: int, load_in_4bit: bool) -> BatchPlan:
+    """Per-device batch and accumulation for `batch_size` rows per step, from the GPU's free memory."""
+    import torch
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir)))
+    free_bytes, _total = torch.cuda.mem_get_info()
+    plan = plan_batch(
+        free_bytes,
+        params=shape.params,
+        seq_len=MAX_LENGTH,
+        target_batch=batch_size,
+        bytes_per_token=shape.activation_bytes_per_token(dtype_bytes=2, checkpointing=True),
+        weight_bytes=0.55 if load_in_4bit else 2.0,  # NF4 with double-quantised scales; bf16
+        trainable_params=shape.lora_params(lora_r),
+    )
+    log.info(
+        "CUDA batch: %d rows per pass x %d accumulation (%.1f GiB free)",
+        plan.per_device,
+        plan.accumulation,
+        free_bytes / 2**30,
+    )
+    return plan
+
+
+def _padding_free_attention(on_cuda: bool) -> str | None:
+    """The attention kernel that makes padding-free (packed) batches correct, if there is one.
+
+    Packed rows are told apart only by their position ids, which FlashAttention's variable-length
+    kernels honour and SDPA or eager attention ignore (rows would attend to each other). There is
+    none on CPU, nor on CUDA without the flash-attn package; then batches stay padded.
+    """
+    if not on_cuda:
+        return None
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if is_flash_attn_3_available():
+        return "flash_attention_3"
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
+
+
+def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool, attention: str | None) -> Any:
+    extra = {"attn_implementation": attention} if attention else {}
     if not load_in_4bit:
-        return load_causal_lm(base_model_dir, device=device, dtype=dtype)
+        return load_causal_lm(base_model_dir, device=device, dtype=dtype, **extra)
     if device.type != "cuda":
         raise ValueError("load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead")
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it importable for 4-bit loading)
     except ImportError as exc:
-        raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from exc
+        raise ImportError("load_in_4bit needs bitsandbytes: pip install 'abloop[gpu]'") from exc
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -218,7 +308,7 @@ def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0})
+    model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0}, **extra)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
@@ -251,6 +341,7 @@ def _metrics(
     holdout: tuple[float | None, float | None, int],
     params: dict[str, Any],
     on_cuda: bool,
+    peak_before_mb: float,
     wall_time_s: float,
 ) -> dict[str, Any]:
     import torch
@@ -262,8 +353,10 @@ def _metrics(
     if on_cuda:
         peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
     else:
-        # ru_maxrss is in KiB on Linux.
-        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+        peak_mb = _lifetime_peak_rss_mb()
+        # "rss": training set the process's peak, so it is training's own; otherwise an earlier stage
+        # of this process peaked higher and training's own peak is at most this.
+        peak_kind = "rss" if peak_mb > peak_before_mb else "rss_process_lifetime"
     return {
         "name": name,
         "base_model": base_name,
@@ -290,6 +383,12 @@ def _metrics(
         "wall_time_s": round(wall_time_s, 2),
         "versions": _versions(),
     }
+
+
+def _lifetime_peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux. Not reset on purpose: /proc/self/clear_refs would also wipe the
+    # peak that tools outside the process (time -v, wait4) read.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,308 @@
+"""Training on a GPU (issue 15): the project's LoRA trainer against trl's defaults, same data, three model sizes.
+
+The models are Llama-architecture decoders of the SmolLM2 family's sizes (135M, 360M, 1.7B), built
+from their configurations (below) with random weights and the SmolLM2 tokenizer: throughput and
+memory depend on the shapes, not on the weights, and nothing has to be downloaded. The data is a
+SIMULATED house-style dataset (`abloop.simulate`, one passage per prompt), the same for every run.
+
+Per size and configuration it prints tokens/s (the non-padding tokens the trainer saw / its train
+runtime), step time (train runtime / steps, the first steps' warm-up included), peak GPU memory
+(`torch.cuda.max_memory_allocated`; process RSS on CPU) and model FLOPs utilisation:
+
+    MFU = tokens/s x FLOPs per token / (--peak-tflops x 1e12)
+    project (LoRA)            FLOPs per token = 2N (forward) + 2N (backward: activation gradients
+                              through the frozen weights, no weight gradients for them) + 6 N_lora
+                              (the adapters' forward, activation and weight gradients) = 4N + 6N_lora
+    trl-defaults (full FT)    FLOPs per token = 6N
+
+N is the model's parameters (tied embeddings counted once: they are also the LM head's matmul),
+N_lora the adapters' (rank 16 on q, k, v, o, gate, up, down). Attention's sequence-squared term and
+the forward recomputed by activation checkpointing are not counted: model FLOPs, not hardware
+FLOPs. The "6N label" column is the usual dense-training figure, 6N x tokens/s / peak, shown for
+comparison only: for LoRA it overstates the work done by 6N / (4N + 6N_lora), about 1.5x.
+
+Each size is built, and each configuration trained, in its own subprocess (peak memory is its own).
+
+    python bench/gpu_train.py --peak-tflops 989                        # H100/H200 SXM (dense bf16); ~5 min
+    python bench/gpu_train.py --device cpu --sizes 135M --steps 2      # smoke test on CPU (a few minutes)
+
+Configurations:
+  project       training.train.train_lora as `abloop train` runs it: LoRA r=16 on all linear layers,
+                completion-only loss, bf16 + activation checkpointing on CUDA, `--batch` rows per step
+                (micro-batches sized to the free GPU memory; packed without padding when a
+                FlashAttention kernel is installed).
+  trl-defaults  SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
+                defaults (fp32 weights, bf16 autocast, activation checkpointing, batch 8, padded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script from anywhere: the repository root must win over any stale editable-install mapping.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from store.config import OFFLINE_ENV  # noqa: E402
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+CONFIGS = ("project", "trl-defaults")
+VOCAB = 49152  # the SmolLM2 tokenizer's
+# The SmolLM2 family's shapes (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}): LlamaConfig fields.
+SIZES: dict[str, dict[str, Any]] = {
+    "135M": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+    },
+    "360M": {
+        "hidden_size": 960,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "intermediate_size": 2560,
+    },
+    "1.7B": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 8192,
+    },
+}
+
+
+def llama_config(size: str, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SIZES[size],
+    )
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args._build:
+        _build_model(args)
+        return
+    if args._run:
+        print("RESULT " + json.dumps(_run(args)), flush=True)
+        return
+    from bench.train_throughput import build_data
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        raise SystemExit(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
+    load_before, started = os.getloadavg(), time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="abloop-gpu-train-") as scratch:
+        data_dir = build_data(Path(scratch), args.rows, args.seed)
+        for size in sizes:
+            model_dir = Path(scratch) / f"llama-{size}"
+            _spawn(["--_build", size, "--_out", str(model_dir)], args, f"build {size}")
+            for config in CONFIGS:
+                worker = [
+                    "--_run",
+                    config,
+                    "--_data",
+                    str(data_dir),
+                    "--_base_dir",
+                    str(model_dir),
+                    "--_out",
+                    str(Path(scratch) / f"{size}-{config}"),
+                ]
+                results.append({"size": size, **_spawn(worker, args, f"{size} {config}")})
+            _remove(model_dir)
+    print(_table(results, args, (load_before, os.getloadavg()), time.perf_counter() - started))
+    print("\ncommand: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    parser.add_argument("--batch", type=int, default=None, help="the project's rows per step (default: its own, 4)")
+    parser.add_argument("--rows", type=int, default=120, help="simulated searches to build the dataset from")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the accelerator's peak dense bf16 TFLOP/s, for MFU (H100/H200 SXM: 989)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--_build", choices=tuple(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--_run", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--_data", help=argparse.SUPPRESS)
+    parser.add_argument("--_base_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--_out", help=argparse.SUPPRESS)
+    return parser
+
+
+def _spawn(worker_args: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        *worker_args,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+    ]
+    if args.batch:
+        command += ["--batch", str(args.batch)]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        return {"config": worker_args[1], "error": f"exit {done.returncode}"}
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else {}
+
+
+def _build_model(args: argparse.Namespace) -> None:
+    """A randomly initialised model of `args._build`'s shape, saved in bf16 with the SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from serving.model import resolve_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model("default")))
+    torch.manual_seed(args.seed)
+    device = "cuda" if args.device == "cuda" else "cpu"
+    with torch.device(device):  # initialising 1.7B parameters on the GPU takes a second, on CPU a minute
+        model = LlamaForCausalLM(llama_config(args._build, tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(args._out)
+    tokenizer.save_pretrained(args._out)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig
+
+    from bench.train_throughput import run_trl_defaults
+    from training.batching import ModelShape
+
+    on_cuda = args.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible (use --device cpu for the smoke test)")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    data, base, out = Path(args._data), Path(args._base_dir), Path(args._out)
+    if args._run == "project":
+        result = _project(data, base, out, args)
+    else:
+        result = run_trl_defaults(data, base, out, args.steps, on_cuda)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base)))
+    result["n_params"] = shape.params
+    result["n_lora"] = shape.lora_params(result.pop("lora_r")) if "lora_r" in result else 0
+    if on_cuda:
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["device_name"] = torch.cuda.get_device_name()
+    else:
+        result["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["device_name"] = f"CPU, {torch.get_num_threads()} torch thread(s)"
+    return result
+
+
+def _project(data: Path, base: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from training.train import train_lora
+
+    run = train_lora(
+        data,
+        out,
+        base_model_dir=base,
+        max_steps=args.steps,
+        seed=args.seed,
+        **({"batch_size": args.batch} if args.batch else {}),
+    )
+    m, p = run.metrics, run.metrics["params"]
+    return {
+        "config": "project",
+        "mode": f"LoRA r={p['lora_r']}" + (", packed" if p["packing"] else ""),
+        "dtype": p["dtype"],
+        "checkpointing": p["gradient_checkpointing"],
+        "batch": f"{p['per_device_batch_size']}x{p['gradient_accumulation_steps']}",
+        "steps": args.steps,
+        "tokens": m["train_tokens"],
+        "runtime_s": m["train_runtime_s"],
+        "tokens_per_s": m["tokens_per_s"],
+        "lora_r": p["lora_r"],
+    }
+
+
+def flops_per_token(config: str, n_params: int, n_lora: int) -> int:
+    """Model FLOPs per trained token (see the module docstring)."""
+    return 4 * n_params + 6 * n_lora if config == "project" else 6 * n_params
+
+
+def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple, wall_s: float) -> str:
+    header = (
+        "| size | N params | config | mode | dtype | act. ckpt | batch | steps | train tokens | tokens/s "
+        "| step s | peak mem (MB) | FLOPs/token | MFU | 6N label |"
+    )
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    for r in results:
+        if "error" in r or not r.get("tokens_per_s"):
+            lines.append(
+                f"| {r['size']} | | {r.get('config', '?')} | failed: {r.get('error', 'no result')} |"
+                + " |" * (columns - 4)
+            )
+            continue
+        per_token = flops_per_token(r["config"], r["n_params"], r["n_lora"])
+        mfu = label = "n/a (CPU)" if args.device == "cpu" else "pass --peak-tflops"
+        if args.device == "cuda" and args.peak_tflops:
+            peak = args.peak_tflops * 1e12
+            mfu = f"{r['tokens_per_s'] * per_token / peak:.1%}"
+            label = f"{r['tokens_per_s'] * 6 * r['n_params'] / peak:.1%}"
+        formula = "4N+6N_lora" if r["config"] == "project" else "6N"
+        lines.append(
+            f"| {r['size']} | {r['n_params'] / 1e6:,.1f}M | {r['config']} | {r['mode']} | {r['dtype']} "
+            f"| {'on' if r['checkpointing'] else 'off'} | {r['batch']} | {r['steps']} | {r['tokens']} "
+            f"| {r['tokens_per_s']:,.0f} | {r['runtime_s'] / r['steps']:.3f} | {r['peak_memory_mb']:,.0f} "
+            f"| {formula} = {per_token / 1e9:.2f} GFLOP | {mfu} | {label} |"
+        )
+    device = next((r["device_name"] for r in results if "device_name" in r), args.device)
+    peak = f"peak {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "no --peak-tflops"
+    return (
+        f"\nLlama-architecture models of the SmolLM2 family's sizes (random weights) on {device}; {peak}; "
+        f"load average (1 min) before / after: {loads[0][0]:.2f} / {loads[1][0]:.2f}; "
+        f"whole run {wall_s:.0f} s\n\n" + "\n".join(lines)
+    )
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a 1.7B model is 3.4 GB on disk
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The CPU training path gives the losses it gave before the CUDA path was added, and `--epochs` works.
+
+REFERENCE was computed with the code before the change (fp32, one torch thread, the tiny random Llama
+of conftest, the dataset below): padding, batch size, schedule and seeds must stay as they were.
+"""
+
+import json
+import math
+from datetime import UTC, datetime
+
+import pytest
+
+from abloop.simulate import simulate_traffic
+from store.db import Database
+from tests.training.conftest import BagOfWordsEncoder
+from training.dataset import TRAIN_FILE, build_dataset, read_rows
+from training.train import train_lora
+
+pytestmark = pytest.mark.slow
+
+REFERENCE = {
+    "curve": [10.8162260055542, 10.801482200622559, 10.830621719360352, 10.82484245300293],
+    "loss_base": 10.83005629785803,
+    "loss_adapter": 10.801828144401904,
+    "train_tokens": 1376,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    db = Database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'store.db'}")
+    db.migrate()
+    simulate_traffic(db, n_queries=60, seed=1, now=datetime(2026, 1, 15, tzinfo=UTC))
+    out = tmp_path_factory.mktemp("data")
+    build_dataset(db, out, embedder=BagOfWordsEncoder(), holdout_fraction=0.2, since=datetime(2026, 1, 1, tzinfo=UTC))
+    db.dispose()
+    return out
+
+
+@pytest.fixture
+def fp32(monkeypatch):
+    """fp32 whatever the CPU: the reference must not depend on whether this CPU has native bf16."""
+    import torch
+
+    monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cpu"), torch.float32))
+
+
+def test_cpu_losses_match_the_reference(data_dir, tiny_model_dir, tmp_path, fp32):
+    run = train_lora(
+        data_dir,
+        tmp_path,
+        base_model_dir=tiny_model_dir,
+        max_steps=4,
+        batch_size=2,
+        lora_r=4,
+        seed=0,
+        learning_rate=3e-3,
+    )
+    curve = [point["loss"] for point in run.metrics["train_loss_curve"]]
+    assert curve == pytest.approx(REFERENCE["curve"], rel=1e-4)
+    assert run.metrics["holdout"]["loss_base"] == pytest.approx(REFERENCE["loss_base"], rel=1e-4)
+    assert run.metrics["holdout"]["loss_adapter"] == pytest.approx(REFERENCE["loss_adapter"], rel=1e-4)
+    assert run.metrics["train_tokens"] == REFERENCE["train_tokens"]  # padded batches of 2, nothing packed
+    params = run.metrics["params"]
+    assert (params["per_device_batch_size"], params["gradient_accumulation_steps"]) == (2, 1)
+    assert params["packing"] is False and params["attention"] == "default"
+
+
+def test_packed_batches_when_a_flash_attention_kernel_is_there(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    # No FlashAttention on CPU: SDPA stands in so that trl's packing path runs. It lets packed rows
+    # attend to each other, so only the wiring is under test here, not the losses.
+    monkeypatch.setattr("training.train._padding_free_attention", lambda on_cuda: "sdpa")
+    run = train_lora(data_dir, tmp_path, base_model_dir=tiny_model_dir, max_steps=2, batch_size=2, lora_r=4)
+    params = run.metrics["params"]
+    assert params["packing"] is True and params["attention"] == "sdpa"
+    assert len(run.metrics["train_loss_curve"]) == 2
+    # A packed sequence holds several rows: two per step carry far more than two padded rows' tokens.
+    padded_row_tokens = REFERENCE["train_tokens"] / 8  # 4 steps x 2 rows
+    assert run.metrics["train_tokens"] / 2 > 2 * 2 * padded_row_tokens
+
+
+def test_epochs_train_whole_passes(data_dir, tiny_model_dir, tmp_path):
+    rows = len(read_rows(data_dir / TRAIN_FILE))
+    run = train_lora(data_dir, tmp_path, base_model_dir=tiny_model_dir, epochs=1, batch_size=4, lora_r=4)
+    assert [p["step"] for p in run.metrics["train_loss_curve"]] == list(range(1, math.ceil(rows / 4) + 1))
+    assert run.metrics["params"]["epochs"] == 1.0 and run.metrics["params"]["max_steps"] == -1
+
+
+def test_max_steps_wins_over_epochs(data_dir, tiny_model_dir, tmp_path):
+    run = train_lora(data_dir, tmp_path, base_model_dir=tiny_model_dir, max_steps=2, epochs=5, batch_size=4, lora_r=4)
+    assert [p["step"] for p in run.metrics["train_loss_curve"]] == [1, 2]
+    assert run.metrics["params"]["max_steps"] == 2 and run.metrics["params"]["epochs"] is None
+
+
+@pytest.mark.parametrize("schedule", [{"max_steps": 0}, {"epochs": 0}, {"epochs": -1.5}])
+def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(data_dir, tmp_path, schedule):
+    with pytest.raises(ValueError, match="max_steps|epochs"):
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tmp_path / "unused", **schedule)
+    assert not (tmp_path / "out").exists()
+
+
+def test_abloop_train_epochs(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from abloop.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    main(
+        [
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "adapters"),
+            "--base",
+            str(tiny_model_dir),
+            "--epochs",
+            "0.5",
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    rows = len(read_rows(data_dir / TRAIN_FILE))
+    assert len(printed["metrics"]["train_loss_curve"]) == math.ceil(math.ceil(rows / 4) * 0.5)
+    assert printed["metrics"]["params"]["epochs"] == 0.5
