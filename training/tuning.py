@@ -203,14 +203,13 @@ def _candidate(event: SearchEvent, feedback: list[Feedback], min_rating: int) ->
     positive = "up" in thumbs or any(r >= min_rating for r in ratings)
     if not answer or corrected or negative or not positive:
         return None
-    ts = event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=UTC)
     return TuningCandidate(
         event_id=event.id,
         question=redact_text(event.query),
         answer=redact_text(answer),
         rating=max(ratings) if ratings else None,
         thumbs="up" if "up" in thumbs else None,
-        ts=ts,
+        ts=event.ts,  # UTC-aware on every backend (store.types.UTCDateTime)
         simulated=(event.user_id or "").startswith(SIMULATED_USER_PREFIX),
     )
 

@@ -102,3 +102,33 @@ def admin_headers() -> dict[str, str]:
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def index_documents():
+    """The documents of a module's index; modules that use `index_dir` define their own."""
+    raise NotImplementedError("define an `index_documents` fixture in the test module")
+
+
+@pytest.fixture(scope="module")
+def built_index(tmp_path_factory, index_documents):
+    """The module's index, embedded once (real sentence-transformers and FAISS)."""
+    from retrieval.build import build_index
+    from retrieval.embedder import Embedder
+    from retrieval.index import IndexStore
+    from store.config import default_embedding_model
+
+    root = tmp_path_factory.mktemp("index")
+    build_index(index_documents, Embedder(default_embedding_model()), IndexStore(root))
+    return root
+
+
+@pytest.fixture
+def index_dir(tmp_path, built_index):
+    """A fresh copy of the module's index for one test (tests add pages to it)."""
+    import shutil
+
+    target = tmp_path / "index"
+    shutil.copytree(built_index, target)
+    return target
+

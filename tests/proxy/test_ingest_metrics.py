@@ -4,18 +4,14 @@ failed extraction that still ingests, and the ingestion / index series in /metri
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from retrieval.build import build_index
 from retrieval.corpus import Document
-from retrieval.embedder import Embedder
 from retrieval.index import IndexStore
 from serving.stub import running_stub
-from store.config import default_embedding_model
 from tests.proxy.conftest import dead_url, fake_web, make_settings, running_proxy
 
 LABELS = {"title": "Python's walrus operator", "tags": ["python", "assignment expressions"], "category": "programming"}
@@ -47,17 +43,8 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture(scope="module")
-def built_index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    build_index(DOCUMENTS, Embedder(default_embedding_model()), IndexStore(root))
-    return root
-
-
-@pytest.fixture
-def index_dir(tmp_path, built_index):
-    target = tmp_path / "index"
-    shutil.copytree(built_index, target)
-    return target
+def index_documents():
+    return DOCUMENTS
 
 
 @pytest.fixture(scope="module")

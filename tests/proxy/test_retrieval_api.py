@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import httpx
 import pytest
 
-from retrieval.build import build_index
 from retrieval.corpus import Document
-from retrieval.embedder import Embedder
 from retrieval.index import IndexStore
-from store.config import default_embedding_model
 from tests.proxy.conftest import fake_web, make_settings, running_proxy
 
 pytestmark = pytest.mark.slow
@@ -29,17 +25,8 @@ It assigns a value to a name inside a larger expression, such as a while loop co
 
 
 @pytest.fixture(scope="module")
-def built_index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    build_index(DOCUMENTS, Embedder(default_embedding_model()), IndexStore(root))
-    return root
-
-
-@pytest.fixture
-def index_dir(tmp_path, built_index):
-    target = tmp_path / "index"
-    shutil.copytree(built_index, target)
-    return target
+def index_documents():
+    return DOCUMENTS
 
 
 def _public_page_transport() -> httpx.MockTransport:
