@@ -126,6 +126,11 @@ class BatchingEmbedder:
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
 
+    @property
+    def queued(self) -> int:
+        """Texts waiting for the next batch (not counting the batch being embedded)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     async def start(self) -> None:
         if self.running:
             return

@@ -73,7 +73,9 @@ async def test_an_exception_fails_only_its_own_batch() -> None:
         await asyncio.to_thread(gated.entered.wait, 10)
         # These queue up while the failing batch runs, so they form the next batch.
         rest = [asyncio.ensure_future(batcher.embed(f"ok {i}")) for i in range(5)]
-        await asyncio.sleep(0.05)
+        # One turn of the loop runs each new task up to its wait (asyncio runs ready tasks in order).
+        await asyncio.sleep(0)
+        assert batcher.queued == 5
         gated.release.set()
         with pytest.raises(RuntimeError, match="exploded"):
             await first
@@ -93,6 +95,7 @@ async def test_stop_fails_pending_callers_instead_of_hanging() -> None:
     await asyncio.to_thread(gated.entered.wait, 10)
     queued = [asyncio.ensure_future(batcher.embed(f"queued {i}")) for i in range(3)]
     await asyncio.sleep(0)
+    assert batcher.queued == 3
     await batcher.stop()
     gated.release.set()
     for future in [in_flight, *queued]:
@@ -112,6 +115,7 @@ async def test_cancelled_callers_are_skipped(hash_embedder) -> None:
         gone = asyncio.ensure_future(batcher.embed("gone"))
         kept = asyncio.ensure_future(batcher.embed("kept"))
         await asyncio.sleep(0)
+        assert batcher.queued == 2
         gone.cancel()
         gated.release.set()
         await first
