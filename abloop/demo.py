@@ -186,7 +186,8 @@ class _Loop:
             model = httpx.get(f"{self.model_base}/models", timeout=30).json()["data"][0]["id"]
             proxy_env = env | {"LLM_API_BASE": self.model_base, "LLM_MODEL": model, "ADMIN_TOKEN": self.admin_token,
                                "OMP_NUM_THREADS": "1"}
-            with _background("proxy", [*_cli(), "proxy", "--port", str(ports[1])], proxy_env,
+            # One worker: the model server needs the other core more than the proxy does.
+            with _background("proxy", [*_cli(), "proxy", "--port", str(ports[1]), "--workers", "1"], proxy_env,
                              f"{self.proxy_url}/readyz", logs):
                 stage.done(f"{model} serves control; no candidate yet")
                 warmup = self.simulate("warm-up", self.config.warmup_users)

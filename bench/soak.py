@@ -143,7 +143,7 @@ class Cluster:
         log_name = self._log_name(name)
         # cwd is the replica's own directory so that no .env of the repository leaks in.
         proc = self.procs.start(log_name, [ABLOOP, "proxy", "--host", "127.0.0.1", "--port", str(port),
-                                           "--log-level", "warning"], env=env, cwd=work)
+                                           "--workers", "1", "--log-level", "warning"], env=env, cwd=work)
         self.servers[name] = proc
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, self.procs, log_name, 180)
 
