@@ -33,11 +33,81 @@ def _db():
     return db
 
 
+def _usable_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _default_workers() -> int:
+    """WEB_CONCURRENCY when set (the variable uvicorn and gunicorn read), else one worker per usable core."""
+    import os
+
+    value = os.environ.get("WEB_CONCURRENCY")
+    if not value:
+        return _usable_cores()
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"abloop proxy: WEB_CONCURRENCY must be a whole number, not {value!r}") from None
+
+
+def _start_workers(workers: int) -> str:
+    """Make ready the parent of several workers; returns the app factory the workers load.
+
+    The store is migrated here, once, not by every worker; the workers' metrics go to one directory
+    that /metrics reads whole (proxy/metrics.py).
+    """
+    import os
+
+    _db().dispose()
+    metrics_dir = _metrics_dir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in each worker
+    logging.getLogger("abloop.proxy").info("%d workers; store migrated; metrics of all workers in %s",
+                                           workers, metrics_dir)
+    return "proxy.app:create_worker_app"
+
+
+def _metrics_dir() -> str:
+    """PROMETHEUS_MULTIPROC_DIR for the workers: the operator's, emptied of an earlier server's files (as
+    prometheus_client requires), else a fresh temporary directory removed when this process exits."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        path = tempfile.mkdtemp(prefix="abloop-metrics-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path
+    Path(given).mkdir(parents=True, exist_ok=True)
+    for stale in Path(given).glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return given
+
+
 def cmd_proxy(args: argparse.Namespace) -> None:
+    import os
+
     import uvicorn
 
-    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=False)
+    if args.workers is None:
+        args.workers = _default_workers()
+    if args.workers < 1:
+        raise SystemExit("abloop proxy: --workers must be at least 1")
+    # proxy/ratelimit.py splits each user's budget between the workers (without REDIS_URL).
+    os.environ["WEB_CONCURRENCY"] = str(args.workers)
+    if args.workers == 1:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # one process: its own registry, no shared files
+        app = "proxy.app:create_app"
+    else:
+        app = _start_workers(args.workers)
+    uvicorn.run(app, factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, access_log=False, log_config=_log_config(args))
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
@@ -207,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = add("proxy", cmd_proxy, "Run the A/B serving proxy.")
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8000)
-    proxy.add_argument("--workers", type=int, default=1)
+    proxy.add_argument("--workers", type=int, help="processes (default: $WEB_CONCURRENCY, else one per usable core)")
     proxy.add_argument("--log-level", default="info")
 
     index = sub.add_parser("index", help="Manage the retrieval index.").add_subparsers(dest="action", required=True)
@@ -284,14 +354,26 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Migrations run on every start and httpx logs every upstream call: noise, and on the
-    # request path a measurable cost (bench/proxy_overhead.py).
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    for chatty in ("httpx", "faiss.loader", "sentence_transformers"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from store.logs import configure_logging
+    from store.tracing import configure_tracing
+
+    configure_logging(**_logging_options(args))
+    configure_tracing(f"abloop-{args.command}")  # exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     args.handler(args)
+
+
+def _logging_options(args: argparse.Namespace) -> dict[str, Any]:
+    """LOG_FORMAT, LOG_LEVEL (DEBUG with -v), and every configured secret, kept out of the lines (store.logs)."""
+    settings = _settings()
+    return {"format": settings.log_format, "level": "DEBUG" if args.verbose else settings.log_level,
+            "secrets": settings.secret_values()}
+
+
+def _log_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The same setup for uvicorn (`log_config=`): its own loggers and every worker process log through it."""
+    from store.logs import logging_config
+
+    return logging_config(**_logging_options(args))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ and prints a markdown table with the latency each proxy adds over the direct cal
 of each row's requests/s to LiteLLM's. The issue's goal: the abloop proxy (retrieval off) serves
 >= 5x LiteLLM's requests/s and adds <= 1 ms p50 latency.
 
+`--workers 1,2` runs each abloop proxy once per worker count (`abloop proxy --workers N`), all in
+the same run, and adds a table of requests/s, added p50 latency, CPU and memory per worker count,
+with each row's requests/s as a ratio of the first count's.
+
 Run from the repository root with the project venv:
 
     .venv/bin/python bench/proxy_overhead.py [--duration 10] [--skip-litellm] [--skip-retrieval]
-                                             [--index-dir DIR] [--repeat N] [--out FILE]
+                                             [--workers 1,2] [--index-dir DIR] [--repeat N] [--out FILE]
 
 The load generator is wrk (`apt-get install -y wrk`); without it the script falls back to a
 built-in asyncio HTTP/1.1 generator, which saturates around a few thousand requests/s on one core
@@ -34,6 +38,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -250,6 +255,28 @@ def group_cpu_s(pgid: int | None) -> float:
     return ticks / _CLK_TCK
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def group_rss_mb(pgid: int | None) -> float:
+    """Resident memory (MB) of every live process in a process group: a server's parent and workers."""
+    if pgid is None or not os.path.isdir("/proc"):
+        return float("nan")
+    pages = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                pgrp = int(f.read().rsplit(b")", 1)[1].split()[2])
+            if pgrp == pgid:
+                with open(f"/proc/{entry}/statm", "rb") as f:
+                    pages += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return pages * _PAGE_BYTES / 1e6
+
+
 def measure(wrk: str | None, target: Target, concurrency: int, warmup: int, seconds: int) -> Cell:
     """Warm up, then one measured run; adds the server's CPU time per request."""
     if wrk is None:
@@ -435,7 +462,7 @@ def start_index_build(procs: Processes, index_dir: Path, tmp: Path) -> subproces
 
 
 def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path,
-                 extra_env: list[str]) -> subprocess.Popen:
+                 extra_env: list[str], workers: int = 1) -> subprocess.Popen:
     work = tmp / name
     work.mkdir(parents=True, exist_ok=True)
     (work / "spool").mkdir(exist_ok=True)
@@ -455,7 +482,20 @@ def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_d
     env.update(entry.split("=", 1) for entry in extra_env)
     # cwd is the temp dir so that no .env of the repository leaks in (ADMIN_TOKEN stays unset).
     return procs.start(name, [ABLOOP, "proxy", "--host", "127.0.0.1", "--port", str(port),
-                              "--log-level", "warning"], env=env, cwd=work)
+                              "--workers", str(workers), "--log-level", "warning"], env=env, cwd=work)
+
+
+def serving_workers(workers: int) -> Callable[[int, bytes], bool]:
+    """A /metrics answer that counts `workers` workers serving (each publishes `abloop_workers` once started)."""
+    def _ok(status: int, body: bytes) -> bool:
+        found = re.search(rb"^abloop_workers (\S+)$", body, re.MULTILINE)
+        return status == 200 and found is not None and float(found.group(1)) == workers
+    return _ok
+
+
+def abloop_key(retrieval: str, workers: int) -> str:
+    """`abloop_off` / `abloop_on` for one worker (the rows the goals read), `abloop_off_w2` for two, …"""
+    return f"abloop_{retrieval}" + ("" if workers == 1 else f"_w{workers}")
 
 
 def start_litellm(procs: Processes, cli: Path, port: int, stub_base: str, tmp: Path) -> subprocess.Popen:
@@ -593,6 +633,37 @@ def report(args: argparse.Namespace, header: list[str], targets: list[Target], c
 # --------------------------------------------------------------------------------------------
 
 
+def workers_report(workers: list[int], concurrencies: list[int], results: dict[tuple[str, int], Cell],
+                   rss: dict[str, float]) -> str:
+    """1 vs N workers, retrieval off and on: requests/s (and its ratio to the first worker count), latency
+    added over the direct call, server CPU per request and the server's resident memory (all its processes)."""
+    base = workers[0]
+    columns = ["Retrieval", "workers"]
+    for c in concurrencies:
+        columns += [f"c={c} req/s", f"c={c} ÷ {base} worker{'s' if base > 1 else ''}", f"c={c} +p50 ms",
+                    f"c={c} CPU ms/req"]
+    columns.append("RSS MB")
+    lines = [f"## Workers: 1 proxy process vs several (`abloop proxy --workers N`), {os.cpu_count()} cores", "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    for retrieval in ("off", "on"):
+        for count in workers:
+            key = abloop_key(retrieval, count)
+            if (key, concurrencies[0]) not in results:
+                continue
+            row = [retrieval, str(count)]
+            for c in concurrencies:
+                cell, first = results[(key, c)], results.get((abloop_key(retrieval, base), c))
+                direct = results.get(("direct", c))
+                ratio = f"{cell.rps / first.rps:.2f}×" if first and first.rps > 0 else "n/a"
+                row += [f"{cell.rps:,.0f}", ratio, fmt_added(cell.p50_ms - direct.p50_ms) if direct else "n/a",
+                        fmt(cell.cpu_ms, 3)]
+            row.append(fmt(rss.get(key, float("nan")), 0))
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Every worker holds its own embedder and index (RSS); the load generator, the stub and every "
+              "server share the same cores, so N workers cannot give N× here unless cores are left idle by one."]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -603,6 +674,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure every cell N times, interleaved, and report the median (default 1)")
     parser.add_argument("--skip-litellm", action="store_true", help="leave the LiteLLM proxy out")
     parser.add_argument("--skip-retrieval", action="store_true", help="leave the retrieval-on row out")
+    parser.add_argument("--workers", default="1",
+                        help="comma-separated worker counts, one abloop proxy each (default 1; e.g. 1,2)")
     parser.add_argument("--index-dir", type=Path,
                         help="a cached index dir for retrieval on (built there with the pydoc corpus if it has "
                              "none); default: built once into a temp dir")
@@ -616,8 +689,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not args.concurrencies or min(args.concurrencies) < 1 or args.duration < 1 or args.repeat < 1:
-        parser.error("--concurrency, --duration and --repeat must be positive")
+    args.workers = list(dict.fromkeys(int(w) for w in args.workers.split(",") if w.strip()))
+    if (not args.concurrencies or min(args.concurrencies) < 1 or not args.workers or min(args.workers) < 1
+            or args.duration < 1 or args.repeat < 1):
+        parser.error("--concurrency, --workers, --duration and --repeat must be positive")
     if any("=" not in e for e in args.proxy_env):
         parser.error("--proxy-env expects KEY=VALUE")
     return args
@@ -671,12 +746,23 @@ def main(argv: list[str] | None = None) -> int:
             litellm_port = free_port()
             litellm = start_litellm(procs, litellm_cli, litellm_port, stub_base, tmp)
 
-        off_port = free_port()
-        off = start_abloop(procs, "abloop-off", off_port, stub_base, tmp / "index-off", tmp, args.proxy_env)
-        wait_http(f"http://127.0.0.1:{off_port}/healthz", off, procs, "abloop-off", 120)
-        log(f"abloop proxy (retrieval off) on :{off_port}")
+        # One abloop proxy per (retrieval, worker count), all running for the whole run.
+        abloops: dict[str, tuple[int, subprocess.Popen]] = {}
 
-        on_port = None
+        def start_proxy(retrieval: str, workers: int, index: Path) -> None:
+            key, port = abloop_key(retrieval, workers), free_port()
+            name = key.replace("_", "-")
+            proc = start_abloop(procs, name, port, stub_base, index, tmp, args.proxy_env, workers)
+            if retrieval == "on":
+                wait_http(f"http://127.0.0.1:{port}/readyz", proc, procs, name, 300,
+                          ok=lambda status, body: status == 200 and json.loads(body).get("ready") is True)
+            wait_http(f"http://127.0.0.1:{port}/metrics", proc, procs, name, 300, ok=serving_workers(workers))
+            abloops[key] = (port, proc)
+            log(f"abloop proxy (retrieval {retrieval}, {workers} worker(s)) on :{port}")
+
+        for workers in args.workers:
+            start_proxy("off", workers, tmp / "index-off")
+
         if index_dir is not None:
             if build is not None:
                 t0 = time.monotonic()
@@ -685,11 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                 if build.returncode != 0:
                     raise RuntimeError(f"index build failed ({build.returncode}):\n{procs.log_tail('index-build')}")
                 log(f"index built in {time.monotonic() - t0:.0f} s (waited): {procs.log_tail('index-build', 1)}")
-            on_port = free_port()
-            on = start_abloop(procs, "abloop-on", on_port, stub_base, index_dir, tmp, args.proxy_env)
-            wait_http(f"http://127.0.0.1:{on_port}/readyz", on, procs, "abloop-on", 300,
-                      ok=lambda status, body: status == 200 and json.loads(body).get("ready") is True)
-            log(f"abloop proxy (retrieval on) on :{on_port}")
+            for workers in args.workers:
+                start_proxy("on", workers, index_dir)
 
         if litellm is not None:
             wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, procs, "litellm", 300)
@@ -702,13 +785,16 @@ def main(argv: list[str] | None = None) -> int:
         litellm_body = chat_body(LITELLM_MODEL)
         targets = [Target("direct", "direct stub", f"{stub_base}/chat/completions", WRK_CHAT,
                           {"BENCH_BODY": direct_body.decode()}, lambda _w, _n: direct_body, pgid=stub.pid)]
-        targets.append(Target("abloop_off", "abloop proxy, retrieval off",
-                              f"http://127.0.0.1:{off_port}/api/v1/search", WRK_SEARCH, {}, search_body,
-                              pgid=off.pid))
-        if on_port is not None:
-            targets.append(Target("abloop_on", "abloop proxy, retrieval on",
-                                  f"http://127.0.0.1:{on_port}/api/v1/search", WRK_SEARCH, {}, search_body,
-                                  pgid=on.pid))
+        for retrieval in ("off", "on"):
+            for workers in args.workers:
+                if abloop_key(retrieval, workers) not in abloops:
+                    continue
+                port, proc = abloops[abloop_key(retrieval, workers)]
+                label = f"abloop proxy, retrieval {retrieval}" + (
+                    f", {workers} worker{'s' if workers > 1 else ''}" if len(args.workers) > 1 else "")
+                targets.append(Target(abloop_key(retrieval, workers), label,
+                                      f"http://127.0.0.1:{port}/api/v1/search", WRK_SEARCH, {}, search_body,
+                                      pgid=proc.pid))
         if litellm_port is not None:
             targets.append(Target("litellm", "LiteLLM proxy (2 weighted deployments)",
                                   f"http://127.0.0.1:{litellm_port}/v1/chat/completions", WRK_CHAT,
@@ -731,10 +817,10 @@ def main(argv: list[str] | None = None) -> int:
         splits: dict[str, dict[str, int]] = {}
         for target in targets:
             if target.key.startswith("abloop"):
-                splits[target.key] = check(target, search_ok(target.key == "abloop_on"),
+                splits[target.key] = check(target, search_ok(target.key.startswith("abloop_on")),
                                            lambda payload, _h: str(payload.get("arm")),
                                            # the same routing code twice; embedding makes "on" slow
-                                           n=SPLIT_CHECK if target.key == "abloop_off" else 5)
+                                           n=SPLIT_CHECK if target.key.startswith("abloop_off") else 5)
             elif target.key == "litellm":
                 splits[target.key] = check(target, chat_ok,
                                            lambda _p, headers: headers.get("x-litellm-model-id", "?"), n=SPLIT_CHECK)
@@ -755,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
                         f"server CPU {cell.cpu_ms:5.2f} ms/req  errors {cell.errors}")
         results = {key: Cell.median(value) for key, value in samples.items()}
+        rss = {target.key: group_rss_mb(target.pgid) for target in targets if target.key.startswith("abloop")}
     finally:
         procs.stop_all()
         if args.keep_temp:
@@ -779,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}; nproc: {os.cpu_count()}; "
         f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}",
         f"- host: {platform.platform()}, Python {platform.python_version()}",
-        "- abloop: " + ", ".join(f"{k} {v}" for k, v in ours.items()) + "; 1 uvicorn worker; "
+        "- abloop: " + ", ".join(f"{k} {v}" for k, v in ours.items())
+        + f"; uvicorn workers per proxy: {', '.join(map(str, args.workers))}; "
         "2 arms (candidate share 0.1) on the stub",
         ("- LiteLLM: " + f"litellm {theirs.get('litellm')} (its fastapi {theirs.get('fastapi')}, uvicorn "
          f"{theirs.get('uvicorn')}); 1 worker; one model name, 2 deployments weighted 9:1 on the stub")
@@ -795,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy_env:
         header.append("- extra env for the abloop proxies: " + " ".join(f"`{e}`" for e in args.proxy_env))
     text = report(args, header, targets, args.concurrencies, results)
+    if len(args.workers) > 1:
+        text += "\n\n" + workers_report(args.workers, args.concurrencies, results, rss)
     print(text, flush=True)
     if args.out:
         args.out.write_text(text + "\n")

@@ -399,14 +399,18 @@ def save_index(chunks: list[Any], vectors: np.ndarray, index_dir: Path) -> None:
 
 
 def proxy_runs(index_dir: Path, backend: str, traffic: Traffic, concurrencies: list[int], warmup: int,
-               duration: int) -> tuple[list[tuple[str, str]], dict[tuple[str, int], Any], dict[tuple[str, int], float]]:
+               duration: int, workers: int
+               ) -> tuple[list[tuple[str, str]], dict[tuple[str, int], Any], dict[tuple[str, int], float]]:
     rows = [
         ("today", "EMBED_BACKEND=torch, EMBED_CACHE_SIZE=0 (today's path)",
-         ["EMBED_BACKEND=torch", "EMBED_CACHE_SIZE=0"]),
-        ("fast", f"EMBED_BACKEND={backend}, EMBED_CACHE_SIZE=0", [f"EMBED_BACKEND={backend}", "EMBED_CACHE_SIZE=0"]),
+         ["EMBED_BACKEND=torch", "EMBED_CACHE_SIZE=0"], 1),
+        ("fast", f"EMBED_BACKEND={backend}, EMBED_CACHE_SIZE=0", [f"EMBED_BACKEND={backend}", "EMBED_CACHE_SIZE=0"], 1),
         ("fast_cache", f"EMBED_BACKEND={backend}, EMBED_CACHE_SIZE={CACHE_SIZE}",
-         [f"EMBED_BACKEND={backend}", f"EMBED_CACHE_SIZE={CACHE_SIZE}"]),
+         [f"EMBED_BACKEND={backend}", f"EMBED_CACHE_SIZE={CACHE_SIZE}"], 1),
     ]
+    if workers > 1:  # what `abloop proxy` now runs by default: one worker per core
+        label = f"EMBED_BACKEND={backend}, EMBED_CACHE_SIZE={CACHE_SIZE}, --workers {workers}"
+        rows.append(("fast_cache_workers", label, [f"EMBED_BACKEND={backend}", f"EMBED_CACHE_SIZE={CACHE_SIZE}"], workers))
     tmp = Path(tempfile.mkdtemp(prefix="abloop-qe-bench-"))
     (tmp / "logs").mkdir()
     procs = Processes(tmp / "logs")
@@ -419,10 +423,11 @@ def proxy_runs(index_dir: Path, backend: str, traffic: Traffic, concurrencies: l
                            cwd=Path.cwd())
         wait_http(f"{stub_base}/models", stub, procs, "stub", 30)
         targets = []
-        for key, label, env in rows:
+        for key, label, env, n_workers in rows:
             port = free_port()
             proc = start_abloop(procs, key, port, stub_base, index_dir, tmp,
-                                [*env, "EMBED_MAX_BATCH=64", "EMBED_THREADS=1", "RATE_LIMIT_PER_MINUTE=0"])
+                                [*env, "EMBED_MAX_BATCH=64", "EMBED_THREADS=1", "RATE_LIMIT_PER_MINUTE=0"],
+                                workers=n_workers)
             queries = Counted(traffic.stream())
 
             def body(_worker: int, _n: int, queries: Counted = queries) -> bytes:
@@ -446,7 +451,7 @@ def proxy_runs(index_dir: Path, backend: str, traffic: Traffic, concurrencies: l
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    return [(key, label) for key, label, _ in rows], cells, repeats
+    return [(key, label) for key, label, *_ in rows], cells, repeats
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["auto", "onnx", "openvino"], default="auto",
                         help="the backend for sections 3-5 (default: the fastest that keeps the neighbours)")
     parser.add_argument("--skip-proxy", action="store_true", help="leave section 5 (the proxy) out")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also run the fastest proxy row with this many workers (default 2; 1: leave it out)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -589,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = Path(tempfile.mkdtemp(prefix="abloop-qe-index-"))
         try:
             save_index(chunks, corpus, index_dir)
-            proxy = proxy_runs(index_dir, chosen.key, traffic, args.concurrencies, args.warmup, args.duration)
+            proxy = proxy_runs(index_dir, chosen.key, traffic, args.concurrencies, args.warmup, args.duration,
+                               args.workers)
         finally:
             shutil.rmtree(index_dir, ignore_errors=True)
 

@@ -6,14 +6,14 @@ machine is shared, so ratios measured together say more than figures measured mi
 1. **decode step**, in process: SmolLM2-135M-Instruct, one chat prompt (a different one each round),
    ``--tokens`` greedy tokens, the prefill not timed.  The previous path (bf16 weights, transformers'
    SDPA), the single-row decode attention alone (serving.attention), int8 weights (serving.quantize,
-   which includes that attention: the new default), int8 with a static KV cache (transformers'
+   which includes that attention: what --quantize int8 runs), int8 with a static KV cache (transformers'
    ``StaticCache``), int8 with a static cache under ``torch.compile`` (compile time reported), and a
    LoRA adapter (r=16 on all seven projections, as training makes them; random weights) run per row
    (peft's ``adapter_names``, the previous path), alone (serving.single_adapter), or merged into bf16
    weights (peft's ``merge_adapter``).  Medians over ``--rounds`` of decode tokens/s and of CPU time
    per token (all threads; less sensitive to other processes than wall time), ratios to the first row.
 2. **end to end** over HTTP, as bench/serving_throughput.py measures it: ``python -m serving.server
-   --quantize none`` (the previous default) and ``--quantize int8`` (the new one), running side by
+   --quantize none`` (the default) and ``--quantize int8`` (opt-in), running side by
    side, at concurrency 1 (4 requests) and 16 (32 requests) of 64 tokens, ``--server-rounds`` rounds
    in turn; llama.cpp (llama-cpp-python) on the same GGUF file too when ``.bench-venvs/llamacpp``
    exists.  It is never built here (that compiles llama.cpp for minutes): without it the table quotes
@@ -120,7 +120,7 @@ def _variants(args) -> Iterator[Variant]:
     int8 = load_base_model(quantize="int8").model
     yield Variant("bf16, transformers SDPA (previous path)", bf16, bf16.config)
     yield Variant("bf16, decode attention", bf16, bf16.config, around=switch_attention(bf16, DECODE_ATTENTION))
-    yield Variant("int8 + decode attention (new default)", int8, int8.config)
+    yield Variant("int8 + decode attention (--quantize int8)", int8, int8.config)
     yield Variant("int8, static KV cache", int8, int8.config, static_cache=True)
     if not args.skip_compile:
         mode = None if args.compile_mode == "default" else args.compile_mode
@@ -137,7 +137,7 @@ def _variants(args) -> Iterator[Variant]:
         base = "bf16" if quantize == "none" else "int8"
         yield Variant(f"{base} + LoRA, per row (adapter_names: previous path)", peft, model.config,
                       kwargs={"adapter_names": ["lora"]})
-        yield Variant(f"{base} + LoRA, alone (active adapter{': new default' if base == 'int8' else ''})",
+        yield Variant(f"{base} + LoRA, alone (active adapter{': --quantize int8' if base == 'int8' else ''})",
                       peft, model.config)
         if quantize == "none":  # with int8 weights a merge would have to be re-rounded to int8
 
@@ -221,7 +221,7 @@ def server_table(args) -> str:
     for quantize in ("none", "int8"):
         port = free_port()
         servers.append(Server(
-            f"abloop --quantize {quantize}" + (" (previous default)" if quantize == "none" else " (new default)"),
+            f"abloop --quantize {quantize}" + (" (default)" if quantize == "none" else " (opt-in)"),
             [sys.executable, "-m", "serving.server", "--port", str(port), "--quantize", quantize,
              "--log-level", "warning"],
             port, args.log_dir / f"abloop-{quantize}.log",
@@ -258,7 +258,7 @@ def server_table(args) -> str:
     previous = servers[0].label
     llama_label = servers[2].label if llama_py is not None else None
     lines = [
-        "| server | concurrency | tokens/s (median of rounds) | p50 latency (s) | vs previous default "
+        "| server | concurrency | tokens/s (median of rounds) | p50 latency (s) | vs default "
         "| vs llama.cpp | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

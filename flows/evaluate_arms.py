@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.observability import observed
 from flows.scoring import score_answers
 
 
@@ -52,6 +53,7 @@ def publish(database_url: str, analysis: dict) -> None:
     create_markdown_artifact(markdown, key="decision")
 
 
+@observed
 @flow(name="evaluate_arms")
 def evaluate_arms(experiment_id: str | None = None, score_sample: int | None = None) -> dict:
     from store.config import Settings

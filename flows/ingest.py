@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.observability import observed
 from retrieval.corpus import Document
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def build_version(documents: list[Document], index_dir: str, embedding_model: st
             "metadata": extraction.counts() if extraction is not None else None}
 
 
+@observed
 @flow(name="ingest")
 def ingest(corpus: str = "pydoc", kind: str = "flat") -> dict:
     from store.config import Settings

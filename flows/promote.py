@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
+from flows.observability import observed
+
 
 @task
 def promote_experiment(database_url: str, experiment_id: str, force: bool) -> dict:
@@ -17,6 +19,7 @@ def promote_experiment(database_url: str, experiment_id: str, force: bool) -> di
     return {"promoted": experiment_id, "new_experiment": successor.id, "control_model": successor.control_model}
 
 
+@observed
 @flow(name="promote")
 def promote(experiment_id: str, force: bool = False) -> dict:
     from store.config import Settings

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 from prefect import flow, get_run_logger, task
 
+from flows.observability import observed
+
 
 @task(retries=2, retry_delay_seconds=10)
 def build_training_data(database_url: str, out_dir: str, days: float) -> dict:
@@ -77,6 +79,7 @@ def start_experiment(database_url: str, server_base_url: str, name: str, adapter
     return experiment.id
 
 
+@observed
 @flow(name="retrain")
 def retrain(
     candidate_server: str = "http://127.0.0.1:8001/v1",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
+from flows.observability import observed
+
 
 @task
 def roll_back_experiment(database_url: str, experiment_id: str, reason: str | None) -> dict:
@@ -14,6 +16,7 @@ def roll_back_experiment(database_url: str, experiment_id: str, reason: str | No
     return {"rolled_back": experiment_id, "new_experiment": successor.id, "control_model": successor.control_model}
 
 
+@observed
 @flow(name="rollback")
 def rollback(experiment_id: str, reason: str | None = None) -> dict:
     from store.config import Settings

@@ -14,6 +14,8 @@ from functools import cache
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.observability import observed
+
 
 @cache
 def _encoder(model: str):
@@ -83,6 +85,7 @@ def _outcome(result: dict) -> str:
     return "would change" if result["changed"] else "unchanged"
 
 
+@observed
 @flow(name="tune_prompts")
 def tune_prompts(
     days: int = 7,

@@ -21,6 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.observability import observed
+
 SECRET_BLOCK = "slack-webhook-url"
 _TIMEOUT_S = 10.0
 
@@ -85,6 +87,7 @@ def post_message(message: dict) -> dict:
     return {"posted": True, "reason": "posted"}
 
 
+@observed
 @flow(name="weekly_report")
 def weekly_report(week_ending: str | None = None, post: bool = True, out_dir: str = "reports") -> dict:
     from experiment.report import weekly_message

@@ -17,10 +17,12 @@ from proxy.deps import AppState
 from proxy.limits import BodySizeLimit
 from proxy.live import Live
 from proxy.metrics import Metrics
+from proxy.observability import instrument
 from proxy.ratelimit import RateLimited, RateLimiter, rate_limited
 from proxy.retriever import Retriever
 from proxy.routes import admin, health, prompts, rules, search
 from proxy.upstream import Upstream
+from store import tracing
 from store.config import Settings
 from store.db import Database
 from store.writer import EventWriter
@@ -28,14 +30,21 @@ from store.writer import EventWriter
 log = logging.getLogger("abloop.proxy")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the proxy. Nothing connects or loads until the app starts (its lifespan)."""
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    """Build the proxy. Nothing connects or loads until the app starts (its lifespan).
+
+    `migrate=False`: the store is already migrated (by the parent of several workers, or `abloop migrate`).
+    Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (store.tracing); logging is the caller's to set
+    up (`abloop proxy` does: store.logs).
+    """
     settings = settings or Settings()
+    tracing.configure_tracing("abloop-proxy")  # here, not only in the CLI: a worker process runs no CLI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url)
-        db.migrate()
+        if migrate:
+            db.migrate()
         writer = EventWriter(
             db,
             settings.spool_dir,
@@ -62,11 +71,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await writer.start()
         await retriever.start()
         await live.start()
+        metrics.start()
         app.state.abloop = state
         log.info("proxy ready: experiment %s, index %s", live.snapshot.experiment.id, retriever.version)
         try:
             yield
         finally:
+            await metrics.stop()
             await live.stop()
             await state.rate_limiter.aclose()
             await upstream.aclose()
@@ -83,15 +94,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(prompts.router)
     app.include_router(rules.router)
     app.include_router(health.router)
+    instrument(app)
     return app
 
 
+def create_worker_app() -> FastAPI:
+    """The app factory of `abloop proxy --workers N`'s workers: their parent migrated the store before starting them."""
+    return create_app(migrate=False)
+
+
 def _watch(state: AppState) -> None:
+    # With several workers: each has its own queue; they share SPOOL_DIR (spool_bytes is the directory's);
+    # the rest is the same for all, or the worst of them (see proxy/metrics.py).
     m = state.metrics
-    m.watch("abloop_writer_queue_depth", "Rows waiting to be written to the store.", lambda: state.writer.queue_depth)
+    m.watch("abloop_writer_queue_depth", "Rows waiting to be written to the store.", lambda: state.writer.queue_depth,
+            across_workers="livesum")
     m.watch("abloop_writer_spool_bytes", "Bytes spooled to disk while the store was unreachable.",
             lambda: state.writer.spool_bytes)
-    m.watch("abloop_writer_spooled_rows", "Rows ever spooled to disk.", lambda: state.writer.spooled)
+    m.watch("abloop_writer_spooled_rows", "Rows ever spooled to disk.", lambda: state.writer.spooled,
+            across_workers="sum")
     m.watch("abloop_candidate_share", "Share of users bucketed to the candidate arm.",
             lambda: state.live.snapshot.experiment.candidate_share if state.live.snapshot else 0.0)
     m.watch("abloop_open_circuits", "Upstream servers whose circuit breaker is open.",

@@ -17,6 +17,12 @@ with RATE_LIMIT_TRUST_FORWARDED (only behind a load balancer that sets it; other
   minute. The limiter never causes a 5xx.
 - REDIS_URL unset: the buckets live in this process, so each replica limits on its own; the least
   recently used are dropped beyond 100,000 keys, so many user ids cannot grow memory without bound.
+  A server of several workers (`abloop proxy --workers N`, which exports WEB_CONCURRENCY=N to them)
+  splits each user's budget: every worker allows RATE_LIMIT_PER_MINUTE / N and a burst of
+  RATE_LIMIT_BURST // N (at least 1). The kernel hands each *connection* to one worker, so a user's
+  requests land on any of them; split, the server never admits more than the limit whichever way they
+  spread (unsplit it would admit up to N times it), at the cost that a client holding one keep-alive
+  connection gets 1/N of it. REDIS_URL gives one exact budget.
 
 A rejected request never reaches an arm, so it is **not logged as a search event**; it is counted in
 `abloop_rate_limited_total{route}`. The check runs before the body's fields are validated, so a request
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -110,7 +117,7 @@ class LocalBuckets:
     between, and the alternative is memory that grows with every user id a client invents.
     """
 
-    def __init__(self, per_minute: int, burst: int, *, max_keys: int = MAX_LOCAL_KEYS,
+    def __init__(self, per_minute: float, burst: int, *, max_keys: int = MAX_LOCAL_KEYS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = per_minute / 60
         self._burst = burst
@@ -235,7 +242,22 @@ def _buckets(settings: Settings, metrics: Metrics) -> Buckets | None:
     if settings.redis_url:
         return RedisBuckets(settings.redis_url, settings.rate_limit_per_minute, settings.rate_limit_burst,
                             prefix=settings.rate_limit_key_prefix, errors=metrics.rate_limit_errors)
-    return LocalBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    workers = _server_workers()
+    if workers == 1:
+        return LocalBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    per_minute, burst = settings.rate_limit_per_minute / workers, max(1, settings.rate_limit_burst // workers)
+    log.info("rate limit: %d workers without REDIS_URL share each user's budget: %g requests per minute and a "
+             "burst of %d in each", workers, per_minute, burst)
+    return LocalBuckets(per_minute, burst)
+
+
+def _server_workers() -> int:
+    """The worker processes of this server: WEB_CONCURRENCY (as `abloop proxy` exports it, and uvicorn and
+    gunicorn read it), else 1."""
+    try:
+        return max(1, int(os.environ.get("WEB_CONCURRENCY") or 1))
+    except ValueError:
+        return 1
 
 
 async def _body_user_id(request: Request) -> str | None:

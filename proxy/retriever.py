@@ -11,6 +11,7 @@ from retrieval.embedder import BatchingEmbedder
 from retrieval.fetch import FetchedPage
 from retrieval.index import Hit, IndexStore, VectorIndex
 from retrieval.metadata import DocumentMetadata
+from store import tracing
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ class Retriever:
         index = self.index
         if index is None:
             return []
-        vector = await (await self._embedder()).embed(query)
-        return index.search(vector, top_k)
+        with tracing.span("embed query"):
+            vector = await (await self._embedder()).embed(query)
+        with tracing.span("faiss search", {"abloop.top_k": top_k, "abloop.index_version": index.version}):
+            return index.search(vector, top_k)
 
     async def add_page(self, page: FetchedPage, metadata: DocumentMetadata | None = None) -> tuple[VectorIndex, int]:
         """Chunk, embed and add one fetched page (with its LLM metadata, if any); the new index and chunks added."""

@@ -10,6 +10,7 @@ import httpx
 
 from experiment.assignment import Arm
 from proxy.http1 import KeepAliveTransport
+from store import tracing
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ class Upstream:
                 continue
             started = time.perf_counter()
             try:
-                answer, tokens_in, tokens_out, model = await self._call(target, messages)
+                answer, tokens_in, tokens_out, model = await self._traced_call(arm, target, messages,
+                                                                               fallback=position > 0)
             except UpstreamError as error:
                 breaker.record_failure()
                 failures.append(Failure(arm, str(error)))
@@ -159,6 +161,20 @@ class Upstream:
             )
         raise AllArmsFailed(failures, timed_out=timed_out)
 
+    async def _traced_call(self, arm: Arm, target: Target, messages: list[dict[str, Any]], *,
+                           fallback: bool) -> tuple[str, int | None, int | None, str]:
+        """`_call` in a span of its own (a no-op while tracing is off)."""
+        attributes = {"abloop.arm": arm, "abloop.model": target.model, "abloop.fallback": fallback,
+                      "server.address": httpx.URL(target.base_url).host} if tracing.is_enabled() else None
+        with tracing.span("upstream call", attributes, kind="client") as span:
+            try:
+                result = await self._call(target, messages)
+            except UpstreamError as error:
+                span.set_attribute("abloop.status", "timeout" if error.timed_out else "error")
+                raise
+            span.set_attribute("abloop.status", "ok")
+            return result
+
     async def _call(self, target: Target, messages: list[dict[str, Any]]) -> tuple[str, int | None, int | None, str]:
         url = target.base_url.rstrip("/") + "/chat/completions"
         body = {
@@ -168,7 +184,8 @@ class Upstream:
             "temperature": self._temperature,
         }
         try:
-            response = await self._client.post(url, json=body)
+            # The trace context (W3C traceparent), so that an OTel-aware upstream joins the request's trace.
+            response = await self._client.post(url, json=body, headers=tracing.inject({}) or None)
         except httpx.TimeoutException as error:
             raise UpstreamError(f"timed out ({type(error).__name__})", timed_out=True) from error
         except httpx.HTTPError as error:

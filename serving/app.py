@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, get_current_span, get_tracer_provider, use_span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Engine
@@ -38,10 +39,12 @@ from serving.schemas import (
     completion_id,
     now,
 )
+from store.tracing import extract, is_enabled, tracer
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -127,6 +130,7 @@ def create_app(
         finally:
             if owned:
                 await asyncio.to_thread(eng.stop)
+            await asyncio.to_thread(_flush_spans)
 
     app = FastAPI(title="abloop model server", lifespan=lifespan)
     if engine is not None:
@@ -208,43 +212,146 @@ def create_app(
     # ----------------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        eng = _engine(request)
-        adapter = eng.resolve(body.model)
+        call = _CompletionCall(request, body.model, body.stream)
         try:
-            prompt_ids = eng.encode_chat(body.chat())
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
-            raise EngineError(f"messages: cannot apply the chat template: {exc}", param="messages") from exc
-        params = SamplingParams(
-            max_tokens=body.token_limit() or eng.default_max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_list(),
-            seed=body.seed,
-        )
-        handle = eng.submit(prompt_ids, params, adapter)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(handle, body.model, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        completion = await _await_or_cancel(handle, request)
-        if completion is None:  # the client went away; nobody reads this
-            return _error_response(499, "client closed the request", "invalid_request_error")
-        return ChatCompletion(
-            model=body.model,
-            choices=[
-                Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)
-            ],
-            usage=Usage(
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                total_tokens=completion.total_tokens,
-            ),
-        )
+            with call.active():
+                response = await _complete(_engine(request), body, request, call)
+        except BaseException as exc:  # answered by the exception handlers above; logged and traced here
+            call.finish(exc)
+            raise
+        if not body.stream:  # a stream's generator finishes the call when the last chunk is sent
+            call.finish()
+        return response
 
     return app
+
+
+async def _complete(eng: Engine, body: ChatCompletionRequest, request: Request, call: _CompletionCall):
+    call.adapter = adapter = eng.resolve(body.model)
+    try:
+        prompt_ids = eng.encode_chat(body.chat())
+    except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
+        raise EngineError(f"messages: cannot apply the chat template: {exc}", param="messages") from exc
+    params = SamplingParams(
+        max_tokens=body.token_limit() or eng.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
+    call.handle = handle = eng.submit(prompt_ids, params, adapter)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(handle, body.model, include_usage, call),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    completion = await _await_or_cancel(handle, request)
+    if completion is None:  # the client went away; nobody reads this
+        call.status, call.error = CLIENT_CLOSED, "client closed the request"
+        return _error_response(CLIENT_CLOSED, call.error, "invalid_request_error")
+    return ChatCompletion(
+        id=call.request_id,
+        model=body.model,
+        choices=[Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)],
+        usage=Usage(
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.total_tokens,
+        ),
+    )
+
+
+class _CompletionCall:
+    """One chat completion's span in the caller's trace (W3C ``traceparent``: the model server joins the proxy's
+    trace), and its one log line, written when it ends.
+
+    FastAPI (0.150) makes a span per request itself, a child of the caller's, when a tracer provider is installed
+    before the app is built; the completion's span is then a child of FastAPI's, else of the caller's directly.
+    With tracing off no span is made: the caller's context (read from the one header) stands in for it, so the
+    log line still carries the caller's trace id.
+    """
+
+    def __init__(self, request: Request, model: str, stream: bool):
+        self.request_id = completion_id()  # the response's id: the log line and the span carry it too
+        self.model = model
+        self.stream = stream
+        self.adapter: str | None = None
+        self.handle: RequestHandle | None = None
+        self.status, self.error = 200, None  # what was answered, when no exception says otherwise
+        caller = extract(request.headers)
+        if not is_enabled():
+            self._span: Span | None = get_current_span(caller)
+            return
+        in_request_span = get_current_span().is_recording()
+        self._span = tracer(__name__).start_span(
+            "chat completion",
+            context=None if in_request_span else caller,
+            kind=SpanKind.INTERNAL if in_request_span else SpanKind.SERVER,
+            attributes={"gen_ai.request.model": model, "gen_ai.response.id": self.request_id},
+        )
+
+    def active(self) -> contextlib.AbstractContextManager:
+        """Make the span current (log lines inside carry its trace id); ending it is :meth:`finish`'s job."""
+        return use_span(self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the span and write the log line; the first call wins (a stream may end twice)."""
+        span, self._span = self._span, None
+        if span is None:
+            return
+        status, reason = _outcome(error) if error is not None else (self.status, self.error)
+        fields = {key: value for key, value in self._fields(status, reason).items() if value is not None}
+        span.set_attributes({f"serving.{key}": value for key, value in fields.items()
+                             if key not in ("request_id", "model")})  # already gen_ai.* attributes
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR, reason))
+        with use_span(span, end_on_exit=True):
+            if reason is None:
+                log.info("chat completion", extra=fields)
+            else:
+                log.log(logging.ERROR if status >= 500 else logging.WARNING, "chat completion failed: %s", reason,
+                        extra=fields)
+
+    def _fields(self, status: int, reason: str | None) -> dict[str, Any]:
+        handle = self.handle
+        completion = handle.completion if handle is not None else None
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "adapter": self.adapter,
+            "stream": self.stream,
+            "status": status,
+            "error": reason,
+            "finish_reason": completion.finish_reason if completion else None,
+            "prompt_tokens": len(handle.prompt_ids) if handle is not None else None,
+            "completion_tokens": completion.completion_tokens if completion else None,
+            "queue_wait_ms": _ms(handle.queue_wait_s) if handle is not None else None,
+            "generation_ms": _ms(handle.generation_s) if handle is not None else None,
+        }
+
+
+def _outcome(error: BaseException) -> tuple[int, str]:
+    """The HTTP status a failed completion is (or, mid-stream, would have been) answered with, and why."""
+    if isinstance(error, EngineError):
+        return error.status, error.message
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return CLIENT_CLOSED, "client closed the request"
+    return 500, f"internal error: {type(error).__name__}"
+
+
+def _flush_spans() -> None:
+    """Export the spans still batched: uvicorn ends the process with the signal that stopped it, so the SDK's
+    own flush at exit never runs (the last few seconds of spans would be lost)."""
+    flush = getattr(get_tracer_provider(), "force_flush", None)  # the API's no-op provider has none
+    if flush is not None:
+        flush()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 async def _await_or_cancel(handle: RequestHandle, request: Request):
@@ -268,8 +375,8 @@ def _sse_data(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _sse(handle: RequestHandle, model: str, include_usage: bool) -> AsyncIterator[str]:
-    cid, created = completion_id(), now()
+async def _sse(handle: RequestHandle, model: str, include_usage: bool, call: _CompletionCall) -> AsyncIterator[str]:
+    cid, created = call.request_id, now()
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         obj: dict[str, Any] = {
@@ -308,7 +415,12 @@ async def _sse(handle: RequestHandle, model: str, include_usage: bool) -> AsyncI
                     }
                 )
         except EngineError as exc:
+            call.finish(exc)
             yield _sse_data(error_body(exc.message, exc.type, exc.param, exc.code))
         yield "data: [DONE]\n\n"
+    except BaseException as exc:  # the client went away (GeneratorExit, cancellation) or a bug
+        call.finish(exc)
+        raise
     finally:
         handle.cancel()  # a no-op when finished; stops generation when the client went away
+        call.finish()

@@ -23,4 +23,4 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the base model's decode steps (no gain measured on CPU; "
                         "the first decode step compiles for minutes)")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=None, help="default: LOG_LEVEL (INFO)")

@@ -52,14 +52,34 @@ class RequestHandle:
         self.cancelled = False
         self.done = False
         self.completion: Completion | None = None
+        # Monotonic seconds: queued, taken into the running batch, answered (or failed).
         self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.finished_at: float | None = None
         self._on_cancel = on_cancel  # wakes the worker so it drops the row now
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
+    @property
+    def queue_wait_s(self) -> float | None:
+        """Seconds between submission and admission into the running batch (None: never admitted)."""
+        return None if self.admitted_at is None else self.admitted_at - self.submitted_at
+
+    @property
+    def generation_s(self) -> float | None:
+        """Seconds from admission to the last token (None: not admitted or not finished)."""
+        if self.admitted_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.admitted_at
+
     # -- called from the worker thread -------------------------------------------------------
+    def mark_admitted(self) -> None:
+        self.admitted_at = time.monotonic()
+
     def emit(self, kind: str, payload: Any) -> None:
         """Deliver "delta" (text), "done" (a Completion) or "error" (an exception) to the awaiting side."""
+        if kind != "delta":
+            self.finished_at = time.monotonic()
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, payload))
         except RuntimeError:  # the loop is closed: nobody is listening any more

@@ -39,6 +39,7 @@ class Scheduler:
             while self._waiting and running_rows + len(admitted) < self.max_batch:
                 handle = self._waiting.popleft()
                 if not handle.cancelled:
+                    handle.mark_admitted()
                     admitted.append(handle)
         return admitted
 

@@ -25,6 +25,8 @@ from fastapi import FastAPI  # noqa: E402
 from serving.app import create_app  # noqa: E402
 from serving.model import DEFAULT_QUANTIZE  # noqa: E402
 
+SERVICE_NAME = "abloop-serve-model"  # as `abloop serve-model` names it; OTEL_SERVICE_NAME overrides it
+
 
 def parse_adapter_args(values: list[str] | None) -> dict[str, str]:
     """``["name=path", ...]`` (the CLI's repeated ``--adapter``) -> ``{name: path}``."""
@@ -50,12 +52,31 @@ def run(
     dtype: str = "auto",
     quantize: str = DEFAULT_QUANTIZE,
     compile: bool = False,
-    log_level: str = "info",
+    log_level: str | None = None,
 ) -> None:
-    """Serve ``model`` (``"default"`` or a local HF dir) with ``adapters`` ({name: path}) until stopped."""
+    """Serve ``model`` (``"default"`` or a local HF dir) with ``adapters`` ({name: path}) until stopped.
+
+    Logs go through :mod:`store.logs` (LOG_FORMAT; ``log_level`` or else LOG_LEVEL), uvicorn's own included;
+    spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (:mod:`store.tracing`).
+    """
+    from transformers.utils import logging as transformers_logging
+
+    from store.config import Settings
+    from store.logs import configure_logging, logging_config
+    from store.tracing import configure_tracing
+
+    settings = Settings()
+    level = (log_level or settings.log_level).upper()
+    secrets = settings.secret_values()
+    configure_logging(settings.log_format, level, secrets=secrets)
+    config = logging_config(settings.log_format, level, secrets=secrets)  # uvicorn applies it to its own loggers
+    # Nothing else writes to stderr: a stray line would break a JSON log stream.
+    logging.captureWarnings(True)
+    transformers_logging.disable_progress_bar()
+    configure_tracing(SERVICE_NAME)
     app = create_app(model=model, adapters=adapters, max_batch=max_batch, max_queue=max_queue, dtype=dtype,
                      quantize=quantize, compile=compile)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_config=config, log_level=level.lower(), timeout_graceful_shutdown=5)
 
 
 class ServerThread:
@@ -139,7 +160,6 @@ class ServerThread:
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         adapters = parse_adapter_args(args.adapter)
     except ValueError as error:

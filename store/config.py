@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,9 +109,37 @@ class Settings(BaseSettings):
     # `slack-webhook-url`, else no post), and where reports/ is served, for an absolute link in the message.
     slack_webhook_url: SecretStr | None = None
     report_base_url: str | None = None
+    # Logs (store/logs.py): JSON lines for a log pipeline or text for a terminal (auto: text when stderr is a
+    # terminal). A search's lines carry the user's hash bucket; the raw user id only with LOG_USER_ID=true.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_user_id: bool = False
 
     @field_validator("llm_api_base_new_model", "llm_model_new", "judge_api_base", "judge_model", "metadata_api_base",
                      "redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret: the SecretStr fields and the passwords in DATABASE_URL and REDIS_URL.
+
+        The log filter (store.logs) replaces each with "***" wherever it would appear in a log line.
+        """
+        values = [value.get_secret_value() for name in type(self).model_fields
+                  if isinstance(value := getattr(self, name), SecretStr)]
+        for url in (self.database_url, self.redis_url):
+            password = urlsplit(url).password if url else None
+            if password:
+                values += [password, unquote(password)]  # as written in the URL, and decoded
+        return sorted({value for value in values if value}, key=len, reverse=True)

@@ -70,6 +70,8 @@ class SearchEvent(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"retrieval","llm","total"} in ms
     tokens_in: Mapped[int | None] = mapped_column(Integer)
     tokens_out: Mapped[int | None] = mapped_column(Integer)
+    # The OpenTelemetry trace the request ran in (32 hex digits), from a bad rating to its trace; None untraced.
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class Feedback(Base):

@@ -7,6 +7,9 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
+
+import pytest
 
 from store.config import apply_runtime_env
 
@@ -29,3 +32,23 @@ def serve_app(app) -> Iterator[str]:
 
     with ServerThread(app) as server:
         yield server.url
+
+
+@pytest.fixture
+def span_exporter():
+    """Spans recorded in memory for one test: an SDK tracer provider stands in for the global one meanwhile.
+
+    OpenTelemetry lets a process set its global provider once, so this patches it and puts it back after.
+    Take the fixture before building the app under test: instrumentation picks its tracer when it is set up.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with mock.patch.object(trace, "_TRACER_PROVIDER", provider):
+        yield exporter
+    provider.shutdown()

@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from proxy.deps import StateDep
@@ -40,4 +40,5 @@ async def readyz(state: StateDep) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """This process's series; with several workers, the whole server's (all workers', summed)."""
+    return Response(state.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from typing import Annotated, Any
@@ -11,8 +12,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, status
 from sqlalchemy.exc import SQLAlchemyError
 
-from experiment.assignment import assign_arm
+from experiment.assignment import Arm, assign_arm, bucket
 from proxy.deps import AppState, StateDep
+from proxy.live import Snapshot
+from proxy.observability import request_fields
 from proxy.ratelimit import RateLimitDep
 from proxy.schemas import (
     FeedbackRequest,
@@ -25,12 +28,15 @@ from proxy.schemas import (
     error_responses,
 )
 from proxy.upstream import AllArmsFailed, Completion, Failure, describe
+from store import tracing
+from store.config import Settings
 from store.events import event_exists
 from store.models import id_time, new_id, utcnow
 from store.prompts import apply_output_rules, render_messages
 
 # Both routes are rate limited per user (429 with Retry-After); a refused search is not logged as an event.
 router = APIRouter(prefix="/api/v1", tags=["search"], dependencies=[RateLimitDep])
+log = logging.getLogger("abloop.proxy")
 
 
 @router.post("/search", response_model=SearchResponse, responses=error_responses(400, 413, 422, 429, 502, 504))
@@ -43,13 +49,26 @@ async def search(
     user_id = body.user_id or x_user_id or None
     snapshot = state.live.snapshot
     arm = assign_arm(snapshot.experiment.salt, user_id, snapshot.experiment.candidate_share, snapshot.has_candidate)
+    request_id = new_id()
+    with request_fields(request_id=request_id, experiment_id=snapshot.experiment.id, arm=arm,
+                        **_who(user_id, snapshot.experiment.salt, state.settings)):
+        return await _search(body, state, snapshot, arm, user_id, request_id, started)
 
+
+def _who(user_id: str | None, salt: str, settings: Settings) -> dict[str, Any]:
+    """How log lines name the user: the hash bucket (DESIGN, "Routing"), the raw id only with LOG_USER_ID."""
+    if settings.log_user_id:
+        return {"user_id": user_id}
+    return {"bucket": bucket(salt, user_id) if user_id is not None else None}
+
+
+async def _search(body: SearchRequest, state: AppState, snapshot: Snapshot, arm: Arm, user_id: str | None,
+                  request_id: str, started: float) -> SearchResponse:
     hits = await state.retriever.search(body.query, body.top_k)
     retrieval_ms = (time.perf_counter() - started) * 1000
     prompt = snapshot.prompt_for(arm)
     messages = render_messages(prompt.system_prompt, prompt.template, prompt.few_shot or [], hits, body.query)
 
-    request_id = new_id()
     event: dict[str, Any] = {
         "id": request_id,
         "ts": utcnow(),
@@ -66,13 +85,14 @@ async def search(
         },
         "prompt_template_id": prompt.id,
         "prompt_template_version": prompt.version,
+        "trace_id": tracing.current_trace_id(),
     }
     try:
         completion = await state.upstream.complete(snapshot.plan(arm), messages)
     except AllArmsFailed as failure:
         total_ms = (time.perf_counter() - started) * 1000
-        _log(state, event, None, retrieval_ms, total_ms, failures=failure.failures)
         code = status.HTTP_504_GATEWAY_TIMEOUT if failure.timed_out else status.HTTP_502_BAD_GATEWAY
+        _log(state, event, None, retrieval_ms, total_ms, code, failures=failure.failures)
         raise HTTPException(code, {"message": "every arm failed", "request_id": request_id,
                                    "failures": [str(f) for f in failure.failures]}) from None
 
@@ -81,7 +101,7 @@ async def search(
         answer = apply_output_rules(completion.answer, prompt.output_rules, [hit.title for hit in hits])
         completion = dataclasses.replace(completion, answer=answer)
     total_ms = (time.perf_counter() - started) * 1000
-    _log(state, event, completion, retrieval_ms, total_ms)
+    _log(state, event, completion, retrieval_ms, total_ms, status.HTTP_200_OK)
     return SearchResponse(
         request_id=request_id,
         arm=arm,
@@ -100,10 +120,11 @@ def _log(
     completion: Completion | None,
     retrieval_ms: float,
     total_ms: float,
+    http_status: int,
     *,
     failures: list[Failure] | tuple[Failure, ...] = (),
 ) -> None:
-    """Queue the event (off the hot path) and count it."""
+    """Queue the event (off the hot path), count it, and log its line."""
     arm = event["arm"]
     if completion is None:
         status_, served_arm = "error", None
@@ -121,7 +142,9 @@ def _log(
         tokens_in=completion.tokens_in if completion else None,
         tokens_out=completion.tokens_out if completion else None,
     )
-    state.writer.submit("search_events", event)
+    with tracing.span("store enqueue"):
+        state.writer.submit("search_events", event)
+    _log_line(event, http_status)
 
     metrics = state.metrics
     metrics.requests.labels(arm, served_arm or "none", status_).inc()
@@ -139,9 +162,36 @@ def _log(
             metrics.tokens.labels(arm, "out").inc(completion.tokens_out)
 
 
+def _log_line(event: dict[str, Any], http_status: int) -> None:
+    """The search's line: "search answered" (INFO; a fallback also gets a WARNING with the reason) or "search
+    failed". The request's bound fields add request_id, experiment_id, the assigned arm and the user's bucket."""
+    failed = event["status"] == "error"
+    if event["status"] == "fallback":
+        log.warning("search fell back to the other arm", extra={"served_arm": event["served_arm"],
+                                                                 "reason": event["error"]})
+    if not log.isEnabledFor(logging.WARNING if failed else logging.INFO):
+        return
+    fields = {
+        "served_arm": event["served_arm"],
+        "status": event["status"],
+        "model": event["model"],
+        "timings_ms": {key: None if value is None else round(value, 3) for key, value in event["timings"].items()},
+        "http_status": http_status,
+    }
+    if failed:
+        log.warning("search failed", extra={**fields, "reason": event["error"]})
+    else:
+        log.info("search answered", extra=fields)
+
+
 @router.post("/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackResponse,
              responses=error_responses(400, 404, 413, 422, 429, 503))
 async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
+    with request_fields(request_id=body.request_id):
+        return await _feedback(body, state)
+
+
+async def _feedback(body: FeedbackRequest, state: AppState) -> FeedbackResponse:
     # Our request ids are UUIDs: anything else cannot exist, and is never sent to the store (PostgreSQL
     # refuses a NUL in a query parameter, which would read as "store unreachable").
     if not _is_request_id(body.request_id) or not await _event_known(state, body.request_id):
@@ -167,6 +217,10 @@ async def feedback(body: FeedbackRequest, state: StateDep) -> FeedbackResponse:
         },
     )
     _count_feedback(state, body)
+    # What was given, never the text of a comment or correction.
+    log.info("feedback received", extra={"feedback_id": feedback_id, "rating": body.rating, "thumbs": body.thumbs,
+                                         "correction": body.corrected_answer is not None,
+                                         "comment": body.comment is not None})
     return FeedbackResponse(feedback_id=feedback_id)
 
 

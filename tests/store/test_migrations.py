@@ -30,7 +30,7 @@ def test_migrate_creates_every_table_and_is_idempotent(empty_db: Database) -> No
     empty_db.migrate()  # a second run is a no-op
     assert _tables(empty_db) == TABLES
     with empty_db.engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0003"
+        assert MigrationContext.configure(connection).get_current_revision() == "0004"
 
 
 def test_migrated_schema_matches_the_models(db: Database) -> None:

@@ -1,0 +1,197 @@
+"""Flow runs as an operator searches them: JSON lines that carry the run's id, a span per run with its tasks below.
+
+Real Prefect runs on the session's test server (tests/flows/conftest.py): the `rollback` flow over a SQLite
+store, and a two-line probe flow for records that do not come from Prefect's loggers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from prefect import flow, task
+
+import flows.observability
+from flows.observability import observed
+from store.db import Database
+from tests.experiment import traffic
+from tests.flows.deployments import ROOT
+
+probe_log = logging.getLogger("tests.flows.probe")
+
+
+@task
+def _probe_task() -> str:
+    probe_log.info("inside the task")
+    return "done"
+
+
+@observed
+@flow(name="observability-probe")
+def _probe() -> str:
+    probe_log.info("inside the flow")
+    return _probe_task()
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'flows.db'}")
+    db.migrate()
+    monkeypatch.setenv("DATABASE_URL", db.url)
+    return db
+
+
+@pytest.fixture
+def worker_process(monkeypatch) -> Iterator[None]:
+    """This process as a worker starts it for one flow run: PREFECT__FLOW_RUN_ID set, nothing set up yet.
+
+    Afterwards the root logger gets back its handlers (the run replaces them with store.logs' own).
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(uuid.uuid4()))
+    monkeypatch.setattr(flows.observability, "_process_set_up", False)
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()  # writes what is queued
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # store.logs' handler: waits until its writer thread has written every record so far
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]  # a line that is not JSON fails here
+
+
+def test_a_worker_run_logs_json_lines_that_carry_the_run(store, worker_process, monkeypatch, capsys):
+    from flows.rollback import rollback
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    running = traffic.start(store)
+    state = rollback(running.id, reason="on-call decision", return_state=True)
+    assert state.is_completed()
+    _flush_logs()
+    run_id = str(state.state_details.flow_run_id)
+
+    lines = _json_lines(capsys.readouterr().err)
+    ours = [line for line in lines if line.get("flow_run_id") == run_id]
+    messages = [line["message"] for line in ours]
+    assert f"experiment {running.id} rolled back; {running.control_model} serves everyone" in messages
+    assert "Finished in state Completed()" in messages  # Prefect's own line, in the same shape
+    for line in ours:
+        assert {"ts", "level", "logger", "message", "flow_run_id", "flow_run_name", "flow_name"} <= set(line)
+        assert line["flow_name"] == "rollback"
+    task_lines = [line for line in ours if "task_run_id" in line]
+    assert task_lines and {line["logger"] for line in task_lines} == {"prefect.task_runs"}
+
+
+def test_records_from_any_logger_inside_a_run_carry_it(worker_process, monkeypatch, capsys):
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    state = _probe(return_state=True)
+    assert state.result() == "done"
+    _flush_logs()
+    run_id = str(state.state_details.flow_run_id)
+
+    probe = {line["message"]: line for line in _json_lines(capsys.readouterr().err)
+             if line["logger"] == "tests.flows.probe"}
+    assert set(probe) == {"inside the flow", "inside the task"}
+    assert {line["flow_run_id"] for line in probe.values()} == {run_id}
+    assert {line["flow_name"] for line in probe.values()} == {"observability-probe"}
+
+
+def test_outside_a_worker_process_the_host_keeps_its_logging(store, monkeypatch):
+    from flows.rollback import rollback
+
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    monkeypatch.setattr(flows.observability, "_process_set_up", False)
+    handlers = logging.getLogger().handlers[:]
+    rollback(traffic.start(store).id)
+    assert logging.getLogger().handlers == handlers
+    assert flows.observability._process_set_up is False
+
+
+def test_a_flow_run_is_a_span_with_its_task_runs_below(store, span_exporter):
+    from flows.rollback import rollback
+
+    state = rollback(traffic.start(store).id, return_state=True)
+    assert state.is_completed()
+    run_id = str(state.state_details.flow_run_id)
+
+    spans = span_exporter.get_finished_spans()
+    [run] = [s for s in spans if s.attributes.get("prefect.run.type") == "flow"]
+    assert run.attributes["prefect.run.id"] == run_id
+    assert run.instrumentation_scope.name == "prefect"  # Prefect's own run telemetry, not a stand-in
+    tasks = [s for s in spans if s.attributes.get("prefect.run.type") == "task"]
+    assert [s.attributes["prefect.run.name"].split("-")[0] for s in tasks] == ["roll_back_experiment"]
+    assert all(s.parent.span_id == run.context.span_id and s.context.trace_id == run.context.trace_id
+               for s in tasks)
+
+
+def test_when_tracing_starts_inside_the_run_a_stand_in_span_holds_its_tasks(worker_process, monkeypatch):
+    """A worker's flow-run process: Prefect opens the run's span before the flow sets up tracing."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def configure_tracing(service_name: str) -> bool:  # what store.tracing does with an endpoint set
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+        return True
+
+    monkeypatch.setattr("store.tracing.configure_tracing", configure_tracing)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    state = _probe(return_state=True)
+    assert state.is_completed()
+    provider.shutdown()
+
+    spans = exporter.get_finished_spans()
+    [run] = [s for s in spans if s.attributes.get("prefect.run.type") == "flow"]
+    assert run.attributes["prefect.run.id"] == str(state.state_details.flow_run_id)
+    assert run.instrumentation_scope.name == "abloop"  # the stand-in: Prefect's own span was a no-op
+    [child] = [s for s in spans if s.attributes.get("prefect.run.type") == "task"]
+    assert child.parent.span_id == run.context.span_id
+
+
+def test_every_flow_is_observed():
+    import importlib
+
+    from prefect import Flow
+
+    found = {}
+    for path in (ROOT / "flows").glob("*.py"):
+        module = importlib.import_module(f"flows.{path.stem}")
+        found |= {value.name: value for value in vars(module).values() if isinstance(value, Flow)}
+    assert len(found) == 7
+    assert {name for name, value in found.items() if not getattr(value.fn, "observed", False)} == set()
+
+
+def test_prefects_own_lines_can_be_the_same_json(tmp_path):
+    """The two PREFECT_LOGGING_* settings docs/OBSERVABILITY.md gives a worker: Prefect's console lines (the
+    worker's, and a flow-run process's until the flow starts) come out as store.logs' JSON lines."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER": "json",
+           "PREFECT_LOGGING_FORMATTERS_JSON_CLASS": "flows.observability.PrefectJsonFormatter"}
+    script = ("import logging; from prefect.logging.configuration import setup_logging; setup_logging(); "
+              "logging.getLogger('prefect.workers').warning('polling %s', 'cpu')")  # setup: as `prefect worker` does
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    [line] = _json_lines(done.stderr)
+    assert {key: line[key] for key in ("level", "logger", "message")} == {
+        "level": "WARNING", "logger": "prefect.workers", "message": "polling cpu"}
+    assert line["ts"].endswith("Z")

@@ -1,0 +1,211 @@
+"""store/logs.py: JSON and text lines, bound fields and trace ids, secrets kept out, format and level selection."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from pydantic import ValidationError
+
+from store import tracing
+from store.config import Settings
+from store.logs import bind, bound, configure_logging
+
+log = logging.getLogger("abloop.test")
+
+
+@contextmanager
+def captured_logs(format: str = "json", level: str = "INFO", *, secrets=(),
+                  stream: io.StringIO | None = None) -> Iterator[Callable[[], list[str]]]:
+    """`configure_logging` writing to a buffer; yields a function that returns the lines written so far.
+
+    Puts the root logger's handlers and level back afterwards (pytest's own capture included).
+    """
+    root = logging.getLogger()
+    handlers, level_before = root.handlers[:], root.level
+    stream = stream if stream is not None else io.StringIO()
+    configure_logging(format, level, secrets=secrets, stream=stream)
+
+    def lines() -> list[str]:
+        for handler in root.handlers:
+            handler.flush()
+        return stream.getvalue().splitlines()
+
+    try:
+        yield lines
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level_before)
+
+
+def records(lines: list[str]) -> list[dict]:
+    return [json.loads(line) for line in lines]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_line_shape_bound_fields_and_extras():
+    with captured_logs() as lines:
+        with bind(request_id="r-1", arm="control"):
+            with bind(arm="candidate"):  # an inner bind overrides, and is undone on exit
+                assert bound() == {"request_id": "r-1", "arm": "candidate"}
+                log.info("inner %s", "done", extra={"timings_ms": {"total": 1.5}, "http_status": 200})
+            log.warning("outer")
+        log.info("outside")
+        out = records(lines())
+    assert bound() == {}
+    assert [r["message"] for r in out] == ["inner done", "outer", "outside"]
+    inner, outer, outside = out
+    assert list(inner) == ["ts", "level", "logger", "message", "request_id", "arm", "timings_ms", "http_status"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", inner["ts"])
+    assert (inner["level"], inner["logger"]) == ("INFO", "abloop.test")
+    assert (inner["request_id"], inner["arm"], inner["timings_ms"], inner["http_status"]) == (
+        "r-1", "candidate", {"total": 1.5}, 200)
+    assert (outer["level"], outer["arm"]) == ("WARNING", "control")
+    assert "request_id" not in outside and "trace_id" not in outside
+
+
+def test_a_line_inside_a_span_carries_its_trace_and_span_id(span_exporter):
+    with captured_logs() as lines:
+        with tracing.span("work") as span:
+            log.info("inside")
+        log.info("after")
+        inside, after = records(lines())
+    context = span.get_span_context()
+    assert inside["trace_id"] == format(context.trace_id, "032x")
+    assert inside["span_id"] == format(context.span_id, "016x")
+    assert "trace_id" not in after
+
+
+async def test_bound_fields_stay_with_their_task():
+    async def handle(request_id: str, gate: asyncio.Event, other: asyncio.Event) -> None:
+        with bind(request_id=request_id):
+            gate.set()
+            await other.wait()  # both tasks are inside their bind at once
+            log.info("handled")
+
+    with captured_logs() as lines:
+        first, second = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(handle("a", first, second), handle("b", second, first))
+        out = records(lines())
+    assert sorted(r["request_id"] for r in out) == ["a", "b"]
+
+
+def test_an_exception_is_one_field_of_its_line():
+    with captured_logs() as lines:
+        try:
+            raise RuntimeError("the cause")
+        except RuntimeError:
+            log.exception("it failed")
+        (out,) = records(lines())
+    assert out["message"] == "it failed"
+    assert "RuntimeError: the cause" in out["exc_info"] and "Traceback" in out["exc_info"]
+
+
+@pytest.mark.parametrize("format", ["json", "text"])
+def test_secrets_never_reach_a_line(format):
+    settings = Settings(
+        admin_token="adm-7c1f0e9a-token",
+        llm_api_key="upstream-key-93b2d4",
+        slack_webhook_url="https://hooks.example.com/services/T000/B000/XyZsecretpath",
+        database_url="postgresql://abloop:db%40pass-51@db.internal:5432/abloop",
+        redis_url="redis://:redis-pass-77@cache.internal:6379/0",
+    )
+    secrets = settings.secret_values()
+    assert {"adm-7c1f0e9a-token", "upstream-key-93b2d4", "db%40pass-51", "db@pass-51", "redis-pass-77"} <= set(secrets)
+    with captured_logs(format, secrets=secrets) as lines:
+        log.info("admin call with token %s", "adm-7c1f0e9a-token")
+        log.info("upstream request headers", extra={"headers": {"Authorization": "Bearer upstream-key-93b2d4"}})
+        log.warning("retrying with Authorization: Bearer eyJhbGciOi.J9.unlisted-token and key sk-proj-abcdefgh12345")
+        log.info("posting to %s", settings.slack_webhook_url.get_secret_value())
+        with bind(database="postgresql://abloop:db@pass-51@db.internal/abloop"):
+            log.info("connecting to postgresql://abloop:other-password@db.internal/abloop")
+        try:
+            raise ConnectionError("redis://:redis-pass-77@cache.internal:6379/0 refused")
+        except ConnectionError:
+            log.exception("cache down")
+        text = "\n".join(lines())
+    for secret in ["adm-7c1f0e9a-token", "upstream-key-93b2d4", "XyZsecretpath", "db%40pass-51", "db@pass-51",
+                   "redis-pass-77", "eyJhbGciOi", "unlisted-token", "sk-proj-abcdefgh12345", "other-password"]:
+        assert secret not in text, secret
+    assert "Bearer ***" in text and "://abloop:***@db.internal" in text
+    assert text.count("admin call with token ***") == 1
+
+
+def test_format_auto_is_text_on_a_terminal_and_json_otherwise():
+    with captured_logs("auto", stream=_Terminal()) as lines:
+        with bind(request_id="r-9"):
+            log.info("hello")
+        (terminal,) = lines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO abloop.test: hello request_id=r-9", terminal)
+    with captured_logs("auto") as lines:
+        log.info("hello")
+        (piped,) = records(lines())
+    assert piped["message"] == "hello"
+    with captured_logs("json", stream=_Terminal()) as lines:
+        log.info("hello")
+        assert records(lines())[0]["message"] == "hello"
+    with captured_logs("text") as lines:
+        log.info("hello")
+        assert lines()[0].endswith(" INFO abloop.test: hello")
+
+
+def test_level_filters_and_an_off_level_formats_nothing():
+    formatted = []
+
+    class Expensive:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "expensive"
+
+    with captured_logs("json", "WARNING") as lines:
+        log.info("dropped %s", Expensive())
+        log.warning("kept")
+        logging.getLogger("httpx").warning("quiet loggers still say what matters")
+        assert [r["message"] for r in records(lines())] == ["kept", "quiet loggers still say what matters"]
+    assert formatted == []
+    with captured_logs("json", "debug") as lines:
+        log.debug("seen")
+        logging.getLogger("httpx").info("HTTP Request: POST ...")  # per-call noise stays off even at DEBUG
+        assert [r["message"] for r in records(lines())] == ["seen"]
+    with pytest.raises(ValueError, match="log level"):
+        configure_logging("json", "LOUD")
+    with pytest.raises(ValueError, match="log format"):
+        configure_logging("xml", "INFO")
+
+
+def test_configuring_twice_keeps_one_handler():
+    stream = io.StringIO()
+    with captured_logs(stream=stream) as lines:
+        configure_logging("json", "INFO", stream=stream)
+        assert len(logging.getLogger().handlers) == 1
+        log.info("once")
+        assert [r["message"] for r in records(lines())] == ["once"]
+
+
+def test_settings_read_log_format_level_and_user_id(monkeypatch):
+    monkeypatch.setenv("LOG_FORMAT", "JSON")
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    monkeypatch.setenv("LOG_USER_ID", "true")
+    settings = Settings(_env_file=None)
+    assert (settings.log_format, settings.log_level, settings.log_user_id) == ("json", "WARNING", True)
+    monkeypatch.setenv("LOG_FORMAT", "yaml")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+    monkeypatch.delenv("LOG_FORMAT")
+    monkeypatch.delenv("LOG_LEVEL")
+    monkeypatch.delenv("LOG_USER_ID")
+    defaults = Settings(_env_file=None)
+    assert (defaults.log_format, defaults.log_level, defaults.log_user_id) == ("auto", "INFO", False)
+
