@@ -410,7 +410,7 @@ def proxy_runs(index_dir: Path, backend: str, traffic: Traffic, concurrencies: l
     ]
     if workers > 1:  # what `abloop proxy` now runs by default: one worker per core
         label = f"EMBED_BACKEND={backend}, EMBED_CACHE_SIZE={CACHE_SIZE}, --workers {workers}"
-        rows.append(("fast_cache_workers", label, [f"EMBED_BACKEND={backend}", f"EMBED_CACHE_SIZE={CACHE_SIZE}"], workers))
+        rows.append(("fast_cache_workers", label, rows[-1][2], workers))
     tmp = Path(tempfile.mkdtemp(prefix="abloop-qe-bench-"))
     (tmp / "logs").mkdir()
     procs = Processes(tmp / "logs")
