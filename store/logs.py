@@ -81,8 +81,8 @@ def logging_config(format: LogFormat = "auto", level: str = "INFO", *, secrets: 
         raise ValueError(f"unknown log format {format!r}: auto, json or text")
     if format == "auto":
         format = "text" if (stream or sys.stderr).isatty() else "json"
-    handler = {"class": "logging.StreamHandler", "stream": stream or "ext://sys.stderr", "formatter": format,
-               "filters": ["context", "redact"]}
+    target = {"class": "logging.StreamHandler", "stream": stream} if stream else {"()": StderrHandler}
+    handler = {**target, "formatter": format, "filters": ["context", "redact"]}
     return {
         "version": 1,
         "disable_existing_loggers": False,  # module-level loggers made before this call keep logging
@@ -98,6 +98,25 @@ def logging_config(format: LogFormat = "auto", level: str = "INFO", *, secrets: 
             **{name: {"level": max(logging.WARNING, logging.getLevelName(level))} for name in QUIET_LOGGERS},
         },
     }
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, as logging's own last-resort handler does.
+
+    A handler that kept the stderr of the moment it was configured would write to a closed file once something
+    swaps `sys.stderr` (pytest's capture between tests, a daemon redirecting its output).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> IO[str]:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:  # StreamHandler.__init__ assigns one; always stderr here
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------

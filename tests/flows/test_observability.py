@@ -64,7 +64,7 @@ def worker_process(monkeypatch) -> Iterator[None]:
 
 def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
-        handler.flush()  # store.logs' handler: waits until its writer thread has written every record so far
+        handler.flush()  # write out what the handlers buffer
 
 
 def _json_lines(text: str) -> list[dict]:
