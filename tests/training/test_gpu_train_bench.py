@@ -30,7 +30,8 @@ def test_flops_per_token_follow_the_stated_formula():
 @pytest.mark.timeout(1500)
 def test_gpu_bench_smoke_on_cpu():
     done = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "2"],
+        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "1", "--batch", "2",
+         "--rows", "24"],
         cwd=ROOT,
         capture_output=True,
         text=True,
