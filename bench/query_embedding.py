@@ -509,8 +509,8 @@ def report(header: list[str], found: list[Candidate], q: dict[str, Quality], cho
                grid_labels[0])
     if proxy is not None:
         rows, cells, repeats = proxy
-        lines += ["**The proxy end to end** (`POST /api/v1/search`, retrieval on, stub upstream, one uvicorn worker; "
-                  "CPU: the proxy's own, per request):", ""]
+        lines += ["**The proxy end to end** (`POST /api/v1/search`, retrieval on, stub upstream, one uvicorn worker "
+                  "unless the row says otherwise; CPU: the proxy's own, per request):", ""]
         columns = ["Proxy"]
         for c in concurrencies:
             columns += [f"c={c} req/s", f"c={c} vs today", f"c={c} p50 ms", f"c={c} p99 ms", f"c={c} CPU ms/req",
