@@ -57,7 +57,7 @@ from proxy_overhead import (
     has_index,
     http,
     log,
-    measure,
+    measure_rounds,
     start_abloop,
     versions,
     wait_http,
@@ -287,17 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_json_lines(procs.log_dir / "proxy-b.log", minimum=20)
         _check_spans_exported(procs, sink_url)
 
-        samples: dict[tuple[str, int], list[Cell]] = {}
-        cells = len(runs) * len(args.concurrencies) * args.rounds
-        log(f"measuring {cells} cells × ({args.warmup} s warm-up + {args.duration} s): "
-            f"~{cells * (args.warmup + args.duration) / 60:.1f} min")
-        for round_ in range(args.rounds):
-            for c in args.concurrencies:
-                for setup in runs:
-                    cell = measure(wrk, targets[setup.key], c, args.warmup, args.duration)
-                    samples.setdefault((setup.key, c), []).append(cell)
-                    log(f"round {round_ + 1} c={c:<3} {setup.label:<45} {cell.rps:9,.0f} req/s  "
-                        f"p50 {cell.p50_ms:7.2f} ms  server CPU {cell.cpu_ms:5.3f} ms/req  errors {cell.errors}")
+        samples = measure_rounds(wrk, [targets[setup.key] for setup in runs], args.concurrencies, args.rounds,
+                                 args.warmup, args.duration)
         exported = sink_stats(sink_url)
         json_lines = _count_lines(procs.log_dir / "proxy-b.log", '"search answered"')
     finally:

@@ -461,6 +461,24 @@ def start_index_build(procs: Processes, index_dir: Path, tmp: Path) -> subproces
     return procs.start("index-build", [ABLOOP, "index", "build", "--corpus", "pydoc"], env=env, cwd=tmp)
 
 
+def measure_rounds(wrk: str | None, targets: list[Target], concurrencies: list[int], rounds: int, warmup: int,
+                   duration: int) -> dict[tuple[str, int], list[Cell]]:
+    """Every target at every concurrency, back to back (interleaved), `rounds` times: the cells by (key, c)."""
+    samples: dict[tuple[str, int], list[Cell]] = {}
+    cells = len(targets) * len(concurrencies) * rounds
+    log(f"measuring {cells} cells × ({warmup} s warm-up + {duration} s) with "
+        f"{'wrk' if wrk else 'the asyncio generator'}: ~{cells * (warmup + duration) / 60:.1f} min")
+    for round_ in range(rounds):
+        for c in concurrencies:
+            for target in targets:
+                cell = measure(wrk, target, c, warmup, duration)
+                samples.setdefault((target.key, c), []).append(cell)
+                log(f"round {round_ + 1} c={c:<3} {target.label:<45} {cell.rps:9,.0f} req/s  "
+                    f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
+                    f"server CPU {cell.cpu_ms:5.3f} ms/req  errors {cell.errors}")
+    return samples
+
+
 def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path,
                  extra_env: list[str], workers: int = 1) -> subprocess.Popen:
     work = tmp / name
@@ -827,19 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 check(target, chat_ok)
 
-        # Measure: per concurrency, every target back to back (interleaved), `repeat` times.
-        samples: dict[tuple[str, int], list[Cell]] = {}
-        cells = len(targets) * len(args.concurrencies) * args.repeat
-        log(f"measuring {cells} cells × ({args.warmup} s warm-up + {args.duration} s) with "
-            f"{'wrk' if wrk else 'the asyncio generator'}: ~{cells * (args.warmup + args.duration) / 60:.1f} min")
-        for round_ in range(args.repeat):
-            for c in args.concurrencies:
-                for target in targets:
-                    cell = measure(wrk, target, c, args.warmup, args.duration)
-                    samples.setdefault((target.key, c), []).append(cell)
-                    log(f"round {round_ + 1} c={c:<3} {target.label:<40} {cell.rps:9,.0f} req/s  "
-                        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
-                        f"server CPU {cell.cpu_ms:5.2f} ms/req  errors {cell.errors}")
+        samples = measure_rounds(wrk, targets, args.concurrencies, args.repeat, args.warmup, args.duration)
         results = {key: Cell.median(value) for key, value in samples.items()}
         rss = {target.key: group_rss_mb(target.pgid) for target in targets if target.key.startswith("abloop")}
     finally:
