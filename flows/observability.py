@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import logging.config
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -100,26 +99,17 @@ def _log_through_store_logs(format: str, level: str, secrets: list[str]) -> None
 
     Not `configure_logging`: a fresh dictConfig closes every handler in the process, Prefect's API log handler
     too (the run's logs would stop reaching the Prefect UI), and flushing that one under logging's lock waits
-    for a thread that needs the lock: the run hangs. So the handler store.logs' config describes is built
-    alone, and only Prefect's console handler makes way for it.
+    for a thread that needs the lock: the run hangs. So only Prefect's console handler makes way.
     """
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from store.logs import logging_config
+    from store.logs import logging_config, make_handler
 
-    config = logging_config(format, level, secrets=secrets)
-    configurator = logging.config.DictConfigurator(config)
-    for section, build in (("formatters", configurator.configure_formatter),
-                           ("filters", configurator.configure_filter)):
-        built = configurator.config[section]
-        for name in built:
-            built[name] = build(built[name])
-    [name] = config["root"]["handlers"]
-    handler = configurator.configure_handler(configurator.config["handlers"][name])
     root = logging.getLogger()
     for console in [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]:
         root.removeHandler(console)
-    root.addHandler(handler)
+    root.addHandler(make_handler(format, secrets))
+    config = logging_config(format, level, secrets=secrets)  # the levels, root's and the libraries'
     root.setLevel(config["root"]["level"])
     for logger, settings in config["loggers"].items():
         logging.getLogger(logger).setLevel(settings["level"])

@@ -77,18 +77,11 @@ def logging_config(format: LogFormat = "auto", level: str = "INFO", *, secrets: 
     level = level.upper()
     if not isinstance(logging.getLevelName(level), int):
         raise ValueError(f"unknown log level {level!r}: DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    if format not in ("auto", "json", "text"):
-        raise ValueError(f"unknown log format {format!r}: auto, json or text")
-    if format == "auto":
-        format = "text" if (stream or sys.stderr).isatty() else "json"
-    target = {"class": "logging.StreamHandler", "stream": stream} if stream else {"()": StderrHandler}
-    handler = {**target, "formatter": format, "filters": ["context", "redact"]}
+    _resolve(format, stream)  # a bad format fails here, not inside dictConfig
     return {
         "version": 1,
         "disable_existing_loggers": False,  # module-level loggers made before this call keep logging
-        "formatters": {"json": {"()": JsonFormatter}, "text": {"()": TextFormatter}},
-        "filters": {"context": {"()": ContextFilter}, "redact": {"()": RedactFilter, "secrets": list(secrets)}},
-        "handlers": {"default": handler},
+        "handlers": {"default": {"()": make_handler, "format": format, "secrets": list(secrets), "stream": stream}},
         "root": {"level": level, "handlers": ["default"]},
         "loggers": {
             # uvicorn's loggers log through ours; its access log stays off (the proxy logs each request itself).
@@ -98,6 +91,25 @@ def logging_config(format: LogFormat = "auto", level: str = "INFO", *, secrets: 
             **{name: {"level": max(logging.WARNING, logging.getLevelName(level))} for name in QUIET_LOGGERS},
         },
     }
+
+
+def make_handler(format: LogFormat = "auto", secrets: Iterable[str] = (), stream: IO[str] | None = None
+                 ) -> logging.Handler:
+    """The one handler every setup uses: bound fields and trace ids, secrets redacted, JSON or text, to `stream`
+    (default: the current stderr). For a process whose logging another framework owns (a Prefect flow run)."""
+    handler = logging.StreamHandler(stream) if stream else StderrHandler()
+    handler.setFormatter(JsonFormatter() if _resolve(format, stream) == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    handler.addFilter(RedactFilter(secrets))
+    return handler
+
+
+def _resolve(format: str, stream: IO[str] | None) -> Literal["json", "text"]:
+    if format not in ("auto", "json", "text"):
+        raise ValueError(f"unknown log format {format!r}: auto, json or text")
+    if format == "auto":
+        return "text" if (stream or sys.stderr).isatty() else "json"
+    return format  # type: ignore[return-value]
 
 
 class StderrHandler(logging.StreamHandler):
