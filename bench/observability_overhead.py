@@ -59,6 +59,7 @@ from proxy_overhead import (
     log,
     measure_rounds,
     start_abloop,
+    start_stub,
     versions,
     wait_http,
 )
@@ -247,14 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "logs").mkdir()
     procs = Processes(tmp / "logs")
     try:
-        stub_port, sink_port = free_port(), free_port()
-        stub_base = f"http://127.0.0.1:{stub_port}/v1"
-        stub = procs.start("stub", [PROJECT_PY, "-m", "serving.stub", "--port", str(stub_port)],
-                           env=base_env(), cwd=ROOT)
+        stub_base, _ = start_stub(procs)
+        sink_port = free_port()
         sink_url = f"http://127.0.0.1:{sink_port}"
         sink = procs.start("otlp-sink", [PROJECT_PY, str(Path(__file__).resolve()), "--sink", str(sink_port)],
                            env=base_env(), cwd=ROOT)
-        wait_http(f"{stub_base}/models", stub, procs, "stub", 30)
         wait_http(f"{sink_url}/stats", sink, procs, "otlp-sink", 30)
 
         runs = setups(sink_url)
@@ -267,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             name = f"proxy-{setup.key}"
             index_dir = args.index_dir.resolve() if args.index_dir else tmp / f"index-{setup.key}"
-            proc = start_abloop(procs, name, port, stub_base, index_dir, tmp,
-                                [*setup.env, f"WEB_CONCURRENCY={args.workers}"])
+            proc = start_abloop(procs, name, port, stub_base, index_dir, tmp, setup.env, workers=args.workers)
             if args.index_dir:  # ready once the index and its embedder are loaded
                 wait_http(f"http://127.0.0.1:{port}/readyz", proc, procs, name, 300,
                           ok=lambda status, body: status == 200 and json.loads(body).get("ready") is True)

@@ -479,6 +479,15 @@ def measure_rounds(wrk: str | None, targets: list[Target], concurrencies: list[i
     return samples
 
 
+def start_stub(procs: Processes) -> tuple[str, subprocess.Popen]:
+    """The stub upstream (`python -m serving.stub`: answers at once) in a process of its own: its base URL, it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    stub = procs.start("stub", [PROJECT_PY, "-m", "serving.stub", "--port", str(port)], env=base_env(), cwd=ROOT)
+    wait_http(f"{base}/models", stub, procs, "stub", 30)
+    return base, stub
+
+
 def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path,
                  extra_env: list[str], workers: int = 1) -> subprocess.Popen:
     work = tmp / name
@@ -743,11 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes(tmp / "logs")
     try:
         # The stub upstream.
-        stub_port = free_port()
-        stub_base = f"http://127.0.0.1:{stub_port}/v1"
-        stub = procs.start("stub", [PROJECT_PY, "-m", "serving.stub", "--port", str(stub_port)],
-                           env=base_env(), cwd=ROOT)
-        wait_http(f"{stub_base}/models", stub, procs, "stub", 30)
+        stub_base, stub = start_stub(procs)
         log(f"stub upstream at {stub_base}")
 
         # Slow starters first, in the background: the index build and LiteLLM.

@@ -61,15 +61,14 @@ from pathlib import Path
 from typing import Any
 
 from proxy_overhead import (
-    PROJECT_PY,
     WRK_SEARCH,
     Processes,
     Target,
-    base_env,
     free_port,
     log,
     measure,
     start_abloop,
+    start_stub,
     wait_http,
 )
 from proxy_overhead import check as check_target
@@ -417,11 +416,7 @@ def proxy_runs(index_dir: Path, backend: str, traffic: Traffic, concurrencies: l
     cells: dict[tuple[str, int], Any] = {}
     repeats: dict[tuple[str, int], float] = {}
     try:
-        stub_port = free_port()
-        stub_base = f"http://127.0.0.1:{stub_port}/v1"
-        stub = procs.start("stub", [PROJECT_PY, "-m", "serving.stub", "--port", str(stub_port)], env=base_env(),
-                           cwd=Path.cwd())
-        wait_http(f"{stub_base}/models", stub, procs, "stub", 30)
+        stub_base, _ = start_stub(procs)
         targets = []
         for key, label, env, n_workers in rows:
             port = free_port()
