@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -34,8 +35,6 @@ def _db():
 
 
 def _usable_cores() -> int:
-    import os
-
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
     except AttributeError:  # not on Linux
@@ -44,8 +43,6 @@ def _usable_cores() -> int:
 
 def _default_workers() -> int:
     """WEB_CONCURRENCY when set (the variable uvicorn and gunicorn read), else one worker per usable core."""
-    import os
-
     value = os.environ.get("WEB_CONCURRENCY")
     if not value:
         return _usable_cores()
@@ -61,7 +58,6 @@ def _start_workers(workers: int) -> str:
     The store is migrated here, once, not by every worker; the workers' metrics go to one directory
     that /metrics reads whole (proxy/metrics.py).
     """
-    import os
 
     _db().dispose()
     metrics_dir = _metrics_dir()
@@ -75,7 +71,6 @@ def _metrics_dir() -> str:
     """PROMETHEUS_MULTIPROC_DIR for the workers: the operator's, emptied of an earlier server's files (as
     prometheus_client requires), else a fresh temporary directory removed when this process exits."""
     import atexit
-    import os
     import shutil
     import tempfile
 
@@ -91,8 +86,6 @@ def _metrics_dir() -> str:
 
 
 def cmd_proxy(args: argparse.Namespace) -> None:
-    import os
-
     import uvicorn
 
     if args.workers is None:
