@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             await retriever.stop()
             await writer.stop()  # flushes, or spools what it cannot write: nothing is lost
             db.dispose()
+            await asyncio.to_thread(tracing.flush)  # the last spans (see store.tracing.flush)
 
     app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, get_current_span, get_tracer_provider, use_span
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, get_current_span, use_span
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Engine
@@ -40,6 +40,7 @@ from serving.schemas import (
     now,
 )
 from store.tracing import extract, is_enabled, tracer
+from store.tracing import flush as flush_spans
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def create_app(
         finally:
             if owned:
                 await asyncio.to_thread(eng.stop)
-            await asyncio.to_thread(_flush_spans)
+            await asyncio.to_thread(flush_spans)
 
     app = FastAPI(title="abloop model server", lifespan=lifespan)
     if engine is not None:
@@ -340,14 +341,6 @@ def _outcome(error: BaseException) -> tuple[int, str]:
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return CLIENT_CLOSED, "client closed the request"
     return 500, f"internal error: {type(error).__name__}"
-
-
-def _flush_spans() -> None:
-    """Export the spans still batched: uvicorn ends the process with the signal that stopped it, so the SDK's
-    own flush at exit never runs (the last few seconds of spans would be lost)."""
-    flush = getattr(get_tracer_provider(), "force_flush", None)  # the API's no-op provider has none
-    if flush is not None:
-        flush()
 
 
 def _ms(seconds: float | None) -> float | None:

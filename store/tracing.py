@@ -55,6 +55,15 @@ def configure_tracing(service_name: str) -> bool:
     return True
 
 
+def flush() -> None:
+    """Export the spans still batched. Call it when a server shuts down: uvicorn ends the process with the
+    signal that stopped it, so the SDK's own flush at exit never runs (the last seconds of spans were lost)."""
+    trace = _trace_api()
+    flush_provider = getattr(trace.get_tracer_provider(), "force_flush", None) if trace else None
+    if flush_provider is not None:  # the API's no-op provider has none
+        flush_provider()
+
+
 def is_enabled() -> bool:
     """Whether spans are recorded: an SDK (or any real) tracer provider is installed."""
     trace = _trace_api()
