@@ -121,8 +121,9 @@ class OpenVinoEmbedder(_ExportedEmbedder):
     """OpenVINO's CPU plugin on the plain export (or `graph`: an .onnx or .xml of the same inputs).
 
     `precision` None leaves it to the plugin: bf16 where the CPU computes it natively (AVX-512 BF16,
-    AMX), about twice as fast as f32 there and still the same neighbours (bench/query_embedding.py);
-    f32 elsewhere. "f32" forces exact arithmetic.
+    AMX), about twice as fast as f32 there (bench/query_embedding.py), and near-ties among a query's
+    neighbours can swap (on a Xeon with AMX: one neighbour in 300, tests/retrieval/test_fast_embedder.py);
+    f32 elsewhere. "f32" forces exact arithmetic: torch's neighbours.
     """
 
     backend = "openvino"

@@ -34,6 +34,23 @@ def serve_app(app) -> Iterator[str]:
         yield server.url
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """Put torch's intra-op thread count back after each test.
+
+    It is process-wide, and the proxy's retriever sets it (EMBED_THREADS): left as a proxy test set it, the
+    tests after it would run with another count, whose different summation order can change a bf16 result.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")  # no test pays for importing torch
+    before = torch.get_num_threads() if torch else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def span_exporter():
     """Spans recorded in memory for one test: an SDK tracer provider stands in for the global one meanwhile.

@@ -35,9 +35,11 @@ def export_cache(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="session")
 def fast_embedders(export_cache, model_dir) -> dict:
-    from retrieval.fast_embedder import load_query_embedder
+    from retrieval.fast_embedder import OpenVinoEmbedder, load_query_embedder
 
-    return {name: load_query_embedder(model_dir, name, cache_dir=export_cache) for name in ("onnx", "openvino")}
+    embedders = {name: load_query_embedder(model_dir, name, cache_dir=export_cache) for name in ("onnx", "openvino")}
+    embedders["openvino f32"] = OpenVinoEmbedder(model_dir, cache_dir=export_cache, precision="f32")
+    return embedders
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +72,14 @@ def test_export_is_built_once_then_reused(export_cache, model_dir) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
 
+# Exact arithmetic (ONNX Runtime, OpenVINO at f32) finds torch's neighbours. OpenVINO's default precision is bf16
+# where the CPU computes it natively: near-ties among a query's neighbours can swap. Measured on a Xeon with AMX
+# (2026-11-29): recall@5 0.987 (one neighbour of one query of 60 swapped), top-1 60/60; at f32 1.0 and 60/60.
+NEIGHBOUR_TOLERANCE = {"onnx": (1.0, 1.0), "openvino f32": (1.0, 1.0), "openvino": (0.97, 0.98)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("backend", list(NEIGHBOUR_TOLERANCE))
 def test_fast_backend_finds_the_same_neighbours_as_torch(backend, fast_embedders, embedder, small_index) -> None:
     index, queries = small_index
     fast = fast_embedders[backend]
@@ -81,8 +89,9 @@ def test_fast_backend_finds_the_same_neighbours_as_torch(backend, fast_embedders
         got = [hit.id for hit in index.search(fast.encode([query])[0], TOP_K)]
         recall.append(len(set(got) & set(expected)) / TOP_K)
         same_top1.append(got[0] == expected[0])
-    assert np.mean(recall) >= 0.99
-    assert np.mean(same_top1) >= 0.98
+    min_recall, min_top1 = NEIGHBOUR_TOLERANCE[backend]
+    assert np.mean(recall) >= min_recall, f"recall@{TOP_K} at {getattr(fast, 'precision', 'f32')}"
+    assert np.mean(same_top1) >= min_top1
 
 
 @pytest.mark.slow

@@ -152,8 +152,10 @@ async def test_int8_batched_matches_unbatched(loaded_model, start_engine, dtype)
     fp32: the same greedy answers, exactly (8 prompts x 16 tokens).  bf16: different kernels sum in
     different orders and bf16's rounding is coarse, so a near-tie can flip a greedy token, as it does
     without int8 (the previous path: 5 of these 8 prompts identical over 32 tokens alone and batched;
-    tests/serving/test_batching.py checks batching in fp32 for that reason).  Stated tolerance: at least
-    7 of 8 identical over 16 tokens (measured: 7), and every answer's first 4 tokens identical.
+    tests/serving/test_batching.py checks batching in fp32 for that reason). Which tokens flip depends on the
+    CPU's kernels and the thread count (on a Xeon with AMX: 7 of 8 answers identical with 2 threads, 6 with 1),
+    so in bf16 every answer that differs must differ first at a near-tie: the two tokens' logits there, given
+    the common prefix, within `BF16_TIE` of each other. A wrong int8 weight would flip clear winners.
     """
     from serving.model import load_base_model
     from serving.quantize import INT8_MAX_ROWS
@@ -169,9 +171,28 @@ async def test_int8_batched_matches_unbatched(loaded_model, start_engine, dtype)
     if dtype == "float32":
         assert together == alone
         return
-    assert sum(a == b for a, b in zip(alone, together, strict=True)) >= 7, (alone, together)
-    first = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"][:4] for t in alone]
-    assert [loaded.tokenizer(t, add_special_tokens=False)["input_ids"][:4] for t in together] == first
+    assert sum(a == b for a, b in zip(alone, together, strict=True)) >= len(PROMPTS) // 2, (alone, together)
+    for prompt, one, batched in zip(PROMPTS, alone, together, strict=True):
+        if one != batched:
+            gap = _logit_gap_where_they_part(loaded, _chat(engine, prompt), one, batched)
+            assert gap <= BF16_TIE, (prompt, one, batched, gap)
+
+
+BF16_TIE = 0.25  # logits; a token's logit is ~15-30 here, and bf16 keeps 8 bits of it: steps of 0.06-0.125
+
+
+def _logit_gap_where_they_part(loaded, prompt_ids: list[int], one: str, other: str) -> float:
+    """|logit(one's token) - logit(other's token)| at the first token where the two answers differ."""
+    import torch
+
+    a, b = (loaded.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (one, other))
+    shorter = min(len(a), len(b))
+    at = next((i for i in range(shorter) if a[i] != b[i]), shorter)
+    if at == shorter:  # one stopped where the other went on: no second token to compare
+        return 0.0
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt_ids + a[:at]]), logits_to_keep=1).logits[0, -1].float()
+    return abs(float(logits[a[at]] - logits[b[at]]))
 
 
 async def test_single_adapter_path_matches_per_row_path(loaded_model, banana_adapter, start_engine):
