@@ -9,7 +9,10 @@ Measures, side by side in one run, requests/s, p50 latency and server CPU per re
       server (this script, in its own process) that accepts POST /v1/traces and discards it.
 
 The configurations alternate within each round (round 1: a b c at c=1, a b c at c=64; round 2 ...), the
-report is the median over rounds, with each row's requests/s as a ratio of (a)'s and its p50 minus (a)'s.
+report is the median over rounds, with each row's requests/s as a ratio of (a)'s and its p50 minus (a)'s, and
+a 95% confidence interval of the ratio from the rounds' ratios (t interval of their logarithms). On a machine
+of 2 or more CPUs each proxy is pinned to the last CPU and everything else (stub, sink, wrk, this script) to
+the others (--no-pin: no pinning), so that the load generator does not take the measured proxy's CPU.
 Before measuring, the script checks that (b) writes JSON lines and that (c)'s spans reach the sink.
 The issue's goal: (b) serves >= 95% of (a)'s requests/s.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -136,6 +140,19 @@ def paired(samples: dict[tuple[str, int], list[Cell]], key: str, c: int, measure
     return statistics.median(values) if values else float("nan")
 
 
+def ratio_interval(samples: dict[tuple[str, int], list[Cell]], key: str, c: int) -> tuple[float, float, float]:
+    """Geometric mean of the rounds' requests/s ratios against (a), and its 95% t interval."""
+    from scipy import stats
+
+    logs = [math.log(r) for r in (rps_ratio(cell, base) for cell, base in
+                                  zip(samples[(key, c)], samples[("a", c)], strict=True)) if r == r and r > 0]
+    if len(logs) < 2:
+        return (math.exp(logs[0]), float("nan"), float("nan")) if logs else (float("nan"),) * 3
+    mean, sem = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    half = stats.t.ppf(0.975, len(logs) - 1) * sem
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def rps_ratio(cell: Cell, base: Cell) -> float:
     return cell.rps / base.rps if base.rps > 0 else float("nan")
 
@@ -196,8 +213,12 @@ def report(args: argparse.Namespace, header: list[str], runs: list[Setup],
         if logs != logs:
             lines.append(f"- c={c}: n/a ((a) completed no request)")
             continue
-        lines.append(f"- c={c}: (b) {logs:.3f}× (a)'s requests/s ({_fewer(logs)}) → "
-                     f"{'MET' if logs >= GOAL_RPS_RATIO else 'NOT MET'}; with traces exported, (c) {traced:.3f}× "
+        mean, low, high = ratio_interval(samples, "b", c)
+        verdict = "MET" if logs >= GOAL_RPS_RATIO else "NOT MET"
+        if low == low:
+            verdict += f" (the interval's low end {'clears' if low >= GOAL_RPS_RATIO else 'is below'} it)"
+        lines.append(f"- c={c}: (b) {logs:.3f}× (a)'s requests/s ({_fewer(logs)}), geometric mean {mean:.3f}×, "
+                     f"95% CI {low:.3f}–{high:.3f} → {verdict}; with traces exported, (c) {traced:.3f}× "
                      f"({_fewer(traced)})")
     return "\n".join(lines)
 
@@ -214,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: none (retrieval off)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="auto: wrk if installed, else bench/proxy_overhead.py's asyncio generator")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin the proxies to the last CPU and the rest to the others")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (server logs, databases)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument("--sink", type=int, metavar="PORT", help=argparse.SUPPRESS)  # run as the OTLP sink
@@ -244,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         log("wrk not found: install it with `apt-get install -y wrk`")
         return 2
 
+    proxy_cpus = _pin_apart() if args.pin else None
     tmp = Path(tempfile.mkdtemp(prefix="abloop-bench-obs-"))
     (tmp / "logs").mkdir()
     procs = Processes(tmp / "logs")
@@ -265,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             name = f"proxy-{setup.key}"
             index_dir = args.index_dir.resolve() if args.index_dir else tmp / f"index-{setup.key}"
-            proc = start_abloop(procs, name, port, stub_base, index_dir, tmp, setup.env, workers=args.workers)
+            proc = start_abloop(procs, name, port, stub_base, index_dir, tmp, setup.env, workers=args.workers,
+                                cpus=proxy_cpus)
             if args.index_dir:  # ready once the index and its embedder are loaded
                 wait_http(f"http://127.0.0.1:{port}/readyz", proc, procs, name, 300,
                           ok=lambda status, body: status == 200 and json.loads(body).get("ready") is True)
@@ -313,12 +338,24 @@ def main(argv: list[str] | None = None) -> int:
         f"- (b) wrote {json_lines:,} \"search answered\" JSON lines; (c) exported {exported['posts']:,} OTLP posts "
         f"({exported['bytes'] / 1e6:.1f} MB) to the sink",
         "- CPU ms/req: user+system CPU of the proxy process ÷ requests (less sensitive than req/s to other load)",
+        f"- CPUs: each proxy on CPU {proxy_cpus}, the stub, sink, wrk and this script on the others" if proxy_cpus
+        else "- CPUs: not pinned (--no-pin, or a single CPU)",
     ]
     text = report(args, header, runs, samples)
     print(text, flush=True)
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def _pin_apart() -> str | None:
+    """Keep the last usable CPU for the proxies (returned, in taskset's form) and move this process, and so
+    every process it starts but the proxies, onto the others. None on one CPU or without taskset."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2 or shutil.which("taskset") is None:
+        return None
+    os.sched_setaffinity(0, usable[:-1])
+    return str(usable[-1])
 
 
 def _count_lines(path: Path, needle: str) -> int:

@@ -489,7 +489,8 @@ def start_stub(procs: Processes) -> tuple[str, subprocess.Popen]:
 
 
 def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_dir: Path, tmp: Path,
-                 extra_env: list[str], workers: int = 1) -> subprocess.Popen:
+                 extra_env: list[str], workers: int = 1, cpus: str | None = None) -> subprocess.Popen:
+    """`abloop proxy` on the stub; `cpus` (taskset's list, e.g. "1") pins it and its workers to those CPUs."""
     work = tmp / name
     work.mkdir(parents=True, exist_ok=True)
     (work / "spool").mkdir(exist_ok=True)
@@ -508,7 +509,8 @@ def start_abloop(procs: Processes, name: str, port: int, stub_base: str, index_d
     )
     env.update(entry.split("=", 1) for entry in extra_env)
     # cwd is the temp dir so that no .env of the repository leaks in (ADMIN_TOKEN stays unset).
-    return procs.start(name, [ABLOOP, "proxy", "--host", "127.0.0.1", "--port", str(port),
+    pin = ["taskset", "-c", cpus] if cpus else []  # taskset execs the command: the pid is the proxy's
+    return procs.start(name, [*pin, ABLOOP, "proxy", "--host", "127.0.0.1", "--port", str(port),
                               "--workers", str(workers), "--log-level", "warning"], env=env, cwd=work)
 
 

@@ -14,7 +14,9 @@ import pytest
 from store.config import apply_runtime_env
 
 apply_runtime_env()  # before any test module imports torch
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="abloop-prefect-"))
+# Each process its own Prefect home (its own temporary server and database): a pytest-xdist worker inherits
+# the controller's environment, so an inherited PREFECT_HOME would be shared between workers.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
 
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
