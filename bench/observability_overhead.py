@@ -364,10 +364,16 @@ def _count_lines(path: Path, needle: str) -> int:
 
 
 def _check_json_lines(path: Path, minimum: int) -> None:
-    found = [json.loads(line) for line in path.read_text(errors="replace").splitlines()
-             if '"search answered"' in line]
-    if len(found) < minimum or not all("request_id" in line and "timings_ms" in line for line in found):
-        raise RuntimeError(f"(b) wrote {len(found)} 'search answered' JSON lines, expected >= {minimum}")
+    """(b) logs each search: its INFO lines reach the file within store.logs.LineWriter's 0.1 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [json.loads(line) for line in path.read_text(errors="replace").splitlines()
+                 if '"search answered"' in line]
+        if len(found) >= minimum and all("request_id" in line and "timings_ms" in line for line in found):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"(b) wrote {len(found)} 'search answered' JSON lines, expected >= {minimum}")
+        time.sleep(0.1)
 
 
 def _check_spans_exported(procs: Processes, sink_url: str) -> None:

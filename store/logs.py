@@ -8,9 +8,11 @@ through one handler that
   `span_id`, on every record;
 * replaces secrets (the configured values, `Bearer <token>`, `sk-...` keys, passwords in URLs) with "***" in
   the message, its arguments, the extra fields and the traceback before anything is formatted;
-* writes the line to stderr in the thread that logs. A writer thread behind a queue (QueueHandler) was
-  measured on the proxy and lost: fewer requests/s and more CPU per request than writing in place (the GIL
-  passing between the event loop and the writer costs more than the write it takes off the request path).
+* writes the lines to stderr in batches (`LineWriter`): a WARNING or worse at once, with every line before
+  it; the rest within 0.1 s. One write per line cost the proxy more than formatting it: each write releases
+  the GIL, and the event loop then waits to get it back (measured: docs/BENCHMARKS.md, "Observability
+  overhead"). A writer thread behind a queue (QueueHandler) was measured too and lost: it hands the GIL
+  over once per line.
 
 A JSON line: {"ts": "2026-01-02T03:04:05.678Z", "level": "INFO", "logger": "abloop.proxy", "message": "...",
 <bound fields>, "trace_id": "<32 hex>", "span_id": "<16 hex>", <extra= fields>, "exc_info": "<traceback>"}.
@@ -21,9 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import logging.config
+import os
 import re
 import sys
+import threading
 import time
+import traceback
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -42,6 +48,7 @@ REDACTED = "***"
 
 _bound: ContextVar[Mapping[str, Any]] = ContextVar("abloop_log_fields", default=MappingProxyType({}))
 _CONTEXT = "_abloop_context"  # the record attribute ContextFilter fills (a leading "_": never an extra field)
+_EXTRAS = "_abloop_extras"  # the record's extra fields, once found
 # A LogRecord's own attributes; anything else on a record came from `extra=`. uvicorn adds `color_message`
 # (the message again, with ANSI colours) to some of its records.
 _NOT_EXTRA = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
@@ -97,11 +104,20 @@ def make_handler(format: LogFormat = "auto", secrets: Iterable[str] = (), stream
                  ) -> logging.Handler:
     """The one handler every setup uses: bound fields and trace ids, secrets redacted, JSON or text, to `stream`
     (default: the current stderr). For a process whose logging another framework owns (a Prefect flow run)."""
-    handler = logging.StreamHandler(stream) if stream else StderrHandler()
+    _skip_unused_record_fields()
+    handler = LineWriter(stream)
     handler.setFormatter(JsonFormatter() if _resolve(format, stream) == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactFilter(secrets))
     return handler
+
+
+def _skip_unused_record_fields() -> None:
+    """Stop logging from collecting, for every record, what no line of ours prints: the caller's file, line and
+    function (a walk up the stack), the thread's and the process's names and ids. The switches of the logging
+    HOWTO's "Optimization" section; together a fifth of the CPU a line costs."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def _resolve(format: str, stream: IO[str] | None) -> Literal["json", "text"]:
@@ -112,23 +128,109 @@ def _resolve(format: str, stream: IO[str] | None) -> Literal["json", "text"]:
     return format  # type: ignore[return-value]
 
 
-class StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record is emitted, as logging's own last-resort handler does.
+class LineWriter(logging.StreamHandler):
+    """A stream handler that writes its lines in batches: one write, and one release of the GIL, for many lines.
 
-    A handler that kept the stderr of the moment it was configured would write to a closed file once something
-    swaps `sys.stderr` (pytest's capture between tests, a daemon redirecting its output).
+    A record of level WARNING or worse is written at once, after the lines still pending; the others within
+    `flush_interval_s` (a flusher thread, started on the first line a process writes and asleep while there
+    is nothing to write), or as soon as `max_pending_chars` are pending. `flush()` and `close()` write what is
+    pending, and logging flushes every handler at exit; a process killed with SIGKILL loses at most the last
+    `flush_interval_s` of INFO lines.
+
+    `stream` None: whatever `sys.stderr` is when the lines are written, as logging's own last-resort handler
+    does; a handler that kept the stderr of the moment it was configured would write to a closed file once
+    something swaps `sys.stderr` (pytest's capture between tests, a daemon redirecting its output).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream: IO[str] | None = None, *, flush_interval_s: float = 0.1,
+                 max_pending_chars: int = 64 * 1024) -> None:
+        super().__init__(stream)
+        self._follow_stderr = stream is None
+        self.flush_interval_s = flush_interval_s
+        self.max_pending_chars = max_pending_chars
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._flusher_pid = 0  # the process whose flusher thread runs (a forked child starts its own)
+        _line_writers.add(self)
 
     @property
     def stream(self) -> IO[str]:  # type: ignore[override]
-        return sys.stderr
+        return sys.stderr if self._follow_stderr else self._stream
 
     @stream.setter
-    def stream(self, _value: IO[str]) -> None:  # StreamHandler.__init__ assigns one; always stderr here
-        pass
+    def stream(self, value: IO[str]) -> None:  # StreamHandler.__init__ and setStream assign it
+        self._stream = value
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock:
+            self._pending.append(line)
+            self._pending_chars += len(line)
+            if (record.levelno >= logging.WARNING or self._pending_chars >= self.max_pending_chars
+                    or self._closing.is_set()):
+                self._write_pending()
+            elif not self._wake.is_set():  # the flusher is asleep: this is the first line of a batch
+                self._start_flusher()
+                self._wake.set()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._write_pending()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closing.set()  # the flusher ends, and later lines are written at once
+            self._write_pending()
+        self._wake.set()
+        super().close()
+
+    def _write_pending(self) -> None:
+        """Write and flush what is pending (the lock is held)."""
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_chars = 0
+        stream = self.stream
+        try:
+            stream.write(text)
+            stream.flush()
+        except ValueError:  # a closed stream: nothing left to write to
+            pass
+        except Exception:
+            if logging.raiseExceptions:
+                traceback.print_exc(file=sys.__stderr__)
+
+    def _start_flusher(self) -> None:
+        if self._flusher_pid == os.getpid():
+            return
+        self._flusher_pid = os.getpid()
+        threading.Thread(target=self._flush_periodically, name="abloop-log-writer", daemon=True).start()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has no flusher thread: its next line starts one. The lines pending at the fork are the
+        parent's to write (the child writing them too would duplicate them)."""
+        self._pending.clear()
+        self._pending_chars = 0
+        self._wake.clear()
+        self._flusher_pid = 0
+
+    def _flush_periodically(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait()
+            self._closing.wait(self.flush_interval_s)  # lines that come meanwhile join this write
+            self._wake.clear()  # before the write: a line pending after it sets the event again
+            self.flush()
+
+
+_line_writers: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [writer._after_fork_in_child() for writer in list(_line_writers)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +291,9 @@ class RedactFilter(logging.Filter):
             record.exc_text = self.redact(record.exc_text)
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
-        record.__dict__.update(self._redact_value(extras))
+        redacted = self._redact_value(extras)
+        record.__dict__.update(redacted)
+        record.__dict__[_EXTRAS] = redacted
         setattr(record, _CONTEXT, self._redact_value(context))
         return True
 
@@ -261,11 +365,23 @@ class TextFormatter(logging.Formatter):
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    """The fields a record got from `extra=`."""
-    return {key: value for key, value in record.__dict__.items()
-            if key not in _NOT_EXTRA and not key.startswith("_")}
+    """The fields a record got from `extra=` (found once per record: the filters and the formatter all ask)."""
+    extras = record.__dict__.get(_EXTRAS)
+    if extras is None:
+        extras = {key: value for key, value in record.__dict__.items() if key not in _NOT_EXTRA and key[0] != "_"}
+        record.__dict__[_EXTRAS] = extras
+    return extras
+
+
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 
 
 def _utc_timestamp(record: logging.LogRecord) -> str:
     """ISO 8601 in UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+    global _second
+    whole = int(record.created)
+    second, text = _second
+    if whole != second:  # one strftime per second, not per line (two threads racing both compute it)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int(record.msecs):03d}Z"

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -209,3 +210,86 @@ def test_settings_read_log_format_level_and_user_id(monkeypatch):
     defaults = Settings(_env_file=None)
     assert (defaults.log_format, defaults.log_level, defaults.log_user_id) == ("auto", "INFO", False)
 
+
+
+# --------------------------------------------------------------------------------------------
+# LineWriter: lines written in batches, in order, none lost
+
+
+def test_info_lines_wait_for_a_warning_which_writes_them_in_order():
+    from store.logs import LineWriter
+
+    stream = io.StringIO()
+    writer = LineWriter(stream, flush_interval_s=3600)  # the flusher will not write during this test
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    emit = lambda level, message: writer.handle(logging.makeLogRecord(  # noqa: E731
+        {"levelno": level, "levelname": logging.getLevelName(level), "msg": message}))
+    for n in range(3):
+        emit(logging.INFO, f"info {n}")
+    assert stream.getvalue() == ""
+    emit(logging.WARNING, "warned")
+    assert stream.getvalue().splitlines() == ["INFO info 0", "INFO info 1", "INFO info 2", "WARNING warned"]
+    emit(logging.INFO, "after")
+    writer.close()  # close writes what is pending, and ends the flusher at once
+    assert stream.getvalue().splitlines()[-1] == "INFO after"
+    emit(logging.INFO, "closed")  # a line after close is written at once
+    assert stream.getvalue().splitlines()[-1] == "INFO closed"
+
+
+def test_pending_lines_are_written_by_the_flusher_or_when_they_fill_the_buffer():
+    from store.logs import LineWriter
+
+    stream = io.StringIO()
+    writer = LineWriter(stream, flush_interval_s=0.01, max_pending_chars=1000)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "soon"}))
+    deadline = time.monotonic() + 10  # the flusher writes within 0.01 s; the deadline only ends a hang
+    while stream.getvalue() != "soon\n":
+        assert time.monotonic() < deadline, "the flusher never wrote the pending line"
+        time.sleep(0.01)
+    writer.flush_interval_s = 3600
+    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "x" * 999}))  # 1000 chars with \n
+    assert stream.getvalue().endswith("x" * 999 + "\n")
+    writer.close()
+
+
+def test_no_line_is_lost_when_a_process_exits(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import logging, sys\n"
+        "from store.logs import configure_logging\n"
+        "configure_logging('json', 'INFO')\n"
+        "for n in range(5000):\n"
+        "    logging.getLogger('abloop.test').info('line %d', n)\n"
+        "sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 3
+    assert [r["message"] for r in records(done.stderr.splitlines())] == [f"line {n}" for n in range(5000)]
+
+
+def test_a_forked_child_writes_its_own_lines_once_and_not_the_parents():
+    import os
+
+    from store.logs import LineWriter
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stream:
+        writer = LineWriter(stream, flush_interval_s=0.01)
+        writer.setFormatter(logging.Formatter("%(message)s"))
+        writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "parent, before the fork"}))
+        pid = os.fork()
+        if pid == 0:  # the child: one line, written by its own flusher, then exit without logging's shutdown
+            writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "child"}))
+            deadline = time.monotonic() + 10
+            while writer._pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os._exit(0 if not writer._pending else 1)
+        assert os.waitpid(pid, 0)[1] == 0, "the child's flusher never wrote its line"
+        writer.close()
+    with os.fdopen(read_end) as lines:
+        assert sorted(lines.read().splitlines()) == ["child", "parent, before the fork"]
