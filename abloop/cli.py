@@ -96,7 +96,7 @@ def cmd_proxy(args: argparse.Namespace) -> None:
     os.environ["WEB_CONCURRENCY"] = str(args.workers)
     if args.workers == 1:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # one process: its own registry, no shared files
-        app = "proxy.app:create_app"
+        app = "proxy.app:create_served_app"
     else:
         app = _start_workers(args.workers)
     uvicorn.run(app, factory=True, host=args.host, port=args.port,

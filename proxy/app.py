@@ -26,15 +26,18 @@ from proxy.upstream import Upstream
 from store import tracing
 from store.config import Settings
 from store.db import Database
+from store.runtime import freeze_startup_heap
 from store.writer import EventWriter
 
 log = logging.getLogger("abloop.proxy")
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze_heap: bool = False) -> FastAPI:
     """Build the proxy. Nothing connects or loads until the app starts (its lifespan).
 
     `migrate=False`: the store is already migrated (by the parent of several workers, or `abloop migrate`).
+    `freeze_heap=True`: once started, the process's objects are frozen out of the garbage collector's sight
+    (store.runtime.freeze_startup_heap); for a process that serves this app and nothing else (`abloop proxy`).
     Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (store.tracing); logging is the caller's to set
     up (`abloop proxy` does: store.logs).
     """
@@ -74,7 +77,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         await live.start()
         metrics.start()
         app.state.abloop = state
-        log.info("proxy ready: experiment %s, index %s", live.snapshot.experiment.id, retriever.version)
+        frozen = await asyncio.to_thread(freeze_startup_heap) if freeze_heap else 0
+        log.info("proxy ready: experiment %s, index %s", live.snapshot.experiment.id, retriever.version,
+                 extra={"gc_frozen_objects": frozen})
         try:
             yield
         finally:
@@ -100,9 +105,14 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     return app
 
 
+def create_served_app() -> FastAPI:
+    """The app factory of `abloop proxy` (one process)."""
+    return create_app(freeze_heap=True)
+
+
 def create_worker_app() -> FastAPI:
     """The app factory of `abloop proxy --workers N`'s workers: their parent migrated the store before starting them."""
-    return create_app(migrate=False)
+    return create_app(migrate=False, freeze_heap=True)
 
 
 def _watch(state: AppState) -> None:

@@ -8,6 +8,7 @@ worker's pid: that is how the tests see that both workers served); SIGTERM drain
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -196,6 +197,9 @@ def test_two_workers_serve_and_lose_nothing(tmp_path, control_upstream):
                 assert (name, ()) in metrics, name  # one series each: no `pid` label
     # SIGTERM: both workers flushed their writers before exiting.
     _check_stored(database_url, request_ids)
+    ready = [json.loads(line) for line in server.log.read_text(errors="replace").splitlines()
+             if '"proxy ready' in line]
+    assert len(ready) == 2 and all(line["gc_frozen_objects"] > 10_000 for line in ready), ready  # a served heap
     assert metrics_dir.is_dir(), "an operator's directory is theirs to keep"
 
 
@@ -247,7 +251,7 @@ def test_workers_default_to_the_usable_cores(uvicorn_runs, monkeypatch):
 def test_one_worker_is_one_plain_process(uvicorn_runs, tmp_path):
     cmd_proxy(build_parser().parse_args(["proxy", "--workers", "1"]))
     (run,) = uvicorn_runs
-    assert run["app"] == "proxy.app:create_app" and run["workers"] == 1
+    assert run["app"] == "proxy.app:create_served_app" and run["workers"] == 1
     assert "PROMETHEUS_MULTIPROC_DIR" not in run["environ"]
     assert not (tmp_path / "abloop.db").exists()  # the app migrates, as it always has
 
