@@ -12,7 +12,8 @@ The configurations alternate within each round (round 1: a b c at c=1, a b c at 
 report is the median over rounds, with each row's requests/s as a ratio of (a)'s and its p50 minus (a)'s, and
 a 95% confidence interval of the ratio from the rounds' ratios (t interval of their logarithms). On a machine
 of 2 or more CPUs each proxy is pinned to the last CPU and everything else (stub, sink, wrk, this script) to
-the others (--no-pin: no pinning), so that the load generator does not take the measured proxy's CPU.
+the others (--no-pin: no pinning), so that the load generator does not take the measured proxy's CPU; and
+the two proxies not being measured are stopped (SIGSTOP) meanwhile, so that their idle work does not either.
 Before measuring, the script checks that (b) writes JSON lines and that (c)'s spans reach the sink.
 The issue's goal: (b) serves >= 95% of (a)'s requests/s.
 
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_spans_exported(procs, sink_url)
 
         samples = measure_rounds(wrk, [targets[setup.key] for setup in runs], args.concurrencies, args.rounds,
-                                 args.warmup, args.duration)
+                                 args.warmup, args.duration, pause_others=True)
         exported = sink_stats(sink_url)
         json_lines = _count_lines(procs.log_dir / "proxy-b.log", '"search answered"')
     finally:
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- (b) wrote {json_lines:,} \"search answered\" JSON lines; (c) exported {exported['posts']:,} OTLP posts "
         f"({exported['bytes'] / 1e6:.1f} MB) to the sink",
         "- CPU ms/req: user+system CPU of the proxy process ÷ requests (less sensitive than req/s to other load)",
-        f"- CPUs: each proxy on CPU {proxy_cpus}, the stub, sink, wrk and this script on the others" if proxy_cpus
+        f"- CPUs: each proxy on CPU {proxy_cpus} (the two not measured stopped meanwhile), the stub, sink, wrk and "
+        "this script on the others" if proxy_cpus
         else "- CPUs: not pinned (--no-pin, or a single CPU)",
     ]
     text = report(args, header, runs, samples)

@@ -50,7 +50,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,8 +462,12 @@ def start_index_build(procs: Processes, index_dir: Path, tmp: Path) -> subproces
 
 
 def measure_rounds(wrk: str | None, targets: list[Target], concurrencies: list[int], rounds: int, warmup: int,
-                   duration: int) -> dict[tuple[str, int], list[Cell]]:
-    """Every target at every concurrency, back to back (interleaved), `rounds` times: the cells by (key, c)."""
+                   duration: int, *, pause_others: bool = False) -> dict[tuple[str, int], list[Cell]]:
+    """Every target at every concurrency, back to back (interleaved), `rounds` times: the cells by (key, c).
+
+    `pause_others`: the targets not being measured are stopped (SIGSTOP) meanwhile, so that their idle work
+    (an idle proxy's timers take ~3% of a core) does not share the measured one's CPU.
+    """
     samples: dict[tuple[str, int], list[Cell]] = {}
     cells = len(targets) * len(concurrencies) * rounds
     log(f"measuring {cells} cells × ({warmup} s warm-up + {duration} s) with "
@@ -471,12 +475,24 @@ def measure_rounds(wrk: str | None, targets: list[Target], concurrencies: list[i
     for round_ in range(rounds):
         for c in concurrencies:
             for target in targets:
-                cell = measure(wrk, target, c, warmup, duration)
+                with _paused([other.pgid for other in targets if other is not target] if pause_others else []):
+                    cell = measure(wrk, target, c, warmup, duration)
                 samples.setdefault((target.key, c), []).append(cell)
                 log(f"round {round_ + 1} c={c:<3} {target.label:<45} {cell.rps:9,.0f} req/s  "
                     f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
                     f"server CPU {cell.cpu_ms:5.3f} ms/req  errors {cell.errors}")
     return samples
+
+
+@contextlib.contextmanager
+def _paused(pgids: list[int]) -> Iterator[None]:
+    for pgid in pgids:
+        os.killpg(pgid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pgid in pgids:
+            os.killpg(pgid, signal.SIGCONT)
 
 
 def start_stub(procs: Processes) -> tuple[str, subprocess.Popen]:
