@@ -115,7 +115,7 @@ def make_handler(format: LogFormat = "auto", secrets: Iterable[str] = (), stream
 def _skip_unused_record_fields() -> None:
     """Stop logging from collecting, for every record, what no line of ours prints: the caller's file, line and
     function (a walk up the stack), the thread's and the process's names and ids. The switches of the logging
-    HOWTO's "Optimization" section; together a fifth of the CPU a line costs."""
+    HOWTO's "Optimization" section; about a fifth of the CPU a line costs, in process."""
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
@@ -176,8 +176,10 @@ class LineWriter(logging.StreamHandler):
                     or self._closing.is_set()):
                 self._write_pending()
             elif not self._wake.is_set():  # the flusher is asleep: this is the first line of a batch
-                self._start_flusher()
-                self._wake.set()
+                if self._start_flusher():
+                    self._wake.set()
+                else:
+                    self._write_pending()
 
     def flush(self) -> None:
         with self.lock:
@@ -207,11 +209,16 @@ class LineWriter(logging.StreamHandler):
             if logging.raiseExceptions:
                 traceback.print_exc(file=sys.__stderr__)
 
-    def _start_flusher(self) -> None:
+    def _start_flusher(self) -> bool:
+        """Whether a flusher runs in this process (started now if need be; none can be once Python is exiting)."""
         if self._flusher_pid == os.getpid():
-            return
+            return True
+        try:
+            threading.Thread(target=self._flush_periodically, name="abloop-log-writer", daemon=True).start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown": this line is written at once
+            return False
         self._flusher_pid = os.getpid()
-        threading.Thread(target=self._flush_periodically, name="abloop-log-writer", daemon=True).start()
+        return True
 
     def _after_fork_in_child(self) -> None:
         """A forked child has no flusher thread: its next line starts one. The lines pending at the fork are the

@@ -293,3 +293,20 @@ def test_a_forked_child_writes_its_own_lines_once_and_not_the_parents():
         writer.close()
     with os.fdopen(read_end) as lines:
         assert sorted(lines.read().splitlines()) == ["child", "parent, before the fork"]
+
+
+def test_a_line_logged_when_no_thread_can_start_is_written_at_once(monkeypatch):
+    import threading
+
+    from store.logs import LineWriter
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    stream = io.StringIO()
+    writer = LineWriter(stream, flush_interval_s=3600)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "at exit"}))
+    assert stream.getvalue() == "at exit\n"
+    writer.close()
