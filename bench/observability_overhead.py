@@ -1,19 +1,20 @@
 """Observability overhead: the abloop proxy with text logs, JSON logs, and JSON logs plus exported traces.
 
 Measures, side by side in one run, requests/s, p50 latency and server CPU per request at concurrency 1 and
-64 of three proxies on the same stub upstream (retrieval off, unless --index-dir), each in its own process:
+64 of four proxies on the same stub upstream (retrieval off, unless --index-dir), each in its own process:
 
   (a) LOG_FORMAT=text, LOG_LEVEL=WARNING: nothing logged per request (the baseline);
   (b) LOG_FORMAT=json, LOG_LEVEL=INFO, traces off: a JSON line per search (store/logs.py);
   (c) as (b), plus traces exported over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT) to a local sink, a tiny HTTP
-      server (this script, in its own process) that accepts POST /v1/traces and discards it.
+      server (this script, in its own process) that accepts POST /v1/traces and discards it;
+  (d) as (c), with 1 trace in 10 sampled (OTEL_TRACES_SAMPLER=parentbased_traceidratio, ..._ARG=0.1).
 
-The configurations alternate within each round (round 1: a b c at c=1, a b c at c=64; round 2 ...), the
+The configurations alternate within each round (round 1: a b c d at c=1, a b c d at c=64; round 2 ...), the
 report is the median over rounds, with each row's requests/s as a ratio of (a)'s and its p50 minus (a)'s, and
 a 95% confidence interval of the ratio from the rounds' ratios (t interval of their logarithms). On a machine
 of 2 or more CPUs each proxy is pinned to the last CPU and everything else (stub, sink, wrk, this script) to
 the others (--no-pin: no pinning), so that the load generator does not take the measured proxy's CPU; and
-the two proxies not being measured are stopped (SIGSTOP) meanwhile, so that their idle work does not either.
+the proxies not being measured are stopped (SIGSTOP) meanwhile, so that their idle work does not either.
 Before measuring, the script checks that (b) writes JSON lines and that (c)'s spans reach the sink.
 The issue's goal: (b) serves >= 95% of (a)'s requests/s.
 
@@ -85,6 +86,10 @@ def setups(sink_url: str) -> list[Setup]:
         Setup("b", "(b) JSON logs at INFO, traces off", ("LOG_FORMAT=json", "LOG_LEVEL=INFO")),
         Setup("c", "(c) JSON logs at INFO + traces (OTLP/HTTP)",
               ("LOG_FORMAT=json", "LOG_LEVEL=INFO", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink_url}")),
+        # The lever a busy proxy would use: OTel's standard sampler variables, 1 trace in 10 recorded.
+        Setup("d", "(d) as (c), 10% of traces sampled",
+              ("LOG_FORMAT=json", "LOG_LEVEL=INFO", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink_url}",
+               "OTEL_TRACES_SAMPLER=parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG=0.1")),
     ]
 
 
@@ -211,6 +216,7 @@ def report(args: argparse.Namespace, header: list[str], runs: list[Setup],
     lines.append(f"Goal: (b) JSON logs on, traces off, serves >= {GOAL_RPS_RATIO:.0%} of (a)'s requests/s.")
     for c in args.concurrencies:
         logs, traced = paired(samples, "b", c, rps_ratio), paired(samples, "c", c, rps_ratio)
+        sampled = paired(samples, "d", c, rps_ratio)
         if logs != logs:
             lines.append(f"- c={c}: n/a ((a) completed no request)")
             continue
@@ -220,7 +226,7 @@ def report(args: argparse.Namespace, header: list[str], runs: list[Setup],
             verdict += f" (the interval's low end {'clears' if low >= GOAL_RPS_RATIO else 'is below'} it)"
         lines.append(f"- c={c}: (b) {logs:.3f}× (a)'s requests/s ({_fewer(logs)}), geometric mean {mean:.3f}×, "
                      f"95% CI {low:.3f}–{high:.3f} → {verdict}; with traces exported, (c) {traced:.3f}× "
-                     f"({_fewer(traced)})")
+                     f"({_fewer(traced)}); 10% of them, (d) {sampled:.3f}× ({_fewer(sampled)})")
     return "\n".join(lines)
 
 
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- (b) wrote {json_lines:,} \"search answered\" JSON lines; (c) exported {exported['posts']:,} OTLP posts "
         f"({exported['bytes'] / 1e6:.1f} MB) to the sink",
         "- CPU ms/req: user+system CPU of the proxy process ÷ requests (less sensitive than req/s to other load)",
-        f"- CPUs: each proxy on CPU {proxy_cpus} (the two not measured stopped meanwhile), the stub, sink, wrk and "
+        f"- CPUs: each proxy on CPU {proxy_cpus} (the others stopped while one is measured), the stub, sink, wrk and "
         "this script on the others" if proxy_cpus
         else "- CPUs: not pinned (--no-pin, or a single CPU)",
     ]
