@@ -36,21 +36,30 @@ def serve_app(app) -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads() -> Iterator[None]:
-    """Put torch's intra-op thread count back after each test.
+# The intra-op thread count every test starts with once torch is loaded: torch's own default where the caller
+# fixed it (OMP_NUM_THREADS), else one per usable CPU.
+TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
-    It is process-wide, and the proxy's retriever sets it (EMBED_THREADS): left as a proxy test set it, the
-    tests after it would run with another count, whose different summation order can change a bf16 result.
+
+@pytest.fixture(autouse=True)
+def _same_torch_threads() -> Iterator[None]:
+    """Every test starts, and leaves, with `TORCH_THREADS` intra-op threads (when torch is loaded).
+
+    The count is process-wide and the proxy's retriever sets it (EMBED_THREADS): left as a proxy test set it,
+    the tests after it would run with another count, whose different summation order can change a bf16
+    result, so that a test's outcome would depend on which tests ran before it in the same process.
     """
+    _set_torch_threads()
+    yield
+    _set_torch_threads()
+
+
+def _set_torch_threads() -> None:
     import sys
 
     torch = sys.modules.get("torch")  # no test pays for importing torch
-    before = torch.get_num_threads() if torch else None
-    yield
-    torch = sys.modules.get("torch")
-    if torch and before is not None and torch.get_num_threads() != before:
-        torch.set_num_threads(before)
+    if torch is not None and torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture

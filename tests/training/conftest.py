@@ -37,8 +37,9 @@ class BagOfWordsEncoder:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    """One intra-op thread unless ABLOOP_TEST_TORCH_THREADS says otherwise.
+def _same_torch_threads():
+    """One intra-op thread unless ABLOOP_TEST_TORCH_THREADS says otherwise (in place of tests/conftest.py's
+    fixture of the same name, for the training tests).
 
     Test machines are shared: with more runnable threads than cores, OpenMP's spinning workers
     make a 2-thread forward pass several times slower than a 1-thread one.
