@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+# The tree this script sits in, before the installed one: a copy in a worktree of another commit measures that
+# commit (docs/BENCHMARKS.md compares the trees before and after a change this way).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from store.logs import bind, configure_logging  # noqa: E402
