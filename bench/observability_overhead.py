@@ -37,7 +37,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,8 +54,10 @@ from proxy_overhead import (
     Cell,
     Processes,
     Target,
+    add_load_arguments,
     base_env,
     check,
+    choose_wrk,
     fmt,
     fmt_added,
     free_port,
@@ -64,8 +65,10 @@ from proxy_overhead import (
     http,
     log,
     measure_rounds,
+    parse_concurrencies,
     start_abloop,
     start_stub,
+    stop_on_signals,
     versions,
     wait_http,
 )
@@ -233,22 +236,16 @@ def report(args: argparse.Namespace, header: list[str], runs: list[Setup],
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_arguments(parser, duration=3, warmup=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the report is their median")
-    parser.add_argument("--duration", type=int, default=3, help="seconds measured per cell (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up load before each cell (default 1)")
-    parser.add_argument("--concurrency", default="1,64", help="comma-separated connection counts (default 1,64)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per proxy (default 1)")
     parser.add_argument("--index-dir", type=Path, help="an index built by `abloop index build` (retrieval on); "
                         "default: none (retrieval off)")
-    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
-                        help="auto: wrk if installed, else bench/proxy_overhead.py's asyncio generator")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the proxies to the last CPU and the rest to the others")
-    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (server logs, databases)")
-    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument("--sink", type=int, metavar="PORT", help=argparse.SUPPRESS)  # run as the OTLP sink
     args = parser.parse_args(argv)
-    args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.concurrencies = parse_concurrencies(args.concurrency)
     if not args.concurrencies or min(args.concurrencies) < 1 or min(args.duration, args.rounds, args.workers) < 1:
         parser.error("--concurrency, --duration, --rounds and --workers must be positive")
     if args.index_dir is not None and not has_index(args.index_dir):
@@ -256,23 +253,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sink is not None:
         run_sink(args.sink)
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_signals()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
-    wrk = shutil.which("wrk") if args.loadgen in ("auto", "wrk") else None
-    if args.loadgen == "wrk" and wrk is None:
-        log("wrk not found: install it with `apt-get install -y wrk`")
-        return 2
+    wrk = choose_wrk(args.loadgen)
 
     proxy_cpus = _pin_apart() if args.pin else None
     tmp = Path(tempfile.mkdtemp(prefix="abloop-bench-obs-"))

@@ -709,12 +709,45 @@ def workers_report(workers: list[int], concurrencies: list[int], results: dict[t
     return "\n".join(lines)
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, *, duration: int, warmup: int) -> None:
+    """The options of every benchmark that loads proxies through `measure`: cells, load generator, output."""
+    parser.add_argument("--duration", type=int, default=duration,
+                        help=f"seconds measured per cell (default {duration})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"seconds of warm-up load before each cell (default {warmup})")
+    parser.add_argument("--concurrency", default="1,64", help="comma-separated connection counts (default 1,64)")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                        help="auto: wrk if installed, else bench/proxy_overhead.py's asyncio generator")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (server logs, databases)")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+
+
+def parse_concurrencies(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def choose_wrk(loadgen: str) -> str | None:
+    """wrk's path, or None for the asyncio generator; exits (2) when `--loadgen wrk` asked for a missing wrk."""
+    wrk = shutil.which("wrk") if loadgen in ("auto", "wrk") else None
+    if loadgen == "wrk" and wrk is None:
+        log("wrk not found: install it with `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`")
+        sys.exit(2)
+    if wrk is None:
+        log("wrk not found (install: `apt-get install -y wrk`); using the built-in asyncio HTTP/1.1 generator, "
+            "which may itself be the bottleneck above a few thousand requests/s")
+    return wrk
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: through `finally`, which stops every server started."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds measured per cell (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up load before each cell (default 2)")
-    parser.add_argument("--concurrency", default="1,64", help="comma-separated connection counts (default 1,64)")
+    add_load_arguments(parser, duration=10, warmup=2)
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every cell N times, interleaved, and report the median (default 1)")
     parser.add_argument("--skip-litellm", action="store_true", help="leave the LiteLLM proxy out")
@@ -726,14 +759,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "none); default: built once into a temp dir")
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV_DEFAULT,
                         help=f"venv holding litellm[proxy] (default {LITELLM_VENV_DEFAULT.relative_to(ROOT)})")
-    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
-                        help="auto: wrk if installed, else the built-in asyncio generator")
     parser.add_argument("--proxy-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the abloop proxies, e.g. OMP_NUM_THREADS=1 (repeatable)")
-    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (server logs, databases)")
-    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
-    args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.concurrencies = parse_concurrencies(args.concurrency)
     args.workers = list(dict.fromkeys(int(w) for w in args.workers.split(",") if w.strip()))
     if (not args.concurrencies or min(args.concurrencies) < 1 or not args.workers or min(args.workers) < 1
             or args.duration < 1 or args.repeat < 1):
@@ -749,19 +778,11 @@ def _terminate(signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
-
-    wrk = shutil.which("wrk") if args.loadgen in ("auto", "wrk") else None
-    if args.loadgen == "wrk" and wrk is None:
-        log("wrk not found: install it with `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`")
-        return 2
-    if wrk is None:
-        log("wrk not found (install: `apt-get install -y wrk`); using the built-in asyncio HTTP/1.1 generator, "
-            "which may itself be the bottleneck above a few thousand requests/s")
+    wrk = choose_wrk(args.loadgen)
 
     litellm_cli = None if args.skip_litellm else ensure_litellm(args.litellm_venv)
 

@@ -221,12 +221,11 @@ class LineWriter(logging.StreamHandler):
         return True
 
     def _after_fork_in_child(self) -> None:
-        """A forked child has no flusher thread: its next line starts one. The lines pending at the fork are the
-        parent's to write (the child writing them too would duplicate them)."""
+        """A forked child has no flusher thread: its next line starts one (`_start_flusher` sees another pid once
+        `_wake` is clear). The lines pending at the fork are the parent's to write: the child would duplicate them."""
         self._pending.clear()
         self._pending_chars = 0
         self._wake.clear()
-        self._flusher_pid = 0
 
     def _flush_periodically(self) -> None:
         while not self._closing.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +56,6 @@ def _same_torch_threads() -> Iterator[None]:
 
 
 def _set_torch_threads() -> None:
-    import sys
-
     torch = sys.modules.get("torch")  # no test pays for importing torch
     if torch is not None and torch.get_num_threads() != TORCH_THREADS:
         torch.set_num_threads(TORCH_THREADS)

@@ -216,39 +216,44 @@ def test_settings_read_log_format_level_and_user_id(monkeypatch):
 # LineWriter: lines written in batches, in order, none lost
 
 
-def test_info_lines_wait_for_a_warning_which_writes_them_in_order():
+def _line_writer(stream, format: str = "%(message)s", **options):
     from store.logs import LineWriter
 
+    writer = LineWriter(stream, **options)
+    writer.setFormatter(logging.Formatter(format))
+    return writer
+
+
+def _emit(writer, message: str, level: int = logging.INFO) -> None:
+    writer.handle(logging.makeLogRecord({"levelno": level, "levelname": logging.getLevelName(level), "msg": message}))
+
+
+def test_info_lines_wait_for_a_warning_which_writes_them_in_order():
     stream = io.StringIO()
-    writer = LineWriter(stream, flush_interval_s=3600)  # the flusher will not write during this test
-    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    emit = lambda level, message: writer.handle(logging.makeLogRecord(  # noqa: E731
-        {"levelno": level, "levelname": logging.getLevelName(level), "msg": message}))
+    # flush_interval_s: the flusher will not write during this test
+    writer = _line_writer(stream, "%(levelname)s %(message)s", flush_interval_s=3600)
     for n in range(3):
-        emit(logging.INFO, f"info {n}")
+        _emit(writer, f"info {n}")
     assert stream.getvalue() == ""
-    emit(logging.WARNING, "warned")
+    _emit(writer, "warned", logging.WARNING)
     assert stream.getvalue().splitlines() == ["INFO info 0", "INFO info 1", "INFO info 2", "WARNING warned"]
-    emit(logging.INFO, "after")
+    _emit(writer, "after")
     writer.close()  # close writes what is pending, and ends the flusher at once
     assert stream.getvalue().splitlines()[-1] == "INFO after"
-    emit(logging.INFO, "closed")  # a line after close is written at once
+    _emit(writer, "closed")  # a line after close is written at once
     assert stream.getvalue().splitlines()[-1] == "INFO closed"
 
 
 def test_pending_lines_are_written_by_the_flusher_or_when_they_fill_the_buffer():
-    from store.logs import LineWriter
-
     stream = io.StringIO()
-    writer = LineWriter(stream, flush_interval_s=0.01, max_pending_chars=1000)
-    writer.setFormatter(logging.Formatter("%(message)s"))
-    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "soon"}))
+    writer = _line_writer(stream, flush_interval_s=0.01, max_pending_chars=1000)
+    _emit(writer, "soon")
     deadline = time.monotonic() + 10  # the flusher writes within 0.01 s; the deadline only ends a hang
     while stream.getvalue() != "soon\n":
         assert time.monotonic() < deadline, "the flusher never wrote the pending line"
         time.sleep(0.01)
     writer.flush_interval_s = 3600
-    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "x" * 999}))  # 1000 chars with \n
+    _emit(writer, "x" * 999)  # 1000 chars with \n
     assert stream.getvalue().endswith("x" * 999 + "\n")
     writer.close()
 
@@ -275,16 +280,13 @@ def test_no_line_is_lost_when_a_process_exits(tmp_path):
 def test_a_forked_child_writes_its_own_lines_once_and_not_the_parents():
     import os
 
-    from store.logs import LineWriter
-
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "w") as stream:
-        writer = LineWriter(stream, flush_interval_s=0.01)
-        writer.setFormatter(logging.Formatter("%(message)s"))
-        writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "parent, before the fork"}))
+        writer = _line_writer(stream, flush_interval_s=0.01)
+        _emit(writer, "parent, before the fork")
         pid = os.fork()
         if pid == 0:  # the child: one line, written by its own flusher, then exit without logging's shutdown
-            writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "child"}))
+            _emit(writer, "child")
             deadline = time.monotonic() + 10
             while writer._pending and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -298,15 +300,12 @@ def test_a_forked_child_writes_its_own_lines_once_and_not_the_parents():
 def test_a_line_logged_when_no_thread_can_start_is_written_at_once(monkeypatch):
     import threading
 
-    from store.logs import LineWriter
-
     def refuse(self):
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
     stream = io.StringIO()
-    writer = LineWriter(stream, flush_interval_s=3600)
-    writer.setFormatter(logging.Formatter("%(message)s"))
-    writer.handle(logging.makeLogRecord({"levelno": logging.INFO, "msg": "at exit"}))
+    writer = _line_writer(stream, flush_interval_s=3600)
+    _emit(writer, "at exit")
     assert stream.getvalue() == "at exit\n"
     writer.close()
