@@ -20,3 +20,14 @@ def test_dtype_choice(monkeypatch):
     assert choose_device_dtype("cpu")[1] is torch.float32  # auto: emulated bf16 would be slower
     with pytest.raises(ValueError, match="dtype must be one of"):
         choose_device_dtype("cpu", "int4")
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bfloat16"), (False, "float16")])
+def test_a_visible_gpu_is_chosen_with_its_fastest_half_precision(monkeypatch, bf16, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)  # pre-Ampere GPUs: fp16
+    device, dtype = choose_device_dtype()
+    assert device == torch.device("cuda") and dtype is getattr(torch, expected)
+    assert choose_device_dtype(dtype="float32")[1] is torch.float32  # an explicit dtype wins on CUDA too
