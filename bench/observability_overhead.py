@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    ours = versions(PROJECT_PY, ["fastapi", "uvicorn", "python-json-logger", "opentelemetry-sdk",
-                                 "opentelemetry-instrumentation-fastapi"])
+    ours = versions(PROJECT_PY, ["fastapi", "uvicorn", "python-json-logger", "opentelemetry-sdk"])
     loadgen = "wrk" if wrk else "bench/proxy_overhead.py's asyncio HTTP/1.1 generator (wrk not installed)"
     header = [
         "# abloop proxy: observability overhead",

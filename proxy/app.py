@@ -18,7 +18,7 @@ from proxy.deps import AppState
 from proxy.limits import BodySizeLimit
 from proxy.live import Live
 from proxy.metrics import Metrics
-from proxy.observability import instrument
+from proxy.observability import FASTAPI_TELEMETRY, instrument
 from proxy.ratelimit import RateLimited, RateLimiter, rate_limited
 from proxy.retriever import Retriever
 from proxy.routes import admin, health, prompts, rules, search
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
             db.dispose()
             await asyncio.to_thread(tracing.flush)  # the last spans (see store.tracing.flush)
 
-    app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RateLimited, rate_limited)

@@ -1,11 +1,15 @@
 """The proxy's request-level logs and traces: the request span, the caller's trace, the error line.
 
-With tracing on, OpenTelemetry's FastAPI instrumentation makes each request's span (the root, or the child of
-an incoming `traceparent`). With it off, `RequestContext` still joins an incoming `traceparent`, cheaply: the
-upstream arm then gets the caller's trace context and the log lines its trace_id.
+`RequestContext`, one pure ASGI middleware, does all of it. With tracing on it opens each request's
+SERVER span (the root, or the child of an incoming `traceparent`), named and attributed after
+OpenTelemetry's HTTP conventions once the route is known; it is the proxy's own because the generic
+instrumentations cost more per request than the rest of the tracing together (docs/BENCHMARKS.md,
+"Observability overhead"), and FastAPI's built-in telemetry is switched off in `create_app` so that
+no request gets two. With tracing off it still joins an incoming `traceparent`, cheaply: the upstream
+arm then gets the caller's trace context and the log lines its trace_id.
 
-`RequestContext` also logs one line for every response with status >= 400 (INFO for 4xx, WARNING for 5xx),
-with the fields the handler named with `request_fields` (a request_id, once there is one).
+It also logs one line for every response with status >= 400 (INFO for 4xx, WARNING for 5xx), with
+the fields the handler named with `request_fields` (a request_id, once there is one).
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store import tracing
 from store.logs import bind
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("abloop.proxy")
 
@@ -44,24 +52,21 @@ def request_fields(**fields: Any) -> Iterator[None]:
 
 
 def instrument(app: FastAPI) -> None:
-    """Request spans and trace context for `app`: the FastAPI instrumentation while spans are recorded, else
-    only the W3C context of the caller (see the module doc). Call it after the app's own middleware."""
-    traced = tracing.is_enabled()
-    app.add_middleware(RequestContext, join_trace=not traced)
-    if traced:
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    """Request spans and trace context for `app` (see the module doc). Call it after the app's own middleware."""
+    app.add_middleware(RequestContext, traced=tracing.is_enabled())
 
-        # The ASGI "receive"/"send" spans would triple the spans per request and say nothing new.
-        FastAPIInstrumentor.instrument_app(app, excluded_urls=",".join(UNTRACED_PATHS),
-                                           exclude_spans=["receive", "send"])
+
+# FastAPI's own request telemetry, off: RequestContext makes the proxy's request spans, the Prometheus
+# metrics and the error lines are its own, and no OpenTelemetry log or meter provider is set up.
+FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 
 class RequestContext:
-    """Pure ASGI middleware (no extra task per request): joins the caller's trace, logs error responses."""
+    """Pure ASGI middleware (no extra task per request): the request span or the caller's trace, error lines."""
 
-    def __init__(self, app: ASGIApp, *, join_trace: bool) -> None:
+    def __init__(self, app: ASGIApp, *, traced: bool) -> None:
         self.app = app
-        self.join_trace = join_trace
+        self.traced = traced
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,28 +82,73 @@ class RequestContext:
 
         fields: dict[str, Any] = {}
         fields_token = _error_line_fields.set(fields)
-        trace_token = self._join_trace(scope) if self.join_trace else None
+        span = self._start_span(scope) if self.traced and scope["path"] not in UNTRACED_PATHS else None
+        context_token = self._attach(scope, span)
         try:
             await self.app(scope, receive, send_noting_status)
-        except Exception:
+        except Exception as exc:
             status = status or 500  # the server answers 500 and logs the traceback
+            if span is not None:
+                span.record_exception(exc)
             raise
         finally:
             if status >= 400:
                 log.log(logging.INFO if status < 500 else logging.WARNING, "request failed",
                         extra={"method": scope["method"], "path": scope["path"], "http_status": status, **fields})
             _error_line_fields.reset(fields_token)
-            if trace_token is not None:
+            if span is not None:
+                _end_span(span, scope, status)
+            if context_token is not None:
                 from opentelemetry import context
 
-                context.detach(trace_token)
+                context.detach(context_token)
 
     @staticmethod
-    def _join_trace(scope: Scope) -> object | None:
-        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-                   if name in (b"traceparent", b"tracestate")}
-        if "traceparent" not in carrier:
+    def _start_span(scope: Scope) -> Span:
+        from opentelemetry.trace import SpanKind
+
+        attributes = {
+            "http.request.method": scope["method"],
+            "url.path": scope["path"],
+            "url.scheme": scope["scheme"],
+            "network.protocol.version": scope["http_version"],
+        }
+        return tracing.tracer(tracing.TRACER_NAME).start_span(
+            scope["method"], context=_caller_context(scope), kind=SpanKind.SERVER, attributes=attributes
+        )
+
+    @staticmethod
+    def _attach(scope: Scope, span: Span | None) -> object | None:
+        """Make the request span, or else the caller's trace, current for the handler."""
+        if span is not None:
+            from opentelemetry import context, trace
+
+            return context.attach(trace.set_span_in_context(span))
+        caller = _caller_context(scope)
+        if caller is None:
             return None
         from opentelemetry import context
 
-        return context.attach(tracing.extract(carrier))
+        return context.attach(caller)
+
+
+def _caller_context(scope: Scope) -> Context | None:
+    """The trace context of an incoming `traceparent`, None without one (a new trace starts)."""
+    carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+               if name in (b"traceparent", b"tracestate")}
+    return tracing.extract(carrier) if "traceparent" in carrier else None
+
+
+def _end_span(span: Span, scope: Scope, status: int) -> None:
+    """Name the span after its route (known once routing ran), record the outcome, end it."""
+    from opentelemetry.trace import StatusCode
+
+    route = getattr(scope.get("route"), "path", None)
+    if route is not None:
+        span.update_name(f"{scope['method']} {route}")
+        span.set_attribute("http.route", route)
+    if status:
+        span.set_attribute("http.response.status_code", status)
+    if status == 0 or status >= 500:  # no answer at all counts as a server error too
+        span.set_status(StatusCode.ERROR)
+    span.end()

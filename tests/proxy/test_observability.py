@@ -159,12 +159,24 @@ def test_search_spans_nest_under_the_request_and_the_trace_reaches_the_upstream(
         with running_proxy(settings, upstream=_arms(seen)) as (url, _app):
             fell_back = _search(client, url, f"{FAIL} how do I add to a list?", USER)
             joined = _search(client, url, "how do I add to a list?", OTHER_USER, traceparent=CALLER_TRACEPARENT)
+            assert client.get(f"{url}/healthz").status_code == 200  # a probe: no span
+            assert client.post(f"{url}/api/v1/search", json={"query": ""}).status_code == 422
+            assert client.post(f"{url}/api/v1/search", json={"query": f"{FAIL}-ALL"}).status_code == 502
         out = records(lines())
     # The server has stopped: every request's spans have ended.
     spans = span_exporter.get_finished_spans()
     servers = [s for s in spans if s.kind.name == "SERVER"]
-    assert len(servers) == 2
-    first, second = sorted(servers, key=lambda s: s.start_time)
+    assert len(servers) == 4
+    first, second, refused, failed = sorted(servers, key=lambda s: s.start_time)
+
+    # One request span each, named and attributed after OpenTelemetry's HTTP conventions.
+    assert first.name == "POST /api/v1/search" and first.status.status_code.name == "UNSET"
+    assert {key: first.attributes[key] for key in first.attributes} == {
+        "http.request.method": "POST", "url.path": "/api/v1/search", "url.scheme": "http",
+        "network.protocol.version": "1.1", "http.route": "/api/v1/search", "http.response.status_code": 200}
+    assert (refused.name, refused.attributes["http.response.status_code"]) == ("POST /api/v1/search", 422)
+    assert refused.status.status_code.name == "UNSET"  # a client's error is not the server's
+    assert (failed.attributes["http.response.status_code"], failed.status.status_code.name) == (502, "ERROR")
 
     assert first.parent is None  # no caller's trace: the request span is the root
     children = sorted((s for s in spans if s.parent and s.parent.span_id == first.context.span_id),
