@@ -73,9 +73,22 @@ def is_enabled() -> bool:
 
 
 def tracer(name: str) -> Tracer:
+    """The current provider's tracer for `name`, made once per provider.
+
+    The SDK builds a new tracer on every `get_tracer` call (its scope object, its warnings filter):
+    ~15 µs, paid by every span of every request before this cache (docs/BENCHMARKS.md,
+    "Observability overhead").
+    """
     from opentelemetry import trace
 
-    return trace.get_tracer(name)
+    provider = trace.get_tracer_provider()
+    cached = _tracers.get(name)
+    if cached is None or cached[0] is not provider:
+        cached = _tracers[name] = (provider, provider.get_tracer(name))
+    return cached[1]
+
+
+_tracers: dict[str, tuple[Any, Tracer]] = {}
 
 
 SpanKindName = Literal["internal", "server", "client", "producer", "consumer"]

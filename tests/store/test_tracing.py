@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -130,3 +131,22 @@ def test_off_means_no_span_and_nothing_to_pass_on():
         assert not span.is_recording()
         assert tracing.current_trace_id() is None
         assert tracing.inject({}) == {}
+
+
+def test_one_tracer_per_provider(span_exporter):
+    first = tracing.tracer("abloop")
+    assert tracing.tracer("abloop") is first  # made once, not on every span
+    with tracing.span("kept"):
+        pass
+    assert [s.name for s in span_exporter.get_finished_spans()] == ["kept"]
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    with mock.patch.object(trace, "_TRACER_PROVIDER", TracerProvider()):
+        assert tracing.tracer("abloop") is not first  # another provider: its own tracer
+        with tracing.span("elsewhere"):
+            pass
+    with tracing.span("back"):  # the first provider again, not the other one's cached tracer
+        pass
+    assert [s.name for s in span_exporter.get_finished_spans()] == ["kept", "back"]
