@@ -5,9 +5,12 @@ from their configurations (below) with random weights and the SmolLM2 tokenizer:
 memory depend on the shapes, not on the weights, and nothing has to be downloaded. The data is a
 SIMULATED house-style dataset (`abloop.simulate`, one passage per prompt), the same for every run.
 
-Per size and configuration it prints tokens/s (the non-padding tokens the trainer saw / its train
-runtime), step time (train runtime / steps, the first steps' warm-up included), peak GPU memory
-(`torch.cuda.max_memory_allocated`; process RSS on CPU) and model FLOPs utilisation:
+Per size and configuration it prints tokens/s over the whole run (the non-padding tokens the
+trainer saw / its train runtime) and after warm-up (a callback notes the time and the tokens seen at
+every step, both configurations logging every step; the first max(1, min(5, steps / 4)) steps, with
+their one-time costs, are left out), seconds per step after warm-up, peak GPU memory
+(`torch.cuda.max_memory_allocated`; process RSS on CPU) and model FLOPs utilisation on the rate
+after warm-up:
 
     MFU = tokens/s x FLOPs per token / (--peak-tflops x 1e12)
     project (LoRA)            FLOPs per token = 2N (forward) + 2N (backward: activation gradients
@@ -280,10 +283,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     data, base, out = Path(args._data), Path(args._base_dir), Path(args._out)
+    clock = _step_clock(on_cuda)
     if args._run.startswith("project"):
-        result = _project(data, base, out, args, packing=None if args._run == "project" else False)
+        result = _project(data, base, out, args, packing=None if args._run == "project" else False, clock=clock)
     else:
-        result = run_trl_defaults(data, base, out, args.steps, on_cuda)
+        result = run_trl_defaults(data, base, out, args.steps, on_cuda, callbacks=[clock])
+    result.update(after_warmup(clock.points, args.steps))
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(base)))
     result["n_params"] = shape.params
     result["n_lora"] = shape.lora_params(result.pop("lora_r")) if "lora_r" in result else 0
@@ -301,7 +306,9 @@ def _configs(device: str) -> tuple[str, ...]:
     return tuple(c for c in CONFIGS if device == "cuda" or c != "project-padded")
 
 
-def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, packing: bool | None) -> dict[str, Any]:
+def _project(
+    data: Path, base: Path, out: Path, args: argparse.Namespace, packing: bool | None, clock: Any
+) -> dict[str, Any]:
     from training.train import train_lora
 
     run = train_lora(
@@ -311,6 +318,7 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, packin
         max_steps=args.steps,
         seed=args.seed,
         packing=packing,
+        callbacks=[clock],
         **({"batch_size": args.batch} if args.batch else {}),
     )
     m, p = run.metrics, run.metrics["params"]
@@ -328,6 +336,42 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, packin
     }
 
 
+def _step_clock(on_cuda: bool) -> Any:
+    """A TrainerCallback noting (time, step, tokens seen) at each logged step (both runs log every step)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[tuple[float, int, int]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs and "loss" in logs:
+                if on_cuda:
+                    torch.cuda.synchronize()  # the step's kernels have finished, not only been queued
+                self.points.append((time.perf_counter(), state.global_step, int(logs["num_tokens"])))
+
+    return StepClock()
+
+
+def after_warmup(points: list[tuple[float, int, int]], steps: int) -> dict[str, float | None]:
+    """Tokens/s and seconds per step over the steps after the first `max(1, min(5, steps // 4))`.
+
+    The first steps carry one-time costs (CUDA context and kernel selection, the allocator growing,
+    the first batches' tokenisation): a model-FLOPs utilisation is a steady-state figure.
+    """
+    warmup = max(1, min(5, steps // 4))
+    after = [p for p in points if p[1] >= warmup]
+    if len(after) < 2 or after[-1][0] <= after[0][0]:
+        return {"steady_tokens_per_s": None, "steady_step_s": None, "warmup_steps": warmup}
+    (t0, s0, n0), (t1, s1, n1) = after[0], after[-1]
+    return {
+        "steady_tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
+        "steady_step_s": round((t1 - t0) / (s1 - s0), 4),
+        "warmup_steps": warmup,
+    }
+
+
 def flops_per_token(config: str, n_params: int, n_lora: int) -> int:
     """Model FLOPs per trained token (see the module docstring)."""
     return 4 * n_params + 6 * n_lora if config.startswith("project") else 6 * n_params
@@ -335,8 +379,8 @@ def flops_per_token(config: str, n_params: int, n_lora: int) -> int:
 
 def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple, wall_s: float) -> str:
     header = (
-        "| size | N params | config | mode | dtype | act. ckpt | batch | steps | train tokens | tokens/s "
-        "| step s | peak mem (MB) | FLOPs/token | MFU | 6N label |"
+        "| size | N params | config | mode | dtype | act. ckpt | batch | steps | train tokens | tokens/s, whole run "
+        "| tokens/s, after warm-up | step s, after warm-up | peak mem (MB) | FLOPs/token | MFU | 6N label |"
     )
     columns = header.count("|") - 1
     lines = [header, "|" + "---|" * columns]
@@ -348,16 +392,18 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
             )
             continue
         per_token = flops_per_token(r["config"], r["n_params"], r["n_lora"])
+        steady = r.get("steady_tokens_per_s")
         mfu = label = "n/a (CPU)" if args.device == "cpu" else "pass --peak-tflops"
         if args.device == "cuda" and args.peak_tflops:
-            peak = args.peak_tflops * 1e12
-            mfu = f"{r['tokens_per_s'] * per_token / peak:.1%}"
-            label = f"{r['tokens_per_s'] * 6 * r['n_params'] / peak:.1%}"
+            peak, rate = args.peak_tflops * 1e12, steady or r["tokens_per_s"]
+            mfu = f"{rate * per_token / peak:.1%}" + ("" if steady else " (whole run)")
+            label = f"{rate * 6 * r['n_params'] / peak:.1%}"
         formula = "4N+6N_lora" if r["config"].startswith("project") else "6N"
+        steady_cells = f"{steady:,.0f} | {r['steady_step_s']:.3f}" if steady else "n/a (too few steps) | n/a"
         lines.append(
             f"| {r['size']} | {r['n_params'] / 1e6:,.1f}M | {r['config']} | {r['mode']} | {r['dtype']} "
             f"| {'on' if r['checkpointing'] else 'off'} | {r['batch']} | {r['steps']} | {r['tokens']} "
-            f"| {r['tokens_per_s']:,.0f} | {r['runtime_s'] / r['steps']:.3f} | {r['peak_memory_mb']:,.0f} "
+            f"| {r['tokens_per_s']:,.0f} | {steady_cells} | {r['peak_memory_mb']:,.0f} "
             f"| {formula} = {per_token / 1e9:.2f} GFLOP | {mfu} | {label} |"
         )
     device = next((r["device_name"] for r in results if "device_name" in r), args.device)
@@ -396,8 +442,10 @@ def _tokenizer_dir(bundle: Path) -> Path:
 
 
 def _say_done(result: dict[str, Any]) -> None:
+    steady = result.get("steady_tokens_per_s")
     figures = (
-        f"{result['tokens_per_s']:,.0f} tokens/s, peak {result['peak_memory_mb']:,.0f} MB, {result['mode']}, "
+        f"{result['tokens_per_s']:,.0f} tokens/s ({f'{steady:,.0f}' if steady else 'n/a'} after warm-up), "
+        f"peak {result['peak_memory_mb']:,.0f} MB, {result['mode']}, "
         f"batch {result['batch']}, activations {'recomputed' if result['checkpointing'] else 'kept'}"
         if result.get("tokens_per_s")
         else result.get("error", "no result")

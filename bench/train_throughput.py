@@ -176,8 +176,14 @@ def _project(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_trl_defaults(data_dir: Path, base_dir: Path, out_dir: Path, steps: int, on_cuda: bool) -> dict[str, Any]:
-    """`steps` of SFTTrainer with trl's defaults (a full fine-tune) on `data_dir`'s training rows."""
+def run_trl_defaults(
+    data_dir: Path, base_dir: Path, out_dir: Path, steps: int, on_cuda: bool, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
+    """`steps` of SFTTrainer with trl's defaults (a full fine-tune) on `data_dir`'s training rows.
+
+    With `callbacks` (a timer), every step is logged, as the project's trainer does: trl's default
+    logs every 10th, and a timer reads the token count from the logs.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -188,9 +194,14 @@ def run_trl_defaults(data_dir: Path, base_dir: Path, out_dir: Path, steps: int, 
     # trl's defaults, except how long to run, no tracker and no checkpoint; use_cpu is required on a
     # CPU-only machine, where the default bf16 otherwise refuses to start.
     config = SFTConfig(
-        output_dir=str(out_dir), max_steps=steps, report_to="none", save_strategy="no", use_cpu=not on_cuda
+        output_dir=str(out_dir),
+        max_steps=steps,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not on_cuda,
+        **({"logging_steps": 1} if callbacks else {}),
     )
-    trainer = SFTTrainer(model=str(base_dir), args=config, train_dataset=dataset)
+    trainer = SFTTrainer(model=str(base_dir), args=config, train_dataset=dataset, callbacks=callbacks)
     output = trainer.train()
     tokens = max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)
     tokens = tokens or trainer._total_train_tokens  # logged only every logging_steps

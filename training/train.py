@@ -74,6 +74,7 @@ def train_lora(
     load_in_4bit: bool = False,
     packing: bool | None = None,
     db: Database | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `data_dir`/train.jsonl and save it under `out_root`/<versioned name>.
 
@@ -81,6 +82,7 @@ def train_lora(
     given `max_steps` wins (as in transformers, where max_steps > 0 overrides num_train_epochs);
     with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step,
     or packed sequences when packing (the default on CUDA; `packing=False` pads there too).
+    `callbacks` are transformers `TrainerCallback`s for the trainer (bench/gpu_train.py times steps).
     """
     import torch
     from peft import LoraConfig
@@ -158,6 +160,7 @@ def train_lora(
                 target_modules=LORA_TARGETS,
                 task_type="CAUSAL_LM",
             ),
+            callbacks=callbacks,
         )
         output = trainer.train()
         trained = trainer.model

@@ -10,6 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_the_rate_after_warm_up_leaves_the_first_steps_out():
+    from bench.gpu_train import after_warmup
+
+    # 40 steps, 1,000 tokens each; the first 5 take 3 s each, the rest 0.5 s.
+    times = [3.0 * min(step, 5) + 0.5 * max(step - 5, 0) for step in range(1, 41)]
+    points = [(t, step, 1000 * step) for t, step in zip(times, range(1, 41), strict=True)]
+    steady = after_warmup(points, steps=40)
+    assert steady == {"steady_tokens_per_s": 2000.0, "steady_step_s": 0.5, "warmup_steps": 5}
+    assert after_warmup(points[:1], steps=1)["steady_tokens_per_s"] is None  # nothing after the warm-up
+
+
 def test_flops_per_token_follow_the_stated_formula():
     from bench.gpu_train import SIZES, flops_per_token
     from training.batching import ModelShape
@@ -32,7 +43,7 @@ def test_flops_per_token_follow_the_stated_formula():
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry.
     done = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "1", "--batch", "2",
+        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "2", "--batch", "2",
          "--rows", "24", "--bundle", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
@@ -43,6 +54,8 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 135M |")]
     assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], done.stdout
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
+    # Step 2 timed after the first (the warm-up): the callback saw both configurations' steps.
+    assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), done.stdout
     assert "| 134.5M |" in rows[0]  # the 135M configuration really has SmolLM2-135M's parameter count
 
 
