@@ -35,6 +35,9 @@ log = logging.getLogger("abloop.proxy")
 
 # Probes and scrapes: no span for them.
 UNTRACED_PATHS = ("/healthz", "/readyz", "/metrics")
+# FastAPI's own request telemetry, off: RequestContext makes the proxy's request spans, the Prometheus
+# metrics and the error lines are its own, and no OpenTelemetry log or meter provider is set up.
+FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 _error_line_fields: ContextVar[dict[str, Any] | None] = ContextVar("abloop_error_line_fields", default=None)
 
@@ -55,11 +58,6 @@ def request_fields(**fields: Any) -> Iterator[None]:
 def instrument(app: FastAPI) -> None:
     """Request spans and trace context for `app` (see the module doc). Call it after the app's own middleware."""
     app.add_middleware(RequestContext, traced=tracing.is_enabled())
-
-
-# FastAPI's own request telemetry, off: RequestContext makes the proxy's request spans, the Prometheus
-# metrics and the error lines are its own, and no OpenTelemetry log or meter provider is set up.
-FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 
 class RequestContext:
