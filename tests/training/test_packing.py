@@ -92,3 +92,16 @@ def test_abloop_train_packing_flag(flags, packing):
 
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
     assert args.packing is packing
+
+
+def test_the_cuda_plan_caps_sdpa_passes_and_keeps_activations_on_a_large_gpu(monkeypatch, tiny_model_dir):
+    import torch
+
+    from training.batching import BatchPlan
+    from training.train import SDPA_PACKED_ROWS, _cuda_step_plan
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (139 * 2**30, 141 * 2**30))  # an idle H200
+    sdpa = _cuda_step_plan(tiny_model_dir, batch_size=16, lora_r=16, load_in_4bit=False, attention="sdpa")
+    assert sdpa == BatchPlan(per_device=SDPA_PACKED_ROWS, accumulation=16 // SDPA_PACKED_ROWS, checkpointing=False)
+    flash = _cuda_step_plan(tiny_model_dir, batch_size=16, lora_r=16, load_in_4bit=False, attention="flash_attention_2")
+    assert flash == BatchPlan(per_device=16, accumulation=1, checkpointing=False)
