@@ -28,6 +28,7 @@ _PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
 )
+MISSING = "missing"
 _ACTIVE = "ABLOOP_CARRIED_SITE"  # set in the re-run process: the wheels are already on its path
 
 
@@ -45,12 +46,11 @@ def prepare(bundle: Path, distributions: Iterable[str], python_version: str = DE
     `--no-deps`: the list is the whole set to carry (what the other machine lacks or has at another
     version); a distribution not installed here is an error, not a guess at a version.
     """
-    pins = []
-    for name in distributions:
-        try:
-            pins.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError as exc:
-            raise SystemExit(f"{name} is not installed here, so there is no tested version to carry") from exc
+    found = versions(distributions)
+    missing = [name for name, version in found.items() if version == MISSING]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)}: not installed here, so there is no tested version to carry")
+    pins = [f"{name}=={version}" for name, version in found.items()]
     target = wheels_dir(bundle)
     target.mkdir(parents=True, exist_ok=True)
     for stale in target.glob("*.whl"):
@@ -97,11 +97,11 @@ def activate(bundle: Path, argv: list[str]) -> None:
 
 
 def versions(distributions: Iterable[str]) -> dict[str, str]:
-    """The version of each distribution this process would import (or "missing"), for the record."""
+    """The version of each distribution this process would import (or MISSING)."""
     found = {}
     for name in distributions:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            found[name] = "missing"
+            found[name] = MISSING
     return found

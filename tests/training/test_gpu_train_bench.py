@@ -81,9 +81,10 @@ def _probe_wheel(folder: Path) -> None:
 
 _SCRIPT = """
 import sys
+from pathlib import Path
 sys.path.insert(0, {root!r})
 from bench import carry
-carry.activate(__import__("pathlib").Path(sys.argv[1]), sys.argv)
+carry.activate(Path(sys.argv[1]), sys.argv)
 import carried_probe, importlib.metadata
 print("CARRIED", carried_probe.__file__, importlib.metadata.version("carried-probe"), sys.argv[2:])
 """
