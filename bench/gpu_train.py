@@ -27,7 +27,8 @@ comparison only: for LoRA it overstates the work done by 6N / (4N + 6N_lora), ab
 Each size is built, and each configuration trained, in its own subprocess (peak memory is its own).
 
     python bench/gpu_train.py --peak-tflops 989                        # H100/H200 SXM (dense bf16); ~5 min
-    python bench/gpu_train.py --device cpu --sizes 135M --steps 2      # smoke test on CPU (a few minutes)
+    python bench/gpu_train.py --device cpu --sizes 135M --steps 2      # a 135M run on CPU (about a minute)
+    python bench/gpu_train.py --device cpu --sizes smoke --steps 2    # the test suite's smoke run (2 layers)
 
 Configurations:
   project         training.train.train_lora as `abloop train` runs it: LoRA r=16 on all linear
@@ -122,6 +123,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "intermediate_size": 8192,
     },
 }
+# Not a SmolLM2 size: a 2-layer shape for the CPU smoke test, whose steps are seconds, not minutes.
+SMOKE = {"smoke": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "intermediate_size": 128}}
+SHAPES = {**SMOKE, **SIZES}
 
 
 def llama_config(size: str, tokenizer: Any) -> Any:
@@ -136,7 +141,7 @@ def llama_config(size: str, tokenizer: Any) -> Any:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **SIZES[size],
+        **SHAPES[size],
     )
 
 
@@ -159,9 +164,9 @@ def main() -> None:
     from bench.train_throughput import build_data
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = sorted(set(sizes) - set(SIZES))
+    unknown = sorted(set(sizes) - set(SHAPES))
     if unknown:
-        raise SystemExit(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
+        raise SystemExit(f"unknown sizes {unknown}; choose from {', '.join(SHAPES)}")
     load_before, started = os.getloadavg(), time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="abloop-gpu-train-") as scratch:
@@ -194,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sizes",
         default=",".join(reversed(SIZES)),
-        help=f"comma-separated, of {', '.join(SIZES)} (default: the largest first, the goal's size)",
+        help=f"comma-separated, of {', '.join(SHAPES)} (default: the SmolLM2 sizes, the largest first: the goal's)",
     )
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=None, help="the project's rows per step (default: its own, 4)")
@@ -220,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prepare-python", default=carry.DEVICE_PYTHON, help="--prepare: the Python the wheels are for"
     )
-    parser.add_argument("--_build", choices=tuple(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--_build", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--_run", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--_data", help=argparse.SUPPRESS)
     parser.add_argument("--_base_dir", help=argparse.SUPPRESS)
@@ -384,7 +389,7 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
     )
     columns = header.count("|") - 1
     lines = [header, "|" + "---|" * columns]
-    for r in sorted(results, key=lambda r: list(SIZES).index(r["size"])):
+    for r in sorted(results, key=lambda r: list(SHAPES).index(r["size"])):
         if "error" in r or not r.get("tokens_per_s"):
             lines.append(
                 f"| {r['size']} | | {r.get('config', '?')} | failed: {r.get('error', 'no result')} |"
@@ -408,8 +413,10 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple
         )
     device = next((r["device_name"] for r in results if "device_name" in r), args.device)
     peak = f"peak {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "no --peak-tflops"
+    smoke = any(r["size"] in SMOKE for r in results)
+    shapes = "of the SmolLM2 family's sizes" + (" and the 2-layer smoke shape" if smoke else "")
     return (
-        f"\nLlama-architecture models of the SmolLM2 family's sizes (random weights) on {device}; {peak}; "
+        f"\nLlama-architecture models {shapes} (random weights) on {device}; {peak}; "
         f"load average (1 min) before / after: {loads[0][0]:.2f} / {loads[1][0]:.2f}; "
         f"whole run {wall_s:.0f} s\n\n" + "\n".join(lines)
     )

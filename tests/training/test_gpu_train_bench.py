@@ -38,12 +38,28 @@ def test_flops_per_token_follow_the_stated_formula():
     }
 
 
+def test_the_135m_configuration_has_smollm2_135ms_parameters():
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from bench.gpu_train import llama_config
+    from serving.model import resolve_base_model
+    from training.batching import ModelShape
+
+    config = llama_config("135M", AutoTokenizer.from_pretrained(str(resolve_base_model("default"))))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        counted = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert counted == ModelShape.from_config(config).params
+    assert f"{counted / 1e6:,.1f}M" == "134.5M"  # SmolLM2-135M's count, tied embeddings once
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_gpu_bench_smoke_on_cpu(tmp_path):
-    # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry.
+    # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry. The
+    # 2-layer smoke shape: the whole path (build, both CPU configurations, the step clock, the table) in seconds.
     done = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "135M", "--steps", "2", "--batch", "2",
+        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "smoke", "--steps", "2", "--batch", "2",
          "--rows", "24", "--bundle", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
@@ -51,12 +67,12 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
         timeout=1400,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| 135M |")]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| smoke |")]
     assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], done.stdout
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
     # Step 2 timed after the first (the warm-up): the callback saw both configurations' steps.
     assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), done.stdout
-    assert "| 134.5M |" in rows[0]  # the 135M configuration really has SmolLM2-135M's parameter count
+    assert "and the 2-layer smoke shape" in done.stdout
 
 
 def _probe_wheel(folder: Path) -> None:
