@@ -7,8 +7,9 @@ sequence of up to MAX_LENGTH tokens, so `batch_size` then counts packed sequence
 into as many micro-batches as the free GPU memory needs, and activations are recomputed in the
 backward pass only where that buys larger micro-batches (training.batching). On CPU the frozen base
 is bf16 where the CPU multiplies bf16 natively (1.6x faster per step than fp32 on AVX512-BF16), else
-fp32, and batches are padded unless `packing=True`. The LoRA weights stay fp32 (peft's default).
-Runs are seeded.
+fp32, batches are padded unless `packing=True`, and the LM head projects only the completion
+positions (training.completion_head: trl's CPU fallback scores every position). The LoRA weights
+stay fp32 (peft's default). Runs are seeded.
 
 The adapter is saved under a versioned name that is never reused,
 `<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks such as vLLM cache adapter weights by
@@ -31,6 +32,7 @@ from typing import Any
 
 from store.db import Database
 from training.batching import BatchPlan, ModelShape, plan_step
+from training.completion_head import use_completion_head
 from training.dataset import CARD_FILE, HOLDOUT_FILE, TRAIN_FILE, DatasetCard, read_rows
 from training.evaluate import (
     METRICS_FILE,
@@ -162,6 +164,8 @@ def train_lora(
             ),
             callbacks=callbacks,
         )
+        if not on_cuda and not use_completion_head(trainer.model.get_base_model()):
+            log.info("training: trl's own LM head scores every position (no completion-only head for this model)")
         output = trainer.train()
         trained = trainer.model
         trained.eval()
