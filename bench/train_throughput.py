@@ -14,7 +14,8 @@ Each configuration runs in its own subprocess so that peak memory is its own.
 
 Configurations:
   project       training.train.train_lora: LoRA r=16 on all linear layers, completion-only loss,
-                fp32 + no activation checkpointing on CPU, bf16 + checkpointing on CUDA, batch 4.
+                bf16 where the CPU has it natively (else fp32), no activation checkpointing and the
+                LM head on the completion positions only on CPU; bf16 on CUDA; batch 4.
   trl-defaults  SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
                 defaults (batch 8, lr 2e-5, bf16 autocast, activation checkpointing on).
 """
