@@ -20,17 +20,21 @@ from typing import Any
 
 _SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                    "logits_scaling")  # fmt: skip
+_OUTPUT_FIELDS = {"loss", "log_probs", "entropy", "is_top1", "label_mask"}
 
 
 def use_completion_head(causal_lm: Any) -> bool:
     """Replace trl's fused LM head on `causal_lm` (the PEFT model's base) with this one; False if not applicable.
 
-    Not applicable, and left as trl made it: a trl without the fused head (`fused_lm_head` calls),
-    or a model whose logits are scaled or soft-capped (this head computes plain logits).
+    Not applicable, and left as trl made it: a trl without the fused head (`fused_lm_head` calls)
+    or with another output type than the one this head fills, or a model whose logits are scaled or
+    soft-capped (this head computes plain logits).
     """
     try:
-        from trl.trainer.utils import FusedCausalLMOutput
+        from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head  # noqa: F401 - the fused path exists
     except ImportError:
+        return False
+    if not _OUTPUT_FIELDS.issubset(getattr(FusedCausalLMOutput, "__dataclass_fields__", ())):
         return False
     config = causal_lm.config.get_text_config()
     if any(getattr(config, field, None) not in (None, 1.0) for field in _SCALING_FIELDS):

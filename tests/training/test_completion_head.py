@@ -118,3 +118,21 @@ def test_scores_are_log_probabilities_entropy_and_top1():
     assert torch.allclose(log_probs, expected.log_prob(targets))
     assert torch.allclose(entropy, expected.entropy())
     assert is_top1.tolist() == [1.0, 0.0, 1.0]  # a tie goes to the first maximum, as argmax (and trl) break it
+
+
+def test_a_trl_with_another_output_type_keeps_its_own_head(tiny_model_dir, monkeypatch):
+    from dataclasses import dataclass
+
+    import trl.trainer.utils
+    from transformers import AutoModelForCausalLM
+
+    @dataclass
+    class Renamed:  # a future trl whose output names its fields otherwise
+        loss: object = None
+        token_log_probs: object = None
+
+    monkeypatch.setattr(trl.trainer.utils, "FusedCausalLMOutput", Renamed)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    forward = model.forward
+    assert not use_completion_head(model)
+    assert model.forward == forward
