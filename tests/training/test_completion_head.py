@@ -54,7 +54,7 @@ def _step(trainer, batch):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     metrics = {key: trainer._metrics["train"][key][-1] for key in ("entropy", "mean_token_accuracy")}
-    return float(loss), grads, metrics
+    return float(loss.detach()), grads, metrics
 
 
 @pytest.mark.slow
