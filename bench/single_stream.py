@@ -9,7 +9,7 @@ machine is shared, so ratios measured together say more than figures measured mi
    which includes that attention: what --quantize int8 runs), int8 with a static KV cache (transformers'
    ``StaticCache``), int8 with a static cache under ``torch.compile`` (compile time reported), and a
    LoRA adapter (r=16 on all seven projections, as training makes them; random weights) run per row
-   (peft's ``adapter_names``, the previous path), alone (serving.single_adapter), or merged into bf16
+   (peft's ``adapter_names``, the previous path), alone (serving.lora_routing), or merged into bf16
    weights (peft's ``merge_adapter``).  Medians over ``--rounds`` of decode tokens/s and of CPU time
    per token (all threads; less sensitive to other processes than wall time), ratios to the first row.
 2. **end to end** over HTTP, as bench/serving_throughput.py measures it: ``python -m serving.server
@@ -103,6 +103,7 @@ def _variants(args) -> Iterator[Variant]:
     from peft import LoraConfig, get_peft_model
 
     from serving.attention import NAME as DECODE_ATTENTION
+    from serving.lora_routing import LoraRouting
     from serving.model import load_base_model
     from training.train import LORA_TARGETS
 
@@ -137,8 +138,19 @@ def _variants(args) -> Iterator[Variant]:
         base = "bf16" if quantize == "none" else "int8"
         yield Variant(f"{base} + LoRA, per row (adapter_names: previous path)", peft, model.config,
                       kwargs={"adapter_names": ["lora"]})
-        yield Variant(f"{base} + LoRA, alone (active adapter{': --quantize int8' if base == 'int8' else ''})",
-                      peft, model.config)
+
+        @contextlib.contextmanager
+        def routed(peft=peft):  # what the engine runs: serving.lora_routing's forward, every row on the adapter
+            routing = LoraRouting()
+            routing.install(peft)
+            try:
+                with routing.rows(["lora"]):
+                    yield
+            finally:
+                routing.reset()
+
+        yield Variant(f"{base} + LoRA, alone (serving.lora_routing{': --quantize int8' if base == 'int8' else ''})",
+                      peft, model.config, around=routed)
         if quantize == "none":  # with int8 weights a merge would have to be re-rounded to int8
 
             @contextlib.contextmanager

@@ -140,7 +140,7 @@ class AdapterManager:
     def run_ops(self, ops: list[_AdapterOp], in_use: Callable[[str], bool]) -> None:
         """Apply ``ops``; an unload of an adapter that ``in_use`` says a request still needs waits."""
         if ops:
-            self._runner.single.reset()  # peft loads and unloads adapters in its plain state
+            self._runner.lora.reset()  # peft loads and unloads adapters in its plain state
         deferred: list[_AdapterOp] = []
         for op in ops:
             try:

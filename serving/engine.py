@@ -8,8 +8,9 @@ is refused, never grown); between decode steps the worker applies queued adapter
 follows vLLM's engine: the front end and each part import one way (engine -> adapters -> runner ->
 requests / sampling), never back.
 
-``max_batch=1`` switches batching off (one request at a time), for comparison.  ``single_adapter=False``
-runs every forward with adapters loaded per row (peft's ``adapter_names``), and ``compile=True`` runs the
+``max_batch=1`` switches batching off (one request at a time), for comparison.  ``per_row_lora=True``
+runs every forward with adapters loaded per row (peft's ``adapter_names``) instead of
+:mod:`serving.lora_routing`'s paths, and ``compile=True`` runs the
 base model's decode steps through ``torch.compile``; both for comparison (docs/BENCHMARKS.md, "Single
 stream (issue 13)").
 """
@@ -45,7 +46,7 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 256,
         default_max_tokens: int = 256,
-        single_adapter: bool = True,
+        per_row_lora: bool = False,
         compile: bool = False,
     ):
         self.loaded = loaded
@@ -59,7 +60,7 @@ class Engine:
         self.created = int(time.time())
         self._cond = threading.Condition()
         self._scheduler = Scheduler(self._cond, self.stats, max_batch=max_batch, max_queue=max_queue)
-        self._runner = ModelRunner(loaded, self.stats, single_adapter=single_adapter,
+        self._runner = ModelRunner(loaded, self.stats, per_row_lora=per_row_lora,
                                     compile=compile)
         self._adapters = AdapterManager(self._runner, self._cond, base_name=loaded.name,
                                         is_running=lambda: self.running)

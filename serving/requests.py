@@ -36,6 +36,8 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     max_rows: int = 0  # the largest batch a forward call ran
+    masked_forwards: int = 0  # forward calls whose rows used different adapters (serving.lora_routing)
+    per_row_forwards: int = 0  # forward calls with adapters loaded through peft's per-row adapter_names
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

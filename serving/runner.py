@@ -5,10 +5,10 @@
 * **per-row finishing** - each row stops on its own ``max_tokens``, stop strings or EOS, is answered at
   once and is dropped from the batch (and its KV cache), so short requests never wait for long ones;
 * **per-row sampling** - :mod:`serving.sampling`, with each row's own settings and generator;
-* **mixed adapters** - once an adapter is loaded, :attr:`peft` wraps the model and a forward whose rows
-  use different adapters passes peft's per-row ``adapter_names`` (``"__base__"`` for the base model), so
-  base and adapter rows share a batch; a forward whose rows all use one adapter (or all the base model)
-  runs that adapter alone instead (:mod:`serving.single_adapter`). :mod:`serving.adapters` sets
+* **mixed adapters** - once an adapter is loaded, :attr:`peft` wraps the model and base and adapter rows
+  share a batch: each LoRA layer adds each adapter's product on that adapter's rows only
+  (:mod:`serving.lora_routing`), or, for layers that cannot take that forward, peft's per-row
+  ``adapter_names`` (``"__base__"`` for the base model) split the batch. :mod:`serving.adapters` sets
   :attr:`model` and :attr:`peft`; nothing else does.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from serving.lora_routing import LoraRouting
 from serving.model import LoadedModel
 from serving.requests import Completion, EngineStats, RequestHandle
 from serving.sampling import cut_at_stop, new_generator, sample, streamable
-from serving.single_adapter import SingleAdapter
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -52,12 +52,12 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, stats: EngineStats, *, single_adapter: bool = True,
+    def __init__(self, loaded: LoadedModel, stats: EngineStats, *, per_row_lora: bool = False,
                  compile: bool = False):
         self.model = loaded.model
         self.peft: Any = None  # the PeftModel wrapper once the first adapter is loaded
-        self.single = SingleAdapter()
-        self.single_adapter = single_adapter  # False: every forward with adapters loaded passes adapter_names
+        self.lora = LoraRouting()
+        self.per_row_lora = per_row_lora  # True: every forward with adapters loaded passes adapter_names
         # Decode steps of the base model (no adapter loaded) through torch.compile; dynamic shapes, so the
         # growing KV cache and the changing batch do not recompile.  The first decode step compiles.
         self._compiled = torch.compile(self.model.forward, dynamic=True) if compile else None
@@ -112,12 +112,14 @@ class ModelRunner:
         self.stats.max_rows = max(self.stats.max_rows, input_ids.shape[0])
         if self.peft is None:
             out = (self._compiled if decode and self._compiled is not None else self.model)(**kwargs)
-        elif self.single_adapter and len(keys := {r.adapter_key for r in rows}) == 1:
-            key = keys.pop()
-            self.single.use(self.peft, None if key == BASE_ADAPTER else key)
-            out = self.peft(**kwargs)
+        elif not self.per_row_lora and self.lora.install(self.peft):
+            adapters = [None if r.adapter_key == BASE_ADAPTER else r.adapter_key for r in rows]
+            self.stats.masked_forwards += len(set(adapters)) > 1
+            with self.lora.rows(adapters):
+                out = self.peft(**kwargs)
         else:
-            self.single.reset()
+            self.stats.per_row_forwards += 1
+            self.lora.reset()
             out = self.peft(**kwargs, adapter_names=[r.adapter_key for r in rows])
         return out.logits[:, -1, :]
 
