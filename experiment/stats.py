@@ -340,14 +340,17 @@ def sample_ratio(observed: Sequence[int], shares: Sequence[float]) -> float | No
     """Chi-square goodness-of-fit p-value of users per arm against the configured shares (sample ratio mismatch).
 
     A tiny p-value means assignment or logging is broken and no comparison can be trusted. Shares are normalised to
-    sum to 1. None when there is nothing to test: no users, or a share of 0 or 1 (an arm expected to be empty).
+    sum to 1 (so [60, 40] means [0.6, 0.4]). None when there is nothing to test: no users, or an arm whose share is
+    0 or all of it (an arm expected to be empty).
     """
     if len(observed) != len(shares):
         raise ValueError(f"{len(observed)} counts for {len(shares)} shares")
     total = sum(observed)
-    if total == 0 or any(share <= 0 or share >= 1 for share in shares):
+    if total == 0 or any(share < 0 for share in shares) or sum(shares) <= 0:
         return None
     weights = np.asarray(shares, dtype=float) / sum(shares)
+    if any(weight <= 0 or weight >= 1 for weight in weights):
+        return None
     return float(chisquare(np.asarray(observed, dtype=float), total * weights).pvalue)
 
 

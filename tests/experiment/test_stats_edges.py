@@ -1,0 +1,276 @@
+"""experiment.stats at its edges: argument checks, zero-variance branches, defaults and the numbers beside the
+interval (p-values, chance to win) that test_stats.py does not pin. Each test here kills mutants that survived
+test_stats.py and the rest of tests/experiment (mutmut 3.8.1 on experiment/stats.py, docs/BENCHMARKS.md,
+"Mutation testing of the statistics")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gbstats.frequentist.tests import SequentialConfig, SequentialTwoSidedTTest
+from gbstats.models.statistics import SampleMeanStatistic
+from scipy import integrate
+from scipy import stats as sps
+
+from experiment.stats import (
+    Comparison,
+    Estimate,
+    _json_ready,
+    compare_ratio,
+    linearised,
+    quantile_estimate,
+    ratio_estimate,
+    relative_change,
+    sample_ratio,
+    sequential_interval,
+    stratified,
+    two_proportions,
+    welch,
+)
+
+
+def _ones(n: int) -> np.ndarray:
+    return np.ones(n)
+
+
+def _mean_stat(values: np.ndarray) -> SampleMeanStatistic:
+    return SampleMeanStatistic(n=len(values), sum=float(values.sum()), sum_squares=float((values**2).sum()))
+
+
+# ---------------------------------------------------------------------------------------------- sequential
+
+
+@pytest.mark.parametrize(("n_total", "alpha", "tuning", "named"), [
+    (0, 0.05, 5000.0, "n_total"), (10, 0.0, 5000.0, "alpha"), (10, 1.0, 5000.0, "alpha"), (10, 0.05, 0.0, "tuning"),
+])
+def test_sequential_interval_refuses_bad_arguments_by_name(n_total, alpha, tuning, named):
+    with pytest.raises(ValueError, match=named):
+        sequential_interval(0.1, 1.0, n_total, alpha, tuning)
+
+
+def test_sequential_interval_accepts_the_smallest_valid_arguments():
+    for n_total, tuning in ((1, 5000.0), (10, 0.5)):
+        (low, high), p_value = sequential_interval(0.1, 1.0, n_total, 0.05, tuning)
+        assert low < 0.1 < high and 0 < p_value <= 1
+
+
+def test_sequential_p_value_equals_gbstats_where_the_e_value_is_small_and_is_one_below_it():
+    rng = np.random.default_rng(21)
+    a = rng.normal(0, 1, 400)
+    config = SequentialConfig(difference_type="absolute", sequential_tuning_parameter=5000)
+    seen = []
+    for shift in (0.02, 0.12, 0.2):  # log e-value below 0, between 0 and 1, above 1
+        b = a[::-1] + shift + rng.normal(0, 0.05, 400)
+        result = compare_ratio(a, _ones(400), b, _ones(400))
+        reference = SequentialTwoSidedTTest(_mean_stat(a), _mean_stat(b), config)
+        assert result.sequential_p_value == pytest.approx(min(reference.p_value, 1.0), rel=1e-9)
+        seen.append(result.sequential_p_value)
+    assert seen[0] == 1.0 and math.exp(-1) < seen[1] < 1 and seen[2] < math.exp(-1)
+
+
+def test_sequential_interval_without_variance_is_certain_either_way():
+    assert sequential_interval(0.5, 0.0, 10, 0.05, 5000.0) == ((0.5, 0.5), 0.0)
+    assert sequential_interval(0.0, 0.0, 10, 0.05, 5000.0) == ((0.0, 0.0), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- compare_ratio
+
+
+def test_compare_ratio_defaults_are_gbstats_defaults():
+    rng = np.random.default_rng(22)
+    a, b = rng.normal(1, 1, 200), rng.normal(1.2, 1, 220)
+    result = compare_ratio(a, _ones(200), b, _ones(220))
+    reference = SequentialTwoSidedTTest(_mean_stat(a), _mean_stat(b), SequentialConfig(difference_type="absolute"))
+    assert result.sequential_ci == pytest.approx(tuple(reference.confidence_interval), rel=1e-9)
+    assert result == compare_ratio(a, _ones(200), b, _ones(220), alpha=0.05, tuning=5000.0)
+
+
+def test_compare_ratio_none_when_the_candidate_ratio_is_undefined():
+    assert compare_ratio([1.0, 2.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]) is None
+
+
+@pytest.mark.parametrize("which", ["control", "candidate"])
+def test_compare_ratio_refuses_pre_values_of_the_wrong_length_in_either_arm(which):
+    pre = {"control_pre": np.zeros(3), "candidate_pre": np.zeros(4)}
+    pre[f"{which}_pre"] = np.zeros(5)
+    with pytest.raises(ValueError, match="one entry per user"):
+        compare_ratio(np.arange(3.0), _ones(3), np.arange(4.0), _ones(4), **pre)
+    with pytest.raises(ValueError, match="both arms"):
+        compare_ratio(np.arange(3.0), _ones(3), np.arange(4.0), _ones(4), control_pre=np.zeros(3))
+
+
+@pytest.mark.parametrize(("candidate", "p_value", "chance"), [(1.5, 0.0, 1.0), (0.5, 0.0, 0.0), (1.0, 1.0, 0.5)])
+def test_compare_ratio_without_spread_knows_the_difference_exactly(candidate, p_value, chance):
+    result = compare_ratio([1.0, 1.0], [1.0, 1.0], [candidate] * 3, [1.0] * 3)
+    assert result.fixed_ci == (candidate - 1.0, candidate - 1.0)
+    assert result.fixed_p_value == p_value and result.sequential_p_value == p_value
+    assert result.chance_to_win == chance and math.isnan(result.dof)
+
+
+def test_cuped_needs_only_two_users_with_history():
+    rng = np.random.default_rng(23)
+    a, b = rng.normal(1, 1, 50), rng.normal(1, 1, 50)
+    pre_a, pre_b = np.full(50, np.nan), np.full(50, np.nan)
+    pre_a[0], pre_b[0] = a[0] - 1, b[0] + 1
+    result = compare_ratio(a, _ones(50), b, _ones(50), control_pre=pre_a, candidate_pre=pre_b)
+    assert result.cuped is not None and result.cuped["users_with_pre"] == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------- stratified
+
+
+def _strata(seed: int, shift: float = 0.05) -> list[Comparison]:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for n_a, n_b, p in ((900, 100, 0.3), (500, 500, 0.6)):
+        a, b = rng.binomial(1, p, n_a).astype(float), rng.binomial(1, p + shift, n_b).astype(float)
+        parts.append(compare_ratio(a, _ones(n_a), b, _ones(n_b), control_pre=rng.normal(0, 1, n_a) + a,
+                                   candidate_pre=rng.normal(0, 1, n_b) + b))
+    return parts
+
+
+def test_stratified_p_values_and_chance_to_win_follow_from_the_combined_estimate():
+    parts = _strata(24)
+    combined = stratified(parts, control=0.4, candidate=0.5, alpha=0.1, tuning=2000.0)
+    d, se = combined.difference, combined.std_error
+    assert 0.001 < combined.fixed_p_value < 0.9
+    assert combined.fixed_p_value == pytest.approx(2 * sps.norm.sf(abs(d) / se), rel=1e-12)
+    assert combined.fixed_ci == pytest.approx((d - sps.norm.ppf(0.95) * se, d + sps.norm.ppf(0.95) * se), rel=1e-12)
+    assert combined.chance_to_win == pytest.approx(sps.norm.cdf(d / se), rel=1e-12)
+    ci, p_value = sequential_interval(d, se**2, 2000, 0.1, 2000.0)
+    assert combined.sequential_ci == pytest.approx(ci, rel=1e-12)
+    assert combined.sequential_p_value == pytest.approx(p_value, rel=1e-12)
+    assert combined.relative == pytest.approx(d / 0.4) and math.isnan(combined.dof)
+    assert combined.cuped == {"strata_adjusted": 2, "variance_reduction": pytest.approx(
+        np.mean([c.cuped["variance_reduction"] for c in parts]))}
+    assert stratified(parts, control=0.4, candidate=0.5) == stratified(parts, control=0.4, candidate=0.5,
+                                                                          alpha=0.05, tuning=5000.0)
+    assert stratified(parts, control=0.0, candidate=0.5).relative is None
+
+
+@pytest.mark.parametrize(("candidate", "p_value", "chance"), [(1.5, 0.0, 1.0), (0.5, 0.0, 0.0), (1.0, 1.0, 0.5)])
+def test_stratified_without_spread_knows_the_difference_exactly(candidate, p_value, chance):
+    part = compare_ratio([1.0, 1.0], [1.0, 1.0], [candidate] * 2, [1.0] * 2)
+    combined = stratified([part, part], control=1.0, candidate=candidate)
+    assert combined.fixed_ci == (candidate - 1.0, candidate - 1.0)
+    assert combined.fixed_p_value == p_value and combined.chance_to_win == chance and combined.cuped is None
+
+
+def test_stratified_needs_a_stratum():
+    with pytest.raises(ValueError, match="at least one stratum"):
+        stratified([], control=0.0, candidate=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- relative_change
+
+
+def test_relative_change_needs_two_users_on_each_side():
+    assert relative_change(Estimate(1.0, 0.01, 2), Estimate(1.2, 0.01, 2)) is not None
+    assert relative_change(Estimate(1.0, 0.01, 1), Estimate(1.2, 0.01, 50)) is None
+    assert relative_change(Estimate(1.0, 0.01, 50), Estimate(1.2, 0.01, 1)) is None
+
+
+def test_relative_change_without_spread_is_exact_and_keeps_its_keys():
+    doubled = relative_change(Estimate(1.0, 0.0, 5), Estimate(2.0, 0.0, 5))
+    assert doubled["relative"] == 1.0 and doubled["p_value"] == 0.0 and doubled["ci"] == [1.0, 1.0]
+    same = relative_change(Estimate(1.0, 0.0, 5), Estimate(1.0, 0.0, 5))
+    assert same["p_value"] == 1.0 and same["before"] == 1.0 and same["after"] == 1.0 and same["dof"] is None
+
+
+# ---------------------------------------------------------------------------------------------- sample ratio
+
+
+def test_sample_ratio_normalises_shares_before_judging_them():
+    assert sample_ratio([630, 370], [60, 40]) == pytest.approx(sps.chisquare([630, 370], [600, 400]).pvalue, rel=1e-12)
+    assert sample_ratio([630, 370], [60, 40]) == sample_ratio([630, 370], [0.6, 0.4])
+    assert sample_ratio([5, 5, 0], [0.5, 0.5, 0.0]) is None  # an arm expected to be empty
+    assert sample_ratio([5, 5], [1.0, -1.0]) is None
+
+
+# ---------------------------------------------------------------------------------------------- quantiles
+
+
+@pytest.mark.parametrize(("q", "alpha"), [(0.0, 0.05), (1.0, 0.05), (0.5, 0.0), (0.5, 1.0)])
+def test_quantile_estimate_refuses_q_and_alpha_outside_0_1(q, alpha):
+    with pytest.raises(ValueError, match="0 < q < 1"):
+        quantile_estimate(np.arange(100.0), q, alpha)
+
+
+def test_quantile_estimate_sample_size_bounds_on_both_tails():
+    rng = np.random.default_rng(25)
+    values = rng.lognormal(0, 1, 200)
+    # n <= z^2 q / (1 - q) = 380 for q = 0.99, and n <= z^2 (1 - q) / q for q = 0.01: ranks outside the sample.
+    assert quantile_estimate(values, 0.99) is None and quantile_estimate(values, 0.01) is None
+    assert quantile_estimate(values[:8], 0.5) is not None  # 8 > z^2 = 3.84
+    assert quantile_estimate(values[:3], 0.5) is None
+
+
+def test_quantile_estimate_clamps_ranks_and_scales_with_the_data():
+    rng = np.random.default_rng(26)
+    values = rng.lognormal(0, 1, 60)
+    q = 0.1  # n q - z sqrt(n q (1 - q)) = 6 - 4.55: the lower rank is 1
+    estimate = quantile_estimate(values, q)
+    ordered = np.sort(values)
+    half = (ordered[math.ceil(60 * q + 1.959963984540054 * math.sqrt(60 * q * (1 - q))) - 1] - ordered[0])
+    assert estimate.variance == pytest.approx(59 * (half / (2 * 1.959963984540054)) ** 2 / 60, rel=1e-9)
+    small = quantile_estimate(values / 1000, q)  # an interval narrower than 1 is still an interval
+    assert small.value == pytest.approx(estimate.value / 1000) and small.variance == pytest.approx(
+        estimate.variance / 1e6)
+
+
+def test_quantile_estimate_zero_width_is_refused_below_1000_values_only():
+    assert quantile_estimate(np.ones(999), 0.5) is None
+    assert quantile_estimate(np.ones(1000), 0.5) == Estimate(1.0, 0.0, 1000)
+
+
+# ---------------------------------------------------------------------------------------------- reference blocks
+
+
+def test_two_proportions_chance_to_win_is_the_beta_posterior_probability():
+    x_a, n_a, x_b, n_b = 10, 50, 14, 50
+    result = two_proportions(x_a, n_a, x_b, n_b, 0.05)
+    post_a, post_b = sps.beta(1 + x_a, 1 + n_a - x_a), sps.beta(1 + x_b, 1 + n_b - x_b)
+    exact, _ = integrate.quad(lambda p: post_b.pdf(p) * post_a.cdf(p), 0, 1)
+    assert 0.7 < exact < 0.9
+    assert result["chance_to_win"] == pytest.approx(exact, abs=0.012)  # 20,000 draws: standard error <= 0.0035
+    assert two_proportions(x_a, n_a, x_b, n_b, 0.05) == result  # seeded: the same data, the same number
+    assert result["control"] == 0.2 and result["candidate"] == 0.28
+
+
+def test_two_proportions_edges():
+    assert two_proportions(1, 2, 0, 0, 0.05) is None
+    nothing = two_proportions(0, 10, 0, 10, 0.05)
+    assert nothing["p_value"] == 1.0 and nothing["lift"] == 0.0
+
+
+def test_welch_without_spread_keeps_every_key():
+    assert welch([1.0, 1.0], [3.0, 3.0], 0.05) == {"control": 1.0, "candidate": 3.0, "lift": 2.0, "ci": [2.0, 2.0],
+                                                 "p_value": 0.0}
+    assert welch([2.0, 2.0], [2.0, 2.0], 0.05)["p_value"] == 1.0
+    spread = welch([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], 0.05)
+    assert spread["control"] == 2.0 and spread["candidate"] == 4.0 and spread["lift"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- small pieces
+
+
+def test_std_error_of_zero_and_of_impossible_variances():
+    assert Estimate(1.0, 0.0, 5).std_error() == 0.0
+    assert math.isnan(Estimate(1.0, -1.0, 5).std_error())
+
+
+def test_json_ready_turns_numpy_scalars_into_python_ones():
+    ready = _json_ready({"flag": np.bool_(True), "n": np.int64(3), "x": np.float32(0.5), "bad": np.float64("nan")})
+    assert ready == {"flag": True, "n": 3, "x": 0.5, "bad": None}
+    assert type(ready["flag"]) is bool and type(ready["n"]) is int
+
+
+def test_ratio_estimate_of_one_and_two_users_and_of_a_denominator_of_one():
+    one = ratio_estimate([1.0], [2.0])
+    assert one.value == 0.5 and one.users == 1 and math.isnan(one.variance)
+    two = ratio_estimate([1.0, 3.0], [1.0, 1.0])
+    assert two.value == 2.0 and two.variance == pytest.approx(np.var([1.0, 3.0], ddof=1) / 2)
+    unit = ratio_estimate([0.5, 0.0], [1.0, 0.0])  # sum(den) == 1: a defined ratio
+    assert unit.value == 0.5 and not np.isnan(linearised([0.5, 0.0], [1.0, 0.0])).any()
