@@ -117,9 +117,8 @@ class ModelRunner:
             self.stats.masked_forwards += len(set(adapters)) > 1
             with self.lora.rows(adapters):
                 out = self.peft(**kwargs)
-        else:
+        else:  # the layers have peft's own forward here: install() gave them none, or was not asked to
             self.stats.per_row_forwards += 1
-            self.lora.reset()
             out = self.peft(**kwargs, adapter_names=[r.adapter_key for r in rows])
         return out.logits[:, -1, :]
 
