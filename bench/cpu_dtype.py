@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from store.config import apply_runtime_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.search_traffic import searches_per_s  # noqa: E402
+from store.config import apply_runtime_env  # noqa: E402
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -73,37 +77,21 @@ def _measure(dtype, args) -> dict[str, float]:
 
 def _engine_searches_per_s(dtype_name: str, args) -> float:
     import asyncio
-    from pydoc_data.topics import topics
 
     from serving.engine import Engine
     from serving.model import load_base_model
     from serving.sampling import SamplingParams
-    from store.prompts import DEFAULT_SYSTEM_PROMPT
 
     engine = Engine(load_base_model("default", dtype=dtype_name), max_batch=args.batch)
     engine.start()
-    passage = topics["for"][:1000]
 
-    def prompt(i: int) -> list[int]:
-        return engine.encode_chat([
-            {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-            {"role": "user", "content": f"Context:\n[1] for\n{passage}\n\nQuestion: how does loop {i} work?"},
-        ])
-
-    async def run(n: int) -> float:
-        gate = asyncio.Semaphore(args.batch)
-
-        async def one(i: int) -> None:
-            async with gate:
-                await engine.submit(prompt(i), SamplingParams(max_tokens=48, temperature=0.7, seed=i)).result()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n / (time.perf_counter() - started)
+    def run(n: int) -> float:
+        return asyncio.run(searches_per_s(engine, n, concurrency=args.batch,
+                                          params=lambda i: SamplingParams(max_tokens=48, temperature=0.7, seed=i)))
 
     try:
-        asyncio.run(run(4))  # warm-up
-        return asyncio.run(run(args.searches))
+        run(4)  # warm-up
+        return run(args.searches)
     finally:
         engine.stop()
 

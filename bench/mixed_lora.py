@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-from store.config import apply_runtime_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.search_traffic import search_messages, searches_per_s  # noqa: E402
+from store.config import apply_runtime_env  # noqa: E402
 
 MODES = ("base only", "adapter only", "mixed: per row", "mixed: masked rows")
 
@@ -58,16 +60,12 @@ def _save_adapter(out: Path) -> Path:
 
 
 def _searches_per_s(mode: str, adapter: Path, args) -> tuple[float, dict[str, int]]:
-    from pydoc_data.topics import topics
-
     from serving.engine import Engine
     from serving.model import load_base_model
     from serving.sampling import SamplingParams
-    from store.prompts import DEFAULT_SYSTEM_PROMPT
 
     engine = Engine(load_base_model("default"), max_batch=args.concurrency, per_row_lora=mode == "mixed: per row")
     engine.start()
-    passage = topics["for"][:1000]
 
     def arm(i: int) -> str | None:
         if mode == "base only":
@@ -76,23 +74,13 @@ def _searches_per_s(mode: str, adapter: Path, args) -> tuple[float, dict[str, in
             return "candidate"
         return "candidate" if int((i + 1) * args.share) > int(i * args.share) else None  # spread evenly
 
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=i, ignore_eos=True)
+
     async def run(n: int) -> float:
         if mode != "base only" and "candidate" not in engine.adapters():
             await engine.load_adapter("candidate", str(adapter))
-        gate = asyncio.Semaphore(args.concurrency)
-
-        async def one(i: int) -> None:
-            prompt = engine.encode_chat([
-                {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": f"Context:\n[1] for\n{passage}\n\nQuestion: how does loop {i} work?"},
-            ])
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=i, ignore_eos=True)
-            async with gate:
-                await engine.submit(prompt, params, arm(i)).result()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n / (time.perf_counter() - started)
+        return await searches_per_s(engine, n, concurrency=args.concurrency, params=params, adapter=arm)
 
     try:
         asyncio.run(run(4))  # warm-up: loads the adapter, picks kernels
@@ -111,14 +99,11 @@ def _prefill_agreement(adapter: Path, args) -> str:
 
     from serving.lora_routing import LoraRouting
     from serving.model import load_base_model
-    from store.prompts import DEFAULT_SYSTEM_PROMPT
 
     loaded = load_base_model("default")
     tokenizer = loaded.tokenizer
-    texts = [tokenizer.apply_chat_template([
-        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-        {"role": "user", "content": f"Context:\n[1] {topic}\n{topics[topic][:1000]}\n\nQuestion: what is {topic}?"},
-    ], tokenize=False, add_generation_prompt=True) for topic in sorted(topics)[:args.concurrency]]
+    texts = [tokenizer.apply_chat_template(search_messages(topic, f"what is {topic}?"), tokenize=False,
+                                           add_generation_prompt=True) for topic in sorted(topics)[:args.concurrency]]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     peft = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name="candidate").eval()
     with torch.inference_mode():
