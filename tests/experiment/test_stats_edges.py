@@ -18,6 +18,7 @@ from experiment.stats import (
     Comparison,
     Estimate,
     _json_ready,
+    beta_chance_to_win,
     compare_ratio,
     linearised,
     quantile_estimate,
@@ -116,6 +117,16 @@ def test_cuped_needs_only_two_users_with_history():
     pre_a[0], pre_b[0] = a[0] - 1, b[0] + 1
     result = compare_ratio(a, _ones(50), b, _ones(50), control_pre=pre_a, candidate_pre=pre_b)
     assert result.cuped is not None and result.cuped["users_with_pre"] == [1, 1]
+
+
+
+def test_cuped_with_history_unrelated_to_the_metric_is_not_applied():
+    post = [1.0, 1.0, 0.0, 0.0]
+    plain = compare_ratio(post, _ones(4), post, _ones(4))
+    unrelated = compare_ratio(post, _ones(4), post, _ones(4), control_pre=[0, 1, 1, 0], candidate_pre=[0, 1, 0, 1])
+    assert unrelated.cuped is None and unrelated == plain  # covariance exactly 0: theta 0, nothing to adjust
+    related = compare_ratio(post, _ones(4), post, _ones(4), control_pre=[1, 1, 0, 0], candidate_pre=[0, 1, 0, 1])
+    assert related.cuped is not None and related.cuped["theta"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- stratified
@@ -228,15 +239,51 @@ def test_quantile_estimate_zero_width_is_refused_below_1000_values_only():
 # ---------------------------------------------------------------------------------------------- reference blocks
 
 
+def _beta_probability_by_quadrature(alpha_a, beta_a, alpha_b, beta_b):
+    post_a, post_b = sps.beta(alpha_a, beta_a), sps.beta(alpha_b, beta_b)
+    low = min(post_a.ppf(1e-13), post_b.ppf(1e-13))
+    high = max(post_a.isf(1e-13), post_b.isf(1e-13))
+    exact, _ = integrate.quad(lambda p: post_b.pdf(p) * post_a.cdf(p), low, high, epsabs=1e-14, epsrel=1e-12)
+    return exact
+
+
 def test_two_proportions_chance_to_win_is_the_beta_posterior_probability():
     x_a, n_a, x_b, n_b = 10, 50, 14, 50
     result = two_proportions(x_a, n_a, x_b, n_b, 0.05)
-    post_a, post_b = sps.beta(1 + x_a, 1 + n_a - x_a), sps.beta(1 + x_b, 1 + n_b - x_b)
-    exact, _ = integrate.quad(lambda p: post_b.pdf(p) * post_a.cdf(p), 0, 1)
+    exact = _beta_probability_by_quadrature(1 + x_a, 1 + n_a - x_a, 1 + x_b, 1 + n_b - x_b)
     assert 0.7 < exact < 0.9
-    assert result["chance_to_win"] == pytest.approx(exact, abs=0.012)  # 20,000 draws: standard error <= 0.0035
-    assert two_proportions(x_a, n_a, x_b, n_b, 0.05) == result  # seeded: the same data, the same number
+    assert result["chance_to_win"] == pytest.approx(exact, abs=1e-10)  # computed, not sampled
     assert result["control"] == 0.2 and result["candidate"] == 0.28
+
+
+@pytest.mark.parametrize("params", [
+    (11, 41, 15, 37),  # the sum runs over alpha_a (the smallest)
+    (41, 11, 37, 15),  # ... over beta_a
+    (15, 37, 11, 41),  # ... over alpha_b
+    (37, 15, 41, 11),  # ... over beta_b
+    (1, 1, 1, 1), (2, 1, 1, 2), (3, 5, 30, 2), (1, 300, 2, 299), (5001, 45001, 5201, 44801),
+])
+def test_beta_chance_to_win_matches_quadrature_on_every_branch(params):
+    assert beta_chance_to_win(*params) == pytest.approx(_beta_probability_by_quadrature(*params), abs=1e-10)
+
+
+def test_beta_chance_to_win_is_symmetric_and_refuses_improper_priors():
+    assert beta_chance_to_win(2, 1, 1, 2) == pytest.approx(1 / 6, abs=1e-15)  # densities 2p and 2(1 - p): 1/6 by hand
+    assert beta_chance_to_win(7, 9, 7, 9) == pytest.approx(0.5, abs=1e-12)
+    assert beta_chance_to_win(7, 9, 12, 4) + beta_chance_to_win(12, 4, 7, 9) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        beta_chance_to_win(0, 1, 1, 1)
+
+
+def test_beta_chance_to_win_with_a_million_users_is_the_normal_limit():
+    # 900,000 of 1,000,000 against 899,000: the posteriors are normal to within far less than the gap tested here
+    alpha_a, beta_a, alpha_b, beta_b = 900_001, 100_001, 899_001, 101_001
+    mean_a, mean_b = alpha_a / (alpha_a + beta_a), alpha_b / (alpha_b + beta_b)
+    var_a = mean_a * (1 - mean_a) / (alpha_a + beta_a + 1)
+    var_b = mean_b * (1 - mean_b) / (alpha_b + beta_b + 1)
+    normal = sps.norm.cdf((mean_b - mean_a) / math.sqrt(var_a + var_b))
+    assert 1e-3 < normal < 0.1
+    assert beta_chance_to_win(alpha_a, beta_a, alpha_b, beta_b) == pytest.approx(normal, rel=1e-3)
 
 
 def test_two_proportions_edges():
