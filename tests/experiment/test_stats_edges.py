@@ -271,8 +271,9 @@ def test_beta_chance_to_win_is_symmetric_and_refuses_improper_priors():
     assert beta_chance_to_win(2, 1, 1, 2) == pytest.approx(1 / 6, abs=1e-15)  # densities 2p and 2(1 - p): 1/6 by hand
     assert beta_chance_to_win(7, 9, 7, 9) == pytest.approx(0.5, abs=1e-12)
     assert beta_chance_to_win(7, 9, 12, 4) + beta_chance_to_win(12, 4, 7, 9) == pytest.approx(1.0, abs=1e-12)
-    with pytest.raises(ValueError, match="integers >= 1"):
-        beta_chance_to_win(0, 1, 1, 1)
+    for improper in [(0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)]:
+        with pytest.raises(ValueError, match="integers >= 1"):
+            beta_chance_to_win(*improper)
 
 
 def test_beta_chance_to_win_with_a_million_users_is_the_normal_limit():
