@@ -13,5 +13,6 @@ Entry points (import them from their modules; importing ``serving`` itself stays
 The single stream's fast path (docs/BENCHMARKS.md, "Single stream (issue 13)"): int8 weights for decode
 steps of a few rows (:mod:`serving.quantize`) with single-row attention kept on SDPA's fast path
 (:mod:`serving.attention`), and LoRA without peft's per-row split: each row on its own adapter through
-a 0/1 row mask (:mod:`serving.lora_routing`).
+a 0/1 row mask (:mod:`serving.lora_routing`). Every batch's KV cache grows in place rather than by
+concatenation (:mod:`serving.kv_cache`; "KV cache with room to grow").
 """

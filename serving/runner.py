@@ -54,6 +54,8 @@ class _Batch:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, stats: EngineStats, *, per_row_lora: bool = False,
                  compile: bool = False):
+        from serving.kv_cache import cache_argument  # imports transformers
+
         self.model = loaded.model
         self.peft: Any = None  # the PeftModel wrapper once the first adapter is loaded
         self.lora = LoraRouting()
@@ -61,6 +63,7 @@ class ModelRunner:
         # Decode steps of the base model (no adapter loaded) through torch.compile; dynamic shapes, so the
         # growing KV cache and the changing batch do not recompile.  The first decode step compiles.
         self._compiled = torch.compile(self.model.forward, dynamic=True) if compile else None
+        self._cache_argument = cache_argument(self.model)
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.stats = stats
@@ -105,9 +108,9 @@ class ModelRunner:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_argument: cache},
         )
         self.stats.max_rows = max(self.stats.max_rows, input_ids.shape[0])
         if self.peft is None:
@@ -125,6 +128,8 @@ class ModelRunner:
     def _prefill(self, handles: list[RequestHandle]) -> None:
         from transformers import DynamicCache
 
+        from serving.kv_cache import growing_cache
+
         rows = [_Row(h, self.device) for h in handles]
         width = max(len(h.prompt_ids) for h in handles)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -135,7 +140,9 @@ class ModelRunner:
             mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        # Inductor cannot compile writes into a buffer longer than its content (dynamic shapes): the compiled
+        # decode keeps transformers' own layers, which concatenate.
+        cache = DynamicCache(config=self.model.config) if self._compiled else growing_cache(self.model.config)
         self.stats.prefill_batches += 1
         logits = self._forward(ids, mask, positions, cache, rows, decode=False)
         new = _Batch(rows, cache, mask, mask.sum(-1))
@@ -264,8 +271,10 @@ def _cache_layers(cache) -> list | None:
     """The cache's layers if every one is a plain growing layer we can pad/trim, else None."""
     from transformers.cache_utils import DynamicLayer
 
+    from serving.kv_cache import SlackLayer
+
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not layers or any(type(layer) not in (DynamicLayer, SlackLayer) for layer in layers):
         return None
     return layers
 

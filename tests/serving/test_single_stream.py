@@ -122,6 +122,7 @@ def test_int8_agrees_with_bf16_within_the_stated_tolerance(int8_model, reference
     from transformers import DynamicCache
 
     from serving.attention import NAME
+    from serving.kv_cache import cache_argument
     from serving.quantize import Int8Linear
 
     model, tokenizer = int8_model.model, int8_model.tokenizer
@@ -135,12 +136,12 @@ def test_int8_agrees_with_bf16_within_the_stated_tolerance(int8_model, reference
         reference = reference_ids[prompt]
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}).logits
             for token in reference:
                 agree += int(logits[0, -1].argmax()) == token
                 total += 1
-                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
-                               logits_to_keep=1).logits
+                logits = model(torch.tensor([[token]]), use_cache=True, logits_to_keep=1,
+                               **{cache_argument(model): cache}).logits
     assert total >= len(PROMPTS) * 8
     assert agree / total >= INT8_MIN_AGREEMENT, f"int8 agrees with bf16 at {agree}/{total} positions"
 
