@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
+import pytest
+
 import experiment
 from experiment import lifecycle
 from experiment.status import describe, render
@@ -32,6 +36,7 @@ def test_an_aa_rollout_advances_but_never_promotes_or_rolls_back(sqlite_db):
         later = _step(sqlite_db, running.id, 1000, 2000 + 1000 * n, seed=2 + n)
         assert later.action in ("keep_running", "not_enough_data"), later.decision
         assert later.decision["rollout"]["did"] == "wait"
+        assert later.decision["rollout"]["step_users"] == 1000 * (n + 1)  # the users of the current step only
     assert not later.srm["mismatch"] and [p["share"] for p in later.phases] == [0.0, 0.1, 0.5]
     assert experiments.get(sqlite_db, running.id).status == "running"
 
@@ -46,11 +51,13 @@ def test_a_better_candidate_is_promoted_at_the_last_step(db):
     final = _step(db, running.id, 2000, 2000, candidate=better, seed=1)
     assert final.action == "promote" and final.decision["rollout"]["did"] == "promoted"
     assert experiments.get(db, running.id).status == "promoted"
+    assert experiments.get(db, running.id).decision["via"] == "rollout"
     successor = experiments.get_running(db)
     assert successor.control_base_url == "http://candidate.test/v1" and successor.candidate_share == 0.0
     status = describe(db, running.id)
     kinds = [t["kind"] for t in status["experiment"]["transitions"]]
     assert kinds == ["start", "rollout_step", "rollout_step", "promoted"]
+    assert final.decision["rollout"] == {"did": "promoted", "step": 1, "successor": successor.id}
     assert "automatic" in status["experiment"]["transitions"][-1]["reason"]
     assert "promoted" in render(status)
 
@@ -62,6 +69,7 @@ def test_promotion_waits_for_approval_when_asked(sqlite_db):
     _step(sqlite_db, running.id, 2000, 0, candidate=better)
     final = _step(sqlite_db, running.id, 2000, 2000, candidate=better, seed=1)
     assert final.action == "promote" and final.decision["rollout"]["did"] == "awaiting_approval"
+    assert final.decision["rollout"]["step"] == 1 and final.decision["rollout"]["step_users"] >= 2000
     assert experiments.get(sqlite_db, running.id).status == "running"
     lifecycle.promote(sqlite_db, running.id, via="operator")  # the recorded decision allows it
     assert experiments.get(sqlite_db, running.id).status == "promoted"
@@ -77,3 +85,102 @@ def test_a_worse_candidate_is_rolled_back_automatically(sqlite_db):
     [*_, rolled] = experiments.list_events(sqlite_db, running.id)
     assert rolled.kind == "rolled_back" and rolled.analysis["decision"]["action"] == "roll_back"
     assert experiments.get_running(sqlite_db).candidate_base_url is None
+
+
+def test_a_rollback_says_why_and_names_the_experiment_that_serves_next(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, {"steps": [0.5], "min_users_per_step": 0, "min_hours_per_step": 0})
+    worse = _step(sqlite_db, running.id, 1500, 0, candidate=ArmBehaviour(up=0.3), control=ArmBehaviour(up=0.5))
+    successor = experiments.get_running(sqlite_db)
+    assert worse.decision["rollout"] == {"did": "rolled_back", "step": 0, "successor": successor.id}
+    [*_, rolled] = experiments.list_events(sqlite_db, running.id)
+    assert rolled.reason == f"automatic: {worse.decision['reason']}"
+    assert experiments.get(sqlite_db, running.id).decision["action"] == "roll_back"
+
+
+def test_each_step_advances_to_the_next_share_of_the_plan(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, {"steps": [0.1, 0.3, 0.5], "min_users_per_step": 2000,
+                                                  "min_hours_per_step": 0})
+    first = _step(sqlite_db, running.id, 2000, 0)  # exactly the step's minimum of users
+    assert first.decision["rollout"] == {"did": "advanced", "step": 1, "share": 0.3}
+    assert experiments.get(sqlite_db, running.id).candidate_share == 0.3
+    assert experiments.get(sqlite_db, running.id).rollout["step"] == 1
+    [*_, step] = experiments.list_events(sqlite_db, running.id)
+    assert step.kind == "rollout_step" and step.to_share == 0.3 and step.analysis["experiment_id"] == running.id
+    assert step.reason.startswith("step 2 of 3 (30%): step 1 had ")
+
+
+def test_a_step_waits_for_its_hours_as_well_as_its_users(sqlite_db, monkeypatch):
+    from experiment import rollout
+
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, min_hours_per_step=2.0))
+    early = _step(sqlite_db, running.id, 2000, 0)
+    waiting = early.decision["rollout"]
+    assert waiting["did"] == "wait" and waiting["step"] == 0 and waiting["step_users"] >= 2000
+    assert 0 <= waiting["step_hours"] < 0.1
+    step_started = datetime.fromisoformat(early.phases[-1]["start"])
+    monkeypatch.setattr(rollout, "utcnow", lambda: step_started + timedelta(seconds=4321))
+    waiting = experiment.evaluate(sqlite_db, running.id).decision["rollout"]
+    assert waiting["did"] == "wait" and waiting["step_hours"] == 1.2  # 1.2003 h, rounded for the output
+    monkeypatch.setattr(rollout, "utcnow", lambda: step_started + timedelta(hours=2))  # exactly the minimum
+    later = experiment.evaluate(sqlite_db, running.id).decision["rollout"]
+    assert later == {"did": "advanced", "step": 1, "share": 0.5}
+
+
+def test_a_step_with_its_users_but_no_verdict_yet_waits(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, min_users_per_step=50))
+    few = _step(sqlite_db, running.id, 80, 0)  # 80 users in the step, but too few per arm for any verdict
+    assert few.action == "not_enough_data"
+    assert few.decision["rollout"]["did"] == "wait" and few.decision["rollout"]["step_users"] >= 50
+    assert experiments.get(sqlite_db, running.id).candidate_share == 0.1
+
+
+def test_the_policy_given_to_evaluate_is_the_one_applied(sqlite_db):
+    from experiment.decision import Policy
+
+    running = traffic.start(sqlite_db, share=0.5)
+    traffic.write(sqlite_db, running, users=400, first_user=0, control=traffic.SAME, candidate=traffic.SAME, seed=0)
+    strict = experiment.evaluate(sqlite_db, running.id, Policy(min_users_per_arm=10_000))
+    assert strict.action == "not_enough_data" and "need 10000 in each" in strict.decision["reason"]
+    assert experiments.get(sqlite_db, running.id).decision["evaluated_at"] == strict.evaluated_at
+
+
+def test_a_plan_takes_its_defaults_and_round_trips():
+    from experiment.rollout import RolloutPlan
+
+    plan = RolloutPlan.from_dict({"steps": [0.1, 1]})
+    assert plan == RolloutPlan(steps=(0.1, 1.0), min_users_per_step=100, min_hours_per_step=1.0, auto_promote=True)
+    given = {"steps": [0.2, 0.4, 0.6], "min_users_per_step": 0, "min_hours_per_step": 0.5, "auto_promote": False}
+    assert RolloutPlan.from_dict(given).to_dict(step=2) == dict(given, step=2)
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ({}, "rollout.steps: give at least one share"),
+    ({"steps": []}, "rollout.steps: give at least one share"),
+    ({"steps": [0, 0.5]}, "rollout.steps: shares must rise strictly, each in (0, 1]"),
+    ({"steps": [0.5, 1.01]}, "rollout.steps: shares must rise strictly, each in (0, 1]"),
+    ({"steps": [0.2, 0.2]}, "rollout.steps: shares must rise strictly, each in (0, 1]"),
+    ({"steps": [0.1, 0.5, 0.3]}, "rollout.steps: shares must rise strictly, each in (0, 1]"),
+    ({"steps": [0.1], "min_users_per_step": -1}, "rollout.min_users_per_step and min_hours_per_step must be >= 0"),
+    ({"steps": [0.1], "min_hours_per_step": -0.5}, "rollout.min_users_per_step and min_hours_per_step must be >= 0"),
+])
+def test_a_bad_plan_is_refused_with_the_field_named(plan, message):
+    from experiment.rollout import RolloutPlan
+
+    with pytest.raises(ValueError) as refused:
+        RolloutPlan.from_dict(plan)
+    assert str(refused.value) == message
+
+
+def test_an_ended_experiment_keeps_the_decision_it_ended_with(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.5)
+    traffic.write(sqlite_db, running, users=400, first_user=0, control=traffic.SAME, candidate=traffic.SAME, seed=0)
+    lifecycle.rollback(sqlite_db, running.id, via="operator", reason="by hand")
+    ended = experiments.get(sqlite_db, running.id).decision
+    assert ended == {"via": "operator", "reason": "by hand"}
+    after = experiment.evaluate(sqlite_db, running.id)  # an analysis of it can still be asked for
+    assert after.experiment_id == running.id and after.decision["action"] == "keep_running"
+    assert experiments.get(sqlite_db, running.id).decision == ended
