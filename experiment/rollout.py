@@ -79,7 +79,7 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
         successor = lifecycle.rollback(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
                                        analysis=snapshot)
         return {"did": "rolled_back", "step": step, "successor": successor.id}
-    users, hours = _step_progress(experiment, analysis)
+    users, hours = _step_progress(analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
     waiting = {"did": "wait", "step": step, "step_users": users, "step_hours": round(hours, 3)}
     if not ready or action not in (KEEP_RUNNING, PROMOTE):
@@ -106,10 +106,8 @@ def _advance(db: Database, experiment_id: str, plan: RolloutPlan, step: int, rea
         experiment.rollout = plan.to_dict(step=step)
 
 
-def _step_progress(experiment: Experiment, analysis: Analysis) -> tuple[int, float]:
-    """Users active in the current step (its phase) and hours since it began."""
-    if not analysis.phases:
-        return 0, (utcnow() - experiment.started_at) / timedelta(hours=1)
+def _step_progress(analysis: Analysis) -> tuple[int, float]:
+    """Users active in the current step (its phase: an experiment has at least one) and hours since it began."""
     current = analysis.phases[-1]
     started = datetime.fromisoformat(current["start"])
     return sum(current["users"]), (utcnow() - started) / timedelta(hours=1)
