@@ -23,36 +23,30 @@ from transformers.cache_utils import DynamicLayer
 MIN_SLACK = 64  # positions added at least when a buffer grows
 
 
+class _Content:
+    """A cache tensor: the filled prefix of its buffer. Assigning a tensor makes it the content and the buffer."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._content, self._buffer = f"_{name}", f"_{name}_buffer"
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else getattr(layer, self._content)
+
+    def __set__(self, layer: Any, tensor: torch.Tensor | None) -> None:
+        setattr(layer, self._content, tensor)
+        setattr(layer, self._buffer, tensor)
+
+
 class SlackLayer(DynamicLayer):
-    def __init__(self, **kwargs: Any) -> None:
-        self._keys: torch.Tensor | None = None  # the content: a prefix (along positions) of _key_buffer
-        self._values: torch.Tensor | None = None
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-        super().__init__(**kwargs)
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self._keys
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._keys = self._key_buffer = tensor
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._values
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._values = self._value_buffer = tensor
+    keys = _Content()
+    values = _Content()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._key_buffer, self._keys = _append(self._key_buffer, self._keys, key_states)
-        self._value_buffer, self._values = _append(self._value_buffer, self._values, value_states)
+        self._keys_buffer, self._keys = _append(self._keys_buffer, self._keys, key_states)
+        self._values_buffer, self._values = _append(self._values_buffer, self._values, value_states)
         return self._keys, self._values
 
 

@@ -142,7 +142,8 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Inductor cannot compile writes into a buffer longer than its content (dynamic shapes): the compiled
         # decode keeps transformers' own layers, which concatenate.
-        cache = DynamicCache(config=self.model.config) if self._compiled else growing_cache(self.model.config)
+        cache = (DynamicCache(config=self.model.config) if self._compiled is not None
+                 else growing_cache(self.model.config))
         self.stats.prefill_batches += 1
         logits = self._forward(ids, mask, positions, cache, rows, decode=False)
         new = _Batch(rows, cache, mask, mask.sum(-1))

@@ -30,11 +30,11 @@ def test_appends_match_concatenation_and_grow_the_buffer_only_when_it_is_full():
         got, want = layer.update(keys, values), reference.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         _assert_same(layer, reference)
-        if not buffers or layer._key_buffer.data_ptr() != buffers[-1]:
-            buffers.append(layer._key_buffer.data_ptr())
+        if not buffers or layer._keys_buffer.data_ptr() != buffers[-1]:
+            buffers.append(layer._keys_buffer.data_ptr())
     # 5 + MIN_SLACK + 9 positions: the prefill's buffer (room for MIN_SLACK more) and one larger buffer
     assert len(buffers) == 2
-    assert layer._key_buffer.shape[-2] > layer.get_seq_length()
+    assert layer._keys_buffer.shape[-2] > layer.get_seq_length()
 
 
 def test_assigned_tensors_become_the_content_and_appends_continue_after_them():
