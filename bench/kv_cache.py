@@ -28,11 +28,11 @@ MODES = ("concatenating (transformers' DynamicLayer)", "growing (serving.kv_cach
 
 
 def _tokens_per_s(engine, mode: str, concurrency: int, args) -> float:
-    def arm(i: int) -> str | None:  # every (1 / share)-th search on the candidate adapter, spread evenly
-        return "candidate" if int((i + 1) * args.share) > int(i * args.share) else None
-
     import serving.kv_cache as kv_cache
     from serving.sampling import SamplingParams
+
+    def arm(i: int) -> str | None:  # every (1 / share)-th search on the candidate adapter, spread evenly
+        return "candidate" if int((i + 1) * args.share) > int(i * args.share) else None
 
     def params(i: int) -> SamplingParams:
         return SamplingParams(max_tokens=_max_tokens(i, args), temperature=0.7, seed=i, ignore_eos=True)

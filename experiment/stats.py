@@ -411,9 +411,9 @@ def beta_chance_to_win(alpha_a: int, beta_a: int, alpha_b: int, beta_b: int) -> 
     By the symmetries P(b > a) = 1 - P(a > b) and p -> 1 - p (which swaps each Beta's parameters), the sum can run
     over any of the four parameters, so it runs over the smallest: min(successes, failures) + 1 terms, vectorised.
     """
-    if min(alpha_a, beta_a, alpha_b, beta_b) < 1:
-        raise ValueError("Beta parameters must be integers >= 1")
     smallest = min(alpha_a, beta_a, alpha_b, beta_b)
+    if smallest < 1:
+        raise ValueError("Beta parameters must be integers >= 1")
     if smallest == alpha_b:
         chance = _beta_sum(alpha_a, beta_a, alpha_b, beta_b)
     elif smallest == beta_a:  # P(p_b > p_a) = P(1 - p_a > 1 - p_b)
