@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.search_traffic import searches_per_s  # noqa: E402
+from bench.search_traffic import candidate_every, save_random_adapter, searches_per_s  # noqa: E402
 from store.config import apply_runtime_env  # noqa: E402
 
 MODES = ("concatenating (transformers' DynamicLayer)", "growing (serving.kv_cache)")
@@ -30,9 +30,6 @@ MODES = ("concatenating (transformers' DynamicLayer)", "growing (serving.kv_cach
 def _tokens_per_s(engine, mode: str, concurrency: int, args) -> float:
     import serving.kv_cache as kv_cache
     from serving.sampling import SamplingParams
-
-    def arm(i: int) -> str | None:  # every (1 / share)-th search on the candidate adapter, spread evenly
-        return "candidate" if int((i + 1) * args.share) > int(i * args.share) else None
 
     def params(i: int) -> SamplingParams:
         return SamplingParams(max_tokens=_max_tokens(i, args), temperature=0.7, seed=i, ignore_eos=True)
@@ -44,7 +41,8 @@ def _tokens_per_s(engine, mode: str, concurrency: int, args) -> float:
         kv_cache.growing_cache = lambda config: DynamicCache(config=config)
     try:
         searches = max(args.searches, concurrency)
-        rate = asyncio.run(searches_per_s(engine, searches, concurrency=concurrency, params=params, adapter=arm))
+        rate = asyncio.run(searches_per_s(engine, searches, concurrency=concurrency, params=params,
+                                           adapter=candidate_every(args.share)))
     finally:
         kv_cache.growing_cache = growing
     return rate * sum(_max_tokens(i, args) for i in range(searches)) / searches
@@ -84,9 +82,7 @@ def main() -> None:
     adapters = tempfile.TemporaryDirectory()
     try:
         if args.share:
-            from bench.mixed_lora import _save_adapter
-
-            adapter = _save_adapter(Path(adapters.name) / "candidate")
+            adapter = save_random_adapter(Path(adapters.name) / "candidate")
             asyncio.run(engine.load_adapter("candidate", str(adapter)))
         asyncio.run(searches_per_s(engine, 2, concurrency=2, params=lambda _i: SamplingParams(max_tokens=4)))
         for concurrency in levels:

@@ -28,35 +28,18 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.search_traffic import search_messages, searches_per_s  # noqa: E402
+from bench.search_traffic import (  # noqa: E402
+    candidate_every,
+    save_random_adapter,
+    search_messages,
+    searches_per_s,
+)
 from store.config import apply_runtime_env  # noqa: E402
 
 MODES = ("base only", "adapter only", "mixed: per row", "mixed: masked rows")
-
-
-def _save_adapter(out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from serving.model import resolve_base_model
-    from training.train import LORA_TARGETS
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_base_model("default")), dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
-                                                init_lora_weights="gaussian", task_type="CAUSAL_LM"))
-    for name, param in peft.named_parameters():
-        if "lora_B" in name:  # gaussian leaves B at 0 (a no-op adapter); small values, as training leaves them
-            torch.nn.init.normal_(param, std=0.02)
-    peft.save_pretrained(str(out))
-    return out
 
 
 def _searches_per_s(mode: str, adapter: Path, args) -> tuple[float, dict[str, int]]:
@@ -67,12 +50,14 @@ def _searches_per_s(mode: str, adapter: Path, args) -> tuple[float, dict[str, in
     engine = Engine(load_base_model("default"), max_batch=args.concurrency, per_row_lora=mode == "mixed: per row")
     engine.start()
 
+    mixed = candidate_every(args.share)
+
     def arm(i: int) -> str | None:
         if mode == "base only":
             return None
         if mode == "adapter only":
             return "candidate"
-        return "candidate" if int((i + 1) * args.share) > int(i * args.share) else None  # spread evenly
+        return mixed(i)
 
     def params(i: int) -> SamplingParams:
         return SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=i, ignore_eos=True)
@@ -149,7 +134,7 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = _save_adapter(Path(tmp) / "candidate")
+        adapter = save_random_adapter(Path(tmp) / "candidate")
         agreement = _prefill_agreement(adapter, args)
         for round_ in range(args.rounds):
             for mode in modes if round_ % 2 == 0 else reversed(modes):
