@@ -2,8 +2,9 @@
 
 ingest -> serve both arms -> SIMULATED users through the proxy (warm-up, with feedback) -> `retrain`
 (dataset -> LoRA -> offline gate -> adapter hot-loaded) -> a progressive rollout driven by the
-`evaluate_arms` flow -> the verdict, acted on by the same code an operator's deployment runs ->
-traffic served by the winner -> an HTML report.
+`evaluate_arms` flow -> the verdict, acted on by the same code an operator's deployment runs (the
+rollout rolls back by itself; a promote verdict awaits approval, which the demo gives with the `promote`
+flow once each arm has enough users) -> traffic served by the winner -> an HTML report.
 
 Every user is simulated (`sim-` ids, session "simulated", feedback comments say so) and judges
 only the text of the answer it got (abloop.users.HouseStyleRule); nothing looks at the arm. All
@@ -41,6 +42,9 @@ class DemoConfig:
     warmup_users: int = 100
     rollout_steps: tuple[float, ...] = (0.2, 0.5)
     users_per_step: int = 160  # the rollout's minimum users per step: about 110 candidate users by the end
+    # The demo approves a promote verdict as an operator would, once each arm has this many users; with
+    # the rollout promoting by itself the candidate's count at the end was left to chance (91 to 121).
+    approve_min_users: int = 100
     batch_users: int = 80  # users between two evaluations ("hourly" in production)
     max_batches: int = 8
     after_users: int = 20
@@ -229,7 +233,7 @@ class _Loop:
         from flows.retrain import retrain
 
         plan = {"steps": list(self.config.rollout_steps), "min_users_per_step": self.config.users_per_step,
-                "min_hours_per_step": 0, "auto_promote": True}
+                "min_hours_per_step": 0, "auto_promote": False}
         with self.console.stage("retrain", f"dataset -> LoRA ({self.config.max_steps} steps, CPU) -> offline gate "
                                            "-> adapter hot-loaded -> rollout") as stage:
             outcome = retrain(candidate_server=self.model_base, days=1, max_steps=self.config.max_steps,
@@ -249,7 +253,8 @@ class _Loop:
         time.sleep(2)  # the proxy picks up the new experiment within EXPERIMENT_REFRESH_S
         analysis: dict[str, Any] = {}
         with self.console.stage("rollout", f"{_steps(self.config.rollout_steps)}, evaluated by the `evaluate_arms` "
-                                           f"flow every {self.config.batch_users} users") as stage:
+                                           f"flow every {self.config.batch_users} users; a promote verdict "
+                                           f"approved at {self.config.approve_min_users} users per arm") as stage:
             for batch in range(self.config.max_batches):
                 self.simulate(f"rollout batch {batch + 1}", self.config.batch_users)
                 time.sleep(0.5)  # the proxy's writer flushes every few milliseconds
@@ -259,6 +264,8 @@ class _Loop:
                              f"(share {analysis['candidate_share']:.0%})")
                 self.console.note(f"evaluate_arms after batch {batch + 1}: {analysis['decision']['action']} - "
                                   f"{analysis['decision']['reason']} [rollout: {did}]")
+                if did == "awaiting_approval":
+                    did = self.approve(analysis)
                 if did in ("promoted", "rolled_back"):
                     time.sleep(2)  # replicas refresh the experiment
                     stage.done(f"{did} after {batch + 1} evaluations")
@@ -267,6 +274,21 @@ class _Loop:
                 stage.done(f"no verdict after {self.config.max_batches} evaluations: "
                            f"{analysis['decision']['action']}")
         return analysis
+
+    def approve(self, analysis: dict[str, Any]) -> str:
+        """Stand in for the operator of a plan without auto-promotion: approve once each arm is large enough."""
+        from flows.promote import promote
+
+        users = {arm: analysis["arms"][arm]["users"] for arm in ("control", "candidate")}
+        if not ready_to_approve(users, self.config.approve_min_users):
+            self.console.note(f"promote verdict awaits approval; the demo approves at {self.config.approve_min_users} "
+                              f"users per arm (control {users['control']}, candidate {users['candidate']})")
+            return "awaiting_approval"
+        reason = (f"approved by the demo, standing in for an operator: promote verdict with {users['control']} "
+                  f"control and {users['candidate']} candidate users")
+        promote(experiment_id=analysis["experiment_id"], reason=reason)
+        self.console.note(f"`promote` flow: {reason}")
+        return "promoted"
 
     def report(self, analysis: dict[str, Any]) -> Path:
         from experiment.decision import Policy
@@ -307,6 +329,11 @@ class _Loop:
         if report:
             summary["report"] = str(report)
         return summary
+
+
+def ready_to_approve(users: dict[str, int], min_users: int) -> bool:
+    """The demo's approval rule: every arm has at least `min_users` users in the experiment."""
+    return min(users.values()) >= min_users
 
 
 def _steps(steps: tuple[float, ...]) -> str:

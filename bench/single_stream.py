@@ -71,7 +71,12 @@ class Variant:
 def _decode(v: Variant, prompt_ids: list[int], n: int) -> tuple[float, float, list[int]]:
     """Greedy-decode ``n`` tokens after ``prompt_ids``; (wall s, cpu s) per decode step, and the tokens."""
     import torch
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+
+    from serving.kv_cache import cache_argument
+
+    # From the class: a variant's model may be compiled or wrapped by peft, which hide forward's signature.
+    cache_name = cache_argument(LlamaForCausalLM)
 
     ids = torch.tensor([prompt_ids])
     length = len(prompt_ids)
@@ -83,8 +88,8 @@ def _decode(v: Variant, prompt_ids: list[int], n: int) -> tuple[float, float, li
     def step(input_ids, start: int):
         extra = {"cache_position": torch.arange(start, start + input_ids.shape[1])} if v.static_cache else {}
         positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
-        out = v.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                      logits_to_keep=1, **extra, **v.kwargs)
+        out = v.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                      **{cache_name: cache}, **extra, **v.kwargs)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     with torch.inference_mode(), v.around():

@@ -1,6 +1,7 @@
 """promote: the candidate of an experiment becomes control (the same operation as the admin API and CLI).
 
-Without `force` the experiment must carry a recorded "promote" decision (from `evaluate_arms`).
+Without `force` the experiment must carry a recorded "promote" decision (from `evaluate_arms`);
+`reason` is what the operator approving it wants on record (the transition keeps it).
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from flows.observability import observed
 
 
 @task
-def promote_experiment(database_url: str, experiment_id: str, force: bool) -> dict:
+def promote_experiment(database_url: str, experiment_id: str, force: bool, reason: str | None) -> dict:
     from experiment import lifecycle
     from store.db import Database
 
-    successor = lifecycle.promote(Database(database_url), experiment_id, force=force, via="prefect")
+    successor = lifecycle.promote(Database(database_url), experiment_id, force=force, via="prefect", reason=reason)
     return {"promoted": experiment_id, "new_experiment": successor.id, "control_model": successor.control_model}
 
 
 @observed
 @flow(name="promote")
-def promote(experiment_id: str, force: bool = False) -> dict:
+def promote(experiment_id: str, force: bool = False, reason: str | None = None) -> dict:
     from store.config import Settings
 
-    outcome = promote_experiment(Settings().database_url, experiment_id, force)
+    outcome = promote_experiment(Settings().database_url, experiment_id, force, reason)
     get_run_logger().info(f"experiment {experiment_id} promoted; {outcome['control_model']} now serves everyone")
     return outcome

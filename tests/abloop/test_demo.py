@@ -44,6 +44,34 @@ def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
     assert console.stages[0].status == "failed"
 
 
+def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_path, monkeypatch):
+    """The rollout leaves a promote verdict for an operator; the demo approves it with the real `promote`
+    flow, and only once both arms reach `approve_min_users` (a count the split leaves to chance)."""
+    from abloop.demo import DemoConfig, _Loop
+    from store import experiments
+    from store.db import Database
+    from store.models import Experiment
+    from tests.experiment import traffic
+
+    db = Database(f"sqlite:///{tmp_path / 'demo.db'}")
+    db.migrate()
+    monkeypatch.setenv("DATABASE_URL", db.url)
+    running = traffic.start(db)
+    with db.session() as session:
+        session.get(Experiment, running.id).decision = {"action": "promote", "reason": "candidate is better"}
+    analysis = {"experiment_id": running.id, "arms": {"control": {"users": 180}, "candidate": {"users": 99}}}
+    with DemoConsole(tmp_path / "logs" / "demo.log") as console:
+        loop = _Loop(DemoConfig(work=tmp_path, approve_min_users=100), console)
+        assert loop.approve(analysis) == "awaiting_approval"
+        assert experiments.get(db, running.id).status == "running"
+        analysis["arms"]["candidate"]["users"] = 100
+        assert loop.approve(analysis) == "promoted"
+    ended = experiments.get(db, running.id)
+    assert ended.status == "promoted" and ended.decision["via"] == "prefect"
+    assert "180 control and 100 candidate users" in ended.decision["reason"]
+    assert "awaits approval" in (tmp_path / "logs" / "demo.log").read_text()
+
+
 @pytest.mark.slow
 def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
     """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small.
@@ -63,7 +91,8 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
         (corpus / f"{name}.txt").write_text(topics[name])
     work = tmp_path / ".abloop-demo"
     config = DemoConfig(work=work, corpus=str(corpus), warmup_users=60, users_per_step=30, batch_users=40,
-                        max_batches=3, after_users=6, max_steps=30, min_examples=8, max_tokens=24, score_sample=5,
+                        max_batches=3, approve_min_users=10, after_users=6, max_steps=30, min_examples=8,
+                        max_tokens=24, score_sample=5,
                         concurrency=8, model=str(tiny_model_dir), model_port=free_port(), proxy_port=free_port())
     saved = dict(os.environ)
     cwd = os.getcwd()

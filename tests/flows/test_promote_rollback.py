@@ -22,8 +22,10 @@ def test_promote_needs_a_recorded_decision_unless_forced(tmp_path, monkeypatch):
     refused = promote(running.id, return_state=True)
     assert refused.is_failed() and "no recorded promote decision" in str(refused.message)
     assert experiments.get(db, running.id).status == "running"
-    outcome = promote(running.id, force=True)
-    assert experiments.get(db, running.id).status == "promoted"
+    outcome = promote(running.id, force=True, reason="the on-call operator approved it")
+    ended = experiments.get(db, running.id)
+    assert ended.status == "promoted" and ended.decision["via"] == "prefect"
+    assert ended.decision["reason"] == "the on-call operator approved it"
     assert experiments.get_running(db).id == outcome["new_experiment"]
 
 
