@@ -1,0 +1,363 @@
+"""Every figure `abloop evaluate` prints, recomputed from the raw rows.
+
+test_analysis.py checks what the analysis decides; this module checks the numbers beside the decision: each
+metric's comparison, the per-arm sequences of the report's chart, the sample-ratio block, the reference tests,
+the guardrails, the latency quantile and the timeline. Users are aggregated here straight from the stored rows
+(not through experiment.metrics), and each figure is the statistic of those users: scipy where it has the test,
+otherwise the function of experiment.stats that tests/experiment/test_stats.py pins to scipy and gbstats.
+The policy is not the default one (alpha 0.1, tuning 300), so a figure computed with a default instead of the
+policy's setting differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare, ttest_ind
+from sqlalchemy import insert
+
+from experiment import lifecycle, stats
+from experiment.analysis import (
+    FIXED_LABEL,
+    SEQUENTIAL_METHOD,
+    _arm_sequence,
+    _json_ready,
+    analyse,
+    analyse_collected,
+    empty,
+    timeline,
+)
+from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
+from experiment.metrics import METRICS, ArmUsers, collect
+from store import experiments
+from store.models import Feedback, SearchEvent, new_id, utcnow
+from tests.experiment import traffic
+from tests.experiment.traffic import ArmBehaviour
+
+POLICY = Policy(alpha=0.1, sequential_tuning=300.0, min_users_per_arm=50, min_signals_per_arm=20, cuped=False)
+CONTROL = ArmBehaviour(up=0.45, rating_mean=3.0, feedback=0.7, error=0.02, fallback=0.03, latency_ms=100.0)
+CANDIDATE = ArmBehaviour(up=0.6, rating_mean=3.4, feedback=0.6, error=0.01, fallback=0.01, latency_ms=140.0)
+
+
+@pytest.fixture
+def ramped(sqlite_db):
+    """A 20% -> 50% ramp with new users in each phase, two requests each, and three anonymous requests."""
+    running = traffic.start(sqlite_db, share=0.2)
+    traffic.write(sqlite_db, running, users=500, requests_per_user=2, control=CONTROL, candidate=CANDIDATE,
+                  ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    ramp = experiments.get(sqlite_db, running.id)
+    traffic.write(sqlite_db, ramp, users=500, first_user=500, requests_per_user=2, control=CONTROL,
+                  candidate=CANDIDATE, ts=utcnow() + timedelta(seconds=1), seed=3)
+    with sqlite_db.session() as session:
+        session.execute(insert(SearchEvent), [
+            {"id": new_id(), "ts": utcnow(), "user_id": None, "experiment_id": running.id, "arm": "control",
+             "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
+             "timings": {"total": 5.0}} for _ in range(3)])
+    return sqlite_db, running.id
+
+
+def _close(got, want, rel: float = 1e-9) -> bool:
+    """Equal structure, floats equal to `rel` (nan equals nan): pytest.approx does not nest."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_close(got[k], want[k], rel) for k in want)
+    if isinstance(want, list | tuple):
+        return (isinstance(got, list | tuple) and len(got) == len(want)
+                and all(_close(g, w, rel) for g, w in zip(got, want, strict=True)))
+    if isinstance(want, float) and not isinstance(want, bool):
+        return isinstance(got, float) and (math.isclose(got, want, rel_tol=rel, abs_tol=1e-12)
+                                           or (math.isnan(got) and math.isnan(want)))
+    return type(got) is type(want) and got == want
+
+
+def _users(db, experiment_id: str) -> dict[str, dict]:
+    """Per user, from the rows: arm, phase of the first request, the sums of every metric, and latencies."""
+    with db.session() as session:
+        ramp_at = max(e.ts for e in experiments.list_events(db, experiment_id))
+        events = session.query(SearchEvent.id, SearchEvent.ts, SearchEvent.user_id, SearchEvent.arm,
+                               SearchEvent.status, SearchEvent.timings).filter(
+            SearchEvent.experiment_id == experiment_id, SearchEvent.user_id.is_not(None)).all()
+        feedback = session.query(Feedback.event_id, Feedback.thumbs, Feedback.rating).all()
+    users: dict[str, dict] = {}
+    owner = {}
+    for event_id, ts, user, arm, status, timings in sorted(events, key=lambda e: e[1]):
+        row = users.setdefault(user, {"arm": arm, "phase": int(ts >= ramp_at), "sums": defaultdict(float),
+                                      "latencies": []})
+        assert row["arm"] == arm  # new users in each phase: nobody moves between arms
+        sums = row["sums"]
+        sums["requests"] += 1
+        sums["errors"] += status == "error"
+        sums["fallbacks"] += status == "fallback"
+        sums["tokens_out"] += 5
+        row["latencies"].append(timings["total"])
+        owner[event_id] = user
+    for event_id, thumbs, rating in feedback:
+        sums = users[owner[event_id]]["sums"]
+        sums["feedback_events"] += 1  # the traffic helper writes at most one feedback row per event
+        sums["thumbs"] += 1
+        sums["thumbs_up"] += thumbs == "up"
+        sums["ratings"] += 1
+        sums["rating_sum"] += rating
+        sums["satisfaction_sum"] += ((thumbs == "up") + (rating - 1) / 4) / 2
+        sums["satisfaction_n"] += 1
+    return users
+
+
+def _column(users: dict, arm: str, column: str, phase: int | None = None) -> np.ndarray:
+    return np.array([u["sums"][column] for u in users.values()
+                     if u["arm"] == arm and (phase is None or u["phase"] == phase)], dtype=float)
+
+
+def _expected_comparison(users: dict, name: str) -> stats.Comparison | None:
+    metric = METRICS[name]
+    parts = []
+    for phase in (0, 1):
+        part = stats.compare_ratio(*(_column(users, arm, column, phase) for arm in ("control", "candidate")
+                                     for column in (metric.numerator, metric.denominator)),
+                                   alpha=POLICY.alpha, tuning=POLICY.sequential_tuning)
+        if part is not None:
+            parts.append(part)
+    if not parts:
+        return None
+    pooled = [stats.ratio_estimate(_column(users, arm, metric.numerator), _column(users, arm, metric.denominator))
+              for arm in ("control", "candidate")]
+    return stats.stratified(parts, control=pooled[0].value, candidate=pooled[1].value, alpha=POLICY.alpha,
+                            tuning=POLICY.sequential_tuning)
+
+
+def test_each_metric_is_the_within_phase_comparison_of_its_users(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    assert set(analysis.metrics) == {*METRICS, "latency_p95_ms"}
+    for name, metric in METRICS.items():
+        expected, got = _expected_comparison(users, name), analysis.metrics[name]
+        if expected is None:
+            assert got is None, name
+            continue
+        chance = expected.chance_to_win if metric.higher_is_better else 1 - expected.chance_to_win
+        assert _close(got, {
+            "higher_is_better": metric.higher_is_better, "control": expected.control,
+            "candidate": expected.candidate, "difference": expected.difference, "relative": expected.relative,
+            "ci": list(expected.sequential_ci), "p_value": expected.sequential_p_value, "chance_to_win": chance,
+            "std_error": expected.std_error,
+            "fixed_horizon": {"ci": list(expected.fixed_ci), "p_value": expected.fixed_p_value},
+            "cuped": None, "users": list(expected.users), "strata": 2}, rel=1e-9), name
+    # Lower is better for errors: the candidate's fewer errors make its chance to win high.
+    assert analysis.metrics["error_rate"]["chance_to_win"] > 0.5 > analysis.metrics["error_rate"]["difference"]
+    assert analysis.metrics["judge_score"] is None  # nobody was judged
+
+
+def test_the_primary_block_and_its_per_arm_always_valid_sequences(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    primary = analysis.primary
+    assert analysis.primary_metric == primary["metric"] == "satisfaction"
+    assert primary["label"] == METRICS["satisfaction"].label
+    assert primary["difference"] == analysis.metrics["satisfaction"]["difference"]
+    for arm in ("control", "candidate"):
+        estimate = stats.ratio_estimate(_column(users, arm, "satisfaction_sum"), _column(users, arm, "satisfaction_n"))
+        ci, _p = stats.sequential_interval(estimate.value, estimate.variance, estimate.users, POLICY.alpha,
+                                           POLICY.sequential_tuning)
+        assert _close(primary["arms"][arm], {"value": estimate.value, "ci": list(ci),
+                                                      "users": estimate.users}, rel=1e-12)
+        assert estimate.users == analysis.arms[arm]["users"]
+
+
+def _arm(numerators: list[float], denominators: list[float]) -> ArmUsers:
+    columns = {"satisfaction_sum": np.array(numerators, dtype=float),
+               "satisfaction_n": np.array(denominators, dtype=float)}
+    return ArmUsers(user_ids=[f"u{n}" for n in range(len(numerators))], columns=columns,
+                    latencies_ms=np.array([]), strata=np.zeros(len(numerators), dtype=int))
+
+
+def test_an_arm_sequence_without_a_usable_variance_has_a_value_and_no_interval():
+    assert _arm_sequence(_arm([1.0], [1.0]), "satisfaction", POLICY) == {"value": 1.0, "ci": None, "users": 1}
+    undefined = _arm_sequence(_arm([0.0, 0.0], [0.0, 0.0]), "satisfaction", POLICY)  # nobody gave feedback
+    assert math.isnan(undefined["value"]) and undefined["ci"] is None and undefined["users"] == 2
+    defined = _arm_sequence(_arm([1.0, 0.0, 2.0], [1.0, 1.0, 2.0]), "satisfaction", POLICY)
+    estimate = stats.ratio_estimate([1.0, 0.0, 2.0], [1.0, 1.0, 2.0])
+    ci, _p = stats.sequential_interval(0.75, estimate.variance, 3, POLICY.alpha, POLICY.sequential_tuning)
+    assert _close(defined, {"value": 0.75, "ci": list(ci), "users": 3}, rel=1e-12)
+
+
+def test_the_sample_ratio_block_is_the_chi_square_of_each_phase(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    counts = [[sum(1 for u in users.values() if u["phase"] == phase and u["arm"] == arm)
+               for arm in ("control", "candidate")] for phase in (0, 1)]
+    p_values = [chisquare(counts[0], sum(counts[0]) * np.array([0.8, 0.2])).pvalue,
+                chisquare(counts[1], sum(counts[1]) * np.array([0.5, 0.5])).pvalue]
+    srm = analysis.srm
+    assert [p["users"] for p in analysis.phases] == counts
+    assert [p["p_value"] for p in analysis.phases] == pytest.approx(p_values, rel=1e-12)
+    assert _close([p["expected"] for p in analysis.phases],
+                  [[sum(counts[0]) * 0.8, sum(counts[0]) * 0.2], [sum(counts[1]) * 0.5, sum(counts[1]) * 0.5]])
+    assert [p["share"] for p in analysis.phases] == [0.2, 0.5]
+    assert analysis.phases[0]["end"] == analysis.phases[1]["start"] and analysis.phases[1]["end"] is None
+    assert analysis.phases[1]["reason"] == "ramp"
+    assert srm["observed"] == [counts[0][0] + counts[1][0], counts[0][1] + counts[1][1]]
+    assert _close(srm["expected"], [sum(counts[0]) * 0.8 + sum(counts[1]) * 0.5,
+                                             sum(counts[0]) * 0.2 + sum(counts[1]) * 0.5])
+    assert _close(srm["p_value"], min(p_values), rel=1e-12)
+    assert srm["threshold"] == SRM_P and srm["mismatch"] is False and "per phase" in srm["note"]
+    assert srm["phases"] == analysis.phases
+
+
+def test_a_mismatch_in_the_second_phase_is_named_with_its_share(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.2)
+    traffic.write(sqlite_db, running, users=600, ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    # The proxy kept bucketing at 20% after the experiment said 50%.
+    traffic.write(sqlite_db, running, users=2000, first_user=600, share=0.2, ts=utcnow() + timedelta(seconds=1))
+    analysis = analyse(sqlite_db, running.id, POLICY)
+    assert [p["mismatch"] for p in analysis.phases] == [False, True]
+    assert analysis.srm["mismatch"] and analysis.srm["p_value"] == analysis.phases[1]["p_value"]
+    assert "sample ratio mismatch in phase 2 (share 50%, p=" in analysis.decision["reason"]
+
+
+def test_the_fixed_horizon_reference_blocks_are_scipys_on_the_users(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    means = {arm: [u["sums"]["rating_sum"] / u["sums"]["ratings"] for u in users.values()
+                   if u["arm"] == arm and u["sums"]["ratings"]] for arm in ("control", "candidate")}
+    assert 0 < len(means["control"]) < sum(1 for u in users.values() if u["arm"] == "control")  # some never rated
+    rating = analysis.rating
+    assert _close(rating["control"], np.mean(means["control"]), rel=1e-12)
+    assert _close(rating["candidate"], np.mean(means["candidate"]), rel=1e-12)
+    assert _close(rating["p_value"], ttest_ind(means["candidate"], means["control"], equal_var=False).pvalue,
+                                              rel=1e-9)
+    assert rating["label"] == FIXED_LABEL
+    thumbs = analysis.thumbs_up
+    for arm in ("control", "candidate"):
+        up, given = _column(users, arm, "thumbs_up").sum(), _column(users, arm, "thumbs").sum()
+        assert _close(thumbs[arm], up / given, rel=1e-12)
+    assert thumbs["label"] == FIXED_LABEL
+
+
+def test_latency_p95_is_compared_on_requests_and_guards_the_rollout(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    latencies = {arm: [ms for u in users.values() if u["arm"] == arm for ms in u["latencies"]]
+                 for arm in ("control", "candidate")}
+    a, b = (stats.quantile_estimate(latencies[arm], 0.95, POLICY.alpha) for arm in ("control", "candidate"))
+    ci, p_value = stats.sequential_interval(b.value - a.value, a.variance + b.variance,
+                                            len(latencies["control"]) + len(latencies["candidate"]), POLICY.alpha,
+                                            POLICY.sequential_tuning)
+    got = analysis.metrics["latency_p95_ms"]
+    assert _close(got, {"higher_is_better": False, "control": a.value, "candidate": b.value,
+                                 "difference": b.value - a.value, "relative": (b.value - a.value) / a.value,
+                                 "ci": list(ci), "p_value": p_value, "std_error": math.sqrt(a.variance + b.variance),
+                                 "unit": "requests"}, rel=1e-12)
+    assert _close(a.value, np.quantile(latencies["control"], 0.95))
+    # 40% slower at p95 is within the default 50% margin; a 20% margin is breached and rolls back.
+    assert analysis.guardrails["results"]["latency_p95_ms"]["status"] == "ok"
+    strict = Policy(**{**POLICY.__dict__, "guardrails": (Guardrail("latency_p95_ms", 0.2, relative=True),)})
+    rolled = analyse(db, experiment_id, strict)
+    assert rolled.guardrails["breached"] and rolled.guardrails["breached"][0].startswith("latency_p95_ms")
+    assert rolled.action == "roll_back" and "guardrail breached: latency_p95_ms" in rolled.decision["reason"]
+
+
+def test_guardrail_results_carry_their_comparison_and_wait_for_the_minimum_sample(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    smallest = min(analysis.arms[arm]["users"] for arm in ("control", "candidate"))
+    at_minimum = analyse(db, experiment_id, Policy(**{**POLICY.__dict__, "min_users_per_arm": smallest}))
+    guardrails = at_minimum.guardrails
+    assert guardrails["checked"] is True and guardrails["breached"] == []
+    assert set(guardrails["results"]) == {g.metric for g in DEFAULT_GUARDRAILS}
+    assert guardrails["results"]["answer_score"] == {"status": "no data"}  # no answer was scored
+    for guardrail in DEFAULT_GUARDRAILS:
+        if guardrail.metric == "answer_score":
+            continue
+        result, comparison = guardrails["results"][guardrail.metric], at_minimum.metrics[guardrail.metric]
+        margin = guardrail.margin * abs(comparison["control"]) if guardrail.relative else guardrail.margin
+        assert _close(result, {"status": "ok", "margin": margin, "relative_margin": guardrail.relative,
+                                        "difference": comparison["difference"], "ci": comparison["ci"]}), result
+    assert "one-sided" in guardrails["note"]
+    short = analyse(db, experiment_id, Policy(**{**POLICY.__dict__, "min_users_per_arm": smallest + 1}))
+    assert short.guardrails["checked"] is False
+    assert {r["status"] for r in short.guardrails["results"].values()} == {"waiting for sample", "no data"}
+
+
+def test_the_rest_of_the_analysis_names_its_experiment_method_and_policy(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    assert (analysis.experiment_id, analysis.status, analysis.candidate_share) == (experiment_id, "running", 0.5)
+    assert analysis.assignment == {"rule": "first assignment", "users_in_both_arms": 0, "requests_excluded": 0,
+                                   "anonymous_requests": 3}
+    assert analysis.sequential == {"method": SEQUENTIAL_METHOD, "alpha": 0.1, "tuning_users": 300.0}
+    assert analysis.policy == POLICY.to_dict()
+    assert analysis.to_dict()["policy"]["alpha"] == 0.1
+
+
+def test_cuped_is_off_when_the_policy_says_so_even_with_a_pre_period_collected(sqlite_db):
+    """bench/stats_calibration.py calls analyse_collected with its own policy on data collected with covariates."""
+    running = traffic.start(sqlite_db)
+    before = experiments.get(sqlite_db, running.id).started_at - timedelta(days=2)
+    traffic.write(sqlite_db, running, users=300, requests_per_user=2, propensity_sd=0.3, seed=7, ts=before)
+    with sqlite_db.session() as session:
+        session.query(SearchEvent).filter(SearchEvent.ts < running.started_at).update(
+            {SearchEvent.experiment_id: "an-older-experiment"})
+    traffic.write(sqlite_db, running, users=300, requests_per_user=2, propensity_sd=0.3, seed=7)
+    collected = collect(sqlite_db, running.id, cuped_lookback_days=14)
+    assert collected.arms["candidate"].pre  # the covariates are there
+    assert analyse_collected(collected, POLICY).metrics["satisfaction"]["cuped"] is None
+    with_cuped = analyse_collected(collected, Policy(**{**POLICY.__dict__, "cuped": True}))
+    assert with_cuped.metrics["satisfaction"]["cuped"] is not None
+
+
+def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_moments(sqlite_db):
+    running = traffic.start(sqlite_db)
+    start = utcnow() - timedelta(hours=3)
+    traffic.write(sqlite_db, running, users=300, control=CONTROL, candidate=CANDIDATE, ts=start,
+                  step=timedelta(seconds=30))
+    with sqlite_db.session() as session:
+        first, last = (session.query(SearchEvent.ts).order_by(SearchEvent.ts.asc() if n == 0 else
+                                                               SearchEvent.ts.desc()).first()[0] for n in (0, 1))
+    series = timeline(sqlite_db, running.id, POLICY, points=4)
+    step = (last - first) / 3
+    assert [point["ts"] for point in series] == [(first + step * n).isoformat() for n in range(3)] + [last.isoformat()]
+    for point in series:
+        at = analyse(sqlite_db, running.id, POLICY, until=datetime.fromisoformat(point["ts"]))
+        primary = at.primary or {}
+        assert point == {"ts": point["ts"], "users": [at.arms[a]["users"] for a in ("control", "candidate")],
+                         "share": 0.5, "arms": primary.get("arms"), "difference": primary.get("difference"),
+                         "ci": primary.get("ci"), "action": at.action}
+    assert series[0]["users"] == [1, 0] or series[0]["users"] == [0, 1]  # only the first request had happened
+    assert sum(series[-1]["users"]) == 300
+    # With the policy's alpha, not the default: the last interval is the 90% one.
+    assert series[-1]["ci"] == analyse(sqlite_db, running.id, POLICY).primary["ci"]
+    assert series[-1]["ci"] != analyse(sqlite_db, running.id).primary["ci"]
+    assert timeline(sqlite_db, "no-such-experiment-has-events", POLICY) == []
+
+
+def test_the_analysis_of_nothing_is_complete_and_says_why(sqlite_db):
+    policy = Policy(alpha=0.2)
+    assert empty("no running experiment", policy).to_dict() | {"evaluated_at": None} == {
+        "experiment_id": None, "status": None, "candidate_share": None, "primary_metric": "satisfaction",
+        "arms": {arm: {"users": 0, "requests": 0, "thumbs": 0, "ratings": 0} for arm in ("control", "candidate")},
+        "srm": {"p_value": None, "mismatch": False, "observed": [0, 0], "expected": None, "phases": []},
+        "thumbs_up": None, "rating": None, "guardrails": {"breached": [], "checked": False, "results": {}},
+        "decision": {"action": "not_enough_data", "reason": "no running experiment"}, "metrics": {},
+        "primary": None, "phases": [], "assignment": {}, "sequential": {}, "policy": _json_ready(policy.to_dict()),
+        "evaluated_at": None,
+    }
+    assert empty("nothing").policy == Policy().to_dict()
+    assert analyse(sqlite_db).decision == {"action": "not_enough_data", "reason": "no running experiment"}
+
+
+def test_json_ready_turns_numpy_and_non_finite_numbers_into_json():
+    value = {"a": (np.float32(0.5), np.int64(3), float("nan")), "b": [float("inf"), {"c": np.float32(-np.inf)}],
+             "d": "text", "e": None, "f": 2}
+    ready = _json_ready(value)
+    assert ready == {"a": [0.5, 3, None], "b": [None, {"c": None}], "d": "text", "e": None, "f": 2}
+    assert type(ready["a"][0]) is float and type(ready["a"][1]) is int
