@@ -174,6 +174,8 @@ class DemoConsole:
         verdict = summary.get("verdict") or {}
         if verdict:
             table.add_row("verdict", f"[bold]{verdict.get('action')}[/] - {verdict.get('reason')}")
+        if summary.get("acted"):
+            table.add_row("acted on", summary["acted"])
         if summary.get("after"):
             served = ", ".join(f"{model}: {n}" for model, n in summary["after"]["models"].items())
             table.add_row("served after the verdict", served)

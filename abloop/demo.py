@@ -169,6 +169,7 @@ class _Loop:
         self.users = make_users(config.warmup_users + config.max_batches * config.batch_users + config.after_users,
                                 seed=config.seed)
         self.next_user = 0
+        self.acted: str | None = None  # what became of the experiment, and who acted
         self.admin_token = secrets.token_urlsafe(16)
         self.model_base = f"http://127.0.0.1:{config.model_port}/v1"
         self.proxy_url = f"http://127.0.0.1:{config.proxy_port}"
@@ -266,6 +267,8 @@ class _Loop:
                                   f"{analysis['decision']['reason']} [rollout: {did}]")
                 if did == "awaiting_approval":
                     did = self.approve(analysis)
+                if did == "rolled_back":
+                    self.acted = f"rolled back by the rollout: {analysis['decision']['reason']}"
                 if did in ("promoted", "rolled_back"):
                     time.sleep(2)  # replicas refresh the experiment
                     stage.done(f"{did} after {batch + 1} evaluations")
@@ -288,6 +291,7 @@ class _Loop:
                   f"control and {users['candidate']} candidate users")
         promote(experiment_id=analysis["experiment_id"], reason=reason)
         self.console.note(f"`promote` flow: {reason}")
+        self.acted = f"promoted by the `promote` flow, {reason}"
         return "promoted"
 
     def report(self, analysis: dict[str, Any]) -> Path:
@@ -324,6 +328,8 @@ class _Loop:
                          for arm in ("control", "candidate")},
                 "difference": {"value": primary.get("difference"), "ci": primary.get("ci")},
             }
+        if self.acted:
+            summary["acted"] = self.acted
         if after:
             summary["after"] = after
         if report:

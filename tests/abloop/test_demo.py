@@ -22,9 +22,11 @@ def test_library_output_goes_to_the_log_and_stages_to_the_terminal(tmp_path, cap
         summary = console.summary({"simulated": "all simulated", "primary_metric": "satisfaction",
                                    "arms": {"control": {"users": 10, "value": 0.2, "ci": [0.1, 0.3]},
                                             "candidate": {"users": 12, "value": 0.8, "ci": [0.7, 0.9]}},
-                                   "verdict": {"action": "promote", "reason": "candidate is better"}})
+                                   "verdict": {"action": "promote", "reason": "candidate is better"},
+                                   "acted": "promoted by the `promote` flow"})
     terminal = capfd.readouterr()
     assert "warm-up" in terminal.out and "promote" in terminal.out and "SIMULATED" in terminal.out
+    assert "acted on" in terminal.out and "promoted by the `promote` flow" in terminal.out
     assert "a library prints this" not in terminal.out + terminal.err
     assert "C code writes this" not in terminal.out + terminal.err
     logged = log.read_text()
@@ -69,6 +71,7 @@ def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_pat
     ended = experiments.get(db, running.id)
     assert ended.status == "promoted" and ended.decision["via"] == "prefect"
     assert "180 control and 100 candidate users" in ended.decision["reason"]
+    assert loop.acted.startswith("promoted by the `promote` flow") and "180 control" in loop.acted
     assert "awaits approval" in (tmp_path / "logs" / "demo.log").read_text()
 
 
