@@ -34,7 +34,7 @@ from experiment.analysis import (
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
 from experiment.metrics import METRICS, ArmUsers, collect
 from store import experiments
-from store.models import Feedback, SearchEvent, new_id, utcnow
+from store.models import AnswerScore, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
 from tests.experiment.traffic import ArmBehaviour
 
@@ -54,6 +54,13 @@ def ramped(sqlite_db):
     traffic.write(sqlite_db, ramp, users=500, first_user=500, requests_per_user=2, control=CONTROL,
                   candidate=CANDIDATE, ts=utcnow() + timedelta(seconds=1), seed=3)
     with sqlite_db.session() as session:
+        rows = session.query(Feedback).order_by(Feedback.ts, Feedback.id).all()
+        for row in rows[::5]:
+            row.corrected_answer = "Answer: a better one"
+        scored = session.query(SearchEvent.id, SearchEvent.arm).filter(SearchEvent.status == "ok").all()[::3]
+        session.execute(insert(AnswerScore), [
+            {"id": new_id(), "event_id": event_id, "method": "judge", "score": (0.7 if arm == "candidate" else 0.5)
+             + 0.1 * (n % 3), "created_at": utcnow()} for n, (event_id, arm) in enumerate(scored)])
         session.execute(insert(SearchEvent), [
             {"id": new_id(), "ts": utcnow(), "user_id": None, "experiment_id": running.id, "arm": "control",
              "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
@@ -81,7 +88,9 @@ def _users(db, experiment_id: str) -> dict[str, dict]:
         events = session.query(SearchEvent.id, SearchEvent.ts, SearchEvent.user_id, SearchEvent.arm,
                                SearchEvent.status, SearchEvent.timings).filter(
             SearchEvent.experiment_id == experiment_id, SearchEvent.user_id.is_not(None)).all()
-        feedback = session.query(Feedback.event_id, Feedback.thumbs, Feedback.rating).all()
+        feedback = session.query(Feedback.event_id, Feedback.thumbs, Feedback.rating,
+                                 Feedback.corrected_answer).all()
+        judged = session.query(AnswerScore.event_id, AnswerScore.score).filter(AnswerScore.method == "judge").all()
     users: dict[str, dict] = {}
     owner = {}
     for event_id, ts, user, arm, status, timings in sorted(events, key=lambda e: e[1]):
@@ -92,11 +101,13 @@ def _users(db, experiment_id: str) -> dict[str, dict]:
         sums["requests"] += 1
         sums["errors"] += status == "error"
         sums["fallbacks"] += status == "fallback"
+        sums["tokens_in"] += 10  # what the traffic helper writes on every event
         sums["tokens_out"] += 5
         row["latencies"].append(timings["total"])
         owner[event_id] = user
-    for event_id, thumbs, rating in feedback:
+    for event_id, thumbs, rating, corrected in feedback:
         sums = users[owner[event_id]]["sums"]
+        sums["corrections"] += corrected is not None
         sums["feedback_events"] += 1  # the traffic helper writes at most one feedback row per event
         sums["thumbs"] += 1
         sums["thumbs_up"] += thumbs == "up"
@@ -104,6 +115,9 @@ def _users(db, experiment_id: str) -> dict[str, dict]:
         sums["rating_sum"] += rating
         sums["satisfaction_sum"] += ((thumbs == "up") + (rating - 1) / 4) / 2
         sums["satisfaction_n"] += 1
+    for event_id, score in judged:
+        users[owner[event_id]]["sums"]["judge_sum"] += score
+        users[owner[event_id]]["sums"]["judge_n"] += 1
     return users
 
 
@@ -149,7 +163,32 @@ def test_each_metric_is_the_within_phase_comparison_of_its_users(ramped):
             "cuped": None, "users": list(expected.users), "strata": 2}, rel=1e-9), name
     # Lower is better for errors: the candidate's fewer errors make its chance to win high.
     assert analysis.metrics["error_rate"]["chance_to_win"] > 0.5 > analysis.metrics["error_rate"]["difference"]
-    assert analysis.metrics["judge_score"] is None  # nobody was judged
+    assert analysis.metrics["correction_rate"]["control"] > 0 and analysis.metrics["judge_score"]["difference"] > 0
+    assert analysis.metrics["answer_score"] is None  # no answer was scored for grounding
+
+
+def test_the_per_arm_summary_is_the_totals_of_its_users(ramped):
+    db, experiment_id = ramped
+    analysis = analyse(db, experiment_id, POLICY)
+    users = _users(db, experiment_id)
+    for arm in ("control", "candidate"):
+        total = {column: _column(users, arm, column).sum() for column in users[next(iter(users))]["sums"]}
+        latencies = [ms for u in users.values() if u["arm"] == arm for ms in u["latencies"]]
+        assert _close(analysis.arms[arm], {
+            "users": sum(1 for u in users.values() if u["arm"] == arm), "requests": int(total["requests"]),
+            "thumbs": int(total["thumbs"]), "thumbs_up": int(total["thumbs_up"]),
+            "thumbs_up_rate": total["thumbs_up"] / total["thumbs"],
+            "thumbs_up_per_request": total["thumbs_up"] / total["requests"],
+            "feedback_rate": total["feedback_events"] / total["requests"],
+            "satisfaction": total["satisfaction_sum"] / total["satisfaction_n"], "ratings": int(total["ratings"]),
+            "mean_rating": total["rating_sum"] / total["ratings"],
+            "correction_rate": total["corrections"] / total["requests"],
+            "error_rate": total["errors"] / total["requests"], "fallback_rate": total["fallbacks"] / total["requests"],
+            "answer_score": None, "answers_scored": 0, "judge_score": total["judge_sum"] / total["judge_n"],
+            "latency_p50_ms": float(np.percentile(latencies, 50)),
+            "latency_p95_ms": float(np.percentile(latencies, 95)),
+            "tokens_in": int(total["tokens_in"]), "tokens_out": int(total["tokens_out"])}, rel=1e-12), arm
+        assert 0 < total["corrections"] < total["feedback_events"] and total["errors"] and total["fallbacks"]
 
 
 def test_the_primary_block_and_its_per_arm_always_valid_sequences(ramped):
@@ -313,6 +352,45 @@ def test_cuped_is_off_when_the_policy_says_so_even_with_a_pre_period_collected(s
     assert analyse_collected(collected, POLICY).metrics["satisfaction"]["cuped"] is None
     with_cuped = analyse_collected(collected, Policy(**{**POLICY.__dict__, "cuped": True}))
     assert with_cuped.metrics["satisfaction"]["cuped"] is not None
+
+
+def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(sqlite_db):
+    running = traffic.start(sqlite_db)
+    started = experiments.get(sqlite_db, running.id).started_at
+    old = traffic.ArmBehaviour(up=0.5, rating_mean=3.0)
+    # users 0..199 searched 2 days before the experiment; users 100..299 also 20 days before (outside 14 days).
+    traffic.write(sqlite_db, running, users=200, requests_per_user=3, control=old, candidate=old, seed=4,
+                  ts=started - timedelta(days=2), prefix="u")
+    traffic.write(sqlite_db, running, users=200, first_user=100, requests_per_user=3, control=old, candidate=old,
+                  seed=5, ts=started - timedelta(days=20), prefix="u")
+    with sqlite_db.session() as session:
+        session.query(SearchEvent).filter(SearchEvent.ts < started).update({SearchEvent.experiment_id: "older"})
+        history = session.query(SearchEvent.user_id, SearchEvent.ts, Feedback.thumbs, Feedback.rating).outerjoin(
+            Feedback, Feedback.event_id == SearchEvent.id).filter(SearchEvent.experiment_id == "older").all()
+    traffic.write(sqlite_db, running, users=300, seed=6, prefix="u")
+    collected = collect(sqlite_db, running.id, cuped_lookback_days=14)
+    window = started - timedelta(days=14)
+    for arm in ("control", "candidate"):
+        ids = collected.arms[arm].user_ids
+        for name, value in (("thumbs_up_per_request", lambda rows: sum(t == "up" for _ts, t, _r in rows) / len(rows)),
+                            ("satisfaction", lambda rows: np.mean([((t == "up") + (r - 1) / 4) / 2
+                                                                   for _ts, t, r in rows if t]) if any(
+                                t for _ts, t, _r in rows) else math.nan)):
+            want = [value(rows) if (rows := [(ts, t, r) for u, ts, t, r in history if u == user and ts >= window])
+                    else math.nan for user in ids]
+            assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
+        assert np.isnan(collected.arms[arm].pre["satisfaction"][[int(u[2:]) >= 200 for u in ids]]).all()
+    assert collect(sqlite_db, running.id, cuped_lookback_days=0).arms["control"].pre == {}
+
+
+def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=20, control=ArmBehaviour(up=1.0), candidate=ArmBehaviour(up=1.0))
+    with sqlite_db.session() as session:
+        first = session.query(SearchEvent.ts).order_by(SearchEvent.ts).first()[0]
+    collected = collect(sqlite_db, running.id, until=first)  # the first request and its feedback, same moment
+    sums = [collected.arms[arm].total(column) for arm in ("control", "candidate") for column in ("requests", "thumbs")]
+    assert sorted(sums) == [0, 0, 1, 1]
 
 
 def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_moments(sqlite_db):
