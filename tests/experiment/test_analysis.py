@@ -119,6 +119,13 @@ def test_a_ramp_is_checked_per_phase_and_movers_are_counted_once(sqlite_db):
     moved = analysis.assignment["users_in_both_arms"]
     assert 500 < moved < 700
     assert analysis.assignment["requests_excluded"] == 2 * moved
+    # A mover belongs to the arm of their first request in time (event ids are random, not ordered).
+    with sqlite_db.session() as session:
+        first_arm: dict[str, str] = {}
+        for user, arm in session.query(SearchEvent.user_id, SearchEvent.arm).order_by(SearchEvent.ts):
+            first_arm.setdefault(user, arm)
+    assert [analysis.arms[arm]["users"] for arm in ("control", "candidate")] == [
+        list(first_arm.values()).count(arm) for arm in ("control", "candidate")]
     assert analysis.action != "promote" and analysis.action != "roll_back"
 
 

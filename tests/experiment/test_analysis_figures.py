@@ -32,9 +32,9 @@ from experiment.analysis import (
     timeline,
 )
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
-from experiment.metrics import METRICS, ArmUsers, collect
+from experiment.metrics import METRICS, ArmUsers, UserSums, collect, satisfaction
 from store import experiments
-from store.models import AnswerScore, Feedback, SearchEvent, new_id, utcnow
+from store.models import AnswerScore, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
 from tests.experiment.traffic import ArmBehaviour
 
@@ -45,7 +45,8 @@ CANDIDATE = ArmBehaviour(up=0.6, rating_mean=3.4, feedback=0.6, error=0.01, fall
 
 @pytest.fixture
 def ramped(sqlite_db):
-    """A 20% -> 50% ramp with new users in each phase, two requests each, and three anonymous requests."""
+    """A 20% -> 50% ramp with new users in each phase, two requests each (every answer judged, some feedback
+    a correction), three anonymous requests and one without timings."""
     running = traffic.start(sqlite_db, share=0.2)
     traffic.write(sqlite_db, running, users=500, requests_per_user=2, control=CONTROL, candidate=CANDIDATE,
                   ts=utcnow() - timedelta(hours=2))
@@ -57,7 +58,7 @@ def ramped(sqlite_db):
         rows = session.query(Feedback).order_by(Feedback.ts, Feedback.id).all()
         for row in rows[::5]:
             row.corrected_answer = "Answer: a better one"
-        scored = session.query(SearchEvent.id, SearchEvent.arm).filter(SearchEvent.status == "ok").all()[::3]
+        scored = session.query(SearchEvent.id, SearchEvent.arm).filter(SearchEvent.status == "ok").all()
         session.execute(insert(AnswerScore), [
             {"id": new_id(), "event_id": event_id, "method": "judge", "score": (0.7 if arm == "candidate" else 0.5)
              + 0.1 * (n % 3), "created_at": utcnow()} for n, (event_id, arm) in enumerate(scored)])
@@ -65,6 +66,10 @@ def ramped(sqlite_db):
             {"id": new_id(), "ts": utcnow(), "user_id": None, "experiment_id": running.id, "arm": "control",
              "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
              "timings": {"total": 5.0}} for _ in range(3)])
+        session.execute(insert(SearchEvent), [  # a request that logged no timings
+            {"id": new_id(), "ts": utcnow(), "user_id": "no-timings", "experiment_id": running.id, "arm": "control",
+             "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok", "timings": None,
+             "tokens_in": 10, "tokens_out": 5}])
     return sqlite_db, running.id
 
 
@@ -103,7 +108,7 @@ def _users(db, experiment_id: str) -> dict[str, dict]:
         sums["fallbacks"] += status == "fallback"
         sums["tokens_in"] += 10  # what the traffic helper writes on every event
         sums["tokens_out"] += 5
-        row["latencies"].append(timings["total"])
+        row["latencies"] += [timings["total"]] if timings else []
         owner[event_id] = user
     for event_id, thumbs, rating, corrected in feedback:
         sums = users[owner[event_id]]["sums"]
@@ -191,6 +196,20 @@ def test_the_per_arm_summary_is_the_totals_of_its_users(ramped):
         assert 0 < total["corrections"] < total["feedback_events"] and total["errors"] and total["fallbacks"]
 
 
+def test_one_phase_is_one_comparison_at_the_policys_level(sqlite_db):
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=400, control=CONTROL, candidate=CANDIDATE)
+    users = {u: row for u, row in _users(sqlite_db, running.id).items()}
+    for row in users.values():
+        row["phase"] = 0
+    expected = stats.compare_ratio(*(_column(users, arm, column) for arm in ("control", "candidate")
+                                     for column in ("satisfaction_sum", "satisfaction_n")),
+                                   alpha=POLICY.alpha, tuning=POLICY.sequential_tuning)
+    got = analyse(sqlite_db, running.id, POLICY).metrics["satisfaction"]
+    assert got["strata"] == 1 and _close(got["ci"], list(expected.sequential_ci), rel=1e-12)
+    assert _close(got["fixed_horizon"], {"ci": list(expected.fixed_ci), "p_value": expected.fixed_p_value}, rel=1e-12)
+
+
 def test_the_primary_block_and_its_per_arm_always_valid_sequences(ramped):
     db, experiment_id = ramped
     analysis = analyse(db, experiment_id, POLICY)
@@ -219,6 +238,8 @@ def test_an_arm_sequence_without_a_usable_variance_has_a_value_and_no_interval()
     assert _arm_sequence(_arm([1.0], [1.0]), "satisfaction", POLICY) == {"value": 1.0, "ci": None, "users": 1}
     undefined = _arm_sequence(_arm([0.0, 0.0], [0.0, 0.0]), "satisfaction", POLICY)  # nobody gave feedback
     assert math.isnan(undefined["value"]) and undefined["ci"] is None and undefined["users"] == 2
+    pair = _arm_sequence(_arm([1.0, 0.0], [1.0, 1.0]), "satisfaction", POLICY)
+    assert pair["users"] == 2 and pair["ci"] is not None and pair["ci"][0] < 0.5 < pair["ci"][1]
     defined = _arm_sequence(_arm([1.0, 0.0, 2.0], [1.0, 1.0, 2.0]), "satisfaction", POLICY)
     estimate = stats.ratio_estimate([1.0, 0.0, 2.0], [1.0, 1.0, 2.0])
     ci, _p = stats.sequential_interval(0.75, estimate.variance, 3, POLICY.alpha, POLICY.sequential_tuning)
@@ -259,6 +280,12 @@ def test_a_mismatch_in_the_second_phase_is_named_with_its_share(sqlite_db):
     assert [p["mismatch"] for p in analysis.phases] == [False, True]
     assert analysis.srm["mismatch"] and analysis.srm["p_value"] == analysis.phases[1]["p_value"]
     assert "sample ratio mismatch in phase 2 (share 50%, p=" in analysis.decision["reason"]
+    lifecycle.set_share(sqlite_db, running.id, 0.8, reason="nobody has searched since")
+    with sqlite_db.session() as session:  # after the last request (the helper wrote those a second ahead)
+        session.query(ExperimentEvent).filter(ExperimentEvent.to_share == 0.8).update(
+            {ExperimentEvent.ts: utcnow() + timedelta(hours=1)})
+    empty_phase = analyse(sqlite_db, running.id, POLICY).phases[2]
+    assert (empty_phase["users"], empty_phase["expected"], empty_phase["p_value"]) == ([0, 0], None, None)
 
 
 def test_the_fixed_horizon_reference_blocks_are_scipys_on_the_users(ramped):
@@ -322,6 +349,9 @@ def test_guardrail_results_carry_their_comparison_and_wait_for_the_minimum_sampl
         assert _close(result, {"status": "ok", "margin": margin, "relative_margin": guardrail.relative,
                                         "difference": comparison["difference"], "ci": comparison["ci"]}), result
     assert "one-sided" in guardrails["note"]
+    no_data_first = Policy(**{**POLICY.__dict__, "guardrails": (Guardrail("answer_score", 0.05),
+                                                                 Guardrail("error_rate", 0.02))})
+    assert list(analyse(db, experiment_id, no_data_first).guardrails["results"]) == ["answer_score", "error_rate"]
     short = analyse(db, experiment_id, Policy(**{**POLICY.__dict__, "min_users_per_arm": smallest + 1}))
     assert short.guardrails["checked"] is False
     assert {r["status"] for r in short.guardrails["results"].values()} == {"waiting for sample", "no data"}
@@ -352,6 +382,9 @@ def test_cuped_is_off_when_the_policy_says_so_even_with_a_pre_period_collected(s
     assert analyse_collected(collected, POLICY).metrics["satisfaction"]["cuped"] is None
     with_cuped = analyse_collected(collected, Policy(**{**POLICY.__dict__, "cuped": True}))
     assert with_cuped.metrics["satisfaction"]["cuped"] is not None
+    # The history is 2 days old: the policy's lookback decides whether it is read.
+    assert analyse(sqlite_db, running.id, Policy(cuped_lookback_days=3)).metrics["satisfaction"]["cuped"]
+    assert analyse(sqlite_db, running.id, Policy(cuped_lookback_days=1)).metrics["satisfaction"]["cuped"] is None
 
 
 def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(sqlite_db):
@@ -363,6 +396,9 @@ def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(
                   ts=started - timedelta(days=2), prefix="u")
     traffic.write(sqlite_db, running, users=200, first_user=100, requests_per_user=3, control=old, candidate=old,
                   seed=5, ts=started - timedelta(days=20), prefix="u")
+    step = timedelta(microseconds=10)  # the helper's first request comes one step after `ts`
+    traffic.write(sqlite_db, running, users=1, first_user=299, control=old, candidate=old, seed=8,
+                  ts=started - timedelta(days=14) - step, prefix="u")  # exactly at the start of the window
     with sqlite_db.session() as session:
         session.query(SearchEvent).filter(SearchEvent.ts < started).update({SearchEvent.experiment_id: "older"})
         history = session.query(SearchEvent.user_id, SearchEvent.ts, Feedback.thumbs, Feedback.rating).outerjoin(
@@ -379,7 +415,9 @@ def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(
             want = [value(rows) if (rows := [(ts, t, r) for u, ts, t, r in history if u == user and ts >= window])
                     else math.nan for user in ids]
             assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
-        assert np.isnan(collected.arms[arm].pre["satisfaction"][[int(u[2:]) >= 200 for u in ids]]).all()
+        assert np.isnan(collected.arms[arm].pre["satisfaction"][[200 <= int(u[2:]) < 299 for u in ids]]).all()
+    last = next(arm for arm in ("control", "candidate") if "u-299" in collected.arms[arm].user_ids)
+    assert collected.arms[last].pre["thumbs_up_per_request"][collected.arms[last].user_ids.index("u-299")] in (0, 1)
     assert collect(sqlite_db, running.id, cuped_lookback_days=0).arms["control"].pre == {}
 
 
@@ -401,6 +439,7 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
     with sqlite_db.session() as session:
         first, last = (session.query(SearchEvent.ts).order_by(SearchEvent.ts.asc() if n == 0 else
                                                                SearchEvent.ts.desc()).first()[0] for n in (0, 1))
+    lifecycle.promote(sqlite_db, running.id, force=True, via="test")  # a report may chart an ended experiment
     series = timeline(sqlite_db, running.id, POLICY, points=4)
     step = (last - first) / 3
     assert [point["ts"] for point in series] == [(first + step * n).isoformat() for n in range(3)] + [last.isoformat()]
@@ -408,8 +447,8 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
         at = analyse(sqlite_db, running.id, POLICY, until=datetime.fromisoformat(point["ts"]))
         primary = at.primary or {}
         assert point == {"ts": point["ts"], "users": [at.arms[a]["users"] for a in ("control", "candidate")],
-                         "share": 0.5, "arms": primary.get("arms"), "difference": primary.get("difference"),
-                         "ci": primary.get("ci"), "action": at.action}
+                         "share": at.candidate_share, "arms": primary.get("arms"),
+                         "difference": primary.get("difference"), "ci": primary.get("ci"), "action": at.action}
     assert series[0]["users"] == [1, 0] or series[0]["users"] == [0, 1]  # only the first request had happened
     assert sum(series[-1]["users"]) == 300
     # With the policy's alpha, not the default: the last interval is the 90% one.
@@ -430,7 +469,31 @@ def test_the_analysis_of_nothing_is_complete_and_says_why(sqlite_db):
         "evaluated_at": None,
     }
     assert empty("nothing").policy == Policy().to_dict()
-    assert analyse(sqlite_db).decision == {"action": "not_enough_data", "reason": "no running experiment"}
+    nothing = analyse(sqlite_db, policy=policy)
+    assert nothing.decision == {"action": "not_enough_data", "reason": "no running experiment"}
+    assert nothing.policy == policy.to_dict()
+
+
+def test_satisfaction_puts_thumbs_and_ratings_on_zero_to_one_and_averages_them():
+    assert [satisfaction("up", None), satisfaction("down", None), satisfaction(None, 1), satisfaction(None, 5)] == [
+        1.0, 0.0, 0.0, 1.0]
+    assert satisfaction(None, 2) == 0.25 and satisfaction("up", 3) == 0.75 and satisfaction("down", 4) == 0.375
+    assert satisfaction(None, None) is None and satisfaction("maybe", None) is None
+
+
+def test_user_sums_count_what_each_row_carries():
+    sums = UserSums()
+    sums.add_event("u", "ok", None, None)  # a request that logged no token counts
+    sums.add_event("u", "fallback", 7, 3)
+    sums.add_feedback("u", None, None, "a correction alone", first_on_event=True)
+    sums.add_feedback("u", "up", 5, None, first_on_event=False)
+    sums.add_score("u", "judge", 0.25)
+    sums.add_score("u", "judge", 0.5)
+    row = sums.rows["u"]
+    assert {k: v for k, v in row.items() if v} == {
+        "requests": 2, "fallbacks": 1, "tokens_in": 7, "tokens_out": 3, "feedback_events": 1, "thumbs_up": 1,
+        "thumbs": 1, "rating_sum": 5, "ratings": 1, "corrections": 1, "satisfaction_sum": 1.0, "satisfaction_n": 1,
+        "judge_sum": 0.75, "judge_n": 2}
 
 
 def test_json_ready_turns_numpy_and_non_finite_numbers_into_json():
