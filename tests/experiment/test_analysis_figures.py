@@ -365,6 +365,9 @@ def test_the_rest_of_the_analysis_names_its_experiment_method_and_policy(ramped)
                                    "anonymous_requests": 3}
     assert analysis.sequential == {"method": SEQUENTIAL_METHOD, "alpha": 0.1, "tuning_users": 300.0}
     assert analysis.policy == POLICY.to_dict()
+    starved = analyse(db, experiment_id, Policy(**{**POLICY.__dict__, "min_signals_per_arm": 10_000}))
+    assert starved.action == "not_enough_data"
+    assert starved.decision["reason"].startswith("satisfaction observations per arm [")
     assert analysis.to_dict()["policy"]["alpha"] == 0.1
 
 
@@ -455,6 +458,7 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
     assert series[-1]["ci"] == analyse(sqlite_db, running.id, POLICY).primary["ci"]
     assert series[-1]["ci"] != analyse(sqlite_db, running.id).primary["ci"]
     assert timeline(sqlite_db, "no-such-experiment-has-events", POLICY) == []
+    assert len(timeline(sqlite_db, running.id)) == 12  # the report's default
 
 
 def test_the_analysis_of_nothing_is_complete_and_says_why(sqlite_db):
