@@ -1,0 +1,158 @@
+"""Each life-cycle operation: what it changes on the experiment, what it starts, and the transition it records.
+
+The admin API, the CLI, the flows and the rollout all act through these functions, so an operator's promote,
+roll back or stop is exactly what is checked here: who serves afterwards, at what share, and why.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from experiment import lifecycle
+from store import experiments, prompts
+from store.models import Experiment
+from tests.experiment import traffic
+
+
+def _with_control_adapter(db, experiment_id: str) -> None:
+    with db.session() as session:
+        running = session.get(Experiment, experiment_id)
+        running.control_adapter_id = "adapter-serving-now"
+        running.candidate_adapter_id = "adapter-on-trial"
+        running.candidate_model = "model-on-trial"
+
+
+def _events(db, experiment_id: str) -> list[tuple]:
+    return [(e.kind, e.from_share, e.to_share, e.reason) for e in experiments.list_events(db, experiment_id)]
+
+
+def test_a_new_candidate_replaces_the_running_experiment_and_keeps_control(sqlite_db):
+    first = traffic.start(sqlite_db, share=0.3)
+    _with_control_adapter(sqlite_db, first.id)
+    fresh = lifecycle.start_candidate(sqlite_db, base_url="http://new.test/v1", model="new-model",
+                                      adapter_id="adapter-new", primary_metric="thumbs_up_rate")
+    old = experiments.get(sqlite_db, first.id)
+    assert old.status == "stopped" and old.decision == {"reason": "replaced by a new candidate"}
+    assert _events(sqlite_db, first.id)[-1] == ("stopped", 0.3, 0.0, "replaced by a new candidate")
+    stored = experiments.get(sqlite_db, fresh.id)
+    assert experiments.get_running(sqlite_db).id == fresh.id != first.id
+    assert (stored.status, stored.candidate_share, stored.primary_metric) == ("running", 0.3, "thumbs_up_rate")
+    assert (stored.control_base_url, stored.control_model, stored.control_adapter_id) == (
+        old.control_base_url, old.control_model, "adapter-serving-now")
+    assert (stored.candidate_base_url, stored.candidate_model, stored.candidate_adapter_id) == (
+        "http://new.test/v1", "new-model", "adapter-new")
+    assert stored.candidate_prompt_template_id is None and stored.salt != old.salt
+    assert _events(sqlite_db, fresh.id) == [("start", None, 0.3, "new candidate: new-model")]
+
+
+def test_a_prompt_candidate_names_its_template_and_may_set_its_share(sqlite_db):
+    traffic.start(sqlite_db, share=0.3)
+    template = prompts.new_version(sqlite_db, system_prompt="Be brief.", template="Q: {question}", activate=False)
+    fresh = lifecycle.start_candidate(sqlite_db, base_url="http://same.test/v1", model="same-model", share=0.1,
+                                      prompt_template_id=template.id, reason="prompt trial")
+    stored = experiments.get(sqlite_db, fresh.id)
+    assert (stored.candidate_prompt_template_id, stored.candidate_share) == (template.id, 0.1)
+    assert _events(sqlite_db, fresh.id) == [
+        ("start", None, 0.1, f"prompt trial: same-model with prompt template {template.id}")]
+
+
+def test_a_new_candidate_needs_a_running_experiment(sqlite_db):
+    with pytest.raises(lifecycle.ExperimentNotFound, match="no running experiment"):
+        lifecycle.start_candidate(sqlite_db, base_url="http://new.test/v1", model="m")
+
+
+def test_promoting_makes_the_candidate_control_of_a_successor_at_share_zero(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.5)
+    _with_control_adapter(sqlite_db, running.id)
+    successor = lifecycle.promote(sqlite_db, running.id, force=True, via="cli", reason="the operator said so")
+    ended = experiments.get(sqlite_db, running.id)
+    assert ended.status == "promoted" and ended.ended_at is not None
+    assert ended.decision == {"forced": True, "via": "cli", "reason": "the operator said so"}
+    assert _events(sqlite_db, running.id)[-1] == ("promoted", 0.5, 0.0, "the operator said so")
+    stored = experiments.get(sqlite_db, successor.id)
+    assert (stored.status, stored.candidate_share, stored.candidate_base_url) == ("running", 0.0, None)
+    assert (stored.control_base_url, stored.control_model, stored.control_adapter_id) == (
+        ended.candidate_base_url, "model-on-trial", "adapter-on-trial")
+    assert _events(sqlite_db, successor.id) == [("start", None, 0.0, f"successor of {running.id} (promoted)")]
+    assert experiments.get_running(sqlite_db).id == successor.id
+
+
+def test_a_forced_promotion_without_a_decision_says_so_and_one_with_a_decision_names_the_channel(sqlite_db):
+    running = traffic.start(sqlite_db)
+    lifecycle.promote(sqlite_db, running.id, force=True, via="api")
+    assert experiments.get(sqlite_db, running.id).decision["reason"] == "forced by an operator"
+    second = experiments.get_running(sqlite_db)
+    lifecycle.start_candidate(sqlite_db, base_url="http://next.test/v1", model="next")
+    third = experiments.get_running(sqlite_db)
+    assert third.id != second.id
+    with sqlite_db.session() as session:
+        session.get(Experiment, third.id).decision = {"action": "promote", "reason": "candidate is better"}
+    lifecycle.promote(sqlite_db, third.id, via="rollout")
+    decision = experiments.get(sqlite_db, third.id).decision
+    assert decision == {"action": "promote", "reason": "promoted via rollout", "forced": False, "via": "rollout"}
+
+
+def test_promoting_a_prompt_candidate_activates_its_template(sqlite_db):
+    traffic.start(sqlite_db)
+    active_before = prompts.active(sqlite_db)
+    template = prompts.new_version(sqlite_db, system_prompt="Be brief.", template="Q: {question}", activate=False)
+    assert prompts.active(sqlite_db).id == active_before.id
+    trial = lifecycle.start_candidate(sqlite_db, base_url="http://same.test/v1", model="m",
+                                      prompt_template_id=template.id)
+    lifecycle.promote(sqlite_db, trial.id, force=True, via="test")
+    assert prompts.active(sqlite_db).id == template.id
+
+
+@pytest.mark.parametrize("end", ["rollback", "stop"])
+def test_rolling_back_or_stopping_keeps_control_for_everyone(sqlite_db, end):
+    running = traffic.start(sqlite_db, share=0.25)
+    _with_control_adapter(sqlite_db, running.id)
+    operation = getattr(lifecycle, end)
+    successor = operation(sqlite_db, running.id, via="api")
+    outcome, default_reason = {"rollback": ("rolled_back", "rolled back via api"),
+                               "stop": ("stopped", "stopped via api")}[end]
+    ended = experiments.get(sqlite_db, running.id)
+    assert ended.status == outcome and ended.decision == {"via": "api", "reason": default_reason}
+    assert _events(sqlite_db, running.id)[-1] == (outcome, 0.25, 0.0, default_reason)
+    stored = experiments.get(sqlite_db, successor.id)
+    assert (stored.control_base_url, stored.control_model, stored.control_adapter_id) == (
+        ended.control_base_url, ended.control_model, "adapter-serving-now")
+    assert (stored.candidate_base_url, stored.candidate_share, stored.status) == (None, 0.0, "running")
+    assert _events(sqlite_db, successor.id) == [("start", None, 0.0, f"successor of {running.id} ({outcome})")]
+
+
+def test_an_ended_or_unknown_experiment_cannot_change(sqlite_db):
+    running = traffic.start(sqlite_db)
+    lifecycle.stop(sqlite_db, running.id, via="test", reason="done")
+    for act in (lambda: lifecycle.set_share(sqlite_db, running.id, 0.2),
+                lambda: lifecycle.rollback(sqlite_db, running.id, via="test"),
+                lambda: lifecycle.promote(sqlite_db, running.id, force=True, via="test")):
+        with pytest.raises(lifecycle.ExperimentNotRunning, match=f"experiment {running.id} is stopped, not running"):
+            act()
+    with pytest.raises(lifecycle.ExperimentNotFound, match="unknown experiment 'nope'"):
+        lifecycle.set_share(sqlite_db, "nope", 0.2)
+    with pytest.raises(ValueError, match="unknown outcome 'won'"):
+        lifecycle.conclude(sqlite_db, experiments.get_running(sqlite_db).id, outcome="won")
+
+
+def test_an_experiment_without_a_candidate_has_nothing_to_promote_or_roll_out(sqlite_db):
+    running = traffic.start(sqlite_db)
+    successor = lifecycle.stop(sqlite_db, running.id, via="test")
+    with pytest.raises(lifecycle.ExperimentNotRunning, match=f"experiment {successor.id} has no candidate to promote"):
+        lifecycle.promote(sqlite_db, successor.id, force=True, via="test")
+    with pytest.raises(lifecycle.ExperimentNotRunning, match="has no candidate to roll out"):
+        lifecycle.set_rollout(sqlite_db, successor.id, {"steps": [0.1, 0.5]})
+    assert experiments.get(sqlite_db, successor.id).status == "running"
+
+
+def test_a_share_change_and_a_rollout_start_are_recorded_with_their_reasons(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.5)
+    lifecycle.set_share(sqlite_db, running.id, 0.2)
+    lifecycle.set_share(sqlite_db, running.id, 0.2, reason="the same share again records nothing")
+    lifecycle.set_rollout(sqlite_db, running.id, {"steps": [0.05, 0.25, 0.5]})
+    stored = experiments.get(sqlite_db, running.id)
+    assert stored.candidate_share == 0.05 and stored.rollout["step"] == 0
+    assert _events(sqlite_db, running.id)[1:] == [
+        ("share", 0.5, 0.2, "share changed by an operator"),
+        ("rollout_step", 0.2, 0.05, "rollout started: step 1 of 3 (5%)"),
+    ]
