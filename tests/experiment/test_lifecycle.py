@@ -90,6 +90,23 @@ def test_a_forced_promotion_without_a_decision_says_so_and_one_with_a_decision_n
     lifecycle.promote(sqlite_db, third.id, via="rollout")
     decision = experiments.get(sqlite_db, third.id).decision
     assert decision == {"action": "promote", "reason": "promoted via rollout", "forced": False, "via": "rollout"}
+    # Forcing what the numbers already back is not an operator overriding them.
+    fourth = lifecycle.start_candidate(sqlite_db, base_url="http://more.test/v1", model="more")
+    with sqlite_db.session() as session:
+        session.get(Experiment, fourth.id).decision = {"action": "promote", "reason": "candidate is better"}
+    lifecycle.promote(sqlite_db, fourth.id, force=True, via="api")
+    assert experiments.get(sqlite_db, fourth.id).decision["reason"] == "promoted via api"
+
+
+def test_promoting_without_a_recorded_promote_decision_is_refused_and_says_what_to_do(sqlite_db):
+    running = traffic.start(sqlite_db)
+    with sqlite_db.session() as session:
+        session.get(Experiment, running.id).decision = {"action": "keep_running", "reason": "not yet"}
+    with pytest.raises(lifecycle.NoPromoteDecision) as refused:
+        lifecycle.promote(sqlite_db, running.id, via="cli")
+    assert str(refused.value) == (f"experiment {running.id} has no recorded promote decision (recorded: "
+                                  "'keep_running'); run `abloop evaluate` first or force it")
+    assert experiments.get(sqlite_db, running.id).status == "running"
 
 
 def test_promoting_a_prompt_candidate_activates_its_template(sqlite_db):
@@ -119,6 +136,15 @@ def test_rolling_back_or_stopping_keeps_control_for_everyone(sqlite_db, end):
         ended.control_base_url, ended.control_model, "adapter-serving-now")
     assert (stored.candidate_base_url, stored.candidate_share, stored.status) == (None, 0.0, "running")
     assert _events(sqlite_db, successor.id) == [("start", None, 0.0, f"successor of {running.id} ({outcome})")]
+
+
+def test_stopping_keeps_the_last_decision_beside_who_stopped_it(sqlite_db):
+    running = traffic.start(sqlite_db)
+    with sqlite_db.session() as session:
+        session.get(Experiment, running.id).decision = {"action": "keep_running", "reason": "no difference yet"}
+    lifecycle.stop(sqlite_db, running.id, via="cli", reason="budget spent")
+    assert experiments.get(sqlite_db, running.id).decision == {"action": "keep_running", "via": "cli",
+                                                               "reason": "budget spent"}
 
 
 def test_an_ended_or_unknown_experiment_cannot_change(sqlite_db):
