@@ -283,7 +283,7 @@ class _Loop:
         from flows.promote import promote
 
         users = {arm: analysis["arms"][arm]["users"] for arm in ("control", "candidate")}
-        if not ready_to_approve(users, self.config.approve_min_users):
+        if not _ready_to_approve(users, self.config.approve_min_users):
             self.console.note(f"promote verdict awaits approval; the demo approves at {self.config.approve_min_users} "
                               f"users per arm (control {users['control']}, candidate {users['candidate']})")
             return "awaiting_approval"
@@ -337,7 +337,7 @@ class _Loop:
         return summary
 
 
-def ready_to_approve(users: dict[str, int], min_users: int) -> bool:
+def _ready_to_approve(users: dict[str, int], min_users: int) -> bool:
     """The demo's approval rule: every arm has at least `min_users` users in the experiment."""
     return min(users.values()) >= min_users
 

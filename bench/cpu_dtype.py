@@ -55,13 +55,13 @@ def _measure(dtype, args) -> dict[str, float]:
     figures = {}
     with torch.inference_mode():
         figures["prefill"] = _median_seconds(lambda: model(prompts, use_cache=True, logits_to_keep=1), args.repeats)
-        cache = DynamicCache(config=model.config)
-        model(prompts, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        cache = {cache_argument(model): DynamicCache(config=model.config)}
+        model(prompts, use_cache=True, logits_to_keep=1, **cache)
         step = torch.randint(100, 20000, (args.batch, 1))
 
         # Each repeat appends one position to the cache: a few tokens more context, which is negligible here.
-        figures["decode"] = _median_seconds(
-            lambda: model(step, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}), args.repeats)
+        figures["decode"] = _median_seconds(lambda: model(step, use_cache=True, logits_to_keep=1, **cache),
+                                            args.repeats)
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
                                             task_type="CAUSAL_LM"))
     lora.train()
