@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 from scipy.stats import chisquare, ttest_ind
-from sqlalchemy import insert
+from sqlalchemy import func, insert
 
 from experiment import lifecycle, stats
 from experiment.analysis import (
@@ -199,9 +199,7 @@ def test_the_per_arm_summary_is_the_totals_of_its_users(ramped):
 def test_one_phase_is_one_comparison_at_the_policys_level(sqlite_db):
     running = traffic.start(sqlite_db)
     traffic.write(sqlite_db, running, users=400, control=CONTROL, candidate=CANDIDATE)
-    users = {u: row for u, row in _users(sqlite_db, running.id).items()}
-    for row in users.values():
-        row["phase"] = 0
+    users = _users(sqlite_db, running.id)
     expected = stats.compare_ratio(*(_column(users, arm, column) for arm in ("control", "candidate")
                                      for column in ("satisfaction_sum", "satisfaction_n")),
                                    alpha=POLICY.alpha, tuning=POLICY.sequential_tuning)
@@ -390,6 +388,13 @@ def test_cuped_is_off_when_the_policy_says_so_even_with_a_pre_period_collected(s
     assert analyse(sqlite_db, running.id, Policy(cuped_lookback_days=1)).metrics["satisfaction"]["cuped"] is None
 
 
+def _own_history(requests: list[tuple]) -> dict[str, float]:
+    """A user's pre-period value of two metrics, from (thumbs, rating) per request (None, None: no feedback)."""
+    rated = [((thumbs == "up") + (rating - 1) / 4) / 2 for thumbs, rating in requests if thumbs]
+    return {"thumbs_up_per_request": sum(thumbs == "up" for thumbs, _r in requests) / len(requests),
+            "satisfaction": float(np.mean(rated)) if rated else math.nan}
+
+
 def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(sqlite_db):
     running = traffic.start(sqlite_db)
     started = experiments.get(sqlite_db, running.id).started_at
@@ -408,15 +413,14 @@ def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(
             Feedback, Feedback.event_id == SearchEvent.id).filter(SearchEvent.experiment_id == "older").all()
     traffic.write(sqlite_db, running, users=300, seed=6, prefix="u")
     collected = collect(sqlite_db, running.id, cuped_lookback_days=14)
-    window = started - timedelta(days=14)
+    within: dict[str, list] = defaultdict(list)  # user -> (thumbs, rating) of each request in the window
+    for user, ts, thumbs, rating in history:
+        if ts >= started - timedelta(days=14):
+            within[user].append((thumbs, rating))
     for arm in ("control", "candidate"):
         ids = collected.arms[arm].user_ids
-        for name, value in (("thumbs_up_per_request", lambda rows: sum(t == "up" for _ts, t, _r in rows) / len(rows)),
-                            ("satisfaction", lambda rows: np.mean([((t == "up") + (r - 1) / 4) / 2
-                                                                   for _ts, t, r in rows if t]) if any(
-                                t for _ts, t, _r in rows) else math.nan)):
-            want = [value(rows) if (rows := [(ts, t, r) for u, ts, t, r in history if u == user and ts >= window])
-                    else math.nan for user in ids]
+        for name in ("thumbs_up_per_request", "satisfaction"):
+            want = [_own_history(within[user])[name] if within[user] else math.nan for user in ids]
             assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
         assert np.isnan(collected.arms[arm].pre["satisfaction"][[200 <= int(u[2:]) < 299 for u in ids]]).all()
     last = next(arm for arm in ("control", "candidate") if "u-299" in collected.arms[arm].user_ids)
@@ -440,8 +444,7 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
     traffic.write(sqlite_db, running, users=300, control=CONTROL, candidate=CANDIDATE, ts=start,
                   step=timedelta(seconds=30))
     with sqlite_db.session() as session:
-        first, last = (session.query(SearchEvent.ts).order_by(SearchEvent.ts.asc() if n == 0 else
-                                                               SearchEvent.ts.desc()).first()[0] for n in (0, 1))
+        first, last = session.query(func.min(SearchEvent.ts), func.max(SearchEvent.ts)).one()
     lifecycle.promote(sqlite_db, running.id, force=True, via="test")  # a report may chart an ended experiment
     series = timeline(sqlite_db, running.id, POLICY, points=4)
     step = (last - first) / 3

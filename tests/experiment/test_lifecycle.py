@@ -14,7 +14,7 @@ from store.models import Experiment
 from tests.experiment import traffic
 
 
-def _with_control_adapter(db, experiment_id: str) -> None:
+def _name_both_adapters(db, experiment_id: str) -> None:
     with db.session() as session:
         running = session.get(Experiment, experiment_id)
         running.control_adapter_id = "adapter-serving-now"
@@ -28,7 +28,7 @@ def _events(db, experiment_id: str) -> list[tuple]:
 
 def test_a_new_candidate_replaces_the_running_experiment_and_keeps_control(sqlite_db):
     first = traffic.start(sqlite_db, share=0.3)
-    _with_control_adapter(sqlite_db, first.id)
+    _name_both_adapters(sqlite_db, first.id)
     fresh = lifecycle.start_candidate(sqlite_db, base_url="http://new.test/v1", model="new-model",
                                       adapter_id="adapter-new", primary_metric="thumbs_up_rate")
     old = experiments.get(sqlite_db, first.id)
@@ -63,7 +63,7 @@ def test_a_new_candidate_needs_a_running_experiment(sqlite_db):
 
 def test_promoting_makes_the_candidate_control_of_a_successor_at_share_zero(sqlite_db):
     running = traffic.start(sqlite_db, share=0.5)
-    _with_control_adapter(sqlite_db, running.id)
+    _name_both_adapters(sqlite_db, running.id)
     successor = lifecycle.promote(sqlite_db, running.id, force=True, via="cli", reason="the operator said so")
     ended = experiments.get(sqlite_db, running.id)
     assert ended.status == "promoted" and ended.ended_at is not None
@@ -123,7 +123,7 @@ def test_promoting_a_prompt_candidate_activates_its_template(sqlite_db):
 @pytest.mark.parametrize("end", ["rollback", "stop"])
 def test_rolling_back_or_stopping_keeps_control_for_everyone(sqlite_db, end):
     running = traffic.start(sqlite_db, share=0.25)
-    _with_control_adapter(sqlite_db, running.id)
+    _name_both_adapters(sqlite_db, running.id)
     operation = getattr(lifecycle, end)
     successor = operation(sqlite_db, running.id, via="api")
     outcome, default_reason = {"rollback": ("rolled_back", "rolled back via api"),
