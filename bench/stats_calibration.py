@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 
 from experiment import stats  # noqa: E402
 from experiment.analysis import analyse_collected  # noqa: E402
-from experiment.assignment import BUCKETS  # noqa: E402
+from experiment.assignment import BUCKETS, candidate_buckets  # noqa: E402
 from experiment.decision import PROMOTE, ROLL_BACK, SRM_P, Policy  # noqa: E402
 from experiment.metrics import COLUMNS, ArmUsers, Collected, PhaseCount  # noqa: E402
 from experiment.phases import Phase  # noqa: E402
@@ -197,7 +197,7 @@ class Ramp:
             phase = int(period >= half)
             share = self.shares[phase]
             active = rng.random(n) < self.activity
-            served = (bucket < round(share * BUCKETS)).astype(int)
+            served = (bucket < candidate_buckets(share)).astype(int)
             p = np.clip(base + (self.drift if phase else 0.0), 0.0, 1.0)
             up = rng.random(n) < p
             latency = rng.lognormal(LATENCY_MU, LATENCY_SIGMA, n)
@@ -218,7 +218,7 @@ class Ramp:
             phases = []
             for index in range(phase + 1):
                 in_phase = active_in[index]
-                served_then = bucket[in_phase] < round(self.shares[index] * BUCKETS)
+                served_then = bucket[in_phase] < candidate_buckets(self.shares[index])
                 phases.append(PhaseCount(
                     Phase(index, self.shares[index], START if index == 0 else changed,
                           changed if index < phase else None, "start" if index == 0 else "share"),

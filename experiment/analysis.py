@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from experiment import stats
+from experiment.assignment import bucketed_share
 from experiment.decision import (
     NOT_ENOUGH_DATA,
     SRM_P,
@@ -302,8 +303,8 @@ def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
     rows, mismatches = [], []
     for count in collected.phases:
         phase = count.phase
-        total = sum(count.users)
-        p_value = stats.sample_ratio(list(count.users), [1 - phase.share, phase.share])
+        total, share = sum(count.users), bucketed_share(phase.share)
+        p_value = stats.sample_ratio(list(count.users), [1 - share, share])
         mismatch = p_value is not None and p_value < SRM_P
         if mismatch:
             mismatches.append(f"phase {phase.index + 1} (share {phase.share:.0%}, p={p_value:.2g})")
@@ -311,7 +312,7 @@ def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
             "index": phase.index, "share": phase.share, "start": phase.start.isoformat(),
             "end": phase.end.isoformat() if phase.end else None, "reason": phase.reason,
             "users": list(count.users),
-            "expected": [total * (1 - phase.share), total * phase.share] if total else None,
+            "expected": [total * (1 - share), total * share] if total else None,
             "p_value": p_value, "mismatch": mismatch,
         })
     return rows, mismatches

@@ -32,7 +32,8 @@ from experiment.analysis import (
     timeline,
 )
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
-from experiment.metrics import METRICS, ArmUsers, UserSums, collect, satisfaction
+from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, collect, satisfaction
+from experiment.phases import Phase
 from store import experiments
 from store.models import AnswerScore, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
@@ -284,6 +285,28 @@ def test_a_mismatch_in_the_second_phase_is_named_with_its_share(sqlite_db):
             {ExperimentEvent.ts: utcnow() + timedelta(hours=1)})
     empty_phase = analyse(sqlite_db, running.id, POLICY).phases[2]
     assert (empty_phase["users"], empty_phase["expected"], empty_phase["p_value"]) == ([0, 0], None, None)
+
+
+def test_the_sample_ratio_expects_the_share_the_buckets_give(sqlite_db):
+    running = traffic.start(sqlite_db, share=1 / 3)  # buckets 0..3333: 3334 of 10000, not a third
+    traffic.write(sqlite_db, running, users=900)
+    phase = analyse(sqlite_db, running.id, POLICY).phases[0]
+    total = sum(phase["users"])
+    assert total == 900 and phase["share"] == 1 / 3
+    assert _close(phase["expected"], [total * 0.6666, total * 0.3334], rel=1e-12)
+    assert _close(phase["p_value"], chisquare(phase["users"], [total * 0.6666, total * 0.3334]).pvalue, rel=1e-12)
+
+
+def test_a_share_finer_than_a_bucket_is_no_mismatch_when_its_bucket_fills(sqlite_db):
+    """0.00001 of the traffic is one bucket, a ten-thousandth: expecting the configured share would call four
+    candidate users in 40,000 a mismatch (p ~ 1e-8) when they are just what the proxy sends."""
+    running = traffic.start(sqlite_db, share=0.00001)
+    collected = collect(sqlite_db, running.id)
+    collected.phases = [PhaseCount(Phase(0, 0.00001, running.started_at, None, "start"), (39_996, 4))]
+    analysis = analyse_collected(collected, POLICY)
+    assert analysis.phases[0]["expected"] == pytest.approx([39_996, 4])
+    assert analysis.phases[0]["p_value"] == pytest.approx(1.0) and analysis.srm["mismatch"] is False
+    assert chisquare([39_996, 4], [39_999.6, 0.4]).pvalue < SRM_P  # what the configured share would have said
 
 
 def test_the_fixed_horizon_reference_blocks_are_scipys_on_the_users(ramped):
