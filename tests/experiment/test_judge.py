@@ -83,3 +83,52 @@ def test_transport_failures_raise_a_judge_error_without_the_key():
 def test_a_server_error_names_the_status():
     with pytest.raises(JudgeError, match="HTTP 500"):
         _judge(lambda request: httpx.Response(500, text="boom")).score("q", "a", ["p"])
+
+
+def test_the_rubric_goes_as_the_user_message_under_a_system_instruction():
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return _reply("3")
+
+    judge = _judge(handler)
+    judge.score("What is a set?", "An unordered collection.", ["Sets hold unique items.", "Sets are mutable."])
+    judge.score("What is a set?", "An unordered collection.", [])
+    with_passages, without = (body["messages"] for body in bodies)
+    assert [m["role"] for m in with_passages] == ["system", "user"]
+    assert "single integer from 1 to 5" in with_passages[0]["content"]
+    prompt = with_passages[1]["content"]
+    assert prompt.startswith("Grade how well the answer is supported")
+    assert prompt.endswith("Passages:\n[1] Sets hold unique items.\n\n[2] Sets are mutable.\n\n"
+                           "Question: What is a set?\n\nAnswer: An unordered collection.\n\nGrade (1-5):")
+    assert "Passages:\n(none)\n\nQuestion: What is a set?" in without[1]["content"]
+
+
+@pytest.mark.parametrize(("reply", "score"), [("6, or rather 3", 0.5), ("0 then 4", 0.75)])
+def test_numbers_outside_one_to_five_are_not_grades(reply, score):
+    assert _judge(lambda request: _reply(reply)).score("q", "a", ["p"])[0] == score
+
+
+def test_what_each_failure_says():
+    with pytest.raises(JudgeError, match=r"judge 'judge-model' gave no grade 1-5: '6 out of 10'"):
+        _judge(lambda request: _reply("6 out of 10")).score("q", "a", ["p"])
+    with pytest.raises(JudgeError, match=r"judge at http://judge.test/v1/chat/completions answered HTTP 400: 'no'"):
+        _judge(lambda request: httpx.Response(400, text="no")).score("q", "a", ["p"])
+    with pytest.raises(JudgeError, match=r"sent no chat completion: '\{\"choices\": \[\]\}'"):
+        _judge(lambda request: httpx.Response(200, text='{"choices": []}')).score("q", "a", ["p"])
+    with pytest.raises(JudgeError, match=r"sent no text content: \[1, 2\]"):
+        _judge(lambda request: _reply([1, 2])).score("q", "a", ["p"])
+
+
+def test_the_timeout_applies_to_every_request():
+    timeouts: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        return _reply("5")
+
+    _judge(handler, timeout_s=2.5).score("q", "a", ["p"])
+    _judge(handler).score("q", "a", ["p"])
+    assert timeouts == [dict.fromkeys(("connect", "read", "write", "pool"), 2.5),
+                        dict.fromkeys(("connect", "read", "write", "pool"), 30.0)]
