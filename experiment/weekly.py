@@ -161,8 +161,7 @@ class _Tally:
         self.experiments: dict[str | None, Counter[str]] = defaultdict(Counter)
         self._seen_feedback: set[str] = set()
 
-    def _targets(self, week: str, ts: datetime, user: str, arm: str,
-                 template: tuple[str | None, int | None]) -> list[_Group]:
+    def _targets(self, week: str, ts: datetime, arm: str, template: tuple[str | None, int | None]) -> list[_Group]:
         start = self.weeks.this_start if week == "this" else self.weeks.last_start
         targets = [self.groups[week]["overall"], self.days[week][(ts - start).days],
                    self.templates[week][template]]
@@ -188,7 +187,7 @@ class _Tally:
             self.anonymous[week] += 1
             return
         latency = (timings or {}).get("total")
-        for group in self._targets(week, ts, user, arm, (template_id, template_version)):
+        for group in self._targets(week, ts, arm, (template_id, template_version)):
             group.sums.add_event(user, status, tokens_in, tokens_out)
             if latency is not None:
                 group.latencies.append(float(latency))
@@ -210,7 +209,7 @@ class _Tally:
         self._seen_feedback.add(event_id)
         if not user:
             return
-        for group in self._targets(week, ts, user, arm, (template_id, template_version)):
+        for group in self._targets(week, ts, arm, (template_id, template_version)):
             group.sums.add_feedback(user, thumbs, rating, corrected, first_on_event=first)
 
     def score(self, event_id: str, method: str, score: float, ts: datetime, user: str | None, arm: str,
@@ -223,7 +222,7 @@ class _Tally:
                                                   method=method)
         if not user:
             return
-        for group in self._targets(week, ts, user, arm, (template_id, template_version)):
+        for group in self._targets(week, ts, arm, (template_id, template_version)):
             group.sums.add_score(user, method, float(score))
 
     def _miss(self, kind: str, query: str) -> _Miss:
@@ -373,7 +372,8 @@ def _templates(db: Database, tally: _Tally) -> list[dict[str, Any]]:
                                                                  "feedback_rate")},
             "thumbs_up_change": change,
         })
-    return sorted(rows, key=lambda r: (-r["requests"], r["name"] or "", r["template_id"] or "", r["version"] or 0))
+    # Versions of one name side by side, oldest first; the id only parts templates whose name is unknown.
+    return sorted(rows, key=lambda r: (-r["requests"], r["name"] or "", r["version"] or 0, r["template_id"] or ""))
 
 
 def _misses(db: Database, tally: _Tally) -> dict[str, list[dict[str, Any]]]:

@@ -119,6 +119,9 @@ def test_what_each_failure_says():
         _judge(lambda request: httpx.Response(200, text='{"choices": []}')).score("q", "a", ["p"])
     with pytest.raises(JudgeError, match=r"sent no text content: \[1, 2\]"):
         _judge(lambda request: _reply([1, 2])).score("q", "a", ["p"])
+    with pytest.raises(JudgeError) as raised:  # a long non-text content is cut, not echoed whole
+        _judge(lambda request: _reply(["x" * 400])).score("q", "a", ["p"])
+    assert len(str(raised.value)) == 300
 
 
 def test_the_timeout_applies_to_every_request():

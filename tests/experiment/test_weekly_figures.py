@@ -33,14 +33,15 @@ def _at(week_start: datetime, day: int, hour: int = 12, minute: int = 0) -> date
 @pytest.fixture
 def ledger(sqlite_db):
     """Two experiments (the first promoted, the second running) and a handful of requests, each placed on purpose:
-    last week three (one at the very first instant), this week seven (two anonymous, two by simulated users)."""
+    last week three (one at the very first instant), this week eight (two anonymous, two by simulated users)."""
     first = traffic.start(sqlite_db, share=0.5)
     second = lifecycle.promote(sqlite_db, first.id, force=True, via="test")
     with sqlite_db.session() as session:
         session.add_all([PromptTemplate(id="tpl-2", name="Answer", version=1, system_prompt="s", template="{query}"),
-                         PromptTemplate(id="tpl-1", name="beta", version=1, system_prompt="s", template="{query}")])
-    answer, beta = {"prompt_template_id": "tpl-2", "prompt_template_version": 1}, {
-        "prompt_template_id": "tpl-1", "prompt_template_version": 1}
+                         PromptTemplate(id="tpl-1", name="beta", version=1, system_prompt="s", template="{query}"),
+                         PromptTemplate(id="tpl-0", name="beta", version=2, system_prompt="s", template="{query}")])
+    answer, beta, beta_2 = ({"prompt_template_id": template_id, "prompt_template_version": version}
+                            for template_id, version in (("tpl-2", 1), ("tpl-1", 1), ("tpl-0", 2)))
     no_hits = {"retrieved": {}}
     last, this = WEEKS.last_start, WEEKS.this_start
     rows = {
@@ -54,7 +55,8 @@ def ledger(sqlite_db):
         "T4": _event(second.id, _at(this, 6, 22), None, "anon", **no_hits),
         "T5": _event(second.id, _at(this, 6, 23), None, "anon", **no_hits),
         "T6": _event(second.id, _at(this, 4), SIM_A, "q", **answer),
-        "T7": _event(second.id, _at(this, 4, 13), SIM_B, "q", **beta),
+        "T7": _event(second.id, _at(this, 4, 13), SIM_B, "q", **beta_2),
+        "T8": _event(second.id, _at(this, 5), "u4", "q", **beta),
     }
     ids = {name: row["id"] for name, row in rows.items()}
 
@@ -69,13 +71,15 @@ def ledger(sqlite_db):
         session.execute(insert(SearchEvent), list(rows.values()))
         session.execute(insert(Feedback), [
             feedback("L3", thumbs="up"), feedback("T1", thumbs="up"),
+            feedback("T1", comment="thanks"),  # a second row on one request: one request with feedback
             feedback("T2", thumbs="down", comment="useless"),  # satisfaction 0, first of a tie
             feedback("T3", thumbs="down", rating=1),  # satisfaction 0 as well, asked later
-            feedback("T6", thumbs="up")])
+            feedback("T6", thumbs="up"), feedback("T7", rating=2)])  # satisfaction 0.25: low enough to review
         session.execute(insert(AnswerScore), [
             score("T1", 0.9), score("T2", 0.5),  # 0.5 is not below LOW_SCORE
             score("T3", 0.2), score("T3", 0.0, method="heuristic"),  # an unknown method counts nowhere
-            score("T4", 0.1)])  # anonymous: reviewed, but no user's figure
+            score("T4", 0.1),  # anonymous: reviewed, but no user's figure
+            score("T7", 0.3)])
     return sqlite_db, ids, (first.id, second.id)
 
 
@@ -131,13 +135,14 @@ def test_the_weeks_and_their_days_are_read_from_the_right_rows(ledger):
     assert abs(datetime.fromisoformat(bundle["generated_at"]) - utcnow()) < timedelta(minutes=5)
     overall = bundle["groups"]["overall"]
     assert overall["last"]["requests"] == 3  # L1 at the first instant of last week counts
-    assert (overall["this"]["requests"], overall["this"]["users"]) == (5, 5)
+    assert (overall["this"]["requests"], overall["this"]["users"]) == (6, 6)
+    assert overall["this"]["feedback_rate"]["value"] == pytest.approx(5 / 6)  # T1's two rows count once
     days = bundle["days"]
     assert [d["date"] for d in days["last"]] == ["2025-05-26", "2025-05-27", "2025-05-28", "2025-05-29",
                                                  "2025-05-30", "2025-05-31", "2025-06-01"]
     assert [d["requests"] for d in days["last"]] == [1, 0, 1, 0, 0, 0, 1]
-    assert [d["requests"] for d in days["this"]] == [2, 0, 0, 1, 2, 0, 0]  # day 6 was anonymous only
-    assert [d["users"] for d in days["this"]] == [2, 0, 0, 1, 2, 0, 0]
+    assert [d["requests"] for d in days["this"]] == [2, 0, 0, 1, 2, 1, 0]  # day 6 was anonymous only
+    assert [d["users"] for d in days["this"]] == [2, 0, 0, 1, 2, 1, 0]
     assert days["this"][0]["thumbs_up_per_request"]["value"] == 0.5  # T1 up, T2 down
     assert days["this"][4]["thumbs_up_per_request"]["value"] == 0.5  # T6 up, T7 nothing
     by_now = week_over_week(db, now=datetime(2025, 6, 9, 7, tzinfo=UTC))  # a Monday morning run: last week
@@ -149,14 +154,14 @@ def test_answer_scores_latency_and_a_vanished_rate_per_group(ledger):
     groups = week_over_week(db, WEEK_ENDING)["groups"]
     this = {name: groups[name]["this"] for name in ("overall", "control", "candidate")}
     # Grounding only, per user; the heuristic score and the anonymous request's score count nowhere.
-    assert this["overall"]["answer_score"]["value"] == pytest.approx((0.9 + 0.5 + 0.2) / 3)
-    assert this["control"]["answer_score"]["value"] == pytest.approx(0.9)
+    assert this["overall"]["answer_score"]["value"] == pytest.approx((0.9 + 0.5 + 0.2 + 0.3) / 4)
+    assert this["control"]["answer_score"]["value"] == pytest.approx((0.9 + 0.3) / 2)
     assert this["candidate"]["answer_score"]["value"] == pytest.approx((0.5 + 0.2) / 2)
-    latencies = [50.0, 150.0, 250.0, 90.0, 90.0]  # the anonymous requests' are left out
+    latencies = [50.0, 150.0, 250.0, 90.0, 90.0, 90.0]  # the anonymous requests' are left out
     assert this["overall"]["latency_p50_ms"] == pytest.approx(np.percentile(latencies, 50))
     assert this["overall"]["latency_p95_ms"] == pytest.approx(np.percentile(latencies, 95))
     assert this["candidate"]["latency_p95_ms"] == pytest.approx(np.percentile([150.0, 250.0], 95))
-    assert this["overall"]["tokens_out"] == 7 + 5 * 4
+    assert this["overall"]["tokens_out"] == 7 + 5 * 5
     # Errors went from one in three to none: no interval for an exact zero, the relative change still shown.
     assert groups["overall"]["change"]["error_rate"] == {"relative": -1.0, "higher_is_better": False}
 
@@ -168,32 +173,37 @@ def test_a_rate_cannot_fall_by_more_than_100_percent(ledger):
                                                           (WEEKS.this_start, WEEKS.end)))
     raw = relative_change(ratio_estimate(last["thumbs_up"], last["requests"]),
                           ratio_estimate(this["thumbs_up"], this["requests"]), 0.05)
-    assert raw["ci"][0] < -1  # two users last week, five this week: the t interval is wide
+    assert raw["ci"][0] < -1  # two users last week, six this week: the t interval is wide
     assert change["ci"] == [-1.0, pytest.approx(raw["ci"][1], rel=1e-12)]
-    assert change["relative"] == pytest.approx(raw["relative"]) and change["users"] == raw["users"] == [2, 5]
+    assert change["relative"] == pytest.approx(raw["relative"]) and change["users"] == raw["users"] == [2, 6]
 
 
 def test_the_review_lists_keep_the_first_worst_event_and_what_it_was(ledger):
     db, ids, _experiments = ledger
     misses = week_over_week(db, WEEK_ENDING)["misses"]
-    (rated,) = misses["lowest_rated"]
+    rated, low = misses["lowest_rated"]
     assert (rated["query"], rated["events"], rated["worst"], rated["event_id"]) == ("Why?", 2, 0.0, ids["T2"])
     assert (rated["arm"], rated["thumbs"], rated["rating"], rated["comment"], rated["corrected_answer"]) == (
         "candidate", "down", None, "useless", None)
     assert rated["status"] == "ok" and rated["ts"].startswith("2025-06-02") and rated["answer"] == "an answer"
-    assert [(m["query"], m["worst"], m["event_id"], m["arm"], m["method"]) for m in misses["lowest_score"]] == [
-        ("anon", 0.1, ids["T4"], "control", "grounding"), (" why? ", 0.2, ids["T3"], "candidate", "grounding")]
+    assert (low["query"], low["worst"], low["rating"], low["thumbs"], low["events"], low["simulated_events"]) == (
+        "q", 0.25, 2, None, 1, 1)
+    assert [(m["query"], m["events"], m["simulated_events"], m["worst"], m["event_id"], m["arm"], m["method"])
+            for m in misses["lowest_score"]] == [
+        ("anon", 1, 0, 0.1, ids["T4"], "control", "grounding"),
+        (" why? ", 1, 0, 0.2, ids["T3"], "candidate", "grounding"),  # T2's 0.5 is not below 0.5
+        ("q", 1, 1, 0.3, ids["T7"], "control", "grounding")]
     assert [(m["query"], m["events"], m["worst"], m["event_id"]) for m in misses["no_hits"]] == [
         ("anon", 2, None, ids["T4"]), ("Why?", 1, None, ids["T2"])]
     assert misses["no_hits"][0]["ts"].startswith("2025-06-08") and misses["no_hits"][1]["arm"] == "candidate"
 
 
-def test_templates_are_ordered_by_traffic_then_name(ledger):
+def test_templates_are_ordered_by_traffic_then_name_then_version(ledger):
     db, _ids, _experiments = ledger
     templates = week_over_week(db, WEEK_ENDING)["templates"]
-    # Two requests each for no template and "Answer" (the unnamed first), one for "beta".
-    assert [(t["name"], t["template_id"], t["requests"]) for t in templates] == [
-        (None, None, 2), ("Answer", "tpl-2", 2), ("beta", "tpl-1", 1)]
+    # Two requests each for no template and "Answer" (the unnamed first), one for each version of "beta".
+    assert [(t["name"], t["version"], t["template_id"], t["requests"]) for t in templates] == [
+        (None, None, None, 2), ("Answer", 1, "tpl-2", 2), ("beta", 1, "tpl-1", 1), ("beta", 2, "tpl-0", 1)]
     answer = templates[1]
     assert answer["tokens_out_per_request"] == 6.0 and answer["tokens_in_per_request"] == 10.0
     assert answer["thumbs_up_change"] is None  # one user last week: no interval to compare with
@@ -203,17 +213,17 @@ def test_the_experiments_of_the_two_weeks_in_the_order_they_started(ledger):
     db, _ids, (first, second) = ledger
     rows = week_over_week(db, WEEK_ENDING)["experiments"]
     assert [(r["id"], r["status"], r["candidate_share"], r["events"]) for r in rows] == [
-        (first, "promoted", 0.5, {"last": 3, "this": 0}), (second, "running", 0.0, {"last": 0, "this": 7})]
+        (first, "promoted", 0.5, {"last": 3, "this": 0}), (second, "running", 0.0, {"last": 0, "this": 8})]
 
 
 def test_the_simulated_share_counts_events_users_and_feedback(ledger):
     db, _ids, _experiments = ledger
     simulated = week_over_week(db, WEEK_ENDING)["simulated"]
-    assert simulated["this"] == {"events": 7, "simulated_events": 2, "simulated_users": 2, "feedback": 4,
-                                 "simulated_feedback": 1, "any": True, "all": False}
+    assert simulated["this"] == {"events": 8, "simulated_events": 2, "simulated_users": 2, "feedback": 6,
+                                 "simulated_feedback": 2, "any": True, "all": False}
     assert simulated["last"] == {"events": 3, "simulated_events": 0, "simulated_users": 0, "feedback": 1,
                                  "simulated_feedback": 0, "any": False, "all": False}
-    assert simulated["both"]["events"] == 10 and simulated["both"]["feedback"] == 5
+    assert simulated["both"]["events"] == 11 and simulated["both"]["feedback"] == 7
 
 
 def test_a_week_of_one_simulated_request_is_all_simulated_and_an_empty_one_is_not(sqlite_db):
