@@ -252,9 +252,12 @@ def cmd_eval_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(_args: argparse.Namespace) -> None:
-    from abloop.demo import run_demo
+    from abloop.console import exit_output_to
+    from abloop.demo import DemoConfig, run_demo
 
-    run_demo()
+    config = DemoConfig()
+    run_demo(config)
+    exit_output_to(config.work / "logs" / "demo.log")
 
 
 def build_parser() -> argparse.ArgumentParser:

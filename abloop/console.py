@@ -7,6 +7,7 @@ own display (rich) on a copy of the terminal's descriptor.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -21,6 +22,25 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+
+def exit_output_to(log_path: Path) -> None:
+    """Send what the process writes while it exits to `log_path` instead of the terminal.
+
+    Prefect stops its temporary server from an `atexit` hook and logs that it does, after the demo's
+    summary. `atexit` runs hooks last registered first, so this must be called after that server
+    started (after the demo ran) to take effect before Prefect's hook.
+    """
+    def redirect() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open until the process ends
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+
+    atexit.register(redirect)
+
 
 _ICONS = {"running": "[yellow]…[/]", "done": "[green]✓[/]", "failed": "[red]✗[/]"}
 

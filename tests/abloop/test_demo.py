@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -117,3 +118,21 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
     assert users and all(u.startswith("sim-") for u in users)
     assert comments == {"simulated feedback (abloop demo)"}
     assert (work / "logs" / "demo.log").stat().st_size > 0
+
+
+def test_what_the_process_says_while_it_exits_goes_to_the_log(tmp_path):
+    log = tmp_path / "demo.log"
+    code = (
+        "import atexit, logging, sys\n"
+        "from pathlib import Path\n"
+        "logging.basicConfig(stream=sys.stderr, format='%(message)s')  # a handler that holds the terminal\n"
+        "atexit.register(lambda: logging.getLogger('prefect').warning('Stopping temporary server'))\n"
+        "atexit.register(lambda: print('printed at exit'))\n"
+        "from abloop.console import exit_output_to\n"
+        "print('the summary', flush=True)\n"
+        f"exit_output_to(Path({str(log)!r}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("the summary\n", "")
+    assert log.read_text() == "printed at exit\nStopping temporary server\n"
