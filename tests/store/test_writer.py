@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -352,3 +353,86 @@ async def test_a_hung_database_does_not_hold_rows_in_memory(db: Database, make_w
     await wait_until(lambda: writer.spool_bytes == 0, what="replay after the hang")
     assert events.count_events(db) == 20 and writer.replayed == 20
     assert not any(writer.is_pending(row["id"]) for row in rows)
+
+
+class FailingAfterFirstWrite:
+    """A real database that goes away after its first transaction (the connection drops mid-replay)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.calls = db, 0
+
+    @property
+    def engine(self) -> FailingAfterFirstWrite:
+        return self
+
+    def begin(self):
+        self.calls += 1
+        if self.calls == 1:
+            return self.db.engine.begin()
+        raise OperationalError("INSERT", {}, ConnectionError("server closed the connection"))
+
+    def ping(self) -> bool:
+        return False
+
+
+async def test_a_replay_that_fails_part_way_gives_the_file_back_whole(db: Database, make_writer, tmp_path: Path):
+    spool = tmp_path / "spool"
+    rows = [event_row() for _ in range(5)]
+    path = spool / "h-1-replayed.jsonl"
+    _write_spool_file(path, [("search_events", row) for row in rows])
+    original = path.read_bytes()
+    flaky = FailingAfterFirstWrite(db)
+    writer = make_writer(flaky, spool, batch_size=2)  # chunks of 2, 2, 1: the second one fails
+    await writer.start()
+    await wait_until(lambda: flaky.calls >= 3, what="a failed replay and a retry")
+    await writer.stop()
+    assert _spool_files(spool) == [path] and path.read_bytes() == original  # its own name, every line
+    assert events.count_events(db) == 2 and writer.replayed == 0  # the first chunk got in; nothing booked
+
+    restarted = make_writer(db, spool)
+    await restarted.start()
+    await wait_until(lambda: restarted.spool_bytes == 0, what="the given-back file replayed")
+    assert events.count_events(db) == 5 and restarted.replayed == 5  # the first two again, ignored as present
+
+
+def test_a_claim_given_back_beside_a_new_file_of_its_name_keeps_both(tmp_path: Path) -> None:
+    from store.spool import Spool
+
+    spool = Spool(tmp_path)
+    path = tmp_path / "h-1-x.jsonl"
+    path.write_text("old\n")
+    claimed = spool.claim(path)
+    assert claimed is not None and claimed.name.startswith("h-1-x" + CLAIM_MARK) and not path.exists()
+    path.write_text("new\n")  # the name is taken again meanwhile
+    spool.unclaim(claimed)
+    spool.release(claimed)
+    files = _spool_files(tmp_path)
+    assert len(files) == 2 and path in files and not claimed.exists()
+    (renamed,) = (f for f in files if f != path)
+    assert renamed.name.startswith("h-1-x~") and renamed.name.endswith(".jsonl")
+    assert (path.read_text(), renamed.read_text()) == ("new\n", "old\n")
+    assert spool.claimable() == sorted(files, key=lambda f: (f.stat().st_mtime, f.name))
+
+
+async def test_an_outage_is_not_held_against_the_rows(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    """Rows are set aside after MAX_ROW_ATTEMPTS refusals of their own; replays into a database that is down
+    are no refusal, however many there are."""
+    caplog.set_level(logging.WARNING, logger="store.writer")
+    spool = tmp_path / "spool"
+    writer = make_writer(dead_db, spool, replay_interval_s=0.01)
+    await writer.start()
+    rows = [event_row() for _ in range(3)]
+    for row in rows:
+        writer.submit("search_events", row)
+    await writer.flush()
+    await wait_until(lambda: sum("will retry" in r.getMessage() for r in caplog.records) >= 3 * MAX_ROW_ATTEMPTS,
+                     what="failed replays")  # each claims the file, fails and gives it back
+    await writer.stop()
+    assert not (spool / REJECTED_DIR).exists() and writer.rejected == 0
+    assert all("attempts" not in json.loads(line) for p in _spool_files(spool) for line in p.read_text().splitlines())
+    restarted = make_writer(db, spool)
+    await restarted.start()
+    await wait_until(lambda: restarted.spool_bytes == 0, what="replay after the outage")
+    assert events.count_events(db) == 3 and restarted.rejected == 0
