@@ -220,7 +220,8 @@ class Spool:
             os.fsync(handle.fileno())
 
     def claimable(self) -> list[Path]:
-        """Spool files to replay, oldest first: `*.jsonl` and stale claims."""
+        """Spool files to replay, oldest first: `*.jsonl` and stale claims; none when the directory cannot be read
+        (the replay loop then still sees whether the database is back)."""
         found: list[tuple[float, str, Path]] = []
         try:
             with os.scandir(self.directory) as entries:
@@ -236,7 +237,7 @@ class Spool:
                     path = Path(entry.path)
                     if entry.name.endswith(SPOOL_SUFFIX) or self._stale_claim(path, st):
                         found.append((st.st_mtime, entry.name, path))
-        except FileNotFoundError:
+        except OSError:
             return []
         return [path for _mtime, _name, path in sorted(found)]
 

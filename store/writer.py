@@ -168,6 +168,7 @@ class EventWriter:
         self._urgent_seq = 0  # a flush() waits for rows up to here: don't linger for a fuller batch
         self._pending: Counter[str] = Counter()
         self._db_down = False
+        self._spool_failing = False  # the last append failed: the database is then the only way out
         self._stopping = False
 
         self._wakeup = asyncio.Event()
@@ -344,7 +345,7 @@ class EventWriter:
         try:
             pending = batch
             refused: list[Entry] = []
-            if not self._db_down:
+            if not self._db_down or self._spool_failing:
                 tries = 1 if self._stopping else 1 + self.max_retries
                 for attempt in range(tries):
                     written, bad = [], []
@@ -386,7 +387,9 @@ class EventWriter:
                 await asyncio.to_thread(self._spool.append, to_spool)
             except Exception:
                 log.exception("could not spool %d rows", len(to_spool))
+                self._spool_failing = True
                 return refused + pending
+            self._spool_failing = False
             self.spooled += len(to_spool)
             return []
         finally:

@@ -436,3 +436,47 @@ async def test_an_outage_is_not_held_against_the_rows(
     await restarted.start()
     await wait_until(lambda: restarted.spool_bytes == 0, what="replay after the outage")
     assert events.count_events(db) == 3 and restarted.rejected == 0
+
+
+async def test_with_the_database_and_the_spool_both_failing_rows_wait_in_memory(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    """The last line of defence: a row that can be neither written nor spooled stays queued while the writer
+    runs, and is written to the log whole (CRITICAL "UNWRITTEN") if the writer must stop."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the spool directory should be\n")
+    writer = make_writer(dead_db, blocked)  # never started: flush() drains in the caller's task
+    kept = event_row()
+    writer.submit("search_events", kept)
+    await writer.flush()
+    assert writer.queue_depth == 1 and writer.is_pending(kept["id"]) and writer.spooled == 0
+    writer.db = db
+    await writer.flush()
+    assert writer.written == 1 and events.count_events(db) == 1 and not writer.is_pending(kept["id"])
+
+    writer.db = dead_db
+    last = event_row()
+    writer.submit("search_events", last)
+    with caplog.at_level(logging.CRITICAL, logger="store.writer"):
+        await writer.stop()
+    (record,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    line = record.getMessage().removeprefix("UNWRITTEN ")
+    assert json.loads(line)["row"]["id"] == last["id"] and writer.queue_depth == 0
+    assert not writer.is_pending(last["id"])  # given up on, and said so: not "pending" for ever
+
+
+async def test_a_running_writer_without_a_spool_writes_once_the_database_is_back(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the spool directory should be\n")
+    writer = make_writer(dead_db, blocked)
+    await writer.start()
+    row = event_row()
+    writer.submit("search_events", row)
+    await wait_until(lambda: any("could not spool" in r.getMessage() for r in caplog.records), what="spool failure")
+    assert writer.queue_depth == 1 and writer.is_pending(row["id"])
+    writer.db = db
+    await wait_until(lambda: events.count_events(db) == 1, what="the row written after the outage")
+    await wait_until(lambda: not writer.is_pending(row["id"]), what="the row booked")
+    assert writer.written == 1 and writer.queue_depth == 0
