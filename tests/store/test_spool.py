@@ -1,0 +1,120 @@
+"""Spool files on their own (store/spool.py): which claims are stale, giving a claim back on a filesystem
+without hard links, rotation, file modes and what is set aside for an operator."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from store import spool as spool_module
+from store.spool import CLAIM_MARK, REJECTED_DIR, SPOOL_SUFFIX, Entry, Spool
+from tests.store.conftest import event_row
+
+
+def _claim_file(directory: Path, host: str, pid: int | str, stem: str = "h-1-x") -> Path:
+    path = directory / f"{stem}{CLAIM_MARK}{host}-{pid}"
+    path.write_text("{}\n")
+    return path
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_dead_claim_of_a_host_with_dashes_in_its_name_is_taken_over(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, host="web-1.prod-eu")
+    dead = _claim_file(tmp_path, "web-1.prod-eu", _dead_pid(), stem="a")
+    live = _claim_file(tmp_path, "web-1.prod-eu", os.getppid(), stem="b")
+    assert spool.claimable() == [dead] and live.exists()
+
+
+@pytest.mark.parametrize(("pid", "stale"), [(0, True), ("x1", True), (1, False)])
+def test_claims_naming_no_usable_process_are_stale_and_init_is_alive(tmp_path: Path, pid, stale: bool) -> None:
+    path = _claim_file(tmp_path, "here", pid)
+    assert Spool(tmp_path, host="here").claimable() == ([path] if stale else [])
+
+
+def test_another_hosts_claim_is_taken_only_once_it_has_gone_quiet(tmp_path: Path, monkeypatch) -> None:
+    path = _claim_file(tmp_path, "elsewhere", 12345)
+    spool = Spool(tmp_path, host="here")
+    assert spool.claimable() == []  # just written: its owner may be replaying it now
+    monkeypatch.setattr(spool_module, "STALE_CLAIM_S", -1.0)
+    assert spool.claimable() == [path]
+
+
+def test_a_claim_this_process_holds_is_never_stale_for_its_other_writers(tmp_path: Path) -> None:
+    first, second = Spool(tmp_path, host="here"), Spool(tmp_path, host="here")
+    path = tmp_path / f"here-1-x{SPOOL_SUFFIX}"
+    path.write_text("{}\n")
+    claimed = first.claim(path)
+    try:
+        assert claimed is not None and second.claimable() == [] and first.claimable() == []
+    finally:
+        first.release(claimed)
+    assert second.claimable() == [claimed]  # released without being removed: an earlier "us" left it
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_giving_a_claim_back_without_hard_links(tmp_path: Path, monkeypatch, taken: bool) -> None:
+    spool = Spool(tmp_path, host="here")
+    path = tmp_path / f"here-1-x{SPOOL_SUFFIX}"
+    path.write_text("old\n")
+    claimed = spool.claim(path)
+    if taken:
+        path.write_text("new\n")
+
+    def no_links(_source, _target):
+        raise PermissionError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    spool.unclaim(claimed)
+    spool.release(claimed)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert not claimed.exists()
+    if taken:  # neither file replaces the other
+        assert len(files) == 2 and path.read_text() == "new\n"
+        (other,) = (tmp_path / name for name in files if name != path.name)
+        assert other.name.startswith("here-1-x~") and other.name.endswith(SPOOL_SUFFIX)
+        assert other.read_text() == "old\n"
+    else:
+        assert files == [path.name] and path.read_text() == "old\n"
+
+
+def test_appends_create_the_directory_and_rotate_past_the_size_limit(tmp_path: Path, monkeypatch) -> None:
+    directory = tmp_path / "var" / "spool"  # not there yet, nor its parent
+    spool = Spool(directory, host="here")
+    monkeypatch.setattr(spool_module, "SPOOL_ROTATE_BYTES", 2000)
+    rows = [event_row() for _ in range(6)]
+    for row in rows:
+        spool.append([Entry("search_events", row)])
+    files = sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    lines = [json.loads(line)["row"]["id"] for path in files for line in path.read_text().splitlines()]
+    assert lines == [row["id"] for row in rows] and len(files) > 1  # every row once, in order, over files
+    assert all(path.stat().st_size < 2000 + 2 * len(path.read_text().splitlines()[0]) for path in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in files} == {0o644 & ~umask}
+
+
+def test_each_set_aside_adds_whole_lines_to_one_file_for_an_operator(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, host="here")
+    refused = [Entry("search_events", event_row(), attempts=5), Entry("feedback", {"id": "f-1"}, attempts=5)]
+    spool.set_aside(refused, [b'{"table": "search_ev'])  # a torn line, kept as it was
+    spool.set_aside([], [b"not json\n"])
+    spool.set_aside([], [])
+    (rejected,) = (tmp_path / REJECTED_DIR).iterdir()
+    assert rejected == spool.rejected_path
+    text = rejected.read_text()
+    assert text.endswith("\n") and text.count("\n") == 4
+    first, second, torn, raw = text.splitlines()
+    assert json.loads(first)["row"]["id"] == refused[0].row["id"] and json.loads(first)["attempts"] == 5
+    assert json.loads(second) == {"table": "feedback", "row": {"id": "f-1"}, "attempts": 5}
+    assert (torn, raw) == ('{"table": "search_ev', "not json")
