@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -476,7 +478,46 @@ async def test_a_running_writer_without_a_spool_writes_once_the_database_is_back
     writer.submit("search_events", row)
     await wait_until(lambda: any("could not spool" in r.getMessage() for r in caplog.records), what="spool failure")
     assert writer.queue_depth == 1 and writer.is_pending(row["id"])
+    with pytest.raises(TimeoutError):  # flush() promises written or spooled: neither has happened
+        await asyncio.wait_for(writer.flush(), 0.5)
     writer.db = db
     await wait_until(lambda: events.count_events(db) == 1, what="the row written after the outage")
     await wait_until(lambda: not writer.is_pending(row["id"]), what="the row booked")
     assert writer.written == 1 and writer.queue_depth == 0
+
+
+async def test_flush_does_not_wait_out_the_linger_but_a_full_batch_goes_at_once(db: Database, make_writer) -> None:
+    writer = make_writer(db, flush_interval_s=60.0, batch_size=3)  # a linger no test would sit through
+    await writer.start()
+    writer.submit("search_events", event_row())
+    await asyncio.wait_for(writer.flush(), 10)  # a waiting flush() cuts the linger short
+    assert events.count_events(db) == 1
+    for _ in range(3):
+        writer.submit("search_events", event_row())
+    await wait_until(lambda: events.count_events(db) == 4, what="a full batch written without a flush")
+
+
+class SlowDatabase:
+    """A real database whose transactions take `delay_s` to begin (a loaded server)."""
+
+    def __init__(self, db: Database, delay_s: float) -> None:
+        self.db, self.delay_s = db, delay_s
+
+    @property
+    def engine(self) -> SlowDatabase:
+        return self
+
+    def begin(self):
+        time.sleep(self.delay_s)
+        return self.db.engine.begin()
+
+    def ping(self) -> bool:
+        return True
+
+
+async def test_flush_waits_through_a_slow_write(db: Database, make_writer) -> None:
+    writer = make_writer(SlowDatabase(db, 1.2))  # longer than flush()'s 0.5 s wait for progress
+    await writer.start()
+    writer.submit("search_events", event_row())
+    await writer.flush()
+    assert events.count_events(db) == 1 and writer.written == 1
