@@ -521,3 +521,59 @@ async def test_flush_waits_through_a_slow_write(db: Database, make_writer) -> No
     writer.submit("search_events", event_row())
     await writer.flush()
     assert events.count_events(db) == 1 and writer.written == 1
+
+
+class CountingDatabase:
+    """A real database behind a switch: while `down`, every transaction fails; `calls` counts the attempts."""
+
+    def __init__(self, db: Database, down: bool = False, fail_next: int = 0) -> None:
+        self.db, self.down, self.fail_next, self.calls = db, down, fail_next, 0
+
+    @property
+    def engine(self) -> CountingDatabase:
+        return self
+
+    def begin(self):
+        self.calls += 1
+        if self.down or self.fail_next > 0:
+            self.fail_next -= 1
+            raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
+        return self.db.engine.begin()
+
+    def ping(self) -> bool:
+        return not self.down
+
+
+async def test_a_failure_that_passes_is_retried_not_spooled(db: Database, make_writer) -> None:
+    flaky = CountingDatabase(db, fail_next=1)
+    writer = make_writer(flaky, max_retries=2)
+    await writer.start()
+    writer.submit("search_events", event_row())
+    await writer.flush()
+    assert (writer.written, writer.spooled, flaky.calls) == (1, 0, 2)
+
+
+async def test_once_retries_are_spent_rows_go_straight_to_the_spool_until_the_database_answers(
+    db: Database, make_writer
+) -> None:
+    switch = CountingDatabase(db, down=True)
+    writer = make_writer(switch, max_retries=2, replay_interval_s=3600)  # no replay round to ping it back
+    await writer.start()
+    writer.submit("search_events", event_row())
+    await writer.flush()
+    assert (writer.spooled, switch.calls) == (1, 3)  # one try and two retries
+    for _ in range(5):
+        writer.submit("search_events", event_row())
+        await writer.flush()
+    assert (writer.spooled, switch.calls) == (6, 3)  # not one more attempt on a database known to be down
+
+
+async def test_a_refused_row_is_spooled_with_one_attempt_counted(db: Database, make_writer, tmp_path: Path) -> None:
+    writer = make_writer(db, replay_interval_s=3600)  # the replay loop looks once, at start, then waits
+    await writer.start()
+    orphan = feedback_row("no-such-event")
+    writer.submit("feedback", orphan)
+    await writer.flush()
+    (path,) = _spool_files(tmp_path / "spool")
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["attempts"] == 1 and writer.spooled == 1 and writer.is_pending(orphan["id"])
