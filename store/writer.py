@@ -280,7 +280,11 @@ class EventWriter:
                     continue
                 await self._linger()
                 batch = self._take_batch()
-                leftover = await self._process(batch)
+                try:
+                    leftover = await self._process(batch)
+                except Exception:  # a bug, not an outage (those _process handles): keep the rows, try again
+                    log.exception("event writer could not process a batch of %d rows; requeued", len(batch))
+                    leftover = batch
                 if leftover and not self._stopping:
                     self._finish(batch, leftover, requeue=True)
                     await asyncio.sleep(max(self.backoff_s, 0.05))

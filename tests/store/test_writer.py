@@ -357,24 +357,30 @@ async def test_a_hung_database_does_not_hold_rows_in_memory(db: Database, make_w
     assert not any(writer.is_pending(row["id"]) for row in rows)
 
 
-class FailingAfterFirstWrite:
-    """A real database that goes away after its first transaction (the connection drops mid-replay)."""
+class CountingDatabase:
+    """A real database behind a switch, counting transactions (`calls`): while `down`, for the next `fail_next`
+    and after the first `up_for` every transaction fails; each begins `delay_s` late (a loaded server)."""
 
-    def __init__(self, db: Database) -> None:
-        self.db, self.calls = db, 0
+    def __init__(self, db: Database, *, down: bool = False, fail_next: int = 0, up_for: int | None = None,
+                 delay_s: float = 0.0) -> None:
+        self.db, self.down, self.fail_next, self.up_for, self.delay_s = db, down, fail_next, up_for, delay_s
+        self.calls = 0
 
     @property
-    def engine(self) -> FailingAfterFirstWrite:
+    def engine(self) -> CountingDatabase:
         return self
 
     def begin(self):
         self.calls += 1
-        if self.calls == 1:
-            return self.db.engine.begin()
-        raise OperationalError("INSERT", {}, ConnectionError("server closed the connection"))
+        time.sleep(self.delay_s)
+        failing = self.down or self.fail_next > 0 or (self.up_for is not None and self.calls > self.up_for)
+        self.fail_next -= 1
+        if failing:
+            raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
+        return self.db.engine.begin()
 
     def ping(self) -> bool:
-        return False
+        return not self.down and self.up_for is None
 
 
 async def test_a_replay_that_fails_part_way_gives_the_file_back_whole(db: Database, make_writer, tmp_path: Path):
@@ -383,7 +389,7 @@ async def test_a_replay_that_fails_part_way_gives_the_file_back_whole(db: Databa
     path = spool / "h-1-replayed.jsonl"
     _write_spool_file(path, [("search_events", row) for row in rows])
     original = path.read_bytes()
-    flaky = FailingAfterFirstWrite(db)
+    flaky = CountingDatabase(db, up_for=1)  # the connection drops after the first transaction
     writer = make_writer(flaky, spool, batch_size=2)  # chunks of 2, 2, 1: the second one fails
     await writer.start()
     await wait_until(lambda: flaky.calls >= 3, what="a failed replay and a retry")
@@ -440,14 +446,20 @@ async def test_an_outage_is_not_held_against_the_rows(
     assert events.count_events(db) == 3 and restarted.rejected == 0
 
 
+@pytest.fixture
+def blocked_spool(tmp_path: Path) -> Path:
+    """A spool directory that cannot be created: a file has its name."""
+    path = tmp_path / "not-a-directory"
+    path.write_text("a file where the spool directory should be\n")
+    return path
+
+
 async def test_with_the_database_and_the_spool_both_failing_rows_wait_in_memory(
-    db: Database, dead_db: Database, make_writer, tmp_path: Path, caplog
+    db: Database, dead_db: Database, make_writer, blocked_spool: Path, caplog
 ) -> None:
     """The last line of defence: a row that can be neither written nor spooled stays queued while the writer
     runs, and is written to the log whole (CRITICAL "UNWRITTEN") if the writer must stop."""
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("a file where the spool directory should be\n")
-    writer = make_writer(dead_db, blocked)  # never started: flush() drains in the caller's task
+    writer = make_writer(dead_db, blocked_spool)  # never started: flush() drains in the caller's task
     kept = event_row()
     writer.submit("search_events", kept)
     await writer.flush()
@@ -468,11 +480,9 @@ async def test_with_the_database_and_the_spool_both_failing_rows_wait_in_memory(
 
 
 async def test_a_running_writer_without_a_spool_writes_once_the_database_is_back(
-    db: Database, dead_db: Database, make_writer, tmp_path: Path, caplog
+    db: Database, dead_db: Database, make_writer, blocked_spool: Path, caplog
 ) -> None:
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("a file where the spool directory should be\n")
-    writer = make_writer(dead_db, blocked)
+    writer = make_writer(dead_db, blocked_spool)
     await writer.start()
     row = event_row()
     writer.submit("search_events", row)
@@ -497,51 +507,12 @@ async def test_flush_does_not_wait_out_the_linger_but_a_full_batch_goes_at_once(
     await wait_until(lambda: events.count_events(db) == 4, what="a full batch written without a flush")
 
 
-class SlowDatabase:
-    """A real database whose transactions take `delay_s` to begin (a loaded server)."""
-
-    def __init__(self, db: Database, delay_s: float) -> None:
-        self.db, self.delay_s = db, delay_s
-
-    @property
-    def engine(self) -> SlowDatabase:
-        return self
-
-    def begin(self):
-        time.sleep(self.delay_s)
-        return self.db.engine.begin()
-
-    def ping(self) -> bool:
-        return True
-
-
 async def test_flush_waits_through_a_slow_write(db: Database, make_writer) -> None:
-    writer = make_writer(SlowDatabase(db, 1.2))  # longer than flush()'s 0.5 s wait for progress
+    writer = make_writer(CountingDatabase(db, delay_s=1.2))  # longer than flush()'s 0.5 s wait for progress
     await writer.start()
     writer.submit("search_events", event_row())
     await writer.flush()
     assert events.count_events(db) == 1 and writer.written == 1
-
-
-class CountingDatabase:
-    """A real database behind a switch: while `down`, every transaction fails; `calls` counts the attempts."""
-
-    def __init__(self, db: Database, down: bool = False, fail_next: int = 0) -> None:
-        self.db, self.down, self.fail_next, self.calls = db, down, fail_next, 0
-
-    @property
-    def engine(self) -> CountingDatabase:
-        return self
-
-    def begin(self):
-        self.calls += 1
-        if self.down or self.fail_next > 0:
-            self.fail_next -= 1
-            raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
-        return self.db.engine.begin()
-
-    def ping(self) -> bool:
-        return not self.down
 
 
 async def test_a_failure_that_passes_is_retried_not_spooled(db: Database, make_writer) -> None:
@@ -577,3 +548,22 @@ async def test_a_refused_row_is_spooled_with_one_attempt_counted(db: Database, m
     (path,) = _spool_files(tmp_path / "spool")
     (line,) = path.read_text().splitlines()
     assert json.loads(line)["attempts"] == 1 and writer.spooled == 1 and writer.is_pending(orphan["id"])
+
+
+async def test_a_bug_while_writing_a_batch_costs_a_retry_not_the_rows(db: Database, make_writer, monkeypatch) -> None:
+    writer = make_writer(db)
+    process, calls = writer._process, []
+
+    async def fails_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("an unforeseen bug")
+        return await process(batch)
+
+    monkeypatch.setattr(writer, "_process", fails_once)
+    await writer.start()
+    row = event_row()
+    writer.submit("search_events", row)
+    await asyncio.wait_for(writer.flush(), 10)
+    assert calls == [1, 1] and writer.written == 1 and events.count_events(db) == 1
+    assert not writer.is_pending(row["id"])
