@@ -11,7 +11,7 @@ import pytest
 
 from experiment.assignment import BUCKETS, assign_arm, bucket, candidate_buckets
 
-# (salt, user, bucket): int(sha256(f"{salt}:{user}").hexdigest(), 16) % 10000, computed once by hand.
+# (salt, user, bucket): int(sha256(f"{salt}:{user}").hexdigest(), 16) % 10000, computed once in a shell.
 KNOWN = [("salt", "alice", 9541), ("3f2a", "user-1", 1910), ("exp-7", "bob", 3425)]
 # Users whose bucket under the salt "edge" sits at a threshold the tests below need.
 EDGE = {0: "u4297", 2: "u5078", 3: "u27613", 699: "u25439", 700: "u14230", 3333: "u21055", 3334: "u434",

@@ -49,7 +49,7 @@ def two_weeks(db: Database, prefix: str = "user", users: tuple[int, int] = (300,
     return running.id
 
 
-def _event(experiment_id: str | None, ts: datetime, user: str | None, query: str, **fields) -> dict:
+def search_event(experiment_id: str | None, ts: datetime, user: str | None, query: str, **fields) -> dict:
     row = {"id": new_id(), "ts": ts, "user_id": user, "experiment_id": experiment_id, "arm": "control",
            "served_arm": "control", "query": query, "messages": [], "retrieved": {"ids": ["doc-1"], "scores": [0.8]},
            "answer": "an answer", "status": "ok", "timings": {"total": 90.0}, "tokens_in": 10, "tokens_out": 5}
@@ -67,18 +67,18 @@ def review_rows(db: Database, experiment_id: str) -> dict[str, str]:
             templates[version] = template.id
     at = WEEKS.this_start + timedelta(days=3)
     rows = {
-        "sort": _event(experiment_id, at, "user-a", "How do I sort a list?", answer=f"Use sorted(). {SCRIPT}",
+        "sort": search_event(experiment_id, at, "user-a", "How do I sort a list?", answer=f"Use sorted(). {SCRIPT}",
                        prompt_template_id=templates[1], prompt_template_version=1),
-        "sort_sim": _event(experiment_id, at, f"{SIMULATED_PREFIX}0001", "  how do I SORT a list? ",
+        "sort_sim": search_event(experiment_id, at, f"{SIMULATED_PREFIX}0001", "  how do I SORT a list? ",
                            prompt_template_id=templates[1], prompt_template_version=1),
-        "tuple": _event(experiment_id, at, "user-c", "What is a tuple?", retrieved={"ids": []},
+        "tuple": search_event(experiment_id, at, "user-c", "What is a tuple?", retrieved={"ids": []},
                         prompt_template_id=templates[2], prompt_template_version=2, tokens_in=30),
-        "anonymous": _event(experiment_id, at, None, "anonymous question", retrieved={}),
-        "fine": _event(experiment_id, at, "user-e", "What does zip do?", prompt_template_id=templates[2],
+        "anonymous": search_event(experiment_id, at, None, "anonymous question", retrieved={}),
+        "fine": search_event(experiment_id, at, "user-e", "What does zip do?", prompt_template_id=templates[2],
                        prompt_template_version=2),
-        "failed": _event(experiment_id, at, "user-f", "broken", retrieved={}, status="error", answer=None),
-        "old": _event(experiment_id, WEEKS.last_start - timedelta(seconds=1), "user-a", "too old", retrieved={}),
-        "next": _event(experiment_id, WEEKS.end, "user-a", "next week already", retrieved={}),
+        "failed": search_event(experiment_id, at, "user-f", "broken", retrieved={}, status="error", answer=None),
+        "old": search_event(experiment_id, WEEKS.last_start - timedelta(seconds=1), "user-a", "too old", retrieved={}),
+        "next": search_event(experiment_id, WEEKS.end, "user-a", "next week already", retrieved={}),
     }
     feedback = [
         {"id": new_id(), "event_id": rows["sort"]["id"], "ts": at, "thumbs": "down", "rating": 1,

@@ -20,7 +20,7 @@ from experiment.stats import ratio_estimate, relative_change
 from experiment.weekly import RATES, parse_week_ending, week_over_week
 from store.models import AnswerScore, Feedback, PromptTemplate, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
-from tests.experiment.test_weekly import WEEK_ENDING, WEEKS, _event, per_user, two_weeks
+from tests.experiment.test_weekly import WEEK_ENDING, WEEKS, per_user, search_event, two_weeks
 
 Z95 = NormalDist().inv_cdf(0.975)
 SIM_A, SIM_B = f"{SIMULATED_PREFIX}a", f"{SIMULATED_PREFIX}b"
@@ -45,18 +45,19 @@ def ledger(sqlite_db):
     no_hits = {"retrieved": {}}
     last, this = WEEKS.last_start, WEEKS.this_start
     rows = {
-        "L1": _event(first.id, last, "u1", "q", timings={"total": 100.0}),
-        "L2": _event(first.id, _at(last, 2), "u2", "q", arm="candidate", status="error", timings={"total": 300.0}),
-        "L3": _event(first.id, _at(last, 6, 23, 59), "u1", "q", **answer),
-        "T1": _event(second.id, _at(this, 0, 9), "u1", "q", timings={"total": 50.0}, tokens_out=7, **answer),
-        "T2": _event(second.id, _at(this, 0, 10), "u2", "Why?", arm="candidate", timings={"total": 150.0},
+        "L1": search_event(first.id, last, "u1", "q", timings={"total": 100.0}),
+        "L2": search_event(first.id, _at(last, 2), "u2", "q", arm="candidate", status="error",
+                           timings={"total": 300.0}),
+        "L3": search_event(first.id, _at(last, 6, 23, 59), "u1", "q", **answer),
+        "T1": search_event(second.id, _at(this, 0, 9), "u1", "q", timings={"total": 50.0}, tokens_out=7, **answer),
+        "T2": search_event(second.id, _at(this, 0, 10), "u2", "Why?", arm="candidate", timings={"total": 150.0},
                      **no_hits),
-        "T3": _event(second.id, _at(this, 3), "u3", " why? ", arm="candidate", timings={"total": 250.0}),
-        "T4": _event(second.id, _at(this, 6, 22), None, "anon", **no_hits),
-        "T5": _event(second.id, _at(this, 6, 23), None, "anon", **no_hits),
-        "T6": _event(second.id, _at(this, 4), SIM_A, "q", **answer),
-        "T7": _event(second.id, _at(this, 4, 13), SIM_B, "q", **beta_2),
-        "T8": _event(second.id, _at(this, 5), "u4", "q", **beta),
+        "T3": search_event(second.id, _at(this, 3), "u3", " why? ", arm="candidate", timings={"total": 250.0}),
+        "T4": search_event(second.id, _at(this, 6, 22), None, "anon", **no_hits),
+        "T5": search_event(second.id, _at(this, 6, 23), None, "anon", **no_hits),
+        "T6": search_event(second.id, _at(this, 4), SIM_A, "q", **answer),
+        "T7": search_event(second.id, _at(this, 4, 13), SIM_B, "q", **beta_2),
+        "T8": search_event(second.id, _at(this, 5), "u4", "q", **beta),
     }
     ids = {name: row["id"] for name, row in rows.items()}
 
@@ -229,7 +230,7 @@ def test_the_simulated_share_counts_events_users_and_feedback(ledger):
 def test_a_week_of_one_simulated_request_is_all_simulated_and_an_empty_one_is_not(sqlite_db):
     running = traffic.start(sqlite_db)
     with sqlite_db.session() as session:
-        session.execute(insert(SearchEvent), [_event(running.id, _at(WEEKS.this_start, 1), SIM_A, "q")])
+        session.execute(insert(SearchEvent), [search_event(running.id, _at(WEEKS.this_start, 1), SIM_A, "q")])
     simulated = week_over_week(sqlite_db, WEEK_ENDING)["simulated"]
     assert (simulated["this"]["all"], simulated["last"]["all"], simulated["both"]["all"]) == (True, False, True)
     assert simulated["last"]["any"] is False and simulated["this"]["simulated_users"] == 1

@@ -374,7 +374,7 @@ class CountingDatabase:
         self.calls += 1
         time.sleep(self.delay_s)
         failing = self.down or self.fail_next > 0 or (self.up_for is not None and self.calls > self.up_for)
-        self.fail_next -= 1
+        self.fail_next = max(0, self.fail_next - 1)
         if failing:
             raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
         return self.db.engine.begin()
