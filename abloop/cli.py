@@ -257,7 +257,7 @@ def cmd_demo(_args: argparse.Namespace) -> None:
 
     config = DemoConfig()
     run_demo(config)
-    exit_output_to(config.work / "logs" / "demo.log")
+    exit_output_to(config.log_path)
 
 
 def build_parser() -> argparse.ArgumentParser:

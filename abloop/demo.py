@@ -62,6 +62,11 @@ class DemoConfig:
     model_port: int = field(default_factory=lambda: _port("ABLOOP_DEMO_MODEL_PORT", 8001))
     proxy_port: int = field(default_factory=lambda: _port("ABLOOP_DEMO_PROXY_PORT", 8000))
 
+    @property
+    def log_path(self) -> Path:
+        """Where library output goes while the demo runs (the terminal shows the stages)."""
+        return self.work / "logs" / "demo.log"
+
 
 def demo_env(config: DemoConfig) -> dict[str, str]:
     """Settings for every process of the demo: all state under `config.work`, the demo's decision policy."""
@@ -130,7 +135,7 @@ def _fresh_store(config: DemoConfig) -> None:
     for name in ("abloop.db", "abloop.db-wal", "abloop.db-shm"):
         (config.work / name).unlink(missing_ok=True)
     shutil.rmtree(config.work / "spool", ignore_errors=True)
-    (config.work / "logs").mkdir(parents=True, exist_ok=True)
+    config.log_path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
@@ -141,7 +146,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     config.work.mkdir(parents=True, exist_ok=True)
     _fresh_store(config)
     os.environ.update(demo_env(config))
-    with _prefect_settings_from_env(), DemoConsole(config.work / "logs" / "demo.log") as console:
+    with _prefect_settings_from_env(), DemoConsole(config.log_path) as console:
         return _Loop(config, console).run()
 
 
@@ -183,7 +188,7 @@ class _Loop:
         # The model server does the heavy work while users search (training runs only between those stages),
         # so it gets every core; the proxy's single embedding thread is enough (bench/proxy_overhead.py).
         env = dict(os.environ)
-        logs = self.config.work / "logs"
+        logs = self.config.log_path.parent
         ports = (self.config.model_port, self.config.proxy_port)
         serve = [*_cli(), "serve-model", "--model", self.config.model, "--port", str(ports[0])]
         with self.console.stage("serve", f"model server :{ports[0]} and proxy :{ports[1]}") as stage, \

@@ -280,11 +280,7 @@ class EventWriter:
                     continue
                 await self._linger()
                 batch = self._take_batch()
-                try:
-                    leftover = await self._process(batch)
-                except Exception:  # a bug, not an outage (those _process handles): keep the rows, try again
-                    log.exception("event writer could not process a batch of %d rows; requeued", len(batch))
-                    leftover = batch
+                leftover = await self._process_or_keep(batch)
                 if leftover and not self._stopping:
                     self._finish(batch, leftover, requeue=True)
                     await asyncio.sleep(max(self.backoff_s, 0.05))
@@ -323,7 +319,7 @@ class EventWriter:
         async with self._drain_lock:
             while self._queue:
                 batch = self._take_batch()
-                leftover = await self._process(batch)
+                leftover = await self._process_or_keep(batch)
                 self._finish(batch, leftover, requeue=bool(leftover) and not self._stopping)
                 if leftover and not self._stopping:
                     return
@@ -342,6 +338,14 @@ class EventWriter:
         self._done_seq = max(self._done_seq, done)
         self._progress.set()
         self._progress = asyncio.Event()
+
+    async def _process_or_keep(self, batch: list[Entry]) -> list[Entry]:
+        """`_process`, where a bug (outages are handled inside) costs a retry of the batch, not its rows."""
+        try:
+            return await self._process(batch)
+        except Exception:
+            log.exception("event writer could not process a batch of %d rows; keeping them", len(batch))
+            return batch
 
     async def _process(self, batch: list[Entry]) -> list[Entry]:
         """Write a batch, else spool it. Returns the rows that could be neither (the spool failed)."""

@@ -22,6 +22,11 @@ def _name_both_adapters(db, experiment_id: str) -> None:
         running.candidate_model = "model-on-trial"
 
 
+def _record_decision(db, experiment_id: str, decision: dict) -> None:
+    with db.session() as session:
+        session.get(Experiment, experiment_id).decision = decision
+
+
 def _events(db, experiment_id: str) -> list[tuple]:
     return [(e.kind, e.from_share, e.to_share, e.reason) for e in experiments.list_events(db, experiment_id)]
 
@@ -85,23 +90,20 @@ def test_a_forced_promotion_without_a_decision_says_so_and_one_with_a_decision_n
     lifecycle.start_candidate(sqlite_db, base_url="http://next.test/v1", model="next")
     third = experiments.get_running(sqlite_db)
     assert third.id != second.id
-    with sqlite_db.session() as session:
-        session.get(Experiment, third.id).decision = {"action": "promote", "reason": "candidate is better"}
+    _record_decision(sqlite_db, third.id, {"action": "promote", "reason": "candidate is better"})
     lifecycle.promote(sqlite_db, third.id, via="rollout")
     decision = experiments.get(sqlite_db, third.id).decision
     assert decision == {"action": "promote", "reason": "promoted via rollout", "forced": False, "via": "rollout"}
     # Forcing what the numbers already back is not an operator overriding them.
     fourth = lifecycle.start_candidate(sqlite_db, base_url="http://more.test/v1", model="more")
-    with sqlite_db.session() as session:
-        session.get(Experiment, fourth.id).decision = {"action": "promote", "reason": "candidate is better"}
+    _record_decision(sqlite_db, fourth.id, {"action": "promote", "reason": "candidate is better"})
     lifecycle.promote(sqlite_db, fourth.id, force=True, via="api")
     assert experiments.get(sqlite_db, fourth.id).decision["reason"] == "promoted via api"
 
 
 def test_promoting_without_a_recorded_promote_decision_is_refused_and_says_what_to_do(sqlite_db):
     running = traffic.start(sqlite_db)
-    with sqlite_db.session() as session:
-        session.get(Experiment, running.id).decision = {"action": "keep_running", "reason": "not yet"}
+    _record_decision(sqlite_db, running.id, {"action": "keep_running", "reason": "not yet"})
     with pytest.raises(lifecycle.NoPromoteDecision) as refused:
         lifecycle.promote(sqlite_db, running.id, via="cli")
     assert str(refused.value) == (f"experiment {running.id} has no recorded promote decision (recorded: "
@@ -140,8 +142,7 @@ def test_rolling_back_or_stopping_keeps_control_for_everyone(sqlite_db, end):
 
 def test_stopping_keeps_the_last_decision_beside_who_stopped_it(sqlite_db):
     running = traffic.start(sqlite_db)
-    with sqlite_db.session() as session:
-        session.get(Experiment, running.id).decision = {"action": "keep_running", "reason": "no difference yet"}
+    _record_decision(sqlite_db, running.id, {"action": "keep_running", "reason": "no difference yet"})
     lifecycle.stop(sqlite_db, running.id, via="cli", reason="budget spent")
     assert experiments.get(sqlite_db, running.id).decision == {"action": "keep_running", "via": "cli",
                                                                "reason": "budget spent"}

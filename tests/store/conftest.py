@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -128,6 +130,13 @@ async def make_writer(tmp_path: Path):
     yield make
     for writer in writers:
         await writer.stop()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): a claim named with it belongs to nobody."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 def event_row(**overrides: Any) -> dict[str, Any]:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from store import spool as spool_module
 from store.spool import CLAIM_MARK, REJECTED_DIR, SPOOL_SUFFIX, Entry, Spool
-from tests.store.conftest import event_row
+from tests.store.conftest import dead_pid, event_row
 
 
 def _claim_file(directory: Path, host: str, pid: int | str, stem: str = "h-1-x") -> Path:
@@ -23,15 +21,9 @@ def _claim_file(directory: Path, host: str, pid: int | str, stem: str = "h-1-x")
     return path
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_a_dead_claim_of_a_host_with_dashes_in_its_name_is_taken_over(tmp_path: Path) -> None:
     spool = Spool(tmp_path, host="web-1.prod-eu")
-    dead = _claim_file(tmp_path, "web-1.prod-eu", _dead_pid(), stem="a")
+    dead = _claim_file(tmp_path, "web-1.prod-eu", dead_pid(), stem="a")
     live = _claim_file(tmp_path, "web-1.prod-eu", os.getppid(), stem="b")
     assert spool.claimable() == [dead] and live.exists()
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -22,7 +20,7 @@ from store.db import Database
 from store.models import SearchEvent
 from store.spool import CLAIM_MARK, REJECTED_DIR, TABLES, Entry, encode_entry
 from store.writer import MAX_ROW_ATTEMPTS, EventWriter
-from tests.store.conftest import event_row, feedback_row, wait_until
+from tests.store.conftest import dead_pid, event_row, feedback_row, wait_until
 
 
 def _spool_files(spool: Path) -> list[Path]:
@@ -227,11 +225,9 @@ async def test_stale_claims_are_taken_over(db: Database, make_writer, tmp_path: 
     from store.spool import HOST as host
 
     spool = tmp_path / "spool"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     dead_rows, ours_rows, live_rows = [event_row()], [event_row()], [event_row()]
     # Claimed by a process that is gone.
-    _write_spool_file(spool / f"{host}-1-a{CLAIM_MARK}{host}-{dead.pid}", [("search_events", r) for r in dead_rows])
+    _write_spool_file(spool / f"{host}-1-a{CLAIM_MARK}{host}-{dead_pid()}", [("search_events", r) for r in dead_rows])
     # Claimed under our own pid but by no claim of this process: an earlier process with the same pid.
     _write_spool_file(spool / f"{host}-1-b{CLAIM_MARK}{host}-{os.getpid()}", [("search_events", r) for r in ours_rows])
     # Claimed by a live process (our parent): left alone.
@@ -550,8 +546,8 @@ async def test_a_refused_row_is_spooled_with_one_attempt_counted(db: Database, m
     assert json.loads(line)["attempts"] == 1 and writer.spooled == 1 and writer.is_pending(orphan["id"])
 
 
-async def test_a_bug_while_writing_a_batch_costs_a_retry_not_the_rows(db: Database, make_writer, monkeypatch) -> None:
-    writer = make_writer(db)
+def _fail_first_batch(writer: EventWriter) -> list[int]:
+    """Make the writer's first batch raise as a bug would; returns the sizes of the batches it processes."""
     process, calls = writer._process, []
 
     async def fails_once(batch):
@@ -560,10 +556,27 @@ async def test_a_bug_while_writing_a_batch_costs_a_retry_not_the_rows(db: Databa
             raise RuntimeError("an unforeseen bug")
         return await process(batch)
 
-    monkeypatch.setattr(writer, "_process", fails_once)
+    writer._process = fails_once
+    return calls
+
+
+async def test_a_bug_while_writing_a_batch_costs_a_retry_not_the_rows(db: Database, make_writer) -> None:
+    writer = make_writer(db)
+    calls = _fail_first_batch(writer)
     await writer.start()
     row = event_row()
     writer.submit("search_events", row)
     await asyncio.wait_for(writer.flush(), 10)
     assert calls == [1, 1] and writer.written == 1 and events.count_events(db) == 1
     assert not writer.is_pending(row["id"])
+
+
+async def test_a_bug_while_draining_without_the_flush_task_keeps_the_rows(db: Database, make_writer) -> None:
+    writer = make_writer(db)  # never started: flush() writes from the caller's task
+    calls = _fail_first_batch(writer)
+    row = event_row()
+    writer.submit("search_events", row)
+    await writer.flush()
+    assert writer.queue_depth == 1 and writer.is_pending(row["id"])  # kept for the next try
+    await writer.flush()
+    assert calls == [1, 1] and writer.written == 1 and events.count_events(db) == 1
