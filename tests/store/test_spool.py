@@ -110,3 +110,31 @@ def test_each_set_aside_adds_whole_lines_to_one_file_for_an_operator(tmp_path: P
     assert json.loads(first)["row"]["id"] == refused[0].row["id"] and json.loads(first)["attempts"] == 5
     assert json.loads(second) == {"table": "feedback", "row": {"id": "f-1"}, "attempts": 5}
     assert (torn, raw) == ('{"table": "search_ev', "not json")
+
+
+@pytest.mark.parametrize("attempts", [0, 1, 3])
+def test_an_entry_comes_back_from_its_spool_line_as_it_went_in(attempts: int) -> None:
+    """A row spooled during an outage (no refusals yet) must come back with none counted, or it would be set
+    aside one replay early; datetimes come back as datetimes."""
+    row = event_row()
+    line = spool_module.encode_entry(Entry("search_events", dict(row), attempts))
+
+    entry = spool_module.decode_entry(line.encode())
+
+    assert (entry.table, entry.attempts) == ("search_events", attempts)
+    assert entry.row["ts"] == row["ts"] and entry.row["id"] == row["id"]
+    assert ("attempts" in json.loads(line)) is bool(attempts)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"table": "nope", "row": {"id": "x"}},
+        {"table": "search_events", "row": ["x"]},
+        {"table": "search_events", "row": {"query": "no id"}},
+        {"table": "search_events", "row": {"id": "x", "not_a_column": 1}},
+    ],
+)
+def test_lines_that_are_not_spool_records_are_refused(record: dict) -> None:
+    with pytest.raises(ValueError):
+        spool_module.decode_entry(json.dumps(record).encode())
