@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,12 +145,92 @@ def test_secrets_never_reach_a_line(format):
     assert text.count("admin call with token ***") == 1
 
 
+class _Printed:
+    """An object logged as an extra field: a formatter prints its str()."""
+
+    def __str__(self) -> str:
+        return "client(key=conf-secret-4471)"
+
+
+def _with_stack(text: str) -> Callable[[], None]:
+    def emit() -> None:
+        record = log.makeRecord(log.name, logging.WARNING, __file__, 1, "with a stack", (), None, sinfo=text)
+        log.handle(record)
+    return emit
+
+
+# Each record holds one secret, in one place, and nothing else a redaction looks for: a secret found only
+# because another one sat in the same record would hide a place that is never searched.
+_ONE_SECRET_EACH = {
+    "bearer token in the message": lambda: log.info("sent Authorization: Bearer tok.ONLY-one_7"),
+    "bearer, lower case": lambda: log.info("header bearer abcDEF123"),
+    "upper-case sk- key": lambda: log.info("key sk-ABCDEFGH12345678 in use"),
+    "URL password": lambda: log.info("to postgresql://svc:pw-only-9@db.internal/app"),
+    "configured value": lambda: log.info("value conf-secret-4471 seen"),
+    "bound field": lambda: _bound_line(token="conf-secret-4471"),
+    "nested extra": lambda: log.info("nested", extra={"request": {"headers": {"x-key": "conf-secret-4471"}}}),
+    "extra list after a number": lambda: log.info("listed", extra={"n": 3, "keys": [1, "conf-secret-4471"]}),
+    "extra tuple": lambda: log.info("tupled", extra={"pair": ("a", "Bearer tuple-token-1")}),
+    "extra object": lambda: log.info("object", extra={"client": _Printed()}),
+    "traceback": lambda: _exception_line(ValueError("bad key conf-secret-4471")),
+    "stack": _with_stack("Stack (most recent call last):\n  call(key='conf-secret-4471')"),
+}
+_HIDDEN = ("tok.ONLY-one_7", "abcDEF123", "ABCDEFGH12345678", "pw-only-9", "conf-secret-4471", "tuple-token-1")
+
+
+def _bound_line(**fields: str) -> None:
+    with bind(**fields):
+        log.info("bound")
+
+
+def _exception_line(error: Exception) -> None:
+    try:
+        raise error
+    except type(error):
+        log.exception("failed")
+
+
+@pytest.mark.parametrize("format", ["json", "text"])
+@pytest.mark.parametrize("place", list(_ONE_SECRET_EACH))
+def test_a_secret_alone_in_any_part_of_a_record_is_redacted(place: str, format: str) -> None:
+    with captured_logs(format, secrets=["conf-secret-4471"]) as lines:
+        _ONE_SECRET_EACH[place]()
+        text = "\n".join(lines())
+    assert text and "***" in text, place
+    assert not [secret for secret in _HIDDEN if secret in text], text
+
+
+def test_redaction_keeps_the_rest_of_a_record() -> None:
+    with captured_logs("json", secrets=["conf-secret-4471"]) as lines:
+        with bind(request_id="r-1", token="conf-secret-4471"):
+            log.info("n=%d", 3, extra={"n": 3, "ok": True, "none": None, "keys": [1, "conf-secret-4471"]})
+        (out,) = records(lines())
+    assert out["message"] == "n=3" and out["request_id"] == "r-1" and out["token"] == "***"
+    assert (out["n"], out["ok"], out["none"], out["keys"]) == (3, True, None, [1, "***"])
+
+
+def test_the_longest_configured_secret_is_replaced_whole() -> None:
+    """One secret the start of another: the longer is replaced whole, not its first part, leaving the rest."""
+    with captured_logs("json", secrets=["pre-4471", "pre-4471-and-more"]) as lines:
+        log.info("%s | %s", "pre-4471-and-more", "pre-4471")
+        (out,) = records(lines())
+    assert out["message"] == "*** | ***"
+
+
+def test_arguments_that_do_not_fit_the_message_are_kept_and_redacted() -> None:
+    with captured_logs("json", secrets=["conf-secret-4471"]) as lines:
+        log.info("%s and %s", "conf-secret-4471")
+        (out,) = records(lines())
+    assert out["message"] == "%s and %s (arguments that do not fit: ('***',))"
+
+
 def test_format_auto_is_text_on_a_terminal_and_json_otherwise():
     with captured_logs("auto", stream=_Terminal()) as lines:
         with bind(request_id="r-9"):
-            log.info("hello")
+            log.info("hello", extra={"arm": "control"})
         (terminal,) = lines()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO abloop.test: hello request_id=r-9", terminal)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO abloop.test: hello request_id=r-9 arm=control",
+                        terminal)
     with captured_logs("auto") as lines:
         log.info("hello")
         (piped,) = records(lines())
@@ -184,6 +265,58 @@ def test_level_filters_and_an_off_level_formats_nothing():
         configure_logging("json", "LOUD")
     with pytest.raises(ValueError, match="log format"):
         configure_logging("xml", "INFO")
+
+
+def test_uvicorns_loggers_log_through_ours_and_its_access_log_stays_off():
+    """uvicorn configures its own handlers (and they would print a second, unformatted copy); ours replaces
+    them. The proxy logs each request itself, so uvicorn's access lines would only double them."""
+    for name, propagate in (("uvicorn", False), ("uvicorn.error", False), ("uvicorn.access", True)):
+        uvicorn_logger = logging.getLogger(name)  # the opposite of what the setup must leave
+        uvicorn_logger.addHandler(logging.StreamHandler(io.StringIO()))
+        uvicorn_logger.setLevel(logging.CRITICAL if propagate is False else logging.DEBUG)
+        uvicorn_logger.propagate = propagate
+    logging.getLogger("httpx").setLevel(logging.DEBUG)
+    with captured_logs("json", "DEBUG") as lines:
+        logging.getLogger("uvicorn").debug("server")
+        logging.getLogger("uvicorn.error").info("started")
+        logging.getLogger("uvicorn.access").info('"GET / HTTP/1.1" 200')
+        logging.getLogger("uvicorn.access").warning("access warning")
+        logging.getLogger("httpx").info("HTTP Request: POST ...")
+        out = records(lines())
+        assert [(r["logger"], r["message"]) for r in out] == [("uvicorn", "server"), ("uvicorn.error", "started")]
+        assert all(not logging.getLogger(name).handlers for name in ("uvicorn", "uvicorn.error", "uvicorn.access"))
+        assert logging.getLogger("uvicorn.access").getEffectiveLevel() == logging.WARNING
+
+
+def test_the_defaults_pick_the_format_by_terminal_at_info():
+    from store.logs import logging_config
+
+    config = logging_config()
+    assert config["root"]["level"] == "INFO" and config["handlers"]["default"]["format"] == "auto"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging()  # what a process with no settings gets
+    try:
+        record = logging.LogRecord("abloop.test", logging.INFO, __file__, 1, "m", (), None)
+        # What no line prints is not collected (the logging HOWTO's "Optimization" switches).
+        assert (record.thread, record.process, record.processName) == (None, None, None)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_the_timestamp_is_utc_with_milliseconds_for_each_line():
+    from store.logs import JsonFormatter
+
+    formatter = JsonFormatter()
+    stamps = []
+    for created, msecs in ((1767323045.678, 678), (1767323045.9, 900), (1767323046.001, 1), (1767409445.25, 250)):
+        record = logging.makeLogRecord({"msg": "at", "created": created, "msecs": msecs})
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == ["2026-01-02T03:04:05.678Z", "2026-01-02T03:04:05.900Z", "2026-01-02T03:04:06.001Z",
+                      "2026-01-03T03:04:05.250Z"]
 
 
 def test_configuring_twice_keeps_one_handler():
@@ -253,8 +386,21 @@ def test_pending_lines_are_written_by_the_flusher_or_when_they_fill_the_buffer()
         assert time.monotonic() < deadline, "the flusher never wrote the pending line"
         time.sleep(0.01)
     writer.flush_interval_s = 3600
-    _emit(writer, "x" * 999)  # 1000 chars with \n
-    assert stream.getvalue().endswith("x" * 999 + "\n")
+    _emit(writer, "waits")  # the flusher, asleep again, takes this line: it waits for the next batch
+    assert stream.getvalue() == "soon\n"
+    _emit(writer, "x" * 993)  # with "waits\n", 1000 chars pending
+    assert stream.getvalue() == "soon\nwaits\n" + "x" * 993 + "\n"
+    flushers = [t for t in threading.enumerate() if t.name == "abloop-log-writer"]
+    assert flushers and all(t.daemon for t in flushers)  # a flusher never keeps a process from exiting
+    writer.close()
+
+
+def test_many_short_lines_fill_the_buffer_too():
+    stream = io.StringIO()
+    writer = _line_writer(stream, flush_interval_s=3600, max_pending_chars=30)
+    for n in range(9):
+        _emit(writer, f"line {n}")  # 7 chars each: the 5th reaches 30
+        assert stream.getvalue().count("\n") == (5 if n >= 4 else 0)
     writer.close()
 
 
