@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiment.metrics import DEFAULT_PRIMARY
+from experiment.metrics import DEFAULT_PRIMARY, METRICS
 from experiment.phases import phases_of
 from store.db import Database
 from store.events import count_events, count_feedback
@@ -112,22 +112,42 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _chance(probability: float) -> str:
+    """As GrowthBook shows it: a probability that rounds to certainty is not printed as certain."""
+    shown = f"{probability:.1%}"
+    return {"100.0%": ">99.9%", "0.0%": "<0.1%"}.get(shown, shown)
+
+
+# The rows of `abloop evaluate`'s table after users and requests: every metric the analysis compares.
+TABLE_METRICS = (*METRICS, "latency_p95_ms")
+
+
 def render_analysis(analysis: dict[str, Any]) -> str:
     """A terminal table of an analysis: per-arm figures, the primary metric, guardrails and the decision."""
     if analysis["experiment_id"] is None:
         return f"decision: {analysis['decision']['action']} - {analysis['decision']['reason']}"
+    primary_name = analysis["primary_metric"]
+    comparisons = analysis.get("metrics", {})
     lines = [f"experiment {analysis['experiment_id']} (candidate share {_share(analysis['candidate_share'])}, "
-             f"primary metric {analysis['primary_metric']})",
-             f"  {'':<22}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"]
-    for name in ("users", "requests", "satisfaction", "thumbs_up_per_request", "thumbs_up_rate", "feedback_rate",
-                 "mean_rating", "correction_rate", "error_rate", "fallback_rate", "answer_score", "latency_p95_ms"):
-        values = [analysis["arms"][arm].get(name) for arm in ("control", "candidate")]
-        comparison = analysis.get("metrics", {}).get(name)
+             f"primary metric {primary_name})",
+             f"  {'':<32}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"]
+    for name in ("users", "requests", *TABLE_METRICS):
+        comparison = comparisons.get(name)
+        values = [(comparison or analysis["arms"][arm]).get(name if comparison is None else arm)
+                  for arm in ("control", "candidate")]
         interval = "" if not comparison else f"  [{_fmt(comparison['ci'][0])}, {_fmt(comparison['ci'][1])}]"
-        lines.append(f"  {name:<22}{_fmt(values[0]):>12}{_fmt(values[1]):>12}{interval}")
+        label = f"{name} (primary)" if name == primary_name else name
+        lines.append(f"  {label:<32}{_fmt(values[0]):>12}{_fmt(values[1]):>12}{interval}")
+    primary = comparisons.get(primary_name)
+    if primary:
+        relative = "" if primary.get("relative") is None else f" ({primary['relative']:+.1%})"
+        lines.append(f"  {primary_name}: candidate - control = {primary['difference']:+.4g}{relative}, "
+                     f"always-valid p = {_fmt(primary['p_value'])}, chance to win {_chance(primary['chance_to_win'])}")
     for phase in analysis.get("phases", []):
-        lines.append(f"  phase {phase['index'] + 1}: share {_share(phase['share'])}, users {phase['users']}, "
-                     f"sample-ratio p={_fmt(phase['p_value'])}{'  MISMATCH' if phase['mismatch'] else ''}")
+        control_users, candidate_users = phase["users"]
+        lines.append(f"  phase {phase['index'] + 1}: share {_share(phase['share'])}, users {control_users} control / "
+                     f"{candidate_users} candidate, sample-ratio p={_fmt(phase['p_value'])}"
+                     f"{'  MISMATCH' if phase['mismatch'] else ''}")
     assignment = analysis.get("assignment", {})
     if assignment.get("users_in_both_arms"):
         lines.append(f"  users seen in both arms: {assignment['users_in_both_arms']} (counted by first assignment; "

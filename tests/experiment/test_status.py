@@ -1,0 +1,118 @@
+"""What an operator reads: `abloop evaluate`'s table (render_analysis) and `abloop status` (describe, render)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import experiment
+from experiment import lifecycle
+from experiment.metrics import METRICS
+from experiment.status import describe, render, render_analysis
+from tests.experiment import traffic
+from tests.experiment.traffic import ArmBehaviour
+
+
+def _row(table: str, label: str) -> list[str]:
+    """The cells of the table row `label`: control, candidate, then the interval's ends if shown."""
+    (line,) = [line for line in table.splitlines() if line.startswith(f"  {label} ") or line == f"  {label}"]
+    return re.findall(r"[^\s\[\],]+", line[len(label) + 2:])
+
+
+@pytest.fixture
+def evaluated(sqlite_db):
+    """A finished look at an experiment whose candidate is better but errs more (a guardrail is breached)."""
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=1500, control=ArmBehaviour(up=0.45),
+                  candidate=ArmBehaviour(up=0.62, error=0.05))
+    return experiment.evaluate(sqlite_db, running.id).to_dict()
+
+
+def test_every_compared_metric_has_a_row_with_both_arms_and_its_interval(evaluated):
+    table = render_analysis(evaluated)
+    for name, comparison in evaluated["metrics"].items():
+        label = f"{name} (primary)" if name == evaluated["primary_metric"] else name
+        cells = _row(table, label)
+        if comparison is None:
+            assert cells == ["-", "-"], name
+            continue
+        expected = [comparison["control"], comparison["candidate"], *comparison["ci"]]
+        assert [float(cell) for cell in cells] == pytest.approx(expected, rel=1e-3, abs=1e-12), name
+    assert set(METRICS) <= set(evaluated["metrics"])  # judge_score and tokens per request included
+    for name in ("users", "requests"):
+        assert _row(table, name) == [str(evaluated["arms"][arm][name]) for arm in ("control", "candidate")]
+
+
+def test_the_primary_metric_its_phases_guardrails_and_decision_are_spelled_out(evaluated):
+    table = render_analysis(evaluated)
+    lines = table.splitlines()
+    assert lines[0] == (f"experiment {evaluated['experiment_id']} (candidate share 50%, primary metric "
+                        "satisfaction)")
+    primary = evaluated["metrics"]["satisfaction"]
+    assert (f"  satisfaction: candidate - control = {primary['difference']:+.4g} ({primary['relative']:+.1%}), "
+            f"always-valid p = {primary['p_value']:.4g}, chance to win >99.9%") in lines
+    (phase,) = evaluated["phases"]
+    assert (f"  phase 1: share 50%, users {phase['users'][0]} control / {phase['users'][1]} candidate, "
+            f"sample-ratio p={phase['p_value']:.4g}") in lines
+    assert lines[-2] == f"  guardrails breached: {evaluated['guardrails']['breached'][0]}"
+    assert "error_rate" in lines[-2]
+    assert lines[-1] == f"decision: roll_back - {evaluated['decision']['reason']}"
+
+
+def test_a_mismatch_users_in_both_arms_and_a_rollout_are_shown(evaluated):
+    evaluated["phases"][0]["mismatch"] = True
+    evaluated["assignment"] = {"users_in_both_arms": 4, "requests_excluded": 9}
+    evaluated["decision"]["rollout"] = {"did": "wait", "step": 0}
+    evaluated["guardrails"]["breached"] = []
+    lines = render_analysis(evaluated).splitlines()
+    assert lines[-5].startswith("  phase 1: ") and lines[-5].endswith("  MISMATCH")
+    assert lines[-4] == "  users seen in both arms: 4 (counted by first assignment; 9 later requests left out)"
+    assert lines[-3] == "  guardrails breached: none"
+    assert lines[-1] == "rollout: {'did': 'wait', 'step': 0}"
+
+
+@pytest.mark.parametrize(("chance", "shown"), [(0.5, "50.0%"), (0.9994, "99.9%"), (0.9995, ">99.9%"),
+                                               (0.0004, "<0.1%"), (0.0005, "0.1%")])
+def test_a_chance_to_win_is_never_printed_as_certain(evaluated, chance, shown):
+    evaluated["metrics"]["satisfaction"]["chance_to_win"] = chance
+    assert f"chance to win {shown}\n" in render_analysis(evaluated)
+
+
+def test_another_primary_metric_is_the_one_marked(sqlite_db):
+    traffic.start(sqlite_db)
+    running = lifecycle.start_candidate(sqlite_db, base_url="http://candidate.test/v1", model="candidate-v2",
+                                        primary_metric="thumbs_up_rate")
+    traffic.write(sqlite_db, running, users=400)
+    analysis = experiment.evaluate(sqlite_db, running.id).to_dict()
+    table = render_analysis(analysis)
+    assert [line for line in table.splitlines() if "(primary)" in line][0].startswith("  thumbs_up_rate (primary)")
+    assert "  thumbs_up_rate: candidate - control" in table
+
+
+def test_no_experiment_is_one_line(sqlite_db):
+    analysis = experiment.evaluate(sqlite_db).to_dict()
+    assert render_analysis(analysis) == (f"decision: {analysis['decision']['action']} - "
+                                         f"{analysis['decision']['reason']}")
+    assert render(describe(sqlite_db)).splitlines()[-1] == "no running experiment"
+
+
+def test_status_shows_the_arms_the_rollout_the_decision_and_every_transition(sqlite_db, evaluated):
+    running_id = evaluated["experiment_id"]
+    lifecycle.set_rollout(sqlite_db, running_id, {"steps": [0.1, 0.5], "min_users_per_step": 300,
+                                                  "min_hours_per_step": 2, "auto_promote": False})
+    status = describe(sqlite_db, running_id)
+    status["index_version"] = "v7"
+    lines = render(status).splitlines()
+    assert lines[0].endswith("index: v7  events: 1500  feedback: " + str(status["feedback"]))
+    assert lines[1] == f"experiment {running_id} (running), primary metric satisfaction"
+    assert lines[3].startswith("  candidate: ") and lines[3].endswith("@ http://candidate.test/v1")
+    assert lines[4].startswith("  share 10%, phase 2 of 2 since ")
+    assert lines[5] == ("  rollout 10% -> 50%: step 1 of 2 (min 300 users and 2.0 h per step, "
+                        "promote on approval)")
+    assert lines[6] == f"  last decision: roll_back - {evaluated['decision']['reason']}"  # evaluate recorded it
+    assert lines[7] == "  transitions:"
+    assert [line.split()[1:5] for line in lines[8:]] == [["start", "-", "->", "50%"],
+                                                         ["rollout_step", "50%", "->", "10%"]]
+    assert status["experiment"]["phase"] == {"index": 2, "of": 2, "share": 0.1,
+                                             "since": status["experiment"]["transitions"][1]["ts"]}
