@@ -15,6 +15,13 @@ import pytest
 from store.config import apply_runtime_env
 
 apply_runtime_env()  # before any test module imports torch
+# pytest-xdist runs one process per core: torch's default of one intra-op thread per core in each would ask
+# for workers x cores threads on the cores. One share each (the servers and subprocesses the tests start
+# inherit it): `make test` 606 -> 553 s on 2 cores (docs/BENCHMARKS.md, "Test suite"). An explicit
+# OMP_NUM_THREADS wins; a run without xdist keeps torch's default.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # Each process its own Prefect home (its own temporary server and database): a pytest-xdist worker inherits
 # the controller's environment, so an inherited PREFECT_HOME would be shared between workers.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
