@@ -176,8 +176,8 @@ def load_base_model(
     if quantize != "none" and dev.type != "cpu":
         log.info("--quantize %s is for CPU; %s keeps %s weights", quantize, dev, torch_dtype)
         quantize = "none"
-    if quantize == "int8" and torch_dtype != torch.bfloat16:
-        # torch's int8 kernel has a vectorised path for bf16 activations only: with fp32 weights (dtype
+    if quantize == "int8" and torch_dtype == torch.float32:
+        # torch's int8 kernel is vectorised for bf16 activations, not fp32: with fp32 weights (dtype
         # "auto" on a CPU without native bf16) every decode step takes the scalar one (measured on an
         # AVX2 EPYC: 2.1x slower per token than --quantize none; docs/BENCHMARKS.md, "Single stream").
         log.warning("--quantize int8 with %s weights is slower than --quantize none on CPU; "

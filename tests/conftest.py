@@ -15,8 +15,8 @@ import pytest
 from store.config import apply_runtime_env
 
 apply_runtime_env()  # before any test module imports torch
-# pytest-xdist runs one process per core: torch's default of one intra-op thread per core in each would ask
-# for workers x cores threads on the cores. One share each (the servers and subprocesses the tests start
+# pytest-xdist runs several processes on the cores: torch's default of one intra-op thread per core in each
+# would ask for workers x cores threads. One share each (the servers and subprocesses the tests start
 # inherit it): `make test` 606 -> 553 s on 2 cores (docs/BENCHMARKS.md, "Test suite"). An explicit
 # OMP_NUM_THREADS wins; a run without xdist keeps torch's default.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
@@ -27,6 +27,17 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
 
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the files that hold `slow` tests first (each file's tests in their own order, together).
+
+    pytest-xdist hands the workers their tests in this order and lets an idle worker take half of the
+    other's queue, so the run ends when the last test ends: a 70-second test started near the end keeps
+    one core busy alone. Short tests last balance the two workers' ends.
+    """
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)  # stable: order kept within
 
 
 def free_port() -> int:

@@ -153,13 +153,15 @@ def test_int8_agrees_with_bf16_within_the_stated_tolerance(int8_model, reference
 async def test_int8_batched_matches_unbatched(loaded_model, start_engine, dtype, caplog):
     """Alone, a row runs the int8 kernel; in a batch of 8 the dequantised weights (the same values).
 
-    fp32: the same greedy answers, exactly (8 prompts x 16 tokens).  bf16: different kernels sum in
-    different orders and bf16's rounding is coarse, so a near-tie can flip a greedy token, as it does
-    without int8 (the previous path: 5 of these 8 prompts identical over 32 tokens alone and batched;
-    tests/serving/test_batching.py checks batching in fp32 for that reason). Which tokens flip depends on the
-    CPU's kernels and the thread count (on a Xeon with AMX: 7 of 8 answers identical with 2 threads, 6 with 1),
-    so in bf16 every answer that differs must differ first at a near-tie: the two tokens' logits there, given
-    the common prefix, within `BF16_TIE` of each other. A wrong int8 weight would flip clear winners.
+    fp32: the same greedy answers, exactly (8 prompts x 8 tokens: int8 with fp32 activations takes torch's
+    scalar kernel, 2-6x slower than the matmul; a wrong int8 weight shows in the first tokens). bf16 (16
+    tokens): different kernels sum in different orders and bf16's rounding is coarse, so a near-tie can flip a
+    greedy token, as it does without int8 (the previous path: 5 of these 8 prompts identical over 32 tokens
+    alone and batched; tests/serving/test_batching.py checks batching in fp32 for that reason). Which tokens
+    flip depends on the CPU's kernels and the thread count (on a Xeon with AMX: 7 of 8 answers identical with 2
+    threads, 6 with 1), so in bf16 every answer that differs must differ first at a near-tie: the two tokens'
+    logits there, given the common prefix, within `BF16_TIE` of each other. A wrong int8 weight would flip clear
+    winners.
     """
     from serving.model import load_base_model
     from serving.quantize import INT8_MAX_ROWS
@@ -168,7 +170,7 @@ async def test_int8_batched_matches_unbatched(loaded_model, start_engine, dtype,
     # int8 with fp32 activations runs torch's scalar kernel: the operator is told.
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "--quantize int8 with" in r.getMessage()]
     assert len(warned) == (dtype == "float32")
-    tokens = 16
+    tokens = 16 if dtype == "bfloat16" else 8
     engine = start_engine(loaded, max_batch=16)
     alone = [(await engine.submit(_chat(engine, p), _greedy(tokens)).result()).text for p in PROMPTS]
     assert engine.stats.max_rows == 1
