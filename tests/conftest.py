@@ -29,17 +29,6 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """Run the files that hold `slow` tests first (each file's tests in their own order, together).
-
-    pytest-xdist hands the workers their tests in this order and lets an idle worker take half of the
-    other's queue, so the run ends when the last test ends: a 70-second test started near the end keeps
-    one core busy alone. Short tests last balance the two workers' ends.
-    """
-    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)  # stable: order kept within
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
