@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiment.metrics import DEFAULT_PRIMARY, METRICS
+from experiment.metrics import ARMS, DEFAULT_PRIMARY, METRICS
 from experiment.phases import phases_of
 from store.db import Database
 from store.events import count_events, count_feedback
@@ -133,8 +133,7 @@ def render_analysis(analysis: dict[str, Any]) -> str:
              f"  {'':<32}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"]
     for name in ("users", "requests", *TABLE_METRICS):
         comparison = comparisons.get(name)
-        values = [(comparison or analysis["arms"][arm]).get(name if comparison is None else arm)
-                  for arm in ("control", "candidate")]
+        values = [comparison[arm] if comparison else analysis["arms"][arm].get(name) for arm in ARMS]
         interval = "" if not comparison else f"  [{_fmt(comparison['ci'][0])}, {_fmt(comparison['ci'][1])}]"
         label = f"{name} (primary)" if name == primary_name else name
         lines.append(f"  {label:<32}{_fmt(values[0]):>12}{_fmt(values[1]):>12}{interval}")
