@@ -8,9 +8,9 @@ without native bf16) takes its scalar path. Two parts, each measured side by sid
 1. **one layer**, one row, SmolLM2-135M's shapes (q/o 576x576, gate/up 1536x576, down 576x1536, the tied
    LM head 49152x576): fp32 matmul, int8 with fp32 activations, bf16 matmul, int8 with bf16 activations.
    Median microseconds a call over ``--rounds`` rounds of ``--calls`` calls.
-2. **decode step**: SmolLM2-135M-Instruct, one row, a 40-token prefill (not timed), then ``--tokens``
-   single-token forwards with a KV cache; `load_base_model` with fp32 and bf16 weights, quantize none
-   and int8. Median milliseconds a token.
+2. **decode step**: SmolLM2-135M-Instruct, one row, greedy ``--tokens`` tokens after a chat prompt
+   (bench/single_stream.py's decode loop; the prefill not timed; a different prompt each round);
+   `load_base_model` with fp32 and bf16 weights, quantize none and int8. Median milliseconds a token.
 
     .venv/bin/python bench/int8_kernel.py [--rounds 3] [--calls 200] [--tokens 30]
 """
@@ -74,32 +74,24 @@ def bench_layers(rounds: int, calls: int) -> None:
 
 
 def bench_decode(rounds: int, tokens: int) -> None:
-    import torch
-    from transformers import DynamicCache
+    from single_stream import Variant, chat_prompt_ids, greedy_decode
 
-    from serving.kv_cache import cache_argument
     from serving.model import load_base_model
 
     setups = [("float32", "none"), ("float32", "int8"), ("bfloat16", "none"), ("bfloat16", "int8")]
-    models = {setup: load_base_model(dtype=setup[0], quantize=setup[1]).model for setup in setups}
-    prompt = torch.tensor([[1] * 40])
-    times: dict[tuple[str, str], list[float]] = {setup: [] for setup in setups}
-    for _ in range(rounds):
-        for setup, model in models.items():
-            cache = DynamicCache(config=model.config)
-            kwargs = {cache_argument(model): cache}
-            with torch.inference_mode():
-                model(prompt, use_cache=True, logits_to_keep=1, **kwargs)
-                start = time.perf_counter()
-                for _ in range(tokens):
-                    model(torch.tensor([[5]]), use_cache=True, logits_to_keep=1, **kwargs)
-            times[setup].append((time.perf_counter() - start) / tokens * 1e3)
-    baseline = statistics.median(times[("float32", "none")])
+    loaded = {setup: load_base_model(dtype=setup[0], quantize=setup[1]) for setup in setups}
+    variants = {setup: Variant(f"{setup[0]}, {setup[1]}", m.model, m.model.config) for setup, m in loaded.items()}
+    prompts = chat_prompt_ids(loaded[setups[0]].tokenizer)
+    for round_ in range(rounds):
+        for variant in variants.values():
+            wall, cpu, _ = greedy_decode(variant, prompts[round_ % len(prompts)], tokens)
+            variant.runs.append((wall, cpu))
+    baseline = statistics.median(wall for wall, _ in variants[setups[0]].runs)
     print("\n| weights | --quantize | ms/token (median) | vs fp32, none |")
     print("|---|---|---:|---:|")
-    for (dtype, quantize), measured in times.items():
-        ms = statistics.median(measured)
-        print(f"| {dtype} | {quantize} | {ms:.1f} | {baseline / ms:.2f}x |")
+    for (dtype, quantize), variant in variants.items():
+        wall = statistics.median(w for w, _ in variant.runs)
+        print(f"| {dtype} | {quantize} | {wall * 1e3:.1f} | {baseline / wall:.2f}x |")
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ class Variant:
     compile_s: float | None = None
 
 
-def _decode(v: Variant, prompt_ids: list[int], n: int) -> tuple[float, float, list[int]]:
+def greedy_decode(v: Variant, prompt_ids: list[int], n: int) -> tuple[float, float, list[int]]:
     """Greedy-decode ``n`` tokens after ``prompt_ids``; (wall s, cpu s) per decode step, and the tokens."""
     import torch
     from transformers import DynamicCache, LlamaForCausalLM, StaticCache
@@ -101,6 +101,15 @@ def _decode(v: Variant, prompt_ids: list[int], n: int) -> tuple[float, float, li
             tokens.append(int(token))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return wall / (n - 1), cpu / (n - 1), tokens
+
+
+def chat_prompt_ids(tokenizer) -> list[list[int]]:
+    """`PROMPTS` as the engine encodes a chat (serving.engine.Engine.encode_chat)."""
+    return [
+        tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for p in PROMPTS
+    ]
 
 
 def _variants(args) -> Iterator[Variant]:
@@ -174,22 +183,17 @@ def decode_table(args) -> str:
 
     from serving.model import resolve_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model()))
-    prompts = [  # as the engine encodes a chat (serving.engine.Engine.encode_chat)
-        tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for p in PROMPTS
-    ]
+    prompts = chat_prompt_ids(AutoTokenizer.from_pretrained(str(resolve_base_model())))
     variants = list(_variants(args))
     for v in variants:  # warm-up; compiles the compiled variant
         started = time.perf_counter()
-        _decode(v, prompts[0], 3)
+        greedy_decode(v, prompts[0], 3)
         if "compile" in v.label:
             v.compile_s = time.perf_counter() - started
             print(f"# {v.label}: compiled in {v.compile_s:.0f} s", flush=True)
     for r in range(args.rounds):
         for v in variants:
-            wall, cpu, tokens = _decode(v, prompts[r % len(prompts)], args.tokens)
+            wall, cpu, tokens = greedy_decode(v, prompts[r % len(prompts)], args.tokens)
             v.runs.append((wall, cpu))
             v.tokens.append(tokens)
         print(f"# decode round {r + 1}/{args.rounds} done ({_load_avg()})", flush=True)

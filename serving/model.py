@@ -179,7 +179,7 @@ def load_base_model(
     if quantize == "int8" and torch_dtype == torch.float32:
         # torch's int8 kernel is vectorised for bf16 activations, not fp32: with fp32 weights (dtype
         # "auto" on a CPU without native bf16) every decode step takes the scalar one (measured on an
-        # AVX2 EPYC: 2.1x slower per token than --quantize none; docs/BENCHMARKS.md, "Single stream").
+        # AVX2 EPYC: 1.7-2x slower per token than --quantize none; docs/BENCHMARKS.md, "Single stream").
         log.warning("--quantize int8 with %s weights is slower than --quantize none on CPU; "
                     "use --dtype bfloat16 with it, or leave it off", torch_dtype)
     if quantize == "int8":

@@ -29,23 +29,30 @@ def captured_logs(format: str = "json", level: str = "INFO", *, secrets=(),
 
     Puts the root logger's handlers and level back afterwards (pytest's own capture included).
     """
-    root = logging.getLogger()
-    handlers, level_before = root.handlers[:], root.level
     stream = stream if stream is not None else io.StringIO()
-    configure_logging(format, level, secrets=secrets, stream=stream)
+    with _root_logger_restored() as root:
+        configure_logging(format, level, secrets=secrets, stream=stream)
 
-    def lines() -> list[str]:
-        for handler in root.handlers:
-            handler.flush()
-        return stream.getvalue().splitlines()
+        def lines() -> list[str]:
+            for handler in root.handlers:
+                handler.flush()
+            return stream.getvalue().splitlines()
 
-    try:
         yield lines
+
+
+@contextmanager
+def _root_logger_restored() -> Iterator[logging.Logger]:
+    """The root logger; its handlers (closed) and level put back as they were afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield root
     finally:
         for handler in root.handlers:
             handler.close()
         root.handlers[:] = handlers
-        root.setLevel(level_before)
+        root.setLevel(level)
 
 
 def records(lines: list[str]) -> list[dict]:
@@ -293,18 +300,11 @@ def test_the_defaults_pick_the_format_by_terminal_at_info():
 
     config = logging_config()
     assert config["root"]["level"] == "INFO" and config["handlers"]["default"]["format"] == "auto"
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    configure_logging()  # what a process with no settings gets
-    try:
+    with _root_logger_restored():
+        configure_logging()  # what a process with no settings gets
         record = logging.LogRecord("abloop.test", logging.INFO, __file__, 1, "m", (), None)
         # What no line prints is not collected (the logging HOWTO's "Optimization" switches).
         assert (record.thread, record.process, record.processName) == (None, None, None)
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def test_the_timestamp_is_utc_with_milliseconds_for_each_line():
