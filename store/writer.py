@@ -34,7 +34,6 @@ litequeue supports 3.11.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 from collections import Counter, deque
@@ -122,6 +121,21 @@ def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], lis
             log.warning("%s row %s refused: %s", entry.table, entry.row.get("id"), exc)
             bad.append(entry)
     return written, bad
+
+
+async def _wait_for_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether `event` was set within `timeout_s`.
+
+    `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11, a `wait_for` that times out just as its task
+    is cancelled from outside can swallow that cancellation. A caller's `wait_for(writer.flush(), 0.5)`
+    then never returned, since flush() went on waiting (a test hung for 600 s).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class EventWriter:
@@ -248,9 +262,7 @@ class EventWriter:
                 return
             self._urgent_seq = max(self._urgent_seq, target)
             self._wakeup.set()
-            progress = self._progress
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(progress.wait(), 0.5)
+            await _wait_for_event(self._progress, 0.5)
 
     def is_pending(self, row_id: str) -> bool:
         """Submitted but not yet known to be in the database (queued, in flight or spooled)."""
@@ -305,9 +317,7 @@ class EventWriter:
             if remaining <= 0:
                 return
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            if not await _wait_for_event(self._wakeup, remaining):
                 return
 
     def _take_batch(self) -> list[Entry]:
@@ -423,8 +433,7 @@ class EventWriter:
                 await self._replay_round()
             except Exception:
                 log.exception("spool replay error")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), self.replay_interval_s)
+            await _wait_for_event(self._stop_event, self.replay_interval_s)
 
     async def _replay_round(self) -> None:
         files = await asyncio.to_thread(self._spool.claimable)
