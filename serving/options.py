@@ -19,7 +19,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=DEFAULT_QUANTIZE,
-                        help="int8: decode steps of up to 4 rows read int8 weights (CPU; a faster single stream)")
+                        help="int8: decode steps of up to 4 rows read int8 weights (CPU; with bf16 weights, "
+                        "a faster single stream; with fp32 weights, slower)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the base model's decode steps (no gain measured on CPU; "
                         "the first decode step compiles for minutes)")
