@@ -128,6 +128,8 @@ class DemoConsole:
             self._live.update(self._render())
             self._live.__exit__(None, None, None)
             self._live = None
+            if not self.console.is_terminal:  # rich ends the table's last line on a terminal only
+                self.console.line()
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[Stage]:
