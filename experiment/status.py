@@ -127,7 +127,7 @@ def render_analysis(analysis: dict[str, Any]) -> str:
     if analysis["experiment_id"] is None:
         return f"decision: {analysis['decision']['action']} - {analysis['decision']['reason']}"
     primary_name = analysis["primary_metric"]
-    comparisons = analysis.get("metrics", {})
+    comparisons = analysis["metrics"]
     lines = [f"experiment {analysis['experiment_id']} (candidate share {_share(analysis['candidate_share'])}, "
              f"primary metric {primary_name})",
              f"  {'':<32}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"]
@@ -142,12 +142,12 @@ def render_analysis(analysis: dict[str, Any]) -> str:
         relative = "" if primary.get("relative") is None else f" ({primary['relative']:+.1%})"
         lines.append(f"  {primary_name}: candidate - control = {primary['difference']:+.4g}{relative}, "
                      f"always-valid p = {_fmt(primary['p_value'])}, chance to win {_chance(primary['chance_to_win'])}")
-    for phase in analysis.get("phases", []):
+    for phase in analysis["phases"]:
         control_users, candidate_users = phase["users"]
         lines.append(f"  phase {phase['index'] + 1}: share {_share(phase['share'])}, users {control_users} control / "
                      f"{candidate_users} candidate, sample-ratio p={_fmt(phase['p_value'])}"
                      f"{'  MISMATCH' if phase['mismatch'] else ''}")
-    assignment = analysis.get("assignment", {})
+    assignment = analysis["assignment"]
     if assignment.get("users_in_both_arms"):
         lines.append(f"  users seen in both arms: {assignment['users_in_both_arms']} (counted by first assignment; "
                      f"{assignment['requests_excluded']} later requests left out)")

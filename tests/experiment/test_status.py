@@ -9,7 +9,8 @@ import pytest
 import experiment
 from experiment import lifecycle
 from experiment.metrics import METRICS
-from experiment.status import describe, render, render_analysis
+from experiment.status import arm_label, describe, render, render_analysis
+from store.models import Experiment
 from tests.experiment import traffic
 from tests.experiment.traffic import ArmBehaviour
 
@@ -116,3 +117,91 @@ def test_status_shows_the_arms_the_rollout_the_decision_and_every_transition(sql
                                                          ["rollout_step", "50%", "->", "10%"]]
     assert status["experiment"]["phase"] == {"index": 2, "of": 2, "share": 0.1,
                                              "since": status["experiment"]["transitions"][1]["ts"]}
+
+
+@pytest.mark.parametrize(("described", "arm", "label"), [
+    (None, "candidate", "no candidate"),
+    (None, "control", "(model not named)"),
+    ({"model": None, "prompt_template_id": None}, "candidate", "(model not named)"),
+    ({"model": "m-v2", "prompt_template_id": None}, "control", "m-v2"),
+    ({"model": "m-v2", "prompt_template_id": "0123456789abcdef"}, "candidate", "m-v2 with prompt template 01234567"),
+])
+def test_an_arm_is_named_by_its_model_and_its_own_prompt_template(described, arm, label):
+    assert arm_label(described, arm) == label
+
+
+def test_status_describes_each_arm_and_counts_only_this_experiments_events(sqlite_db):
+    from store import prompts
+
+    first = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, first, users=30)
+    with sqlite_db.session() as session:  # control serves an adapter promoted earlier: the next experiment keeps it
+        session.get(Experiment, first.id).control_adapter_id = "adapter-3"
+    template = prompts.new_version(sqlite_db, name=prompts.DEFAULT_NAME, system_prompt="Answer in one line.",
+                                   template=prompts.DEFAULT_TEMPLATE, few_shot=[], activate=False)
+    second = lifecycle.start_candidate(sqlite_db, base_url="http://candidate.test/v2", model="candidate-v2",
+                                       adapter_id="adapter-7", prompt_template_id=template.id, share=0.2)
+    traffic.write(sqlite_db, second, users=12, prefix="later")
+    now = describe(sqlite_db)["experiment"]
+    assert now["id"] == second.id and now["ended_at"] is None and now["started_at"] == second.started_at.isoformat()
+    assert now["search_events"] == 12 and describe(sqlite_db)["search_events"] == 42
+    assert now["control"] == {"base_url": first.control_base_url, "model": first.control_model,
+                              "adapter_id": "adapter-3", "prompt_template_id": None}
+    assert now["candidate"] == {"base_url": "http://candidate.test/v2", "model": "candidate-v2",
+                                "adapter_id": "adapter-7", "prompt_template_id": template.id}
+    before = describe(sqlite_db, first.id)["experiment"]
+    assert before["status"] == "stopped" and before["ended_at"] is not None and before["search_events"] == 30
+    lines = render(describe(sqlite_db)).splitlines()
+    assert lines[3] == f"  candidate: candidate-v2 with prompt template {template.id[:8]} @ http://candidate.test/v2"
+
+
+def test_status_without_a_candidate_or_a_reason_and_with_auto_promote(sqlite_db):
+    running = traffic.start(sqlite_db)
+    lifecycle.set_rollout(sqlite_db, running.id, {"steps": [0.5], "min_users_per_step": 10,
+                                                  "min_hours_per_step": 0, "auto_promote": True})
+    status = describe(sqlite_db)
+    status["experiment"]["control"]["model"] = None
+    status["experiment"]["candidate"] = None
+    status["experiment"]["decision"] = {"action": "wait"}
+    lines = render(status).splitlines()
+    assert lines[2] == f"  control:   (model not named) @ {running.control_base_url}"
+    assert lines[3] == "  candidate: none"
+    assert lines[5].endswith(", auto-promote)")
+    assert lines[6] == "  last decision: wait - "
+
+
+def test_an_experiment_without_a_candidate_has_no_candidate_arm(sqlite_db):
+    """An experiment without LLM_API_BASE_NEW_MODEL: control only, and no candidate dict."""
+    from store import experiments
+    from store.config import Settings
+
+    experiments.ensure_running(sqlite_db, Settings(_env_file=None, database_url=sqlite_db.url))
+    assert describe(sqlite_db)["experiment"]["candidate"] is None
+    assert render(describe(sqlite_db)).splitlines()[3] == "  candidate: none"
+
+
+def test_the_database_password_is_never_shown(pg_url):
+    """`abloop status` prints the store's URL: PostgreSQL's trust auth here ignores the password we add."""
+    from store.db import Database
+
+    secret_url = pg_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@", 1)
+    assert secret_url != pg_url
+    database = Database(secret_url)
+    try:
+        database.migrate()
+        status = describe(database)
+        assert "s3cret-pw" not in render(status) and "***" in status["database"]
+    finally:
+        database.dispose()
+
+
+def test_counts_table_headers_and_two_breached_guardrails_read_as_written(evaluated):
+    evaluated["arms"]["control"]["users"] = 123456  # a count stays a whole number, never 1.235e+05
+    evaluated["guardrails"]["breached"] = ["error_rate up", "latency_p95_ms up"]
+    evaluated["metrics"]["satisfaction"]["relative"] = None  # no lift when control's mean is 0
+    lines = render_analysis(evaluated).splitlines()
+    assert lines[1] == f"  {'':<32}{'control':>12}{'candidate':>12}  always-valid 95% interval of the difference"
+    assert _row("\n".join(lines), "users")[0] == "123456"
+    assert "  guardrails breached: error_rate up; latency_p95_ms up" in lines
+    primary = evaluated["metrics"]["satisfaction"]
+    assert f"  satisfaction: candidate - control = {primary['difference']:+.4g}, always-valid p" in "\n".join(lines)
