@@ -197,17 +197,25 @@ class BatchingEmbedder:
         assert self._queue is not None
         batch = [await self._queue.get()]
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
+        try:
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                # asyncio.timeout, not wait_for: on Python 3.11 a wait_for whose get() completes in the tick
+                # stop() cancels this task swallows the cancellation, and stop() then waited for ever.
+                try:
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
+                except TimeoutError:
+                    break
+        except asyncio.CancelledError:
+            # Stopped while holding a batch open (max_wait_s): its texts have left the queue that stop() fails.
+            _fail(batch, EmbedderStopped("embedder stopped before this text was embedded"))
+            raise
         return batch
 
     def _remember(self, by_text: dict[str, np.ndarray]) -> None:

@@ -368,9 +368,8 @@ class EventWriter:
                 for attempt in range(tries):
                     written, bad = [], []
                     try:
-                        written, bad = await asyncio.wait_for(
-                            asyncio.to_thread(_write_entries, self.db, pending), self.write_timeout_s
-                        )
+                        async with asyncio.timeout(self.write_timeout_s):  # not wait_for: see _wait_for_event
+                            written, bad = await asyncio.to_thread(_write_entries, self.db, pending)
                         pending = []
                     except TimeoutError:
                         log.warning(

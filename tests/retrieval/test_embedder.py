@@ -105,6 +105,28 @@ async def test_stop_fails_pending_callers_instead_of_hanging() -> None:
         await batcher.embed("after stop")
 
 
+
+async def test_stop_while_a_batch_is_held_open_fails_its_callers_and_returns(hash_embedder) -> None:
+    """max_wait_s holds a batch open; a text arrives in the very tick stop() cancels the worker.
+
+    On Python 3.11, `wait_for(queue.get(), t)` returned that text instead of raising the cancellation, so the
+    worker went on and stop() never returned; and the texts already taken into the open batch, no longer in
+    the queue that stop() fails, left their callers waiting for ever.
+    """
+    batcher = BatchingEmbedder(hash_embedder, max_batch=8, max_wait_s=30.0)
+    await batcher.start()
+    held = asyncio.ensure_future(batcher.embed("held"))
+    while batcher.queued:  # the worker takes "held" and waits for more
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    late = asyncio.ensure_future(batcher.embed("late"))  # runs first: puts its text, waking the worker's get
+    stopping = asyncio.ensure_future(batcher.stop())  # then cancels the worker before that get resumes it
+    await asyncio.wait_for(stopping, 10)
+    for caller in (held, late):
+        with pytest.raises(EmbedderStopped):
+            await asyncio.wait_for(caller, 10)
+    assert hash_embedder.calls == []
+
 async def test_cancelled_callers_are_skipped(hash_embedder) -> None:
     gated = _GatedEmbedder()
     batcher = BatchingEmbedder(gated)
