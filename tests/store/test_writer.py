@@ -492,6 +492,21 @@ async def test_a_running_writer_without_a_spool_writes_once_the_database_is_back
     assert writer.written == 1 and writer.queue_depth == 0
 
 
+
+async def test_a_flush_cancelled_in_the_tick_it_is_woken_is_cancelled(db: Database, make_writer) -> None:
+    """The hang `.ci/run` once met in the test above (600 s): on Python 3.11 a `wait_for` inside flush(), whose
+    wait ended in the very tick the caller cancelled flush(), swallowed the cancellation, and flush() went on
+    waiting for rows a slow or dead database had not taken. Here a write takes 3 s: flush() polls meanwhile."""
+    writer = make_writer(CountingDatabase(db, delay_s=3.0))
+    await writer.start()
+    writer.submit("search_events", event_row())
+    flushing = asyncio.ensure_future(writer.flush())
+    await asyncio.sleep(0.2)  # the batch is in its write, flush() waits on the writer's progress event
+    writer._progress.set()  # woken (as by another batch's progress) in the tick that the caller gives up
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(flushing, 2.0)  # not after the 3 s write, as a flush() that went on would
+
 async def test_flush_does_not_wait_out_the_linger_but_a_full_batch_goes_at_once(db: Database, make_writer) -> None:
     writer = make_writer(db, flush_interval_s=60.0, batch_size=3)  # a linger no test would sit through
     await writer.start()
