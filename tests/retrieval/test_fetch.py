@@ -181,10 +181,11 @@ async def test_too_large_while_streaming_without_content_length() -> None:
 async def test_non_text_content_is_refused(content_type: str) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     recorder = _Recorder(default=httpx.Response(200, headers=headers, content=b"\x89PNG..."))
-    with pytest.raises(FetchError, match="content type"):
+    with pytest.raises(FetchError) as refused:
         await fetch_url(
             "http://bin.example/", transport=recorder.transport, resolver=_resolver({"bin.example": [PUBLIC_IP]})
         )
+    assert str(refused.value) == f"content type {content_type or '(none)'!r} is not text/html or text/plain"
 
 
 async def test_upstream_error_status() -> None:
@@ -215,3 +216,253 @@ def test_html_to_text_falls_back_to_a_tag_strip() -> None:
     # Too little markup for trafilatura to find main content: the fallback still yields text.
     title, text = html_to_text("<title>T</title><style>p{}</style><b>bold</b> words")
     assert title == "T" and "bold words" in text and "p{}" not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/f", "scheme 'ftp' not allowed; only http and https"),
+        ("//example.com/x", "scheme '(none)' not allowed; only http and https"),
+        ("http:///path", "URL has no host"),
+        ("http://user:pass@example.com/", "credentials in the URL are not allowed"),
+        ("http://169.254.169.254/", "host 169.254.169.254: link-local address 169.254.169.254; only public addresses"),
+        ("http://[::ffff:127.0.0.1]/", "host ::ffff:127.0.0.1: loopback address 127.0.0.1 (as ::ffff:7f00:1);"),
+        ("http://[::]/", "host ::: unspecified address ::;"),
+        ("http://224.0.0.1/", "host 224.0.0.1: multicast address 224.0.0.1;"),
+        ("http://240.0.0.1/", "host 240.0.0.1: private address 240.0.0.1;"),  # is_private before is_reserved
+        ("http://100.64.0.1/", "host 100.64.0.1: non-global address 100.64.0.1;"),  # carrier-grade NAT
+        ("http://[2002:a00:1::]/", "host 2002:a00:1::: private address 10.0.0.1 (as 2002:a00:1::);"),  # 6to4
+    ],
+)
+async def test_a_refusal_says_what_was_refused_and_why(url: str, message: str) -> None:
+    """The ingest endpoint answers 4xx with this text: it must name the address class and the address."""
+    with pytest.raises(UnsafeURLError) as refused:
+        await fetch_url(url, transport=_Recorder().transport, resolver=_resolver({"example.com": [PUBLIC_IP]}))
+    assert message in str(refused.value)
+
+
+async def test_resolution_failures_say_which_host() -> None:
+    async def gone(host: str, port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    cases = [(gone, FetchError, "could not resolve x.example: Name or service not known"),
+             (_resolver({"x.example": []}), FetchError, "could not resolve x.example: no addresses"),
+             (_resolver({"x.example": ["not-an-ip"]}), UnsafeURLError,
+              "x.example resolved to something that is not an IP address: 'not-an-ip'")]
+    for resolver, error, message in cases:
+        recorder = _Recorder()
+        with pytest.raises(error) as failed:
+            await fetch_url("http://x.example/", transport=recorder.transport, resolver=resolver)
+        assert str(failed.value) == message and recorder.requests == []
+
+
+@pytest.mark.parametrize(("url", "port"), [("http://p.example/", 80), ("https://p.example/", 443),
+                                           ("http://p.example:8080/a", 8080)])
+async def test_the_port_is_resolved_and_connected_to_as_given(url: str, port: int) -> None:
+    asked: list[tuple[str, int]] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return [PUBLIC_IP]
+
+    recorder = _Recorder()
+    await fetch_url(url, transport=recorder.transport, resolver=resolve)
+    (request,) = recorder.requests
+    assert asked == [("p.example", port)]
+    assert (request.url.host, request.url.port or {"http": 80, "https": 443}[request.url.scheme]) == (PUBLIC_IP, port)
+    assert request.headers["host"] == ("p.example:8080" if port == 8080 else "p.example")
+    assert request.method == "GET" and request.headers["user-agent"].startswith("abloop-fetch/")
+    assert request.headers["accept"].startswith("text/html, text/plain")
+
+
+async def test_an_address_that_refuses_is_skipped_and_duplicates_are_tried_once() -> None:
+    tried: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        tried.append(request.url.host)
+        if request.url.host == PUBLIC_IP:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, headers={"Content-Type": "text/plain"}, text="second address")
+
+    other = "93.184.216.35"
+    resolver = _resolver({"two.example": [PUBLIC_IP, PUBLIC_IP, other]})
+    page = await fetch_url("http://two.example/", transport=httpx.MockTransport(handler), resolver=resolver)
+    assert page.text == "second address" and tried == [PUBLIC_IP, other]
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://two.example/", transport=httpx.MockTransport(refuse), resolver=resolver)
+    assert str(failed.value) == "could not connect to two.example: connection refused"
+
+
+@pytest.mark.parametrize(("response", "message"), [
+    (httpx.Response(300, text="choose"), "unexpected upstream status 300"),
+    (httpx.Response(400, text="bad"), "upstream answered 400"),
+    (httpx.Response(302), "redirect (302) without a Location header"),
+])
+async def test_statuses_that_are_not_a_page(response: httpx.Response, message: str) -> None:
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://s.example/", transport=_Recorder(default=response).transport,
+                        resolver=_resolver({"s.example": [PUBLIC_IP]}))
+    assert str(failed.value) == message
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_page_of_exactly_max_bytes_is_read(streamed: bool) -> None:
+    body = b"z" * 1000
+
+    class Chunks(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for start in range(0, len(body), 300):
+                yield body[start:start + 300]
+
+    response = (httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Chunks()) if streamed
+                else httpx.Response(200, headers={"Content-Type": "text/plain"}, content=body))
+    page = await fetch_url("http://m.example/", max_bytes=1000, transport=_Recorder(default=response).transport,
+                           resolver=_resolver({"m.example": [PUBLIC_IP]}))
+    assert page.text == body.decode()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_errors_name_the_page_without_its_query_or_fragment(streamed: bool) -> None:
+    """A query string can carry a token: the error (logged, and shown to the caller) keeps scheme, host and path."""
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            while True:
+                yield b"y" * 1024
+
+    response = (httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Endless()) if streamed
+                else httpx.Response(200, headers={"Content-Type": "text/plain"}, text="x" * 5000))
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://big.example/p?token=SECRET#part", max_bytes=1000,
+                        transport=_Recorder(default=response).transport,
+                        resolver=_resolver({"big.example": [PUBLIC_IP]}))
+    assert str(failed.value).startswith("http://big.example/p is too large (")
+    assert "SECRET" not in str(failed.value) and "part" not in str(failed.value)
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, text="late")
+
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://big.example/p?token=SECRET", timeout_s=0.1, transport=httpx.MockTransport(slow),
+                        resolver=_resolver({"big.example": [PUBLIC_IP]}))
+    assert str(failed.value) == "timed out after 0.1s fetching http://big.example/p"
+
+
+@pytest.mark.parametrize(("headers", "body"), [
+    ({"Content-Type": "text/plain; charset=iso-8859-1"}, "Caf\xe9 cr\xe8me".encode("latin-1")),
+    ({"Content-Type": "text/html"},
+     b'<html><head><meta charset="iso-8859-1"><title>Caf\xe9</title></head>'
+     b"<body><p>Caf\xe9 cr\xe8me</p></body></html>"),
+    ({"Content-Type": "text/plain; charset=no-such-charset"}, "Caf\xe9 cr\xe8me".encode()),
+    ({"Content-Type": "text/html; charset=no-such-charset"},  # an unknown name is skipped, not the end
+     b'<meta charset="iso-8859-1"><title>Caf\xe9</title><p>Caf\xe9 cr\xe8me</p>'),
+])
+async def test_the_declared_charset_decodes_the_page(headers: dict[str, str], body: bytes) -> None:
+    response = httpx.Response(200, headers=headers, content=body)
+    page = await fetch_url("http://c.example/", transport=_Recorder(default=response).transport,
+                           resolver=_resolver({"c.example": [PUBLIC_IP]}))
+    assert "Caf\xe9 cr\xe8me" in page.text
+
+
+async def test_an_environment_proxy_is_never_used(monkeypatch) -> None:
+    """A proxy from the environment would carry the request somewhere the address check never saw."""
+    contacted: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        contacted.append(await reader.readline())
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nproxy")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with server:
+        # No transport given: the real one, connecting to the checked public address directly (which, with no
+        # network, fails or times out; the outcome does not matter, only where the request went).
+        try:
+            page = await fetch_url("http://env.example/", timeout_s=2, resolver=_resolver({"env.example": [PUBLIC_IP]}))
+        except FetchError:
+            page = None
+    assert contacted == [] and (page is None or page.text != "proxy")
+
+
+def test_the_fallback_tag_strip_when_trafilatura_fails(monkeypatch) -> None:
+    import trafilatura
+
+    def choke(*args, **kwargs):
+        raise ValueError("odd markup")
+
+    monkeypatch.setattr(trafilatura, "bare_extraction", choke)
+    html = ("<html><head><title> Two   words </title><style>p { color: red }</style></head><body>"
+            "<div>First <b>block</b></div><script>var x = 1;</script><noscript><svg><g>hidden</g></svg>also hidden"
+            "</noscript><p>Second   block</p><ul><li>item one</li><li>item two</li></ul>tail</body></html>")
+    title, text = html_to_text(html)
+    assert title == "Two words"
+    assert text == "First block\nSecond block\nitem one\nitem two\ntail"
+    title, text = html_to_text("<p>before</p><title>Fish &amp; chips</title><p>one <i>two</i> three &lt;4&gt;</p>")
+    assert (title, text) == ("Fish & chips", "before\none two three <4>")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain; charset=utf-8", "text/plain"])
+async def test_bytes_that_are_not_the_charset_are_replaced_not_raised(content_type: str) -> None:
+    response = httpx.Response(200, headers={"Content-Type": content_type}, content=b"ok \xff\xfe ok")
+    page = await fetch_url("http://u.example/", transport=_Recorder(default=response).transport,
+                           resolver=_resolver({"u.example": [PUBLIC_IP]}))
+    assert page.text == "ok \ufffd\ufffd ok"
+
+
+async def test_the_system_resolver_is_used_and_checked() -> None:
+    """No resolver given: getaddrinfo answers, and "localhost" is loopback whatever it resolves to here."""
+    recorder = _Recorder()
+    with pytest.raises(UnsafeURLError, match=r"localhost resolves to: loopback address"):
+        await fetch_url("http://localhost:8000/", transport=recorder.transport)
+    assert recorder.requests == []
+
+
+async def test_an_empty_text_page_is_titled_by_its_host() -> None:
+    response = httpx.Response(200, headers={"Content-Type": "text/plain"}, content=b"  \n")
+    page = await fetch_url("http://empty.example/", transport=_Recorder(default=response).transport,
+                           resolver=_resolver({"empty.example": [PUBLIC_IP]}))
+    assert (page.title, page.text) == ("empty.example", "")
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_read() -> None:
+    read: list[bytes] = []
+
+    class Small(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            read.append(b"small")
+            yield b"small"
+
+    response = httpx.Response(200, headers={"Content-Type": "text/plain", "Content-Length": "5000"}, stream=Small())
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://liar.example/", max_bytes=1000, transport=_Recorder(default=response).transport,
+                        resolver=_resolver({"liar.example": [PUBLIC_IP]}))
+    assert str(failed.value) == "http://liar.example/ is too large (5000 bytes > 1000)" and read == []
+
+
+async def test_transport_failures_name_the_page_without_its_query() -> None:
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"half a page"
+            raise httpx.ReadError("connection reset")
+
+    def timing_out(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    broken = _Recorder(default=httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Broken()))
+    for transport, message in ((broken.transport, "fetching http://f.example/p failed: connection reset"),
+                               (httpx.MockTransport(timing_out), "timed out fetching http://f.example/p")):
+        with pytest.raises(FetchError) as failed:
+            await fetch_url("http://f.example/p?key=SECRET", transport=transport,
+                            resolver=_resolver({"f.example": [PUBLIC_IP]}))
+        assert str(failed.value) == message

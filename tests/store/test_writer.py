@@ -100,7 +100,7 @@ async def test_feedback_after_its_event_in_the_same_batch(db: Database, make_wri
     assert writer.spooled == 0 and writer.written == 4
 
 
-async def test_a_refused_row_is_isolated_and_set_aside(db: Database, make_writer, tmp_path: Path) -> None:
+async def test_a_refused_row_is_isolated_and_set_aside(db: Database, make_writer, tmp_path: Path, caplog) -> None:
     writer = make_writer(db)
     await writer.start()
     good = [event_row() for _ in range(3)]
@@ -120,6 +120,9 @@ async def test_a_refused_row_is_isolated_and_set_aside(db: Database, make_writer
     record = json.loads(rejected.read_text().splitlines()[0])
     assert record["row"]["id"] == orphan["id"] and record["attempts"] == MAX_ROW_ATTEMPTS
     assert events.count_feedback(db) == 0
+    # Offered to the database exactly MAX_ROW_ATTEMPTS times: once from the batch, then once per replay.
+    refusals = [r for r in caplog.records if r.getMessage().startswith(f"feedback row {orphan['id']} refused")]
+    assert len(refusals) == MAX_ROW_ATTEMPTS
 
 
 async def test_feedback_for_an_event_still_in_the_spool(db: Database, dead_db: Database, make_writer) -> None:
@@ -256,6 +259,48 @@ async def test_unreadable_spool_lines_are_set_aside(db: Database, make_writer, t
     assert len(rejected.read_text().splitlines()) == 2
 
 
+async def test_an_unreadable_line_mid_file_costs_only_itself(db: Database, make_writer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    before, after = [event_row() for _ in range(2)], [event_row() for _ in range(3)]
+    path = spool / "h-1-mid.jsonl"
+    _write_spool_file(path, [("search_events", row) for row in before])
+    with path.open("a") as handle:
+        handle.write("not json at all\n")
+        handle.write("".join(encode_entry(Entry("search_events", row)) for row in after))
+    writer = make_writer(db, spool, batch_size=2)  # chunks of 2: the bad line falls inside a chunk
+    await writer.start()
+    await wait_until(lambda: writer.spool_bytes == 0, what="replay")
+    assert writer.replayed == 5 and events.count_events(db) == 5
+    [rejected] = list((spool / REJECTED_DIR).iterdir())
+    assert "not json at all" in rejected.read_text()
+
+
+async def test_set_aside_rows_are_counted_across_files(db: Database, make_writer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    for name in ("h-1-a.jsonl", "h-1-b.jsonl"):  # each an orphan on its last attempt
+        (spool / name).parent.mkdir(parents=True, exist_ok=True)
+        (spool / name).write_text(encode_entry(Entry("feedback", feedback_row("no-such-event"),
+                                                     attempts=MAX_ROW_ATTEMPTS - 1)))
+    writer = make_writer(db, spool)
+    await writer.start()
+    await wait_until(lambda: writer.spool_bytes == 0, what="both files replayed")
+    assert writer.rejected == 2 and writer.replayed == 0
+
+
+async def test_a_row_submitted_twice_is_pending_until_both_are_booked(db: Database, make_writer) -> None:
+    """A client retrying with the same event id: the row is pending while any copy is queued or in flight."""
+    slow = CountingDatabase(db, delay_s=0.5)
+    writer = make_writer(slow, batch_size=1)
+    await writer.start()
+    row = event_row()
+    writer.submit("search_events", row)
+    writer.submit("search_events", dict(row))
+    await wait_until(lambda: writer.written == 1, what="the first copy written")
+    assert writer.is_pending(row["id"])  # the second copy is in its (0.5 s) write
+    await writer.flush()
+    assert writer.written == 2 and not writer.is_pending(row["id"]) and events.count_events(db) == 1
+
+
 async def test_submit_validates(db: Database, make_writer) -> None:
     writer = make_writer(db)
     with pytest.raises(ValueError):
@@ -377,6 +422,36 @@ class CountingDatabase:
 
     def ping(self) -> bool:
         return not self.down and self.up_for is None
+
+
+class GatedDatabase(CountingDatabase):
+    """A real database whose transactions wait at a gate (a black-holed connection) until it opens."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def begin(self):
+        self.entered.set()
+        self.gate.wait(30)
+        return super().begin()
+
+
+async def test_stop_abandons_a_replay_stuck_in_the_database(db: Database, make_writer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    _write_spool_file(spool / "h-1-stuck.jsonl", [("search_events", event_row()) for _ in range(3)])
+    gated = GatedDatabase(db)
+    writer = make_writer(gated, spool, write_timeout_s=0.3)
+    await writer.start()
+    try:
+        await asyncio.to_thread(gated.entered.wait, 10)  # the replay is inside a transaction that hangs
+        await asyncio.wait_for(writer.stop(), 10)  # returns after write_timeout_s, not when the database does
+    finally:
+        gated.gate.set()
+    await wait_until(lambda: gated.calls == 1, what="the abandoned transaction to go through")
+    await asyncio.sleep(0.2)
+    # Abandoned, not finished behind stop()'s back: nothing booked, the (claimed) file left for a restart.
+    assert writer.replayed == 0 and len(_spool_files(spool)) == 1
 
 
 async def test_a_replay_that_fails_part_way_gives_the_file_back_whole(db: Database, make_writer, tmp_path: Path):
