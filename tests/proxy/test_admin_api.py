@@ -34,6 +34,24 @@ def test_admin_routes_refuse_missing_and_wrong_tokens(proxy, client, method, pat
     assert not_bearer.status_code == 401
 
 
+PUBLIC_OPERATIONS = {("POST", "/api/v1/search"), ("POST", "/api/v1/feedback"), ("GET", "/healthz"),
+                     ("GET", "/readyz"), ("GET", "/metrics")}
+
+
+def test_every_operation_but_search_feedback_and_health_needs_the_token(proxy, client):
+    """Read from the app's own OpenAPI document, so a route added later without the admin dependency fails here."""
+    url, _ = proxy
+    document = client.get(url + "/openapi.json").json()
+    operations = [(method.upper(), path) for path, item in document["paths"].items() for method in item]
+    assert set(operations) >= PUBLIC_OPERATIONS and len(operations) > len(PUBLIC_OPERATIONS) + len(ADMIN_ROUTES)
+    for method, path in sorted(set(operations) - PUBLIC_OPERATIONS):
+        concrete = path.replace("{template_id}", "no-such-template").replace("{rule_id}", "no-such-rule")
+        missing = client.request(method, url + concrete, json={})
+        wrong = client.request(method, url + concrete, json={}, headers={"Authorization": "Bearer not-it"})
+        assert (missing.status_code, wrong.status_code) == (401, 403), (method, path)
+        assert "{" not in concrete
+
+
 def test_admin_routes_are_disabled_without_admin_token(tmp_path, client, control_upstream):
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], admin_token=None)
     with running_proxy(settings) as (url, _app):
