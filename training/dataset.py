@@ -6,7 +6,7 @@ Pipeline (each stage's row count goes into the dataset card):
    served answer if it was rated at or above `min_rating` or thumbed up. An event with a thumbs-down
    or a low rating and no correction is excluded. Corrections also yield a DPO preference pair
    (chosen = correction, rejected = served answer).
-2. **Redaction** of e-mails, phone numbers and secrets (training.redact).
+2. **Redaction** of e-mails, payment card numbers, phone numbers and secrets (training.redact).
 3. **Exact dedupe** on the normalised prompt, then **semantic dedupe** of questions by embedding
    similarity; in both the best row survives (correction > rated, then rating, then newest).
 4. **Density-based selection** over answer embeddings (training.select).
@@ -217,11 +217,7 @@ def _events_with_feedback(
 ) -> Iterator[tuple[SearchEvent, list[Feedback]]]:
     from sqlalchemy import select
 
-    stmt = select(SearchEvent, Feedback).join(Feedback, Feedback.event_id == SearchEvent.id)
-    if since is not None:
-        stmt = stmt.where(SearchEvent.ts >= since)
-    if until is not None:
-        stmt = stmt.where(SearchEvent.ts < until)
+    stmt = _within(select(SearchEvent, Feedback).join(Feedback, Feedback.event_id == SearchEvent.id), since, until)
     stmt = stmt.order_by(SearchEvent.ts, SearchEvent.id, Feedback.ts, Feedback.id)
     with db.session() as session:
         current: SearchEvent | None = None
@@ -234,6 +230,15 @@ def _events_with_feedback(
             group.append(feedback)
         if current is not None:
             yield current, group
+
+
+def _within(stmt: Any, since: datetime | None, until: datetime | None) -> Any:
+    """Events in [since, until): consecutive windows see every event once."""
+    if since is not None:
+        stmt = stmt.where(SearchEvent.ts >= since)
+    if until is not None:
+        stmt = stmt.where(SearchEvent.ts < until)
+    return stmt
 
 
 def _apply_preference_rules(
@@ -351,11 +356,7 @@ def _synthetic_examples(
     from store.config import Settings
     from training.synthetic import active_layout, count_retrievals, generate_synthetic, load_chunks, rarely_retrieved
 
-    stmt = select(SearchEvent.retrieved)
-    if since is not None:
-        stmt = stmt.where(SearchEvent.ts >= since)
-    if until is not None:
-        stmt = stmt.where(SearchEvent.ts < until)
+    stmt = _within(select(SearchEvent.retrieved), since, until)
     with db.session() as session:
         retrievals = count_retrievals(session.scalars(stmt))
     chunks = rarely_retrieved(load_chunks(config.index_dir or Settings().index_dir), retrievals, config)

@@ -164,6 +164,57 @@ def test_time_window_filters_events(db, add_event, encoder, tmp_path):
     assert card.window["since"].startswith("2026-03-01")
 
 
+def test_the_window_includes_its_start_and_excludes_its_end(db, add_event, encoder, tmp_path):
+    """Consecutive windows [t0, t1), [t1, t2) see every event once: none twice, none lost at a boundary."""
+    t0, t1 = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC)
+    add_event("at the start", "start answer", {"rating": 5}, ts=t0)
+    add_event("at the end", "end answer", {"rating": 5}, ts=t1)
+    _, first = _build(db, tmp_path / "first", encoder, since=t0, until=t1)
+    _, second = _build(db, tmp_path / "second", encoder, since=t1, until=t1 + timedelta(days=1))
+    assert (_answers(first), _answers(second)) == (["start answer"], ["end answer"])
+
+
+def test_the_latest_of_several_corrections_is_the_answer(db, add_event, encoder, tmp_path):
+    add_event("q1", "served", {"corrected_answer": "first fix"}, {"corrected_answer": "second fix"},
+              {"corrected_answer": "  "})  # blank: not a correction
+    _, rows = _build(db, tmp_path / "ds", encoder)
+    assert _answers(rows) == ["second fix"]
+    (pair,) = read_rows(tmp_path / "ds" / PREFERENCES_FILE)
+    assert pair["chosen"][0]["content"] == "second fix" and pair["rejected"][0]["content"] == "served"
+
+
+def test_a_correction_that_repeats_the_served_answer_is_no_preference_pair(db, add_event, encoder, tmp_path):
+    add_event("q1", "Use sorted().", {"corrected_answer": "  Use sorted().\n"})
+    card, rows = _build(db, tmp_path / "ds", encoder)
+    assert _answers(rows) == ["Use sorted()."] and rows[0]["source"] == "correction"
+    assert read_rows(tmp_path / "ds" / PREFERENCES_FILE) == [] and card.counts["preferences"] == 0
+
+
+def test_without_a_logged_query_the_question_is_the_last_user_message(db, add_event, encoder, tmp_path):
+    """The question is what semantic dedupe compares: the same last question after different conversations is
+    one question (the prompts differ, so exact dedupe keeps both)."""
+    for earlier in ("an earlier question", "another earlier question"):
+        add_event("", f"answer after {earlier}", {"rating": 5},
+                  messages=[*messages_for(earlier), {"role": "assistant", "content": "earlier"},
+                            {"role": "user", "content": "how do I sort a list in reverse?"}])
+    card, rows = _build(db, tmp_path / "ds", encoder, semantic_threshold=0.9)
+    assert card.stages["after_exact_dedupe"] == 2 and len(rows) == card.stages["after_semantic_dedupe"] == 1
+
+
+def test_preference_pairs_carry_their_event_simulation_flag_and_split(db, add_event, encoder, tmp_path):
+    ids = {add_event(f"question {n}", f"served {n}", {"corrected_answer": f"fixed {n}"},
+                     user_id="sim-7" if n % 2 else "person-3"): n for n in range(12)}
+    _build(db, tmp_path / "ds", encoder, holdout_fraction=0.5)
+    split_of = {row["event_id"]: split for split, name in (("train", TRAIN_FILE), ("holdout", HOLDOUT_FILE))
+                for row in read_rows(tmp_path / "ds" / name)}
+    pairs = read_rows(tmp_path / "ds" / PREFERENCES_FILE)
+    assert {pair["event_id"] for pair in pairs} == set(ids) == set(split_of)
+    assert {split_of[pair["event_id"]] for pair in pairs} == {"train", "holdout"}  # both sides occur here
+    for pair in pairs:
+        assert pair["split"] == split_of[pair["event_id"]]  # a prompt held out for SFT is held out for DPO too
+        assert pair["simulated"] == (ids[pair["event_id"]] % 2 == 1)
+
+
 def test_card_reports_counts_by_source_stage_and_hash(db, add_event, encoder, tmp_path):
     add_event("q1", "a1", {"rating": 5})
     add_event("q2", "a2", {"corrected_answer": "c2"})

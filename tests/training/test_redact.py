@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from training.redact import EMAIL, PHONE, SECRET, redact_messages, redact_text
+from training.redact import CARD, EMAIL, PHONE, SECRET, redact_messages, redact_text
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,49 @@ def test_counts_by_kind_and_messages() -> None:
     assert out[1]["content"] == f"I am {EMAIL}, key {SECRET}, tel {PHONE}"
     assert counts == Counter(email=1, secret=1, phone=1)
     assert "bob@example.com" in messages[1]["content"]  # the input is not mutated
+
+
+@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111",
+                                    "5555 5555 5555 4444", "378282246310005", "6011 0009 9013 9424"])
+def test_payment_card_numbers_are_redacted(number: str) -> None:
+    counts: Counter[str] = Counter()
+    assert redact_text(f"charge {number} now", counts) == f"charge {CARD} now"
+    assert counts == Counter(card=1)
+
+
+@pytest.mark.parametrize("text", ["4111 1111 1111 1112",  # fails the Luhn check
+                                  "ISBN 978-3-16-148410-0", "order 1234567890123", "ts 1700000000000",
+                                  "uuid 123e4567-e89b-12d3-a456-426614174000"])
+def test_digit_runs_that_are_not_card_numbers_are_left_alone(text: str) -> None:
+    assert redact_text(text) == text
+
+
+@pytest.mark.parametrize(("text", "redacted"), [
+    ("+12 345 67", False), ("+12 345 678", True),  # with a country code: 8 to 15 digits
+    ("+1 2345 6789 0123 45", True), ("+12 3456 7890 1234 56", False),
+    ("123 456 789", False), ("123 456 7890", True),  # without: 10 to 15
+    ("1234 5678 9012 345", True), ("1234 5678 9012 3457", False),  # 16 digits (and no valid card number)
+])
+def test_phone_numbers_are_told_by_their_digit_count(text: str, redacted: bool) -> None:
+    assert redact_text(f"tel {text}.") == (f"tel {PHONE}." if redacted else f"tel {text}.")
+
+
+@pytest.mark.parametrize(("token", "redacted"), [
+    ("ThisIsAVeryLongCamelCaseIdentifierName", False),  # no digit: a name, not a key
+    ("abcdefghijklmnopqrstuvwxyz0123456789", False),  # no upper case (and not hex)
+    ("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", False),  # no lower case
+    ("Zm9vYmFyYmF6cXV4cXV1eDEyMzQ1Njc4OTA=", True),  # base64 with its padding
+])
+def test_long_opaque_tokens_need_digits_and_both_cases(token: str, redacted: bool) -> None:
+    counts: Counter[str] = Counter()
+    assert redact_text(f"value {token} end", counts) == (f"value {SECRET} end" if redacted else f"value {token} end")
+    assert counts == (Counter(secret=1) if redacted else Counter())
+
+
+def test_assigned_secrets_and_non_text_content_are_counted_and_kept() -> None:
+    counts: Counter[str] = Counter()
+    messages = [{"role": "user", "content": "password: correcthorse"}, {"role": "tool", "content": None},
+                {"role": "user", "content": [{"type": "text", "text": "parts"}]}]
+    out = redact_messages(messages, counts)
+    assert out[0]["content"] == f"password: {SECRET}" and counts == Counter(secret=1)
+    assert out[1:] == messages[1:] and out[2] is not messages[2]
