@@ -593,6 +593,17 @@ async def test_flush_does_not_wait_out_the_linger_but_a_full_batch_goes_at_once(
     await wait_until(lambda: events.count_events(db) == 4, what="a full batch written without a flush")
 
 
+async def test_rows_that_arrive_within_the_linger_share_one_transaction(db: Database, make_writer) -> None:
+    counting = CountingDatabase(db)
+    writer = make_writer(counting, flush_interval_s=1.0, batch_size=100)
+    await writer.start()
+    for _ in range(3):
+        writer.submit("search_events", event_row())
+        await asyncio.sleep(0.01)  # each after the first has begun to linger
+    await wait_until(lambda: events.count_events(db) == 3, what="the batch written after the linger")
+    assert counting.calls == 1
+
+
 async def test_flush_waits_through_a_slow_write(db: Database, make_writer) -> None:
     writer = make_writer(CountingDatabase(db, delay_s=1.2))  # longer than flush()'s 0.5 s wait for progress
     await writer.start()
