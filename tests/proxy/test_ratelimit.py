@@ -160,6 +160,53 @@ def test_a_rate_of_zero_turns_the_limit_off(tmp_path, client, control_upstream):
     assert _rate_limited(metrics, SEARCH) == 0
 
 
+def test_a_wait_under_a_second_is_still_a_refusal(tmp_path, client, control_upstream):
+    """61 a minute and a burst of 1: the second request at once must wait about 0.98 s, rounded up to 1."""
+    with _proxy(tmp_path, control_upstream, rate_limit_per_minute=61, rate_limit_burst=1) as (url, _app):
+        first, second = (_search(client, url, "dave") for _ in range(2))
+    assert (first.status_code, second.status_code, second.headers["retry-after"]) == (200, 429, "1")
+
+
+@pytest.mark.parametrize(("workers", "burst", "codes"), [("1", 2, [200, 200, 429]), ("2", 4, [200, 200, 429]),
+                                                          ("3", 2, [200, 429])])
+def test_workers_without_redis_split_each_users_budget(tmp_path, client, control_upstream, monkeypatch,
+                                                       workers, burst, codes):
+    """`abloop proxy --workers N` exports WEB_CONCURRENCY: each worker keeps 1/N of the rate and of the burst
+    (at least 1), so a user spread over the workers gets about the budget one process would give."""
+    monkeypatch.setenv("WEB_CONCURRENCY", workers)
+    with _proxy(tmp_path, control_upstream, rate_limit_burst=burst) as (url, _app):
+        responses = [_search(client, url, "erin") for _ in codes]
+    assert [r.status_code for r in responses] == codes
+    # 2 a minute is a token every 30 s in one process, every 60 s (or 90 s) in each of 2 (or 3) workers.
+    token_every_s = 30 * int(workers)
+    assert token_every_s - 30 < int(responses[-1].headers["retry-after"]) <= token_every_s
+
+
+async def test_an_unreachable_redis_is_retried_after_a_pause_and_warned_about_again_after_a_minute(monkeypatch):
+    import proxy.ratelimit as ratelimit
+
+    clock = Clock()
+    monkeypatch.setattr(ratelimit.time, "monotonic", clock)
+    buckets = RedisBuckets(f"redis://127.0.0.1:{free_port()}/0", 60, 1, prefix="p:", errors=Metrics().rate_limit_errors)
+    calls: list[float] = []
+
+    async def unreachable(**kwargs):
+        calls.append(clock.now)
+        raise ConnectionError("connection refused")
+
+    buckets._script = unreachable  # the Lua call, failing as a closed port does, without the 0.5 s timeout
+    warnings: list[str] = []
+    monkeypatch.setattr(ratelimit.log, "warning", lambda message, *args: warnings.append(message % args))
+    try:
+        for at in (1000.0, 1000.5, 1001.0, 1030.0, 1060.5):
+            clock.now = at
+            assert await buckets.take("user:frank") == 0.0  # fails open every time
+    finally:
+        await buckets.aclose()
+    assert calls == [1000.0, 1001.0, 1030.0, 1060.5]  # not within a second of a failure
+    assert len(warnings) == 2 and "Redis is unreachable (ConnectionError: connection refused)" in warnings[0]
+
+
 def test_an_unreachable_redis_fails_open_and_warns_once(tmp_path, client, control_upstream, caplog):
     closed_port = f"redis://127.0.0.1:{free_port()}/0"
     with caplog.at_level(logging.WARNING, logger="abloop.proxy.ratelimit"), \
@@ -223,4 +270,39 @@ async def test_redis_buckets_refill_by_redis_time(redis_prefix):
         assert await buckets.take("erin") == 0.0
         assert await buckets.take("erin") > 0
     finally:
+        await buckets.aclose()
+
+
+@pytest.mark.parametrize(("value", "workers"), [(None, 1), ("4", 4), ("0", 1), ("four", 1)])
+def test_the_worker_count_is_read_from_web_concurrency(monkeypatch, value, workers):
+    from proxy.ratelimit import _server_workers
+
+    if value is None:
+        monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    else:
+        monkeypatch.setenv("WEB_CONCURRENCY", value)
+    assert _server_workers() == workers
+
+
+async def test_a_redis_that_never_answers_fails_open_after_one_try():
+    """A black-holed Redis (the connection opens, no reply comes) must cost one short timeout, not a hang and
+    not a round of retries: the request is served without a limit."""
+    import asyncio
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(65536)  # the command arrives; no answer is ever sent
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    buckets = RedisBuckets(f"redis://127.0.0.1:{port}/0", 60, 1, prefix="p:", errors=Metrics().rate_limit_errors)
+    try:
+        async with server:
+            assert await asyncio.wait_for(buckets.take("user:grace"), 10) == 0.0
+            assert len(connections) == 1
+    finally:
+        for writer in connections:
+            writer.close()
         await buckets.aclose()
