@@ -58,7 +58,7 @@ _PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2
 
 
 def redact_text(text: str, counts: Counter[str] | None = None) -> str:
-    """`text` with e-mails, phone numbers and secrets replaced by placeholders.
+    """`text` with e-mails, payment card numbers, phone numbers and secrets replaced by placeholders.
 
     `counts`, when given, is incremented per kind ("email", "card", "phone", "secret").
     """
