@@ -122,3 +122,26 @@ async def test_every_arm_failing_says_whether_one_timed_out(clock, candidate_fai
     assert [failure.arm for failure in failed.value.failures] == ["candidate", "control"]
     reason = "timed out (ReadTimeout)" if timed_out else "HTTP 502: bad gateway"
     assert str(failed.value) == f"candidate: {reason}; control: HTTP 502: bad gateway"
+
+
+async def test_the_call_goes_to_chat_completions_under_the_base_url_and_is_timed():
+    import asyncio
+    import time
+
+    paths: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        await asyncio.sleep(0.05)
+        return _answer("control-model")
+
+    arms = Upstream(timeout_s=5.0, api_key=None, max_tokens=16, temperature=0.0, failure_threshold=1, reset_s=60.0,
+                    transport=httpx.MockTransport(handler))
+    try:
+        started = time.perf_counter()
+        answered = await arms.complete([("control", Target("http://control.test/v1/", "control-model"))], [])
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    finally:
+        await arms.aclose()
+    assert paths == ["/v1/chat/completions"]  # one slash, whether or not the base URL ends with one
+    assert 50 <= answered.llm_ms <= elapsed_ms  # milliseconds, of the call alone
