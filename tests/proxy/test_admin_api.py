@@ -164,3 +164,30 @@ def test_process_url_validation(proxy, client, admin_headers):
     url, _ = proxy
     response = client.post(f"{url}/api/v1/process_url", json={"link": "x"}, headers=admin_headers)
     assert response.status_code == 422 and "url" in response.json()["message"]
+
+
+def test_a_change_made_by_another_process_reaches_a_running_proxy(tmp_path, client, control_upstream,
+                                                                  candidate_upstream):
+    """Flows (evaluate_arms, promote) change the experiment in the store, not through this proxy: its refresh
+    loop picks the change up within experiment_refresh_s (0.3 s here)."""
+    import time
+
+    from experiment import lifecycle
+    from store.db import Database
+
+    settings = make_settings(tmp_path, llm_api_base=control_upstream[1])
+    with running_proxy(settings) as (url, _app):
+        assert client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "ann"}).json()["arm"] == "control"
+        elsewhere = Database(settings.database_url)  # a flow's own connection to the store
+        try:
+            lifecycle.start_candidate(elsewhere, base_url=candidate_upstream[1], model="candidate-model", share=1.0)
+        finally:
+            elsewhere.dispose()
+        deadline, arm, n = time.monotonic() + 15, "control", 0
+        while arm == "control" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            n += 1  # a new user each time (share 1.0 sends every one to the candidate), clear of the rate limit
+            served = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": f"user-{n}"})
+            assert served.status_code == 200, served.text
+            arm = served.json()["arm"]
+    assert arm == "candidate"
