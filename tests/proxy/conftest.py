@@ -23,6 +23,16 @@ from tests.conftest import free_port, serve_app
 ADMIN_TOKEN = "test-admin-token"
 
 
+class Clock:
+    """A monotonic clock a test moves by hand (`clock.now += 10`): for breakers and buckets, without sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def control_upstream():
     with running_stub(model="control-model", answer="control says hi") as (stub, url):

@@ -15,7 +15,7 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import LocalBuckets, RedisBuckets, retry_after
 from store.models import Feedback
 from tests.conftest import free_port
-from tests.proxy.conftest import make_settings, running_proxy
+from tests.proxy.conftest import Clock, make_settings, running_proxy
 from tests.proxy.test_ingest_metrics import _samples
 from tests.proxy.test_search_api import _events
 
@@ -24,12 +24,6 @@ SEARCH = "/api/v1/search"
 FEEDBACK = "/api/v1/feedback"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _proxy(tmp_path, upstream, **overrides):

@@ -8,17 +8,10 @@ import pytest
 
 import proxy.upstream as upstream
 from proxy.upstream import AllArmsFailed, CircuitBreaker, Failure, Target, Upstream
+from tests.proxy.conftest import Clock
 
 CONTROL = Target("http://control.test/v1", "control-model")
 CANDIDATE = Target("http://candidate.test/v1", "candidate-model")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -135,8 +128,7 @@ async def test_the_call_goes_to_chat_completions_under_the_base_url_and_is_timed
         await asyncio.sleep(0.05)
         return _answer("control-model")
 
-    arms = Upstream(timeout_s=5.0, api_key=None, max_tokens=16, temperature=0.0, failure_threshold=1, reset_s=60.0,
-                    transport=httpx.MockTransport(handler))
+    arms = _upstream(handler)
     try:
         started = time.perf_counter()
         answered = await arms.complete([("control", Target("http://control.test/v1/", "control-model"))], [])

@@ -161,13 +161,21 @@ async def test_too_large_by_content_length() -> None:
         )
 
 
-async def test_too_large_while_streaming_without_content_length() -> None:
-    class Endless(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            while True:
-                yield b"y" * 1024
+class _Endless(httpx.AsyncByteStream):
+    """A body that never ends (no Content-Length)."""
 
-    recorder = _Recorder(default=httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Endless()))
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            yield b"y" * 1024
+
+
+async def _slow(request: httpx.Request) -> httpx.Response:
+    await asyncio.sleep(5)
+    return httpx.Response(200, text="late")
+
+
+async def test_too_large_while_streaming_without_content_length() -> None:
+    recorder = _Recorder(default=httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=_Endless()))
     with pytest.raises(FetchError, match="too large"):
         await fetch_url(
             "http://stream.example/",
@@ -197,15 +205,11 @@ async def test_upstream_error_status() -> None:
 
 
 async def test_overall_timeout() -> None:
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(5)
-        return httpx.Response(200, text="late")
-
     with pytest.raises(FetchError, match="timed out"):
         await fetch_url(
             "http://slow.example/",
             timeout_s=0.2,
-            transport=httpx.MockTransport(slow),
+            transport=httpx.MockTransport(_slow),
             resolver=_resolver({"slow.example": [PUBLIC_IP]}),
         )
 
@@ -328,13 +332,7 @@ async def test_a_page_of_exactly_max_bytes_is_read(streamed: bool) -> None:
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_errors_name_the_page_without_its_query_or_fragment(streamed: bool) -> None:
     """A query string can carry a token: the error (logged, and shown to the caller) keeps scheme, host and path."""
-
-    class Endless(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            while True:
-                yield b"y" * 1024
-
-    response = (httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Endless()) if streamed
+    response = (httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=_Endless()) if streamed
                 else httpx.Response(200, headers={"Content-Type": "text/plain"}, text="x" * 5000))
     with pytest.raises(FetchError) as failed:
         await fetch_url("http://big.example/p?token=SECRET#part", max_bytes=1000,
@@ -343,12 +341,8 @@ async def test_errors_name_the_page_without_its_query_or_fragment(streamed: bool
     assert str(failed.value).startswith("http://big.example/p is too large (")
     assert "SECRET" not in str(failed.value) and "part" not in str(failed.value)
 
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(5)
-        return httpx.Response(200, text="late")
-
     with pytest.raises(FetchError) as failed:
-        await fetch_url("http://big.example/p?token=SECRET", timeout_s=0.1, transport=httpx.MockTransport(slow),
+        await fetch_url("http://big.example/p?token=SECRET", timeout_s=0.1, transport=httpx.MockTransport(_slow),
                         resolver=_resolver({"big.example": [PUBLIC_IP]}))
     assert str(failed.value) == "timed out after 0.1s fetching http://big.example/p"
 
