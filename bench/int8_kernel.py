@@ -20,8 +20,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.* from any working directory
 
 SHAPES = {"q/o 576x576": (576, 576), "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536),
           "LM head 49152x576": (49152, 576)}
@@ -74,8 +78,7 @@ def bench_layers(rounds: int, calls: int) -> None:
 
 
 def bench_decode(rounds: int, tokens: int) -> None:
-    from single_stream import Variant, chat_prompt_ids, greedy_decode
-
+    from bench.single_stream import Variant, chat_prompt_ids, greedy_decode
     from serving.model import load_base_model
 
     setups = [("float32", "none"), ("float32", "int8"), ("bfloat16", "none"), ("bfloat16", "int8")]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
+from experiment import lifecycle
 from store import experiments
+from store.db import Database
 from tests.proxy.conftest import ADMIN_TOKEN, fake_web, make_settings, running_proxy
 
 ADMIN_ROUTES = [
@@ -170,11 +174,6 @@ def test_a_change_made_by_another_process_reaches_a_running_proxy(tmp_path, clie
                                                                   candidate_upstream):
     """Flows (evaluate_arms, promote) change the experiment in the store, not through this proxy: its refresh
     loop picks the change up within experiment_refresh_s (0.3 s here)."""
-    import time
-
-    from experiment import lifecycle
-    from store.db import Database
-
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1])
     with running_proxy(settings) as (url, _app):
         assert client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "ann"}).json()["arm"] == "control"

@@ -3,6 +3,7 @@ through the real proxy app, and buckets shared by two replicas through the real 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -11,8 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+import proxy.ratelimit as ratelimit
 from proxy.metrics import Metrics
-from proxy.ratelimit import LocalBuckets, RedisBuckets, retry_after
+from proxy.ratelimit import LocalBuckets, RedisBuckets, _server_workers, retry_after
 from store.models import Feedback
 from tests.conftest import free_port
 from tests.proxy.conftest import Clock, make_settings, running_proxy
@@ -177,8 +179,6 @@ def test_workers_without_redis_split_each_users_budget(tmp_path, client, control
 
 
 async def test_an_unreachable_redis_is_retried_after_a_pause_and_warned_about_again_after_a_minute(monkeypatch):
-    import proxy.ratelimit as ratelimit
-
     clock = Clock()
     monkeypatch.setattr(ratelimit.time, "monotonic", clock)
     buckets = RedisBuckets(f"redis://127.0.0.1:{free_port()}/0", 60, 1, prefix="p:", errors=Metrics().rate_limit_errors)
@@ -269,8 +269,6 @@ async def test_redis_buckets_refill_by_redis_time(redis_prefix):
 
 @pytest.mark.parametrize(("value", "workers"), [(None, 1), ("4", 4), ("0", 1), ("four", 1)])
 def test_the_worker_count_is_read_from_web_concurrency(monkeypatch, value, workers):
-    from proxy.ratelimit import _server_workers
-
     if value is None:
         monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
     else:
@@ -281,8 +279,6 @@ def test_the_worker_count_is_read_from_web_concurrency(monkeypatch, value, worke
 async def test_a_redis_that_never_answers_fails_open_after_one_try():
     """A black-holed Redis (the connection opens, no reply comes) must cost one short timeout, not a hang and
     not a round of retries: the request is served without a limit."""
-    import asyncio
-
     connections: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -3,6 +3,9 @@ upstream (httpx.MockTransport). The same paths through the real app: tests/proxy
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import pytest
 
@@ -118,9 +121,6 @@ async def test_every_arm_failing_says_whether_one_timed_out(clock, candidate_fai
 
 
 async def test_the_call_goes_to_chat_completions_under_the_base_url_and_is_timed():
-    import asyncio
-    import time
-
     paths: list[str] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
