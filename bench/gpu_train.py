@@ -3,7 +3,8 @@
 The models are Llama-architecture decoders of the SmolLM2 family's sizes (135M, 360M, 1.7B), built
 from their configurations (below) with random weights and the SmolLM2 tokenizer: throughput and
 memory depend on the shapes, not on the weights, and nothing has to be downloaded. The data is a
-SIMULATED house-style dataset (`abloop.simulate`, one passage per prompt), the same for every run.
+SIMULATED house-style dataset (`abloop.simulate`; by default 400 searches with the search API's
+default 5 passages each: 191 training rows of 208-403 tokens, 58k tokens), the same for every run.
 
 Per size and configuration it prints tokens/s over the whole run (the non-padding tokens the
 trainer saw / its train runtime) and after warm-up (a callback notes the time and the tokens seen at
@@ -33,9 +34,11 @@ Each size is built, and each configuration trained, in its own subprocess (peak 
 Configurations:
   project         training.train.train_lora as `abloop train` runs it: LoRA r=16 on all linear
                   layers, completion-only loss, bf16 on CUDA, rows packed without padding into
-                  `--batch` sequences of up to 1024 tokens per step (FlashAttention when installed,
-                  else SDPA), micro-batches and activation recomputation chosen from the free GPU
-                  memory (training.batching.plan_step).
+                  `--batch` sequences of up to 1024 tokens per step, attended by a FlashAttention
+                  varlen kernel (the flash-attn package's when installed, else PyTorch's own:
+                  training.varlen), micro-batches and activation recomputation chosen from the free
+                  GPU memory (training.batching.plan_step).
+  project-sdpa    the same, packed rows attended by SDPA under a block-diagonal mask (CUDA only).
   project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
                   the project pads anyway).
   trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
@@ -92,12 +95,14 @@ CARRIED = (
     "greenlet",
     "alembic",
     "Mako",
+    "fsspec",
 )
 # Recorded with every run: the versions that produced the figures.
 REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-CONFIGS = ("project", "project-padded", "trl-defaults")
+CONFIGS = ("project", "project-sdpa", "project-padded", "trl-defaults")
+CPU_CONFIGS = ("project", "trl-defaults")  # on CPU the project pads: its other rows would train the same batches
 VOCAB = 49152  # the SmolLM2 tokenizer's
 # The SmolLM2 family's shapes (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}): LlamaConfig fields.
 SIZES: dict[str, dict[str, Any]] = {
@@ -167,14 +172,15 @@ def main() -> None:
     unknown = sorted(set(sizes) - set(SHAPES))
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; choose from {', '.join(SHAPES)}")
+    configs = _configs(args)
     load_before, started = os.getloadavg(), time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="abloop-gpu-train-") as scratch:
-        data_dir = build_data(Path(scratch), args.rows, args.seed)
+        data_dir = build_data(Path(scratch), args.rows, args.seed, args.passages)
         for size in sizes:
             model_dir = Path(scratch) / f"llama-{size}"
             _spawn(["--_build", size, "--_out", str(model_dir)], args, f"build {size}")
-            for config in _configs(args.device):
+            for config in configs:
                 worker = [
                     "--_run",
                     config,
@@ -186,7 +192,8 @@ def main() -> None:
                     str(Path(scratch) / f"{size}-{config}"),
                 ]
                 results.append({"size": size, **_spawn(worker, args, f"{size} {config}")})
-                _say_done(results[-1])  # each figure as it comes: a run cut short still reports its rows
+                # Each row as it comes: a run cut short (a lease's time limit) still reports what it measured.
+                print(f"[bench] {_row(results[-1], args)}", file=sys.stderr, flush=True)
             _remove(model_dir)
     print(_table(results, args, (load_before, os.getloadavg()), time.perf_counter() - started))
     print("\nsoftware: " + ", ".join(f"{k} {v}" for k, v in carry.versions(REPORTED).items()))
@@ -201,9 +208,19 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(reversed(SIZES)),
         help=f"comma-separated, of {', '.join(SHAPES)} (default: the SmolLM2 sizes, the largest first: the goal's)",
     )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated, of {', '.join(CONFIGS)} (default: all; on CPU {', '.join(CPU_CONFIGS)})",
+    )
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=None, help="the project's rows per step (default: its own, 4)")
-    parser.add_argument("--rows", type=int, default=120, help="simulated searches to build the dataset from")
+    parser.add_argument(
+        "--rows", type=int, default=400, help="simulated searches to build the dataset from (400: 191 rows, 58k tokens)"
+    )
+    parser.add_argument(
+        "--passages", type=int, default=5, help="retrieved passages per prompt (the search API's default top_k: 5)"
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -290,7 +307,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     data, base, out = Path(args._data), Path(args._base_dir), Path(args._out)
     clock = _step_clock(on_cuda)
     if args._run.startswith("project"):
-        result = _project(data, base, out, args, packing=None if args._run == "project" else False, clock=clock)
+        result = _project(data, base, out, args, clock=clock)
     else:
         result = run_trl_defaults(data, base, out, args.steps, on_cuda, callbacks=[clock])
     result.update(after_warmup(clock.points, args.steps))
@@ -306,16 +323,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _configs(device: str) -> tuple[str, ...]:
-    # On CPU the project pads by default: "project-padded" would train the same batches again.
-    return tuple(c for c in CONFIGS if device == "cuda" or c != "project-padded")
+def _configs(args: argparse.Namespace) -> tuple[str, ...]:
+    allowed = CONFIGS if args.device == "cuda" else CPU_CONFIGS
+    if args.configs is None:
+        return allowed
+    asked = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    unknown = [c for c in asked if c not in allowed]
+    if unknown:
+        raise SystemExit(f"configs {unknown} do not run on {args.device}; choose from {', '.join(allowed)}")
+    return asked
 
 
-def _project(
-    data: Path, base: Path, out: Path, args: argparse.Namespace, packing: bool | None, clock: Any
-) -> dict[str, Any]:
+def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, clock: Any) -> dict[str, Any]:
     from training.train import train_lora
 
+    packing = False if args._run == "project-padded" else None
+    attention = "sdpa" if args._run == "project-sdpa" else None
     run = train_lora(
         data,
         out,
@@ -323,6 +346,7 @@ def _project(
         max_steps=args.steps,
         seed=args.seed,
         packing=packing,
+        attention=attention,
         callbacks=[clock],
         **({"batch_size": args.batch} if args.batch else {}),
     )
@@ -382,35 +406,38 @@ def flops_per_token(config: str, n_params: int, n_lora: int) -> int:
     return 4 * n_params + 6 * n_lora if config.startswith("project") else 6 * n_params
 
 
-def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple, wall_s: float) -> str:
-    header = (
-        "| size | N params | config | mode | dtype | act. ckpt | batch | steps | train tokens | tokens/s, whole run "
-        "| tokens/s, after warm-up | step s, after warm-up | peak mem (MB) | FLOPs/token | MFU | 6N label |"
+_HEADER = (
+    "| size | N params | config | mode | dtype | act. ckpt | batch | steps | train tokens | tokens/s, whole run "
+    "| tokens/s, after warm-up | step s, after warm-up | peak mem (MB) | FLOPs/token | MFU | 6N label |"
+)
+_COLUMNS = _HEADER.count("|") - 1
+
+
+def _row(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """One result as a row of the table."""
+    if "error" in r or not r.get("tokens_per_s"):
+        failed = f"| {r['size']} | | {r.get('config', '?')} | failed: {r.get('error', 'no result')} |"
+        return failed + " |" * (_COLUMNS - 4)
+    per_token = flops_per_token(r["config"], r["n_params"], r["n_lora"])
+    steady = r.get("steady_tokens_per_s")
+    mfu = label = "n/a (CPU)" if args.device == "cpu" else "pass --peak-tflops"
+    if args.device == "cuda" and args.peak_tflops:
+        peak, rate = args.peak_tflops * 1e12, steady or r["tokens_per_s"]
+        mfu = f"{rate * per_token / peak:.1%}" + ("" if steady else " (whole run)")
+        label = f"{rate * 6 * r['n_params'] / peak:.1%}"
+    formula = "4N+6N_lora" if r["config"].startswith("project") else "6N"
+    steady_cells = f"{steady:,.0f} | {r['steady_step_s']:.3f}" if steady else "n/a (too few steps) | n/a"
+    return (
+        f"| {r['size']} | {r['n_params'] / 1e6:,.1f}M | {r['config']} | {r['mode']} | {r['dtype']} "
+        f"| {'on' if r['checkpointing'] else 'off'} | {r['batch']} | {r['steps']} | {r['tokens']} "
+        f"| {r['tokens_per_s']:,.0f} | {steady_cells} | {r['peak_memory_mb']:,.0f} "
+        f"| {formula} = {per_token / 1e9:.2f} GFLOP | {mfu} | {label} |"
     )
-    columns = header.count("|") - 1
-    lines = [header, "|" + "---|" * columns]
-    for r in sorted(results, key=lambda r: list(SHAPES).index(r["size"])):
-        if "error" in r or not r.get("tokens_per_s"):
-            lines.append(
-                f"| {r['size']} | | {r.get('config', '?')} | failed: {r.get('error', 'no result')} |"
-                + " |" * (columns - 4)
-            )
-            continue
-        per_token = flops_per_token(r["config"], r["n_params"], r["n_lora"])
-        steady = r.get("steady_tokens_per_s")
-        mfu = label = "n/a (CPU)" if args.device == "cpu" else "pass --peak-tflops"
-        if args.device == "cuda" and args.peak_tflops:
-            peak, rate = args.peak_tflops * 1e12, steady or r["tokens_per_s"]
-            mfu = f"{rate * per_token / peak:.1%}" + ("" if steady else " (whole run)")
-            label = f"{rate * 6 * r['n_params'] / peak:.1%}"
-        formula = "4N+6N_lora" if r["config"].startswith("project") else "6N"
-        steady_cells = f"{steady:,.0f} | {r['steady_step_s']:.3f}" if steady else "n/a (too few steps) | n/a"
-        lines.append(
-            f"| {r['size']} | {r['n_params'] / 1e6:,.1f}M | {r['config']} | {r['mode']} | {r['dtype']} "
-            f"| {'on' if r['checkpointing'] else 'off'} | {r['batch']} | {r['steps']} | {r['tokens']} "
-            f"| {r['tokens_per_s']:,.0f} | {steady_cells} | {r['peak_memory_mb']:,.0f} "
-            f"| {formula} = {per_token / 1e9:.2f} GFLOP | {mfu} | {label} |"
-        )
+
+
+def _table(results: list[dict[str, Any]], args: argparse.Namespace, loads: tuple, wall_s: float) -> str:
+    lines = [_HEADER, "|" + "---|" * _COLUMNS]
+    lines += [_row(r, args) for r in sorted(results, key=lambda r: list(SHAPES).index(r["size"]))]
     device = next((r["device_name"] for r in results if "device_name" in r), args.device)
     peak = f"peak {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "no --peak-tflops"
     smoke = any(r["size"] in SMOKE for r in results)
@@ -446,18 +473,6 @@ def _tokenizer_dir(bundle: Path) -> Path:
     from serving.model import resolve_base_model
 
     return resolve_base_model("default")
-
-
-def _say_done(result: dict[str, Any]) -> None:
-    steady = result.get("steady_tokens_per_s")
-    figures = (
-        f"{result['tokens_per_s']:,.0f} tokens/s ({f'{steady:,.0f}' if steady else 'n/a'} after warm-up), "
-        f"peak {result['peak_memory_mb']:,.0f} MB, {result['mode']}, "
-        f"batch {result['batch']}, activations {'recomputed' if result['checkpointing'] else 'kept'}"
-        if result.get("tokens_per_s")
-        else result.get("error", "no result")
-    )
-    print(f"[bench] {result['size']} {result.get('config', '?')}: {figures}", file=sys.stderr, flush=True)
 
 
 def _remove(path: Path) -> None:

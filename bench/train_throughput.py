@@ -77,8 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_data(scratch: Path, rows: int, seed: int) -> Path:
-    """A simulated house-style dataset; short prompts (one passage) keep CPU steps affordable."""
+def build_data(scratch: Path, rows: int, seed: int, passages: int = 1) -> Path:
+    """A simulated house-style dataset; short prompts (one passage) keep CPU steps affordable.
+
+    `passages` per prompt: the search API serves 5 by default (`top_k`), about 300 tokens a row.
+    """
     from abloop.simulate import simulate_traffic
     from store.db import Database
     from training.dataset import build_dataset
@@ -86,7 +89,7 @@ def build_data(scratch: Path, rows: int, seed: int) -> Path:
 
     db = Database(f"sqlite:///{scratch / 'bench.db'}")
     db.migrate()
-    simulate_traffic(db, n_queries=rows, seed=seed, top_k=1)
+    simulate_traffic(db, n_queries=rows, seed=seed, top_k=passages)
     # No embedding stages: the benchmark is about the trainer, not the dataset pipeline.
     build_dataset(db, scratch / "data", semantic_threshold=1.01, select=SelectionConfig(enabled=False))
     db.dispose()

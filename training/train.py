@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from store.db import Database
+from training import varlen
 from training.batching import BatchPlan, ModelShape, plan_step
 from training.completion_head import use_completion_head
 from training.dataset import CARD_FILE, HOLDOUT_FILE, TRAIN_FILE, DatasetCard, read_rows
@@ -75,6 +76,7 @@ def train_lora(
     seed: int = 0,
     load_in_4bit: bool = False,
     packing: bool | None = None,
+    attention: str | None = None,
     db: Database | None = None,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
@@ -84,6 +86,8 @@ def train_lora(
     given `max_steps` wins (as in transformers, where max_steps > 0 overrides num_train_epochs);
     with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step,
     or packed sequences when packing (the default on CUDA; `packing=False` pads there too).
+    `attention` names the packed batches' attention implementation ("sdpa", "flash_attention_2",
+    training.varlen.NAME...; default: the fastest this machine has).
     `callbacks` are transformers `TrainerCallback`s for the trainer (bench/gpu_train.py times steps).
     """
     import torch
@@ -115,7 +119,7 @@ def train_lora(
     try:
         device, dtype = device_and_dtype()
         on_cuda = device.type == "cuda"
-        attention = _packing_attention(on_cuda, packing)
+        attention = _packing_attention(on_cuda, packing, attention)
         plan = BatchPlan(per_device=batch_size, accumulation=1, checkpointing=False)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -284,18 +288,22 @@ def _cuda_step_plan(
     return plan
 
 
-def _packing_attention(on_cuda: bool, packing: bool | None) -> str | None:
+def _packing_attention(on_cuda: bool, packing: bool | None, attention: str | None = None) -> str | None:
     """The attention implementation for padding-free (packed) batches, or None to pad.
 
-    Packed rows share one sequence and are told apart by their position ids alone. FlashAttention's
-    variable-length kernels take them directly; SDPA and eager attention honour them through the
-    block-diagonal mask transformers builds from position ids when there is no attention mask and
-    no cache (trl's SFTTrainer turns the cache off in its loss: tests/training/test_packing.py
-    checks that packed and padded batches give the same loss). Packing is the default on CUDA;
-    on CPU batches stay padded unless asked (the CPU path's results predate packing).
+    Packed rows share one sequence and are told apart by their boundaries, which trl's collator
+    passes beside the position ids. FlashAttention's variable-length kernels take the boundaries
+    directly: the flash-attn package's (3, then 2), else PyTorch's own (training.varlen). SDPA and
+    eager attention honour the position ids through the block-diagonal mask transformers builds
+    when there is no attention mask and no cache (trl's SFTTrainer turns the cache off in its loss:
+    tests/training/test_packing.py checks that packed and padded batches give the same loss).
+    Packing is the default on CUDA; on CPU batches stay padded unless asked (the CPU path's results
+    predate packing). `attention` names the implementation instead of choosing the fastest.
     """
     if packing is False or (packing is None and not on_cuda):
         return None
+    if attention is not None:
+        return varlen.register() if attention == varlen.NAME else attention
     if on_cuda:
         from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
@@ -303,6 +311,8 @@ def _packing_attention(on_cuda: bool, packing: bool | None) -> str | None:
             return "flash_attention_3"
         if is_flash_attn_2_available():
             return "flash_attention_2"
+        if varlen.available():
+            return varlen.register()
     return "sdpa"
 
 

@@ -148,3 +148,31 @@ def tiny_model_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     LlamaForCausalLM(config).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+# Stand-ins for torch.nn.attention.varlen.varlen_attn (training.varlen), whose kernel runs on CUDA only.
+
+
+def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch.nn.attention.varlen.varlen_attn as torch 2.11 declares it (no enable_gqa), row by row through SDPA."""
+    import torch
+
+    out = torch.empty_like(query)
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, tokens, dim]
+        causal = tuple(window_size) == (-1, 0)
+        # Without enable_gqa SDPA refuses fewer key heads than query heads, as the CUDA kernel does.
+        rows = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out[start:end] = rows.transpose(0, 1)
+    return out
+
+
+def varlen_reference_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):  # fmt: skip
+    """The same as torch 2.13 declares it: grouped key and value heads only when asked."""
+
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise RuntimeError("key heads != query heads without enable_gqa")
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)

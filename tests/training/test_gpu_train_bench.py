@@ -131,3 +131,16 @@ def test_carried_wheels_are_installed_and_the_script_runs_again_with_them(tmp_pa
     location, version, argv = done.stdout.split("CARRIED ")[1].split(" ", 2)
     assert location.startswith(str(tmp_path / "abloop-carried-")) and version == "1.0"
     assert argv.strip() == "['--an', 'argument']"  # the re-run got the same arguments
+
+
+def test_configs_are_checked_before_anything_runs():
+    from bench.gpu_train import CONFIGS, CPU_CONFIGS, _configs, _parser
+
+    def configs(*argv):
+        return _configs(_parser().parse_args(list(argv)))
+
+    assert configs() == CONFIGS  # CUDA: every configuration
+    assert configs("--device", "cpu") == CPU_CONFIGS
+    assert configs("--configs", "trl-defaults, project-sdpa") == ("trl-defaults", "project-sdpa")
+    with pytest.raises(SystemExit, match="project-sdpa"):
+        configs("--device", "cpu", "--configs", "project,project-sdpa")  # the CPU path pads: no packed SDPA row

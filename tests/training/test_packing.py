@@ -8,6 +8,7 @@ cache off in its loss: a transformers or trl upgrade that changes either fails h
 
 import pytest
 
+from tests.training.conftest import varlen_reference, varlen_reference_gqa
 from training.train import MAX_LENGTH, _packing_attention
 
 ROWS = [
@@ -17,7 +18,7 @@ ROWS = [
 ]
 
 
-def _trainer(model_dir, out_dir, *, packing: bool):
+def _trainer(model_dir, out_dir, *, packing: bool, attention: str = "sdpa"):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,7 +40,7 @@ def _trainer(model_dir, out_dir, *, packing: bool):
         report_to="none",
         **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if packing else {}),
     )
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=attention, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
@@ -71,15 +72,50 @@ def test_packed_rows_give_the_padded_loss_with_sdpa(tiny_model_dir, tmp_path):
     assert abs(_loss(packed, drop="position_ids") - padded_loss) > 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [varlen_reference, varlen_reference_gqa], ids=["torch-2.11", "torch-2.13"])
+def test_packed_rows_give_the_padded_loss_through_the_varlen_kernel(tiny_model_dir, tmp_path, monkeypatch, kernel):
+    import functools
+
+    from training import varlen
+
+    calls = []
+
+    @functools.wraps(kernel)  # its signature too: whether it takes enable_gqa decides how heads are grouped
+    def counted(*args, **kwargs):
+        calls.append((args[0].shape, kwargs["scale"]))
+        return kernel(*args, **kwargs)
+
+    # The CUDA kernel cannot run here: a reference with its signature and layout stands in for it.
+    monkeypatch.setattr(varlen, "_kernel", lambda: counted)
+    padded = _trainer(tiny_model_dir, tmp_path / "padded", packing=False)
+    packed = _trainer(tiny_model_dir, tmp_path / "packed", packing=True, attention=varlen.register())
+    assert _loss(packed) == pytest.approx(_loss(padded), abs=1e-5)
+    tokens = next(iter(packed.get_train_dataloader()))["input_ids"].shape[1]
+    # Every layer, [tokens, query heads, head dim] (tiny: 4 heads of 16, 2 kv heads), the model's scale.
+    assert calls == [((tokens, 4, 16), 16**-0.5)] * 2
+
+    calls.clear()  # padded batches (the holdout loss) carry no row boundaries: SDPA with its mask
+    _loss(_trainer(tiny_model_dir, tmp_path / "padded-varlen", packing=False, attention=varlen.NAME))
+    assert calls == []
+
+
 def test_packing_is_the_cuda_default_and_asked_for_on_cpu(monkeypatch):
     import transformers.utils
+
+    from training import varlen
 
     assert _packing_attention(on_cuda=False, packing=None) is None  # the CPU path pads, as it always did
     assert _packing_attention(on_cuda=False, packing=True) == "sdpa"
     assert _packing_attention(on_cuda=True, packing=False) is None
+    assert _packing_attention(on_cuda=True, packing=None, attention="sdpa") == "sdpa"
+    assert _packing_attention(on_cuda=True, packing=False, attention="sdpa") is None
     monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(varlen, "available", lambda: False)
     assert _packing_attention(on_cuda=True, packing=None) == "sdpa"
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    assert _packing_attention(on_cuda=True, packing=None) == varlen.NAME
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     assert _packing_attention(on_cuda=True, packing=None) == "flash_attention_2"
     monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: True)
@@ -105,3 +141,19 @@ def test_the_cuda_plan_caps_sdpa_passes_and_keeps_activations_on_a_large_gpu(mon
     assert sdpa == BatchPlan(per_device=SDPA_PACKED_ROWS, accumulation=16 // SDPA_PACKED_ROWS, checkpointing=False)
     flash = _cuda_step_plan(tiny_model_dir, batch_size=16, lora_r=16, load_in_4bit=False, attention="flash_attention_2")
     assert flash == BatchPlan(per_device=16, accumulation=1, checkpointing=False)
+
+
+def test_the_varlen_kernel_is_offered_only_on_a_gpu_that_runs_it(monkeypatch):
+    import torch
+
+    from training import varlen
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not varlen.available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))  # Turing: no FlashAttention-2
+    assert not varlen.available()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    assert varlen.available()  # this torch ships the kernel (2.9 and newer)
+    monkeypatch.setattr(varlen, "_kernel", lambda: None)
+    assert not varlen.available()

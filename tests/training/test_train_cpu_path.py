@@ -12,7 +12,8 @@ import pytest
 
 from abloop.simulate import simulate_traffic
 from store.db import Database
-from tests.training.conftest import BagOfWordsEncoder
+from tests.training.conftest import BagOfWordsEncoder, varlen_reference
+from training import varlen
 from training.dataset import TRAIN_FILE, build_dataset, read_rows
 from training.train import train_lora
 
@@ -79,6 +80,28 @@ def test_packed_batches_when_asked(data_dir, tiny_model_dir, tmp_path):
     padded_row_tokens = REFERENCE["train_tokens"] / 8  # 4 steps x 2 rows
     assert run.metrics["train_tokens"] / 2 > 2 * 2 * padded_row_tokens
 
+
+
+def test_packed_batches_through_the_varlen_kernel(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    # The CUDA path without the flash-attn package (training.varlen); a CPU stand-in with the kernel's
+    # signature and layout takes its place. Packed rows through it train as through SDPA's mask.
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return varlen_reference(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: kernel)
+    options = {"base_model_dir": tiny_model_dir, "max_steps": 2, "batch_size": 2, "lora_r": 4, "packing": True}
+    run = train_lora(data_dir, tmp_path / "varlen", attention=varlen.NAME, **options)
+    assert run.metrics["params"]["attention"] == varlen.NAME and calls
+    assert sum(calls) == run.metrics["train_tokens"] * 2  # every trained token once per layer (2 layers)
+    sdpa = train_lora(data_dir, tmp_path / "sdpa", attention="sdpa", **options)
+    def losses(r):
+        return [p["loss"] for p in r.metrics["train_loss_curve"]]
+
+    assert losses(run) == pytest.approx(losses(sdpa), abs=1e-4)  # measured: 2e-6 apart (summation order)
+    assert run.metrics["holdout"] == pytest.approx(sdpa.metrics["holdout"], rel=1e-4)
 
 def test_epochs_train_whole_passes(data_dir, tiny_model_dir, tmp_path):
     rows = len(read_rows(data_dir / TRAIN_FILE))
