@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     with _library_output_to_stderr():
         result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
                             max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.learning_rate,
-                            load_in_4bit=args.load_in_4bit, packing=args.packing, db=db)
+                            batch_size=args.batch_size, load_in_4bit=args.load_in_4bit, packing=args.packing, db=db)
     print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
                      indent=2, default=str))
 
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer steps (default 60 unless --epochs); wins over --epochs when both are given")
     train.add_argument("--epochs", type=float, default=None, help="passes over the training rows, instead of steps")
     train.add_argument("--learning-rate", type=float, default=2e-4)
+    train.add_argument("--batch-size", type=int, default=4,
+                       help="rows per optimizer step; packed sequences when packing (default 4)")
     train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes: the `gpu` extra)")
     train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                        help="pack rows into sequences without padding (default: on CUDA, off on CPU)")

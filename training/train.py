@@ -96,6 +96,8 @@ def train_lora(
     from trl import SFTConfig, SFTTrainer
 
     schedule = _schedule(max_steps, epochs)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     data_dir, out_root = Path(data_dir), Path(out_root)
     # The base's directory name is its served name (the default is converted into a directory named

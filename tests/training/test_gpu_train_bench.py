@@ -134,13 +134,30 @@ def test_carried_wheels_are_installed_and_the_script_runs_again_with_them(tmp_pa
 
 
 def test_configs_are_checked_before_anything_runs():
-    from bench.gpu_train import CONFIGS, CPU_CONFIGS, _configs, _parser
+    from bench.gpu_train import CPU_CONFIGS, _configs, _parser
 
     def configs(*argv):
         return _configs(_parser().parse_args(list(argv)))
 
-    assert configs() == CONFIGS  # CUDA: every configuration
+    assert configs() == ("project", "project-sdpa", "trl-defaults")  # CUDA; the padded row on request
     assert configs("--device", "cpu") == CPU_CONFIGS
-    assert configs("--configs", "trl-defaults, project-sdpa") == ("trl-defaults", "project-sdpa")
+    assert configs("--configs", "trl-defaults, project-padded") == ("trl-defaults", "project-padded")
     with pytest.raises(SystemExit, match="project-sdpa"):
         configs("--device", "cpu", "--configs", "project,project-sdpa")  # the CPU path pads: no packed SDPA row
+
+
+@pytest.mark.slow
+def test_gpu_profile_smoke_on_cpu(tmp_path):
+    # bench/gpu_profile.py's wiring (build, train_lora with the profiling callback, the report); on
+    # CPU there is no launch-cost measurement and no GPU table.
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--size", "smoke", "--skip", "2", "--profile", "2",
+         "--rows", "60", "--bundle", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "smoke, batch 4: 2 steps profiled in" in done.stdout
+    assert "aten::mm" in done.stdout and "launch cost" not in done.stdout

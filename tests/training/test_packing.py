@@ -127,7 +127,8 @@ def test_abloop_train_packing_flag(flags, packing):
     from abloop.cli import build_parser
 
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
-    assert args.packing is packing
+    assert args.packing is packing and args.batch_size == 4
+    assert build_parser().parse_args(["train", "--data", "d", "--out", "o", "--batch-size", "16"]).batch_size == 16
 
 
 def test_the_cuda_plan_caps_sdpa_passes_and_keeps_activations_on_a_large_gpu(monkeypatch, tiny_model_dir):

@@ -116,14 +116,18 @@ def test_max_steps_wins_over_epochs(data_dir, tiny_model_dir, tmp_path):
     assert run.metrics["params"]["max_steps"] == 2 and run.metrics["params"]["epochs"] is None
 
 
-@pytest.mark.parametrize("schedule", [{"max_steps": 0}, {"epochs": 0}, {"epochs": -1.5}])
-def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(data_dir, tmp_path, schedule):
-    with pytest.raises(ValueError, match="max_steps|epochs"):
+@pytest.mark.parametrize(
+    ("schedule", "named"),
+    [({"max_steps": 0}, "max_steps"), ({"epochs": 0}, "epochs"), ({"epochs": -1.5}, "epochs"),
+     ({"batch_size": 0}, "batch_size")],
+)  # fmt: skip
+def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(data_dir, tmp_path, schedule, named):
+    with pytest.raises(ValueError, match=named):
         train_lora(data_dir, tmp_path / "out", base_model_dir=tmp_path / "unused", **schedule)
     assert not (tmp_path / "out").exists()
 
 
-def test_abloop_train_epochs(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_abloop_train_epochs_and_batch_size(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
     from abloop.cli import main
 
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
@@ -138,9 +142,11 @@ def test_abloop_train_epochs(data_dir, tiny_model_dir, tmp_path, monkeypatch, ca
             str(tiny_model_dir),
             "--epochs",
             "0.5",
+            "--batch-size",
+            "8",
         ]
     )
     printed = json.loads(capsys.readouterr().out)
     rows = len(read_rows(data_dir / TRAIN_FILE))
-    assert len(printed["metrics"]["train_loss_curve"]) == math.ceil(math.ceil(rows / 4) * 0.5)
-    assert printed["metrics"]["params"]["epochs"] == 0.5
+    assert len(printed["metrics"]["train_loss_curve"]) == math.ceil(math.ceil(rows / 8) * 0.5)
+    assert printed["metrics"]["params"]["epochs"] == 0.5 and printed["metrics"]["params"]["batch_size"] == 8
