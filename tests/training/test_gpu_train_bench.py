@@ -58,21 +58,14 @@ def test_the_135m_configuration_has_smollm2_135ms_parameters():
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry. The
     # 2-layer smoke shape: the whole path (build, both CPU configurations, the step clock, the table) in seconds.
-    done = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--device", "cpu", "--sizes", "smoke", "--steps", "2", "--batch", "2",
-         "--rows", "24", "--bundle", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1400,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| smoke |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], done.stdout
+    stdout = _run_bench("gpu_train.py", "--sizes", "smoke", "--steps", "2", "--batch", "2", "--rows", "24",
+                        bundle=tmp_path, timeout=1400)  # fmt: skip
+    rows = [line for line in stdout.splitlines() if line.startswith("| smoke |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], stdout
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
     # Step 2 timed after the first (the warm-up): the callback saw both configurations' steps.
-    assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), done.stdout
-    assert "and the 2-layer smoke shape" in done.stdout
+    assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), stdout
+    assert "and the 2-layer smoke shape" in stdout
 
 
 def _probe_wheel(folder: Path) -> None:
@@ -150,14 +143,20 @@ def test_configs_are_checked_before_anything_runs():
 def test_gpu_profile_smoke_on_cpu(tmp_path):
     # bench/gpu_profile.py's wiring (build, train_lora with the profiling callback, the report); on
     # CPU there is no launch-cost measurement and no GPU table.
+    stdout = _run_bench("gpu_profile.py", "--size", "smoke", "--skip", "2", "--profile", "2", "--rows", "60",
+                        bundle=tmp_path, timeout=600)  # fmt: skip
+    assert "smoke, batch 4: 2 steps profiled in" in stdout
+    assert "aten::mm" in stdout and "launch cost" not in stdout
+
+
+def _run_bench(script: str, *args: str, bundle: Path, timeout: int) -> str:
+    """bench/`script` on CPU with an empty carried bundle; its stdout, once it has exited 0."""
     done = subprocess.run(
-        [sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--size", "smoke", "--skip", "2", "--profile", "2",
-         "--rows", "60", "--bundle", str(tmp_path)],
+        [sys.executable, f"bench/{script}", "--device", "cpu", *args, "--bundle", str(bundle)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )  # fmt: skip
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "smoke, batch 4: 2 steps profiled in" in done.stdout
-    assert "aten::mm" in done.stdout and "launch cost" not in done.stdout
+    return done.stdout
