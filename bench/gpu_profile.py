@@ -11,6 +11,7 @@ launch-bound step from a compute-bound one:
    by self CPU time and by GPU time, kernel launches per step, and the GPU's busy share of the step.
 
     python3 bench/gpu_profile.py --size 1.7B                 # there, with bench/.carry carried (~2 min)
+    python3 bench/gpu_profile.py --size 1.7B --compile --skip 12   # the same step under torch.compile
     python bench/gpu_profile.py --device cpu --size smoke    # the wiring, on CPU
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=8, help="steps before the profile")
     parser.add_argument("--profile", type=int, default=3, help="steps profiled")
     parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--compile", action="store_true", help="profile the step under torch.compile")
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     args = parser.parse_args()
     carry.activate(args.bundle, sys.argv)
@@ -127,6 +129,7 @@ def _profile_training(args: argparse.Namespace) -> None:
             base_model_dir=model_dir,
             max_steps=args.skip + args.profile,
             batch_size=args.batch,
+            torch_compile=args.compile,
             callbacks=[Profile()],
         )
     _report(window, args, on_cuda)

@@ -39,6 +39,7 @@ Configurations:
                   training.varlen), micro-batches and activation recomputation chosen from the free
                   GPU memory (training.batching.plan_step).
   project-sdpa    the same, packed rows attended by SDPA under a block-diagonal mask (CUDA only).
+  project-compiled  the same as project under torch.compile (`abloop train --compile`); on request.
   project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
                   the project pads anyway).
   trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
@@ -101,11 +102,12 @@ CARRIED = (
 REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-CONFIGS = ("project", "project-sdpa", "project-padded", "trl-defaults")
-# project-padded on request only: the default run stays under 8 minutes on an H200 (about 7.5 by the
+CONFIGS = ("project", "project-sdpa", "project-padded", "project-compiled", "trl-defaults")
+# project-padded and project-compiled on request: the default run stays under 8 minutes on an H200 (about 7.5 by the
 # per-run times measured on 2026-11-30, docs/BENCHMARKS.md "GPU training").
 CUDA_CONFIGS = ("project", "project-sdpa", "trl-defaults")
 CPU_CONFIGS = ("project", "trl-defaults")  # on CPU the project pads: its other rows would train the same batches
+CPU_ALLOWED = (*CPU_CONFIGS, "project-compiled")
 VOCAB = 49152  # the SmolLM2 tokenizer's
 # The SmolLM2 family's shapes (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}): LlamaConfig fields.
 SIZES: dict[str, dict[str, Any]] = {
@@ -328,7 +330,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _configs(args: argparse.Namespace) -> tuple[str, ...]:
-    allowed = CONFIGS if args.device == "cuda" else CPU_CONFIGS
+    allowed = CONFIGS if args.device == "cuda" else CPU_ALLOWED
     if args.configs is None:
         return CUDA_CONFIGS if args.device == "cuda" else CPU_CONFIGS
     asked = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -351,13 +353,16 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, clock:
         seed=args.seed,
         packing=packing,
         attention=attention,
+        torch_compile=args._run == "project-compiled",
         callbacks=[clock],
         **({"batch_size": args.batch} if args.batch else {}),
     )
     m, p = run.metrics, run.metrics["params"]
     return {
         "config": args._run,
-        "mode": f"LoRA r={p['lora_r']}" + (f", packed ({p['attention']})" if p["packing"] else ", padded"),
+        "mode": f"LoRA r={p['lora_r']}"
+        + (f", packed ({p['attention']})" if p["packing"] else ", padded")
+        + (", compiled" if p["torch_compile"] else ""),
         "dtype": p["dtype"],
         "checkpointing": p["gradient_checkpointing"],
         "batch": f"{p['per_device_batch_size']}x{p['gradient_accumulation_steps']}",

@@ -77,6 +77,7 @@ def train_lora(
     load_in_4bit: bool = False,
     packing: bool | None = None,
     attention: str | None = None,
+    torch_compile: bool = False,
     db: Database | None = None,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
@@ -87,7 +88,9 @@ def train_lora(
     with neither, DEFAULT_MAX_STEPS. `batch_size` is the effective batch: rows per optimizer step,
     or packed sequences when packing (the default on CUDA; `packing=False` pads there too).
     `attention` names the packed batches' attention implementation ("sdpa", "flash_attention_2",
-    training.varlen.NAME...; default: the fastest this machine has).
+    training.varlen.NAME...; default: the fastest this machine has). `torch_compile` runs the
+    model under torch.compile (transformers' option of that name): fewer, fused kernels once
+    compiled, for a compile time up front; off by default (docs/BENCHMARKS.md, "GPU training").
     `callbacks` are transformers `TrainerCallback`s for the trainer (bench/gpu_train.py times steps).
     """
     import torch
@@ -154,6 +157,7 @@ def train_lora(
             completion_only_loss=True,
             max_length=MAX_LENGTH,
             **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if attention else {}),
+            torch_compile=torch_compile,
             disable_tqdm=False,
         )
         trainer = SFTTrainer(
@@ -209,6 +213,7 @@ def train_lora(
                 "lora_targets": LORA_TARGETS,
                 "seed": seed,
                 "load_in_4bit": load_in_4bit,
+                "torch_compile": torch_compile,
                 "device": device.type,
                 "dtype": str(dtype).removeprefix("torch."),
                 "gradient_checkpointing": plan.checkpointing,

@@ -128,7 +128,9 @@ def test_abloop_train_packing_flag(flags, packing):
 
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
     assert args.packing is packing and args.batch_size == 4
-    assert build_parser().parse_args(["train", "--data", "d", "--out", "o", "--batch-size", "16"]).batch_size == 16
+    assert not args.compile
+    tuned = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--batch-size", "16", "--compile"])
+    assert tuned.batch_size == 16 and tuned.compile
 
 
 def test_the_cuda_plan_caps_sdpa_passes_and_keeps_activations_on_a_large_gpu(monkeypatch, tiny_model_dir):

@@ -127,6 +127,25 @@ def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(da
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("torch_compile", [False, True])
+def test_torch_compile_reaches_the_trainer(data_dir, tiny_model_dir, tmp_path, monkeypatch, torch_compile):
+    # The wiring only (a compiled run costs a minute of compilation on CPU; docs/BENCHMARKS.md
+    # "GPU training" has one, with eager's losses): the trainer is stopped as it is built.
+    import trl
+
+    class Built(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Built(kwargs["args"].torch_compile)
+
+    monkeypatch.setattr(trl, "SFTTrainer", stop)
+    with pytest.raises(Built) as built:
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, torch_compile=torch_compile)
+    assert built.value.args == (torch_compile,)
+    assert list((tmp_path / "out").iterdir()) == []  # the partial adapter directory is gone
+
+
 def test_abloop_train_epochs_and_batch_size(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
     from abloop.cli import main
 
