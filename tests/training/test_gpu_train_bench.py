@@ -134,6 +134,7 @@ def test_configs_are_checked_before_anything_runs():
 
     assert configs() == ("project", "project-sdpa", "trl-defaults")  # CUDA; the padded row on request
     assert configs("--device", "cpu") == CPU_CONFIGS
+    assert configs("--device", "cpu", "--configs", "project-compiled") == ("project-compiled",)
     assert configs("--configs", "trl-defaults, project-padded") == ("trl-defaults", "project-padded")
     with pytest.raises(SystemExit, match="project-sdpa"):
         configs("--device", "cpu", "--configs", "project,project-sdpa")  # the CPU path pads: no packed SDPA row
