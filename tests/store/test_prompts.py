@@ -72,6 +72,9 @@ def test_usage_and_served_with_cover_every_version_of_a_name(db: Database) -> No
             session.add_all(Feedback(event_id=event.id, thumbs="up") for _ in range(feedback))
     assert prompts.usage(db, [v1.id, v2.id]) == {v1.id: {"events": 1, "feedback": 2},
                                                  v2.id: {"events": 2, "feedback": 1}}
+    never_served = prompts.new_version(db, system_prompt="s3", template="{question}")
+    assert prompts.usage(db, [never_served.id]) == {never_served.id: {"events": 0, "feedback": 0}}
+    assert prompts.usage(db, []) == {}
     served = list(prompts.served_with(db, prompts.DEFAULT_NAME))
     assert sorted(len(feedback) for _event, feedback in served) == [1, 2]  # events without feedback are not rated
     assert {event.prompt_template_id for event, _ in served} == {v1.id, v2.id}
