@@ -170,7 +170,6 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
 def varlen_reference_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
                           enable_gqa=False):  # fmt: skip
     """The same as torch 2.13 declares it: grouped key and value heads only when asked."""
-
     if not enable_gqa and key.shape[1] != query.shape[1]:
         raise RuntimeError("key heads != query heads without enable_gqa")
     groups = query.shape[1] // key.shape[1]

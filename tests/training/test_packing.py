@@ -1,9 +1,11 @@
-"""Packed (padding-free) batches train on the same loss as padded ones, through trl with SDPA.
+"""Packed (padding-free) batches train on the same loss as padded ones, through trl with SDPA and
+through the varlen kernel's path (training.varlen, with CPU stand-ins for its CUDA kernel).
 
-CUDA training packs rows with SDPA when no FlashAttention kernel is installed (training.train
+CUDA training packs rows with SDPA when no FlashAttention varlen kernel is available (training.train
 `_packing_attention`). That is right only because transformers builds a block-diagonal mask from
 the position ids when there is no attention mask and no cache, and trl's SFTTrainer turns the
-cache off in its loss: a transformers or trl upgrade that changes either fails here, on CPU.
+cache off in its loss; the varlen path needs trl's collator to pass the rows' boundaries to every
+attention call. A transformers or trl upgrade that changes any of this fails here, on CPU.
 """
 
 import pytest
