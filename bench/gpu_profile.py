@@ -27,8 +27,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import carry  # noqa: E402  (standard library only: nothing else may load before the wheels)
-from bench.gpu_train import BUNDLE, SHAPES  # noqa: E402
+# bench.gpu_train imports only the standard library at module level: nothing else may load before the wheels.
+from bench.gpu_train import BUNDLE, SHAPES, build_model, start_offline  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +42,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="profile the step under torch.compile")
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     args = parser.parse_args()
-    carry.activate(args.bundle, sys.argv)
-    from store.config import OFFLINE_ENV
-
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    start_offline(args.bundle)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.device == "cuda":
@@ -94,35 +90,33 @@ def _profile_training(args: argparse.Namespace) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from bench.gpu_train import _build_model
     from bench.train_throughput import build_data
     from training.train import train_lora
 
     on_cuda = args.device == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
-    window: dict[str, Any] = {}
+    profiler = torch.profiler.profile(activities=activities)
+    window: dict[str, float] = {}
 
     class Profile(TrainerCallback):
         def on_step_begin(self, targs, state, control, **kwargs):
             if state.global_step == args.skip:
                 if on_cuda:
                     torch.cuda.synchronize()
-                window["profiler"] = torch.profiler.profile(activities=activities)
-                window["profiler"].__enter__()
+                profiler.start()
                 window["started"] = time.perf_counter()
 
         def on_step_end(self, targs, state, control, **kwargs):
-            if state.global_step == args.skip + args.profile and "profiler" in window:
+            if state.global_step == args.skip + args.profile and "started" in window:
                 if on_cuda:
                     torch.cuda.synchronize()
                 window["wall_s"] = time.perf_counter() - window["started"]
-                window["profiler"].__exit__(None, None, None)
+                profiler.stop()
 
     with tempfile.TemporaryDirectory(prefix="abloop-gpu-profile-") as scratch:
         data = build_data(Path(scratch), args.rows, 0, 5)
         model_dir = Path(scratch) / f"llama-{args.size}"
-        _build_model(argparse.Namespace(_build=args.size, _out=str(model_dir), seed=0, device=args.device,
-                                        bundle=args.bundle))  # fmt: skip
+        build_model(args.size, model_dir, seed=0, device=args.device, bundle=args.bundle)
         train_lora(
             data,
             Path(scratch) / "adapters",
@@ -132,12 +126,12 @@ def _profile_training(args: argparse.Namespace) -> None:
             torch_compile=args.compile,
             callbacks=[Profile()],
         )
-    _report(window, args, on_cuda)
+    _report(profiler, window["wall_s"], args, on_cuda)
 
 
-def _report(window: dict[str, Any], args: argparse.Namespace, on_cuda: bool) -> None:
-    events = window["profiler"].key_averages()
-    steps, wall = args.profile, window["wall_s"]
+def _report(profiler: Any, wall: float, args: argparse.Namespace, on_cuda: bool) -> None:
+    events = profiler.key_averages()
+    steps = args.profile
     # The runtime's launches and the driver's (cuBLAS's GEMMs go through cuLaunchKernelEx).
     launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     print(f"\n{args.size}, batch {args.batch}: {steps} steps profiled in {wall:.3f} s ({wall / steps:.3f} s per step)")

@@ -160,13 +160,9 @@ def main() -> None:
     if args.prepare:
         _prepare(args.bundle, args.prepare_python)
         return
-    carry.activate(args.bundle, sys.argv)
-    from store.config import OFFLINE_ENV
-
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    start_offline(args.bundle)
     if args._build:
-        _build_model(args)
+        build_model(args._build, Path(args._out), seed=args.seed, device=args.device, bundle=args.bundle)
         return
     if args._run:
         print("RESULT " + json.dumps(_run(args)), flush=True)
@@ -284,18 +280,26 @@ def _spawn(worker_args: list[str], args: argparse.Namespace, label: str) -> dict
     return json.loads(lines[-1][len("RESULT ") :]) if lines else {}
 
 
-def _build_model(args: argparse.Namespace) -> None:
-    """A randomly initialised model of `args._build`'s shape, saved in bf16 with the SmolLM2 tokenizer."""
+def start_offline(bundle: Path) -> None:
+    """Run on the carried wheels (re-executing this process once to install them) and never download."""
+    carry.activate(bundle, sys.argv)
+    from store.config import OFFLINE_ENV
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def build_model(size: str, out: Path, *, seed: int, device: str, bundle: Path) -> None:
+    """A randomly initialised model of `size`'s shape, saved in bf16 with the SmolLM2 tokenizer under `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_dir(args.bundle)))
-    torch.manual_seed(args.seed)
-    device = "cuda" if args.device == "cuda" else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_dir(bundle)))
+    torch.manual_seed(seed)
     with torch.device(device):  # initialising 1.7B parameters on the GPU takes a second, on CPU a minute
-        model = LlamaForCausalLM(llama_config(args._build, tokenizer)).to(torch.bfloat16)
-    model.save_pretrained(args._out)
-    tokenizer.save_pretrained(args._out)
+        model = LlamaForCausalLM(llama_config(size, tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,6 +14,7 @@ SDPA's own mask, so only packed training changes kernel.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -68,7 +69,7 @@ def attention_forward(
     kernel = _kernel()
     options: dict[str, Any] = {"scale": scaling, "window_size": (-1, 0) if causal else (-1, -1)}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in _parameters(kernel):
+        if _takes_enable_gqa(kernel):
             options["enable_gqa"] = True
         else:  # torch 2.9-2.12: every query head needs its own key and value head
             groups = q.shape[1] // k.shape[1]
@@ -85,5 +86,7 @@ def _kernel() -> Any:
     return varlen_attn
 
 
-def _parameters(function: Any) -> set[str]:
-    return set(inspect.signature(function).parameters)
+@functools.cache
+def _takes_enable_gqa(kernel: Any) -> bool:
+    # Once per kernel, not per layer and step: the training step is bound by the host already.
+    return "enable_gqa" in inspect.signature(kernel).parameters
