@@ -235,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train_lora(Path(args.data), Path(args.out), base_model_dir=_resolve_base(args.base),
                             max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.learning_rate,
                             batch_size=args.batch_size, load_in_4bit=args.load_in_4bit, packing=args.packing,
-                            torch_compile=args.compile, db=db)
+                            lora_dropout=args.lora_dropout, torch_compile=args.compile, db=db)
     print(json.dumps({"adapter": result.name, "adapter_dir": str(result.adapter_dir), "metrics": result.metrics},
                      indent=2, default=str))
 
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--load-in-4bit", action="store_true", help="CUDA only (bitsandbytes: the `gpu` extra)")
     train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                        help="pack rows into sequences without padding (default: on CUDA, off on CPU)")
+    train.add_argument("--lora-dropout", type=float, default=0.05,
+                       help="dropout on the adapters' inputs, in [0, 1) (default 0.05; 0 is faster)")
     train.add_argument("--compile", action="store_true",
                        help="run the model under torch.compile (compiles first; not measured on a GPU yet)")
 

@@ -40,6 +40,7 @@ Configurations:
                   GPU memory (training.batching.plan_step).
   project-sdpa    the same, packed rows attended by SDPA under a block-diagonal mask (CUDA only).
   project-compiled  the same as project under torch.compile (`abloop train --compile`); on request.
+  project-no-dropout  the same with lora_dropout=0 (`abloop train --lora-dropout 0`); on request.
   project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
                   the project pads anyway).
   trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
@@ -102,12 +103,12 @@ CARRIED = (
 REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-CONFIGS = ("project", "project-sdpa", "project-padded", "project-compiled", "trl-defaults")
-# project-padded and project-compiled on request: the default run stays under 8 minutes on an H200 (about 7.5 by the
-# per-run times measured on 2026-11-30, docs/BENCHMARKS.md "GPU training").
+CONFIGS = ("project", "project-sdpa", "project-padded", "project-compiled", "project-no-dropout", "trl-defaults")
+# project-padded, project-compiled and project-no-dropout on request: the default run stays under 8 minutes on an
+# H200 (about 7.5 by the per-run times measured on 2026-11-30, docs/BENCHMARKS.md "GPU training").
 CUDA_CONFIGS = ("project", "project-sdpa", "trl-defaults")
 CPU_CONFIGS = ("project", "trl-defaults")  # on CPU the project pads: its other rows would train the same batches
-CPU_ALLOWED = (*CPU_CONFIGS, "project-compiled")
+CPU_ALLOWED = (*CPU_CONFIGS, "project-compiled", "project-no-dropout")
 VOCAB = 49152  # the SmolLM2 tokenizer's
 # The SmolLM2 family's shapes (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}): LlamaConfig fields.
 SIZES: dict[str, dict[str, Any]] = {
@@ -360,13 +361,15 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, clock:
         torch_compile=args._run == "project-compiled",
         callbacks=[clock],
         **({"batch_size": args.batch} if args.batch else {}),
+        **({"lora_dropout": 0.0} if args._run == "project-no-dropout" else {}),
     )
     m, p = run.metrics, run.metrics["params"]
     return {
         "config": args._run,
         "mode": f"LoRA r={p['lora_r']}"
         + (f", packed ({p['attention']})" if p["packing"] else ", padded")
-        + (", compiled" if p["torch_compile"] else ""),
+        + (", compiled" if p["torch_compile"] else "")
+        + (", no dropout" if not p["lora_dropout"] else ""),
         "dtype": p["dtype"],
         "checkpointing": p["gradient_checkpointing"],
         "batch": f"{p['per_device_batch_size']}x{p['gradient_accumulation_steps']}",

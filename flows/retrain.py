@@ -29,14 +29,14 @@ def build_training_data(database_url: str, out_dir: str, days: float) -> dict:
 
 @task
 def train_adapter(data_dir: str, out_root: str, base: str, max_steps: int, learning_rate: float, batch_size: int,
-                  database_url: str) -> dict:
+                  lora_dropout: float, database_url: str) -> dict:
     from serving.model import resolve_base_model
     from store.db import Database
     from training.train import train_lora
 
     result = train_lora(Path(data_dir), Path(out_root), base_model_dir=resolve_base_model(base),
                         max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                        db=Database(database_url))
+                        lora_dropout=lora_dropout, db=Database(database_url))
     return {"name": result.name, "adapter_dir": str(result.adapter_dir), "adapter_id": result.adapter_id,
             "metrics": result.metrics}
 
@@ -89,6 +89,7 @@ def retrain(
     max_steps: int = 60,
     learning_rate: float = 2e-4,
     batch_size: int = 4,
+    lora_dropout: float = 0.05,
     min_examples: int = 20,
     base: str = "default",
     rollout: dict | None = None,
@@ -107,7 +108,7 @@ def retrain(
         return {"status": "skipped", "reason": "not enough data", "dataset": card}
 
     adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, max_steps, learning_rate,
-                            batch_size, settings.database_url)
+                            batch_size, lora_dropout, settings.database_url)
     verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url)
     log.info(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
     if not verdict["passed"]:

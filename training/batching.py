@@ -6,8 +6,10 @@ fit in a share of the free memory; the largest per-device batch that fits and di
 effective batch wins, and gradient accumulation makes up the rest, so the effective batch is
 exactly the target on any GPU. The activation figure follows a decoder layer of the Llama family
 (RMSNorm, grouped-query attention through a fused kernel that keeps no seq x seq matrix, SwiGLU
-MLP, LoRA on every projection) and the loss over the whole vocabulary in fp32; it is meant to err
-high, and `headroom` keeps a margin for the allocator and kernels' workspaces.
+MLP, LoRA on every projection); the loss goes through trl's fused LM head, which projects onto the
+vocabulary in tiles and keeps no logits (a fixed tile, counted once). It is meant to err high
+(measured on an H200 at 1.7B, docs/BENCHMARKS.md "GPU training"), and `headroom` keeps a margin for
+the allocator and kernels' workspaces.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 # fp32 LoRA weight + its gradient + AdamW's two moments.
 _TRAINABLE_BYTES = 16
-# The loss upcasts the logits to fp32 and keeps their log-softmax and its gradient (3 x 4 bytes per
-# vocabulary entry and token), besides the logits in the compute dtype.
-_LOSS_BYTES_PER_LOGIT = 12
+# trl's fused LM head (trl.kernels.chunked_logprob): a [4,096 tokens x 32,768 vocabulary entries]
+# bf16 tile in the forward and another in the backward, whatever the batch; per token it keeps two
+# fp32 figures (the log-sum-exp and the entropy).
+_LOSS_TILE_BYTES = 2 * 4096 * 32768 * 2
+_LOSS_BYTES_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,20 @@ class ModelShape:
         per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
         return self.layers * per_layer
 
-    def activation_bytes_per_token(self, *, dtype_bytes: int, checkpointing: bool) -> int:
-        """Bytes the backward pass needs per trained token (layers + the loss over the vocabulary)."""
+    def activation_bytes_per_token(self, *, dtype_bytes: int, checkpointing: bool, lora_dropout: bool = True) -> int:
+        """Bytes the backward pass needs per trained token (the layers, and the loss's own figures)."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         # Saved per layer: norm inputs and outputs, q/k/v before and after RoPE, the attention output
-        # (4h + 2h + 4kv + h + 2h + ...) and the MLP's gate, up, activation and product (4i), plus the
-        # inputs LoRA dropout copies (6h + i) and their masks (1 byte each).
-        layer = (16 * h + 4 * kv + 5 * i) * dtype_bytes + 6 * h + i
+        # (4h + 2h + 4kv + h + 2h + ...) and the MLP's gate, up, activation and product (4i).
+        layer = (10 * h + 4 * kv + 4 * i) * dtype_bytes
+        if lora_dropout:
+            # Each adapter's dropped-out copy of its input (q, k, v, o, gate, up: 6h; down: i) and its
+            # mask (a byte per value). Without dropout the adapter's input is the projection's own, kept
+            # once (training.train leaves it to autocast instead of copying it to fp32 and back).
+            layer += (6 * h + i) * (dtype_bytes + 1)
         # With checkpointing only each layer's input stays; one layer is recomputed at a time.
         layers = self.layers * h * dtype_bytes + layer if checkpointing else self.layers * layer
-        return layers + self.vocab * (dtype_bytes + _LOSS_BYTES_PER_LOGIT)
+        return layers + _LOSS_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ def plan_batch(
     bytes_per_token: int,
     weight_bytes: float = 2.0,
     trainable_params: int = 0,
+    workspace_bytes: int = 0,
     headroom: float = 0.8,
     max_per_device: int | None = None,
     checkpointing: bool = True,
@@ -107,12 +116,13 @@ def plan_batch(
     `free_bytes` is the device memory free before the model is loaded; `params` are stored at
     `weight_bytes` each (2 for bf16, about 0.55 for 4-bit NF4 with its scales); rows are at most
     `seq_len` tokens and cost `bytes_per_token` each (`ModelShape.activation_bytes_per_token`, with
-    the same `checkpointing`, which the plan records); no pass holds more than `max_per_device` rows.
-    Raises ValueError when not even one row fits.
+    the same `checkpointing`, which the plan records); `workspace_bytes` are held once whatever the
+    batch (the loss's tile); no pass holds more than `max_per_device` rows. Raises ValueError when
+    not even one row fits.
     """
     if target_batch < 1 or seq_len < 1:
         raise ValueError("target_batch and seq_len must be at least 1")
-    fixed = params * weight_bytes + trainable_params * _TRAINABLE_BYTES
+    fixed = params * weight_bytes + trainable_params * _TRAINABLE_BYTES + workspace_bytes
     per_row = seq_len * bytes_per_token
     budget = free_bytes * headroom - fixed
     fits = int(budget // per_row) if budget > 0 else 0
@@ -134,6 +144,7 @@ def plan_step(
     seq_len: int,
     target_batch: int,
     lora_r: int,
+    lora_dropout: bool = True,
     weight_bytes: float = 2.0,
     max_per_device: int | None = None,
 ) -> BatchPlan:
@@ -150,9 +161,12 @@ def plan_step(
             params=shape.params,
             seq_len=seq_len,
             target_batch=target_batch,
-            bytes_per_token=shape.activation_bytes_per_token(dtype_bytes=2, checkpointing=checkpointing),
+            bytes_per_token=shape.activation_bytes_per_token(
+                dtype_bytes=2, checkpointing=checkpointing, lora_dropout=lora_dropout
+            ),
             weight_bytes=weight_bytes,
             trainable_params=shape.lora_params(lora_r),
+            workspace_bytes=_LOSS_TILE_BYTES,
             max_per_device=max_per_device,
             checkpointing=checkpointing,
         )

@@ -73,6 +73,7 @@ def train_lora(
     learning_rate: float = 2e-4,
     batch_size: int = 4,
     lora_r: int = 16,
+    lora_dropout: float = 0.05,
     seed: int = 0,
     load_in_4bit: bool = False,
     packing: bool | None = None,
@@ -91,6 +92,8 @@ def train_lora(
     training.varlen.NAME...; default: the fastest this machine has). `torch_compile` runs the
     model under torch.compile (transformers' option of that name): fewer, fused kernels once
     compiled, for a compile time up front; off by default (docs/BENCHMARKS.md, "GPU training").
+    `lora_dropout` is the dropout on the adapters' inputs (peft's); 0 skips its kernels and its
+    saved masks, as Unsloth's default does, at the cost of that regularisation.
     `callbacks` are transformers `TrainerCallback`s for the trainer (bench/gpu_train.py times steps).
     """
     import torch
@@ -101,6 +104,8 @@ def train_lora(
     schedule = _schedule(max_steps, epochs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     started = time.perf_counter()
     data_dir, out_root = Path(data_dir), Path(out_root)
     # The base's directory name is its served name (the default is converted into a directory named
@@ -128,7 +133,7 @@ def train_lora(
         plan = BatchPlan(per_device=batch_size, accumulation=1, checkpointing=False)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-            plan = _cuda_step_plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention)
+            plan = _cuda_step_plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention, lora_dropout > 0)
         set_seed(seed)
         tokenizer = load_tokenizer(base_model_dir)
         model = _load_base(base_model_dir, device, dtype, load_in_4bit, attention, plan.checkpointing)
@@ -168,7 +173,7 @@ def train_lora(
             peft_config=LoraConfig(
                 r=lora_r,
                 lora_alpha=2 * lora_r,
-                lora_dropout=0.05,
+                lora_dropout=lora_dropout,
                 target_modules=LORA_TARGETS,
                 task_type="CAUSAL_LM",
             ),
@@ -176,7 +181,8 @@ def train_lora(
         )
         if not on_cuda and not use_completion_head(trainer.model.get_base_model()):
             log.info("training: trl's own LM head scores every position (no completion-only head for this model)")
-        output = trainer.train()
+        with _adapter_inputs_left_to_autocast(trainer.model, mixed_precision=on_cuda and dtype != torch.float32):
+            output = trainer.train()
         trained = trainer.model
         trained.eval()
         with torch.inference_mode():
@@ -210,6 +216,7 @@ def train_lora(
                 "attention": attention or "default",
                 "lora_r": lora_r,
                 "lora_alpha": 2 * lora_r,
+                "lora_dropout": lora_dropout,
                 "lora_targets": LORA_TARGETS,
                 "seed": seed,
                 "load_in_4bit": load_in_4bit,
@@ -266,7 +273,12 @@ def _schedule(max_steps: int | None, epochs: float | None) -> dict[str, Any]:
 
 
 def _cuda_step_plan(
-    base_model_dir: Path, batch_size: int, lora_r: int, load_in_4bit: bool, attention: str | None
+    base_model_dir: Path,
+    batch_size: int,
+    lora_r: int,
+    load_in_4bit: bool,
+    attention: str | None,
+    lora_dropout: bool = True,
 ) -> BatchPlan:
     """Micro-batch, accumulation and recomputation for `batch_size` rows per step, from the free GPU memory."""
     import torch
@@ -280,6 +292,7 @@ def _cuda_step_plan(
         seq_len=MAX_LENGTH,
         target_batch=batch_size,
         lora_r=lora_r,
+        lora_dropout=lora_dropout,
         weight_bytes=0.55 if load_in_4bit else 2.0,  # NF4 with double-quantised scales; bf16
         # SDPA attends across a whole packed micro-batch under a block-diagonal mask: its work and
         # the mask grow with the square of the micro-batch's tokens, so passes stay short there.
@@ -346,6 +359,22 @@ def _load_base(
     )
     model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0}, **extra)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+
+
+def _adapter_inputs_left_to_autocast(model: Any, *, mixed_precision: bool) -> Any:
+    """Training under autocast: peft's cast of each adapter's input to its fp32 weights turned off.
+
+    peft casts every LoRA projection's input to the adapter's dtype (fp32, its default beside a bf16
+    base), and autocast casts it straight back to bf16 for the adapter's matmul: two full-size copies
+    per projection and step, and their backward, for the same numbers (the adapters' weights stay
+    fp32; bench/lora_ops.py counts the operators saved). CUDA only: the CPU path's results stay as
+    they were.
+    """
+    import contextlib
+
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model) if mixed_precision else contextlib.nullcontext()
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:

@@ -9,7 +9,10 @@ ships FlashAttention's varlen kernel as `torch.nn.attention.varlen.varlen_attn`;
 registers it with transformers as the attention implementation `NAME`.
 
 A call that carries no boundaries (the holdout loss's padded batches, generation) goes to SDPA with
-SDPA's own mask, so only packed training changes kernel.
+SDPA's own mask, so only packed training changes kernel. A packed forward builds no mask at all:
+the kernel takes the rows' boundaries instead, and SDPA's block-diagonal mask for a micro-batch of
+T tokens is a T x T tensor (268 MB at 16 packed rows of 1,024 tokens) that nothing would read.
+Causal attention over whole rows only: no sliding window (the Llama family has none).
 """
 
 from __future__ import annotations
@@ -37,9 +40,22 @@ def register() -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, attention_forward)
-    # SDPA's mask for the calls that fall back to SDPA; packed calls ignore it.
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, functools.partial(_mask, sdpa_mask))
     return NAME
+
+
+def _mask(sdpa_mask: Any, **kwargs: Any) -> Any:
+    """No mask for a forward over unpadded sequences with nothing cached; SDPA's mask otherwise.
+
+    Such a forward is either plain causal (SDPA's `is_causal` needs no mask) or packed, which is
+    where the mask would be a T x T block diagonal; the kernel attends by the rows' boundaries
+    instead, and `attention_forward` refuses packed rows that come without them.
+    """
+    # Queries and keys of the same length: no cached keys before the queries (a cache's second chunk
+    # and a static cache's prefill both have more keys than queries).
+    if kwargs.get("attention_mask") is None and kwargs["q_length"] == kwargs["kv_length"]:
+        return None
+    return sdpa_mask(**kwargs)
 
 
 def attention_forward(
@@ -58,6 +74,12 @@ def attention_forward(
     if cu_q is None or cu_k is None or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if attention_mask is None and query.shape[2] > 1 and _packed(kwargs.get("position_ids")):
+            # `_mask` built no block-diagonal mask: SDPA would let the rows attend to each other.
+            raise ValueError(
+                f"packed rows reached the {NAME} attention without their boundaries (cu_seq_lens_q/k, "
+                "max_length_q/k, as trl's padding-free collator passes them)"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -76,6 +98,13 @@ def attention_forward(
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = kernel(q, k, v, cu_q, cu_k, int(kwargs["max_length_q"]), int(kwargs["max_length_k"]), **options)
     return out.unsqueeze(0), None
+
+
+def _packed(position_ids: Any) -> bool:
+    """Whether position ids restart inside a row: several sequences packed into one."""
+    if position_ids is None:
+        return False
+    return bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
 
 
 def _kernel() -> Any:

@@ -41,10 +41,11 @@ def test_retrain_trains_gates_registers_loads_and_starts_a_candidate(store, mode
 
     simulate_traffic(store, n_queries=80, seed=3, days=1.0)
     outcome = retrain(candidate_server=model_server.base_url, candidate_share=0.25, days=2, max_steps=12,
-                      learning_rate=3e-3, batch_size=2, min_examples=5, base=str(tiny_model_dir))
+                      learning_rate=3e-3, batch_size=2, lora_dropout=0.0, min_examples=5, base=str(tiny_model_dir))
 
     assert outcome["status"] == "candidate", outcome
     assert outcome["adapter"]["metrics"]["params"]["batch_size"] == 2
+    assert outcome["adapter"]["metrics"]["params"]["lora_dropout"] == 0.0
     name = outcome["adapter"]["name"]
     assert name.startswith(tiny_model_dir.name)  # named after the base it was trained on
     gate = outcome["gate"]

@@ -58,10 +58,12 @@ def test_the_135m_configuration_has_smollm2_135ms_parameters():
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry. The
     # 2-layer smoke shape: the whole path (build, both CPU configurations, the step clock, the table) in seconds.
+    configs = "project,project-no-dropout,trl-defaults"
     stdout = _run_bench("gpu_train.py", "--sizes", "smoke", "--steps", "2", "--batch", "2", "--rows", "24",
-                        bundle=tmp_path, timeout=1400)  # fmt: skip
+                        "--configs", configs, bundle=tmp_path, timeout=1400)  # fmt: skip
     rows = [line for line in stdout.splitlines() if line.startswith("| smoke |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], stdout
+    assert [row.split("|")[3].strip() for row in rows] == ["project", "project-no-dropout", "trl-defaults"], stdout
+    assert ["no dropout" in row for row in rows] == [False, True, False]
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
     # Step 2 timed after the first (the warm-up): the callback saw both configurations' steps.
     assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), stdout
@@ -135,6 +137,7 @@ def test_configs_are_checked_before_anything_runs():
     assert configs() == ("project", "project-sdpa", "trl-defaults")  # CUDA; the padded row on request
     assert configs("--device", "cpu") == CPU_CONFIGS
     assert configs("--device", "cpu", "--configs", "project-compiled") == ("project-compiled",)
+    assert configs("--device", "cpu", "--configs", "project-no-dropout") == ("project-no-dropout",)
     assert configs("--configs", "trl-defaults, project-padded") == ("trl-defaults", "project-padded")
     with pytest.raises(SystemExit, match="project-sdpa"):
         configs("--device", "cpu", "--configs", "project,project-sdpa")  # the CPU path pads: no packed SDPA row

@@ -101,6 +101,32 @@ def test_packed_rows_give_the_padded_loss_through_the_varlen_kernel(tiny_model_d
     _loss(_trainer(tiny_model_dir, tmp_path / "padded-varlen", packing=False, attention=varlen.NAME))
     assert calls == []
 
+    # Packed rows without their boundaries would attend to each other under SDPA without a mask.
+    with pytest.raises(ValueError, match="without their boundaries"):
+        _loss(packed, drop="cu_seq_lens_q")
+
+
+def test_a_packed_forward_through_the_varlen_kernel_builds_no_mask(tiny_model_dir):
+    import torch
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask
+
+    from training import varlen
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    embeds = torch.zeros(1, 7, config.hidden_size)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])  # three rows in one flattened sequence
+
+    def mask(attention: str, attention_mask=None, position_ids=packed):
+        config._attn_implementation = attention
+        return create_causal_mask(config, embeds, attention_mask, cache=None, position_ids=position_ids)
+
+    assert mask(varlen.register()) is None  # the kernel takes the rows' boundaries instead
+    assert mask("sdpa").shape == (1, 1, 7, 7)  # what SDPA needs, and what varlen skips building
+    # Padding is SDPA's business on the fallback path: its mask, unchanged.
+    padding = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    assert torch.equal(mask(varlen.NAME, padding, None), mask("sdpa", padding, None))
+
 
 def test_packing_is_the_cuda_default_and_asked_for_on_cpu(monkeypatch):
     import transformers.utils
@@ -162,3 +188,22 @@ def test_the_varlen_kernel_is_offered_only_on_a_gpu_that_runs_it(monkeypatch):
     assert varlen.available()  # this torch ships the kernel (2.9 and newer)
     monkeypatch.setattr(varlen, "_kernel", lambda: None)
     assert not varlen.available()
+
+
+def test_a_cached_forward_through_the_varlen_kernel_attends_as_sdpa_does(tiny_model_dir):
+    # Generation and chunked prefill carry no row boundaries: the second chunk must still see SDPA's
+    # mask (its queries sit after the cached keys), not the maskless path of a fresh forward.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training import varlen
+
+    tokens = torch.arange(3, 10).unsqueeze(0)
+
+    def chunked_logits(attention: str):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attention)
+        with torch.no_grad():
+            first = model(input_ids=tokens[:, :4], use_cache=True)
+            return model(input_ids=tokens[:, 4:], past_key_values=first.past_key_values).logits
+
+    assert torch.allclose(chunked_logits(varlen.register()), chunked_logits("sdpa"), atol=1e-6)

@@ -119,7 +119,8 @@ def test_max_steps_wins_over_epochs(data_dir, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("schedule", "named"),
     [({"max_steps": 0}, "max_steps"), ({"epochs": 0}, "epochs"), ({"epochs": -1.5}, "epochs"),
-     ({"batch_size": 0}, "batch_size")],
+     ({"batch_size": 0}, "batch_size"), ({"lora_dropout": 1.0}, "lora_dropout"),
+     ({"lora_dropout": -0.1}, "lora_dropout")],
 )  # fmt: skip
 def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(data_dir, tmp_path, schedule, named):
     with pytest.raises(ValueError, match=named):
@@ -127,8 +128,10 @@ def test_a_schedule_that_trains_nothing_is_refused_before_anything_is_written(da
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("torch_compile", [False, True])
-def test_torch_compile_reaches_the_trainer(data_dir, tiny_model_dir, tmp_path, monkeypatch, torch_compile):
+@pytest.mark.parametrize(("torch_compile", "lora_dropout"), [(False, 0.0), (True, 0.1)])
+def test_torch_compile_and_lora_dropout_reach_the_trainer(
+    data_dir, tiny_model_dir, tmp_path, monkeypatch, torch_compile, lora_dropout
+):
     # The wiring only (a compiled run costs a minute of compilation on CPU; docs/BENCHMARKS.md
     # "GPU training" has one, with eager's losses): the trainer is stopped as it is built.
     import trl
@@ -137,13 +140,32 @@ def test_torch_compile_reaches_the_trainer(data_dir, tiny_model_dir, tmp_path, m
         pass
 
     def stop(*args, **kwargs):
-        raise Built(kwargs["args"].torch_compile)
+        raise Built(kwargs["args"].torch_compile, kwargs["peft_config"].lora_dropout)
 
     monkeypatch.setattr(trl, "SFTTrainer", stop)
     with pytest.raises(Built) as built:
-        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, torch_compile=torch_compile)
-    assert built.value.args == (torch_compile,)
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, torch_compile=torch_compile,
+                   lora_dropout=lora_dropout)  # fmt: skip
+    assert built.value.args == (torch_compile, lora_dropout)
     assert list((tmp_path / "out").iterdir()) == []  # the partial adapter directory is gone
+
+
+def test_bf16_on_cpu_keeps_peft_casting_the_adapter_inputs(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    # Leaving the inputs to autocast gives the same numbers under bf16 only to within a bf16 step when
+    # dropout draws on them (tests/training/test_lora_inputs.py): the CPU path keeps its results.
+    import torch
+
+    class Asked(Exception):
+        pass
+
+    def record(model, *, mixed_precision):
+        raise Asked(mixed_precision)
+
+    monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cpu"), torch.bfloat16))
+    monkeypatch.setattr("training.train._adapter_inputs_left_to_autocast", record)
+    with pytest.raises(Asked) as asked:
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, max_steps=1)
+    assert asked.value.args == (False,)
 
 
 def test_abloop_train_epochs_and_batch_size(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -163,9 +185,31 @@ def test_abloop_train_epochs_and_batch_size(data_dir, tiny_model_dir, tmp_path, 
             "0.5",
             "--batch-size",
             "8",
+            "--lora-dropout",
+            "0",
         ]
     )
     printed = json.loads(capsys.readouterr().out)
     rows = len(read_rows(data_dir / TRAIN_FILE))
     assert len(printed["metrics"]["train_loss_curve"]) == math.ceil(math.ceil(rows / 8) * 0.5)
     assert printed["metrics"]["params"]["epochs"] == 0.5 and printed["metrics"]["params"]["batch_size"] == 8
+    assert printed["metrics"]["params"]["lora_dropout"] == 0.0
+
+
+def test_the_cuda_plan_is_told_whether_the_adapters_drop_out(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    # Without dropout no adapter keeps a copy of its input: the plan counts less per token.
+    import torch
+
+    class Planned(Exception):
+        pass
+
+    def plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention, lora_dropout):
+        raise Planned(lora_dropout)
+
+    monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cuda"), torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr("training.train._cuda_step_plan", plan)
+    for dropout, drops_out in ((0.05, True), (0.0, False)):
+        with pytest.raises(Planned) as planned:
+            train_lora(data_dir, tmp_path / f"out-{dropout}", base_model_dir=tiny_model_dir, lora_dropout=dropout)
+        assert planned.value.args == (drops_out,)
