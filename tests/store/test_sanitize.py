@@ -115,3 +115,35 @@ def test_what_is_replaced() -> None:
     event, changed = storable("search_events", event_row(timings={"retrieval": 1.0, "llm": math.inf, "total": 2.0}))
     assert changed == ["timings"]
     assert event["timings"] == {"retrieval": 1.0, "llm": None, "total": 2.0, SANITIZED_KEY: ["timings"]}
+
+
+def test_a_lone_surrogate_is_found_without_a_nul_beside_it() -> None:
+    clean, changed = storable("feedback", feedback_row("e", comment="lone \udc80 half", corrected_answer="naïve ☕"))
+    assert changed == ["comment"] and clean["comment"] == f"lone {R} half" and clean["corrected_answer"] == "naïve ☕"
+
+
+def test_a_nul_only_in_a_key_is_found() -> None:
+    clean, changed = storable("search_events", event_row(retrieved={"ids": [], "scores": [], "index\x00": "v1"}))
+    assert changed == ["retrieved"] and clean["retrieved"] == {"ids": [], "scores": [], f"index{R}": "v1"}
+
+
+def test_timings_that_are_not_a_dict_become_the_record_of_what_changed() -> None:
+    clean, changed = storable("search_events", event_row(query="a\x00b", timings=None))
+    assert changed == ["query"] and clean["timings"] == {SANITIZED_KEY: ["query"]}
+
+
+def test_values_of_other_types_are_left_alone() -> None:
+    import enum
+    import uuid
+
+    class Arm(enum.StrEnum):
+        CONTROL = "control"
+
+    class Tagged(str):  # a str subclass is text, whatever its class
+        pass
+
+    row = {"id": uuid.uuid4(), "arm": Arm.CONTROL, "score": float("nan"), "count": 3}
+    clean, changed = storable("search_events", row)
+    assert clean is row and changed == []  # a float column stores NaN; only JSON refuses it
+    clean, changed = storable("feedback", {"comment": Tagged("a\x00b")})
+    assert changed == ["comment"] and clean["comment"] == f"a{R}b"

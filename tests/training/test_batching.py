@@ -160,3 +160,83 @@ def test_a_gpu_too_small_for_one_row_kept_still_trains_by_recomputing():
 def test_passes_are_capped_and_still_add_up():
     plan = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=12, lora_r=16, max_per_device=4)
     assert plan == BatchPlan(per_device=4, accumulation=3, checkpointing=False)
+
+
+def test_the_layer_figures_are_the_documented_ones():
+    # Per token and layer: (10h + 4kv + 4i) values in the compute dtype, plus (6h + i) x (dtype + 1)
+    # with dropout; the loss keeps 8 bytes. 135M has grouped key and value heads (kv = 192).
+    kept = (10 * 576 + 4 * 192 + 4 * 1536) * 2
+    assert SMOLLM2_135M.activation_bytes_per_token(dtype_bytes=2, checkpointing=False, lora_dropout=False) == (
+        30 * kept + 8
+    )
+    assert SMOLLM2_1_7B.activation_bytes_per_token(dtype_bytes=4, checkpointing=False) == (
+        24 * ((10 * 2048 + 4 * 2048 + 4 * 8192) * 4 + (6 * 2048 + 8192) * 5) + 8
+    )
+
+
+def test_a_config_without_grouped_heads_or_tied_embeddings_fields():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=64, num_hidden_layers=2, intermediate_size=176, num_attention_heads=8,
+                             vocab_size=1000)  # fmt: skip
+    shape = ModelShape.from_config(config)
+    assert shape.kv_heads == 8 and shape.tied_embeddings is False
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+def test_the_plan_takes_exactly_what_fits(rows):
+    # Every term counted once: free memory for `rows` rows and one byte less give `rows` and fewer.
+    weights, trainable, workspace, per_token = 1_000_000, 50_000, 300_000, 1_000
+
+    def plan(free: float) -> BatchPlan:
+        return plan_batch(int(free), params=weights, seq_len=100, target_batch=8, bytes_per_token=per_token,
+                          weight_bytes=0.55, trainable_params=trainable, workspace_bytes=workspace, headroom=0.5,
+                          checkpointing=False)  # fmt: skip
+
+    needed = weights * 0.55 + trainable * 16 + workspace + rows * 100 * per_token
+    assert plan(needed / 0.5 + 2) == BatchPlan(per_device=rows, accumulation=8 // rows, checkpointing=False)
+    if rows == 1:
+        with pytest.raises(ValueError, match="one row of 100 tokens"):
+            plan(needed / 0.5 - 2)
+    else:
+        assert plan(needed / 0.5 - 2).per_device == rows // 2
+    assert type(plan(needed / 0.5 + 2).accumulation) is int
+
+
+def test_the_defaults_hold_the_weights_in_bf16_and_nothing_else():
+    needed = 1_000_000 * 2 + 4 * 100 * 1_000
+    # One byte over: a default that held one byte more would not fit the four rows.
+    fits = plan_batch(int(needed / 0.8) + 1, params=1_000_000, seq_len=100, target_batch=4, bytes_per_token=1_000)
+    assert fits == BatchPlan(per_device=4, accumulation=1, checkpointing=True)
+    short = plan_batch(int(needed / 0.8) - 2, params=1_000_000, seq_len=100, target_batch=4, bytes_per_token=1_000)
+    assert short.per_device == 2
+
+
+def test_the_smallest_plan_and_what_is_refused():
+    assert plan_batch(10**9, params=1, seq_len=1, target_batch=1, bytes_per_token=1) == BatchPlan(1, 1)
+    for target, seq_len in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="^target_batch and seq_len must be at least 1$"):
+            plan_batch(10**9, params=1, seq_len=seq_len, target_batch=target, bytes_per_token=1)
+
+
+def test_a_refusal_says_what_a_row_needs_and_what_is_free():
+    with pytest.raises(ValueError) as refused:
+        plan_batch(3 * GIB, params=2 * GIB, seq_len=1024, target_batch=4, bytes_per_token=2**20)
+    assert str(refused.value) == (
+        "one row of 1024 tokens needs about 5.0 GiB with the weights; 3.0 GiB are free (x0.8 headroom): "
+        "use a shorter max length, 4-bit weights or a larger GPU"
+    )
+
+
+def test_the_step_plan_counts_the_weights_dtype_the_adapters_and_the_loss_tile():
+    from training.batching import _LOSS_TILE_BYTES, _TRAINABLE_BYTES
+
+    per_row = 1024 * SMOLLM2_1_7B.activation_bytes_per_token(dtype_bytes=2, checkpointing=False)
+    fixed = SMOLLM2_1_7B.params * 0.55 + SMOLLM2_1_7B.lora_params(16) * _TRAINABLE_BYTES + _LOSS_TILE_BYTES
+    free = (fixed + 8 * per_row) / 0.8
+
+    def plan(free_bytes: float) -> BatchPlan:
+        return plan_step(int(free_bytes), SMOLLM2_1_7B, seq_len=1024, target_batch=8, lora_r=16, weight_bytes=0.55)
+
+    assert plan(free + 2) == BatchPlan(per_device=8, accumulation=1, checkpointing=False)
+    assert plan(free - 2) == BatchPlan(per_device=8, accumulation=1, checkpointing=True)
