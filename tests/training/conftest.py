@@ -157,6 +157,11 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
     """torch.nn.attention.varlen.varlen_attn as torch 2.11 declares it (no enable_gqa), row by row through SDPA."""
     import torch
 
+    # What the CUDA kernel needs besides the queries' boundaries: the keys' (the same rows here) and
+    # the longest row of each, as ints.
+    longest = int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    if not torch.equal(cu_seq_k, cu_seq_q) or (max_q, max_k) != (longest, longest) or type(max_q) is not int:
+        raise ValueError(f"boundaries {cu_seq_q}, {cu_seq_k}, longest rows {max_q!r}, {max_k!r}")
     out = torch.empty_like(query)
     for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, tokens, dim]

@@ -184,8 +184,10 @@ def test_the_varlen_kernel_is_offered_only_on_a_gpu_that_runs_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))  # Turing: no FlashAttention-2
     assert not varlen.available()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 0))  # A100: the first that runs it
     assert varlen.available()  # this torch ships the kernel (2.9 and newer)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    assert varlen.available()
     monkeypatch.setattr(varlen, "_kernel", lambda: None)
     assert not varlen.available()
 
