@@ -43,14 +43,9 @@ VARIANTS = {  # name: (inputs left to autocast, lora_dropout)
 _ALLOCATING = {"empty", "empty_like", "empty_strided", "lift_fresh"}
 
 
-def count_pass(shape: dict[str, Any], layers: int, *, autocast_inputs: bool, lora_dropout: float, tokens: int):
-    """Operators dispatched by one forward and one backward: (forward, backward) Counters."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+def operator_count() -> Any:
+    """A `TorchDispatchMode` that counts the ATen operators dispatched inside it (its `ops` Counter)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from training.train import LORA_TARGETS, _adapter_inputs_left_to_autocast
 
     class _Count(TorchDispatchMode):
         def __init__(self) -> None:
@@ -61,6 +56,17 @@ def count_pass(shape: dict[str, Any], layers: int, *, autocast_inputs: bool, lor
             self.ops[func] += 1
             return func(*args, **(kwargs or {}))
 
+    return _Count()
+
+
+def count_pass(shape: dict[str, Any], layers: int, *, autocast_inputs: bool, lora_dropout: float, tokens: int):
+    """Operators dispatched by one forward and one backward: (forward, backward) Counters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.train import LORA_TARGETS, adapter_inputs_left_to_autocast
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, **{**shape, "num_hidden_layers": layers})
     base = LlamaForCausalLM(config).to(torch.bfloat16)  # the CUDA path's frozen base
@@ -70,11 +76,11 @@ def count_pass(shape: dict[str, Any], layers: int, *, autocast_inputs: bool, lor
     ids = torch.randint(0, VOCAB, (1, tokens))
 
     def casting() -> Any:
-        return _adapter_inputs_left_to_autocast(model, mixed_precision=autocast_inputs)
+        return adapter_inputs_left_to_autocast(model, mixed_precision=autocast_inputs)
 
-    with casting(), _Count() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+    with casting(), operator_count() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
-    with casting(), _Count() as backward:
+    with casting(), operator_count() as backward:
         loss.backward()
     return forward.ops, backward.ops
 

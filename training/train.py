@@ -181,7 +181,7 @@ def train_lora(
         )
         if not on_cuda and not use_completion_head(trainer.model.get_base_model()):
             log.info("training: trl's own LM head scores every position (no completion-only head for this model)")
-        with _adapter_inputs_left_to_autocast(trainer.model, mixed_precision=on_cuda and dtype != torch.float32):
+        with adapter_inputs_left_to_autocast(trainer.model, mixed_precision=on_cuda and dtype != torch.float32):
             output = trainer.train()
         trained = trainer.model
         trained.eval()
@@ -361,7 +361,7 @@ def _load_base(
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
 
-def _adapter_inputs_left_to_autocast(model: Any, *, mixed_precision: bool) -> Any:
+def adapter_inputs_left_to_autocast(model: Any, *, mixed_precision: bool) -> Any:
     """Training under autocast: peft's cast of each adapter's input to its fp32 weights turned off.
 
     peft casts every LoRA projection's input to the adapter's dtype (fp32, its default beside a bf16

@@ -162,7 +162,7 @@ def test_bf16_on_cpu_keeps_peft_casting_the_adapter_inputs(data_dir, tiny_model_
         raise Asked(mixed_precision)
 
     monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cpu"), torch.bfloat16))
-    monkeypatch.setattr("training.train._adapter_inputs_left_to_autocast", record)
+    monkeypatch.setattr("training.train.adapter_inputs_left_to_autocast", record)
     with pytest.raises(Asked) as asked:
         train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, max_steps=1)
     assert asked.value.args == (False,)
