@@ -41,6 +41,9 @@ Configurations:
   project-sdpa    the same, packed rows attended by SDPA under a block-diagonal mask (CUDA only).
   project-compiled  the same as project under torch.compile (`abloop train --compile`); on request.
   project-no-dropout  the same with lora_dropout=0 (`abloop train --lora-dropout 0`); on request.
+  project-4bit    the same with the base quantised to 4-bit NF4 (QLoRA, `abloop train --load-in-4bit`);
+                  CUDA only, on request; needs bitsandbytes there (not in the GPU image, and its 41 MiB
+                  wheel does not fit beside the bundle in the 64 MiB a call carries: docs/BENCHMARKS.md).
   project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
                   the project pads anyway).
   trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
@@ -100,12 +103,14 @@ CARRIED = (
     "fsspec",
 )
 # Recorded with every run: the versions that produced the figures.
-REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub")
+REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub",
+            "bitsandbytes")  # fmt: skip
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-CONFIGS = ("project", "project-sdpa", "project-padded", "project-compiled", "project-no-dropout", "trl-defaults")
-# project-padded, project-compiled and project-no-dropout on request: the default run stays under 8 minutes on an
-# H200 (about 7.5 by the per-run times measured on 2026-11-30, docs/BENCHMARKS.md "GPU training").
+CONFIGS = ("project", "project-sdpa", "project-padded", "project-compiled", "project-no-dropout", "project-4bit",
+           "trl-defaults")  # fmt: skip
+# project-padded, project-compiled, project-no-dropout and project-4bit on request: the default run stays under
+# 8 minutes on an H200 (about 7.5 by the per-run times measured on 2026-11-30, docs/BENCHMARKS.md "GPU training").
 CUDA_CONFIGS = ("project", "project-sdpa", "trl-defaults")
 CPU_CONFIGS = ("project", "trl-defaults")  # on CPU the project pads: its other rows would train the same batches
 CPU_ALLOWED = (*CPU_CONFIGS, "project-compiled", "project-no-dropout")
@@ -362,6 +367,7 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, clock:
         callbacks=[clock],
         **({"batch_size": args.batch} if args.batch else {}),
         **({"lora_dropout": 0.0} if args._run == "project-no-dropout" else {}),
+        load_in_4bit=args._run == "project-4bit",
     )
     m, p = run.metrics, run.metrics["params"]
     return {
@@ -369,7 +375,8 @@ def _project(data: Path, base: Path, out: Path, args: argparse.Namespace, clock:
         "mode": f"LoRA r={p['lora_r']}"
         + (f", packed ({p['attention']})" if p["packing"] else ", padded")
         + (", compiled" if p["torch_compile"] else "")
-        + (", no dropout" if not p["lora_dropout"] else ""),
+        + (", no dropout" if not p["lora_dropout"] else "")
+        + (", 4-bit NF4 base" if p["load_in_4bit"] else ""),
         "dtype": p["dtype"],
         "checkpointing": p["gradient_checkpointing"],
         "batch": f"{p['per_device_batch_size']}x{p['gradient_accumulation_steps']}",

@@ -138,6 +138,9 @@ def test_configs_are_checked_before_anything_runs():
     assert configs("--device", "cpu") == CPU_CONFIGS
     assert configs("--device", "cpu", "--configs", "project-compiled") == ("project-compiled",)
     assert configs("--device", "cpu", "--configs", "project-no-dropout") == ("project-no-dropout",)
+    assert configs("--configs", "project,project-4bit") == ("project", "project-4bit")
+    with pytest.raises(SystemExit, match="project-4bit"):
+        configs("--device", "cpu", "--configs", "project-4bit")  # 4-bit needs CUDA (bitsandbytes)
     assert configs("--configs", "trl-defaults, project-padded") == ("trl-defaults", "project-padded")
     with pytest.raises(SystemExit, match="project-sdpa"):
         configs("--device", "cpu", "--configs", "project,project-sdpa")  # the CPU path pads: no packed SDPA row
@@ -164,3 +167,4 @@ def _run_bench(script: str, *args: str, bundle: Path, timeout: int) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
