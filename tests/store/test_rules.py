@@ -61,3 +61,67 @@ def test_corrections_are_corrected_answers_of_answered_events(db: Database) -> N
     assert (correction.feedback_id, correction.answer, correction.corrected, correction.user_id) == (
         kept, "the answer", "Answer: the answer", "sim-7")
     assert correction.messages == [{"role": "user", "content": "q"}]
+
+
+def test_the_corrections_query_is_oldest_first_from_since(db: Database) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    ids = [_correction(db, f"answer {n}", f"corrected {n}") for n in range(3)]
+    start = utcnow() - timedelta(hours=1)
+    with db.session() as session:  # given out of the ids' order, one exactly at `since`
+        for minutes, feedback_id in zip((30, 10, 20), ids, strict=True):
+            session.execute(update(Feedback).where(Feedback.id == feedback_id)
+                            .values(ts=start + timedelta(minutes=minutes)))  # fmt: skip
+    found = rules.corrections(db)
+    assert [c.feedback_id for c in found] == [ids[1], ids[2], ids[0]]
+    assert all(c.event_id and c.answer.startswith("answer") and c.corrected.startswith("corrected") for c in found)
+    with db.session() as session:
+        events = {f.id: f.event_id for f in session.query(Feedback)}
+    assert [c.event_id for c in found] == [events[i] for i in (ids[1], ids[2], ids[0])]
+    since = [c.feedback_id for c in rules.corrections(db, since=start + timedelta(minutes=20))]
+    assert since == [ids[2], ids[0]]  # from `since` on, itself included
+
+
+def test_a_rule_is_its_kind_and_text_and_the_counts_add_up(db: Database) -> None:
+    same_text = rules.propose(db, [("banned_phrase", "Sure!", ["f1"]), ("instruction", "Sure!", ["f1"]),
+                                   ("banned_phrase", "Okay!", ["f1"])])  # fmt: skip
+    assert same_text == {"created": 3, "updated": 0, "unchanged": 0}
+    counted = rules.propose(db, [("banned_phrase", "Sure!", ["f1"]), ("instruction", "Sure!", ["f1"]),
+                                 ("banned_phrase", "Okay!", ["f2"]), ("banned_phrase", "Sure!", ["f3"])])  # fmt: skip
+    assert counted == {"created": 0, "updated": 2, "unchanged": 2}
+    stored = rules.list_rules(db, "proposed")
+    assert len(stored) == 3 and all(r.created_at is not None for r in stored)
+
+
+def test_rules_are_listed_newest_first_and_approved_in_the_order_proposed(db: Database) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from store.models import Rule
+
+    rules.propose(db, [("instruction", f"Rule {n}.", ["f1"]) for n in range(3)])
+    by_text = {r.text: r.id for r in rules.list_rules(db)}
+    start = utcnow()
+    a, b, c = sorted(by_text.values())
+    with db.session() as session:  # creation times in neither order of the ids: c, then a, then b
+        for minutes, rule_id in ((0, c), (1, a), (2, b)):
+            created = start + timedelta(minutes=minutes)
+            session.execute(update(Rule).where(Rule.id == rule_id).values(created_at=created))
+    assert [r.id for r in rules.list_rules(db)] == [b, a, c]
+    for rule_id in (a, b, c):
+        rules.decide(db, rule_id, "approved")
+    assert [r.id for r in rules.approved(db)] == [c, a, b]
+
+
+def test_bad_input_names_itself(db: Database) -> None:
+    with pytest.raises(ValueError, match="unknown rule kind 'python_code'"):
+        rules.propose(db, [("python_code", "x", ["f1"])])
+    with pytest.raises(ValueError, match="unknown rule status 'maybe'"):
+        rules.list_rules(db, "maybe")
+    with pytest.raises(ValueError, match="a decision is approved or rejected, not 'proposed'"):
+        rules.decide(db, "any", "proposed")
+    with pytest.raises(rules.RuleNotFound, match="unknown rule 'no-such-rule'"):
+        rules.decide(db, "no-such-rule", "approved")

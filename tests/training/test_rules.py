@@ -68,3 +68,60 @@ def test_approved_output_rules_turn_a_new_answer_into_the_corrected_style() -> N
     outputs = [{"kind": p.kind, "text": p.text} for p in propose_rules(corrections) if p.kind != "instruction"]
     assert apply_output_rules("As an AI, tuples are immutable.", outputs, ["Tuples"]) == (
         "Answer: tuples are immutable.\nSource: Tuples")
+
+
+def test_an_answer_that_already_opens_with_the_label_after_spaces_gets_no_prefix() -> None:
+    assert observe("  Answer: use sorted().", "Answer: use sorted().", _messages()) == set()
+
+
+def test_values_with_a_brace_are_never_proposed_as_lines() -> None:
+    for value in ("use {x", "use x}", "use {x}"):  # a brace would read as the output rule's placeholder
+        assert observe("Use sorted().", f"Use sorted().\nSee also: {value}", _messages()) == set()
+
+
+def test_the_edges_of_what_a_removal_may_be() -> None:
+    # Half of the words kept exactly (the lower bound is inclusive): the removed phrase is seen.
+    assert observe("Well, to be honest, sorted() works", "sorted() works", _messages()) == {
+        Observation(REMOVED, "Well, to be honest,")}
+    # Twelve words at most, wherever in the answer they are: twelve deleted late in a long answer count,
+    # thirteen do not.
+    kept = " ".join(f"k{n}" for n in range(30))
+    twelve, thirteen = " ".join(f"d{n}" for n in range(12)), " ".join(f"d{n}" for n in range(13))
+    assert observe(f"{kept} {twelve}", kept, _messages()) == {Observation(REMOVED, twelve)}
+    assert observe(f"{kept} {thirteen}", kept, _messages()) == set()
+    # Lines added on the lines after the first are joined with spaces, so their words are kept words.
+    assert observe("one two three four extra", "one two\nthree four", _messages()) == {Observation(REMOVED, "extra")}
+
+
+def test_observations_up_to_300_characters() -> None:
+    for length, seen in ((300, True), (301, False)):
+        value = "v" * (length - len("See also: "))
+        found = observe("Use sorted().", f"Use sorted().\nSee also: {value}", _messages())
+        assert (found == {Observation(LINE, f"See also: {value}")}) is seen
+
+
+def test_a_proposal_as_the_flow_reports_it() -> None:
+    from training.rules import Proposal
+
+    proposal = Proposal("banned_phrase", "Sure!", ["f1", "f2", "f3"], simulated=2)
+    assert proposal.to_dict() == {"kind": "banned_phrase", "text": "Sure!", "support": 3, "simulated": 2,
+                                  "feedback_ids": ["f1", "f2", "f3"]}  # fmt: skip
+
+
+def test_proposals_by_default_need_two_corrections_and_come_best_supported_first() -> None:
+    corrections = [
+        # First seen, with one supporter only: it is skipped, and the others are still looked at.
+        _correction(1, "Use sorted().", "Use sorted().\nSee also: Tutorial"),
+        _correction(2, "Use sorted().", "Use sorted().\nSee also: tutorial"),  # another line: case matters here
+        _correction(3, "as an ai, use sorted().", "use sorted()."),
+        _correction(4, "As an AI, use sorted().", "use sorted()."),
+        _correction(5, "As an AI, use sorted().", "use sorted().\nNote: stable"),
+        _correction(6, "Use sorted().", "Use sorted().\nNote: stable"),
+    ]
+    proposals = propose_rules(corrections)
+    assert [(p.kind, p.text, len(p.feedback_ids)) for p in proposals] == [
+        ("banned_phrase", "As an AI,", 3),  # the spelling most corrections removed, though another came first
+        ("instruction", 'Never write "As an AI,".', 3),
+        ("instruction", 'End every answer with the line "Note: stable".', 2),
+        ("required_format", "{answer}\nNote: stable", 2),
+    ]
