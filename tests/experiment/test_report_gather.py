@@ -10,7 +10,8 @@ from sqlalchemy import insert
 from experiment.report import content, gather
 from experiment.report.gather import EXAMPLES, _choose, _examples, _offline_gate, _simulated, _transitions
 from store.db import Database
-from store.models import Adapter, Experiment, ExperimentEvent, Feedback, SearchEvent, new_id
+from store.models import Adapter, Experiment, ExperimentEvent, Feedback, SearchEvent
+from tests.store.conftest import event_row, feedback_row
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
@@ -31,13 +32,13 @@ def _experiment(db: Database, *, status: str = "running", candidate: bool = True
 def _event(experiment_id: str, minute: int, *, user: str | None = "user-1", arm: str = "control",
            served: str | None = "same", query: str = "q", answer: str | None = "an answer", status: str = "ok",
            model: str = "base") -> dict:  # fmt: skip
-    return {"id": new_id(), "ts": T0 + timedelta(minutes=minute), "user_id": user, "experiment_id": experiment_id,
-            "arm": arm, "served_arm": arm if served == "same" else served, "model": model, "query": query,
-            "messages": [], "retrieved": {}, "answer": answer, "status": status, "timings": {}}  # fmt: skip
+    return event_row(ts=T0 + timedelta(minutes=minute), user_id=user, experiment_id=experiment_id, arm=arm,
+                     served_arm=arm if served == "same" else served, model=model, query=query, answer=answer,
+                     status=status)  # fmt: skip
 
 
 def _feedback(event: dict, minute: int, **fields) -> dict:
-    return {"id": new_id(), "event_id": event["id"], "ts": T0 + timedelta(minutes=minute), **fields}
+    return feedback_row(event["id"], **{"ts": T0 + timedelta(minutes=minute), "thumbs": None, "rating": None, **fields})
 
 
 def _write(db: Database, events: list[dict], feedback: list[dict] = ()) -> None:

@@ -167,4 +167,3 @@ def _run_bench(script: str, *args: str, bundle: Path, timeout: int) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
