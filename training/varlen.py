@@ -101,7 +101,12 @@ def attention_forward(
 
 
 def _packed(position_ids: Any) -> bool:
-    """Whether position ids restart inside a row: several sequences packed into one."""
+    """Whether position ids restart inside a row: several sequences packed into one.
+
+    The rule of transformers' `masking_utils.find_packed_sequence_indices`, which decides when SDPA
+    gets the block-diagonal mask; not that function itself, which answers "packed" for every call
+    while it is traced (torch.compile), and would refuse every maskless call of a compiled model.
+    """
     if position_ids is None:
         return False
     return bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
