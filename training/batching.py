@@ -70,13 +70,13 @@ class ModelShape:
         per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
         return self.layers * per_layer
 
-    def activation_bytes_per_token(self, *, dtype_bytes: int, checkpointing: bool, lora_dropout: bool = True) -> int:
+    def activation_bytes_per_token(self, *, dtype_bytes: int, checkpointing: bool, adapter_dropout: bool = True) -> int:
         """Bytes the backward pass needs per trained token (the layers, and the loss's own figures)."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         # Saved per layer: norm inputs and outputs, q/k/v before and after RoPE, the attention output
         # (4h + 2h + 4kv + h + 2h + ...) and the MLP's gate, up, activation and product (4i).
         layer = (10 * h + 4 * kv + 4 * i) * dtype_bytes
-        if lora_dropout:
+        if adapter_dropout:
             # Each adapter's dropped-out copy of its input (q, k, v, o, gate, up: 6h; down: i) and its
             # mask (a byte per value). Without dropout the adapter's input is the projection's own, kept
             # once (training.train leaves it to autocast instead of copying it to fp32 and back).
@@ -144,7 +144,7 @@ def plan_step(
     seq_len: int,
     target_batch: int,
     lora_r: int,
-    lora_dropout: bool = True,
+    adapter_dropout: bool = True,
     weight_bytes: float = 2.0,
     max_per_device: int | None = None,
 ) -> BatchPlan:
@@ -162,7 +162,7 @@ def plan_step(
             seq_len=seq_len,
             target_batch=target_batch,
             bytes_per_token=shape.activation_bytes_per_token(
-                dtype_bytes=2, checkpointing=checkpointing, lora_dropout=lora_dropout
+                dtype_bytes=2, checkpointing=checkpointing, adapter_dropout=adapter_dropout
             ),
             weight_bytes=weight_bytes,
             trainable_params=shape.lora_params(lora_r),

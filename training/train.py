@@ -133,7 +133,9 @@ def train_lora(
         plan = BatchPlan(per_device=batch_size, accumulation=1, checkpointing=False)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-            plan = _cuda_step_plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention, lora_dropout > 0)
+            plan = _cuda_step_plan(
+                base_model_dir, batch_size, lora_r, load_in_4bit, attention, adapter_dropout=lora_dropout > 0
+            )
         set_seed(seed)
         tokenizer = load_tokenizer(base_model_dir)
         model = _load_base(base_model_dir, device, dtype, load_in_4bit, attention, plan.checkpointing)
@@ -278,7 +280,7 @@ def _cuda_step_plan(
     lora_r: int,
     load_in_4bit: bool,
     attention: str | None,
-    lora_dropout: bool = True,
+    adapter_dropout: bool = True,
 ) -> BatchPlan:
     """Micro-batch, accumulation and recomputation for `batch_size` rows per step, from the free GPU memory."""
     import torch
@@ -292,7 +294,7 @@ def _cuda_step_plan(
         seq_len=MAX_LENGTH,
         target_batch=batch_size,
         lora_r=lora_r,
-        lora_dropout=lora_dropout,
+        adapter_dropout=adapter_dropout,
         weight_bytes=0.55 if load_in_4bit else 2.0,  # NF4 with double-quantised scales; bf16
         # SDPA attends across a whole packed micro-batch under a block-diagonal mask: its work and
         # the mask grow with the square of the micro-batch's tokens, so passes stay short there.

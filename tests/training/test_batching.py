@@ -60,7 +60,7 @@ def test_lora_dropout_keeps_a_copy_and_a_mask_of_every_adapters_input():
     h, i = 576, 1536
     for checkpointing, layers in ((False, SMOLLM2_135M.layers), (True, 1)):
         with_dropout, without = (
-            SMOLLM2_135M.activation_bytes_per_token(dtype_bytes=2, checkpointing=checkpointing, lora_dropout=d)
+            SMOLLM2_135M.activation_bytes_per_token(dtype_bytes=2, checkpointing=checkpointing, adapter_dropout=d)
             for d in (True, False)
         )
         assert with_dropout - without == layers * (6 * h + i) * (2 + 1)
@@ -70,7 +70,7 @@ def test_without_dropout_a_1_7b_step_of_32_keeps_its_activations_on_an_h200():
     # Measured on an H200 (docs/BENCHMARKS.md): with dropout the plan recomputed at 32 sequences, and
     # the rate fell from 28.5k tokens/s at 16 to 22k.
     with_dropout = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=32, lora_r=16)
-    without = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=32, lora_r=16, lora_dropout=False)
+    without = plan_step(139 * GIB, SMOLLM2_1_7B, seq_len=1024, target_batch=32, lora_r=16, adapter_dropout=False)
     assert with_dropout == BatchPlan(per_device=32, accumulation=1, checkpointing=True)
     assert without == BatchPlan(per_device=32, accumulation=1, checkpointing=False)
 
@@ -166,7 +166,7 @@ def test_the_layer_figures_are_the_documented_ones():
     # Per token and layer: (10h + 4kv + 4i) values in the compute dtype, plus (6h + i) x (dtype + 1)
     # with dropout; the loss keeps 8 bytes. 135M has grouped key and value heads (kv = 192).
     kept = (10 * 576 + 4 * 192 + 4 * 1536) * 2
-    assert SMOLLM2_135M.activation_bytes_per_token(dtype_bytes=2, checkpointing=False, lora_dropout=False) == (
+    assert SMOLLM2_135M.activation_bytes_per_token(dtype_bytes=2, checkpointing=False, adapter_dropout=False) == (
         30 * kept + 8
     )
     assert SMOLLM2_1_7B.activation_bytes_per_token(dtype_bytes=4, checkpointing=False) == (

@@ -203,8 +203,8 @@ def test_the_cuda_plan_is_told_whether_the_adapters_drop_out(data_dir, tiny_mode
     class Planned(Exception):
         pass
 
-    def plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention, lora_dropout):
-        raise Planned(lora_dropout)
+    def plan(base_model_dir, batch_size, lora_r, load_in_4bit, attention, adapter_dropout):
+        raise Planned(adapter_dropout)
 
     monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cuda"), torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
