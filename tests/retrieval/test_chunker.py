@@ -66,10 +66,53 @@ def test_paragraphs_are_kept_together_when_they_fit() -> None:
     assert chunk_text(text, max_chars=30, overlap=0) == ["First paragraph is here.", "Second paragraph is here."]
 
 
-@pytest.mark.parametrize(("max_chars", "overlap"), [(0, 0), (100, 100), (100, -1)])
-def test_bad_arguments(max_chars: int, overlap: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("max_chars", "overlap", "message"),
+    [(0, 0, "max_chars must be positive"), (-5, 0, "max_chars must be positive"),
+     (100, 100, "overlap must be in"), (100, 101, "overlap must be in"), (100, -1, "overlap must be in")],
+)  # fmt: skip
+def test_bad_arguments(max_chars: int, overlap: int, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{message}( \[0, max_chars\))?$"):
         chunk_text("text", max_chars=max_chars, overlap=overlap)
+
+
+def test_the_smallest_chunks_are_single_characters_and_words() -> None:
+    assert chunk_text("a b", max_chars=1, overlap=0) == ["a", "b"]
+    assert chunk_text("ab", max_chars=1, overlap=0) == ["a", "b"]
+
+
+def test_a_chunk_may_be_exactly_max_chars_long() -> None:
+    text = "Alpha beta gamma. Delta epsilon."  # 32 characters
+    assert chunk_text(text, max_chars=32, overlap=0) == [text]
+    assert chunk_text(text, max_chars=31, overlap=0) == ["Alpha beta gamma.", "Delta epsilon."]
+
+
+def test_a_sentence_too_long_for_a_chunk_is_split_between_words() -> None:
+    # No sentence end: the words are packed greedily into pieces of at most 12 characters.
+    assert chunk_text("one two three four five six", max_chars=12, overlap=0) == [
+        "one two", "three four", "five six"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("word", "pieces"), [("x" * 10, ["xxxx", "xxxx", "xx"]), ("x" * 8, ["xxxx", "xxxx"])]
+)
+def test_a_long_word_between_short_ones_is_cut_and_nothing_around_it_is_lost(word: str, pieces: list[str]) -> None:
+    assert chunk_text(f"ab {word} cd", max_chars=4, overlap=0) == ["ab", *pieces, "cd"]
+
+
+def test_the_overlap_leaves_room_for_the_joining_space() -> None:
+    # The second unit is 14 = max_chars - overlap long: its chunk holds 20 - 14 - 1 = 5 characters
+    # of the first one's tail, "abcde" whole, not the 6 the overlap alone allows.
+    text = "xxxxxxxx abcde\n\nyyyyyyy zzzzzz"
+    assert chunk_text(text, max_chars=20, overlap=6) == ["xxxxxxxx abcde", "abcde yyyyyyy zzzzzz"]
+
+
+def test_the_tail_drops_a_partial_leading_word_and_may_be_one_character() -> None:
+    # The 6-character tail is "abcd e": its leading "abcd" is the end of a longer word, so only "e" opens
+    # the next chunk; with an overlap of 1 the one character is kept though it is part of a word.
+    assert chunk_text("qqqqqqqqabcd e\n\nrrrrrrrrrrrrr", max_chars=20, overlap=6) == [
+        "qqqqqqqqabcd e", "e rrrrrrrrrrrrr"]  # fmt: skip
+    assert chunk_text("ab cd\n\nef gh", max_chars=7, overlap=1) == ["ab cd", "d ef gh"]
 
 
 def _longest_suffix_prefix(a: str, b: str) -> int:

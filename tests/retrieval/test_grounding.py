@@ -102,3 +102,85 @@ def test_a_grounded_answer_scores_far_above_an_unrelated_one(embedder):
     assert scores["paraphrased"] > 0.7
     assert scores["unrelated"] < 0.3
     assert all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_parsing_needs_a_blank_line_before_every_marker_but_the_first_and_stops_at_the_next_blank_line():
+    one = [_Passage("Only", "the one passage")]
+    # A question after the passages that looks like a second marker, or runs over a blank line.
+    assert passages_from_messages(_messages(passages=one, question="what?\n[2] more")) == ["the one passage"]
+    assert passages_from_messages(_messages(passages=one, question="what?\n\nmore")) == ["the one passage"]
+    # A question before the passages with a marker of its own; and a template that opens with them.
+    question_first = "Question: {question}\n\nContext:\n{context}"
+    assert passages_from_messages(_messages(question="a\n\n[2] b", template=question_first)) == [
+        p.text for p in PASSAGES
+    ]
+    context_first = "{context}\n\nQuestion: {question}"
+    assert passages_from_messages(_messages(template=context_first)) == [p.text for p in PASSAGES]
+
+
+def test_content_parts_are_joined_by_line_breaks_and_parts_without_text_add_nothing():
+    def user(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    passage = {"type": "text", "text": "[1] t\npassage one"}
+    assert passages_from_messages(user({"type": "text", "text": "Context:"}, passage)) == ["passage one"]
+    assert passages_from_messages(user(passage, {"type": "image_url", "image_url": {"url": "x"}})) == ["passage one"]
+    assert passages_from_messages([{"role": "user", "content": None}]) == []
+
+
+class _TableEncoder:
+    """Vectors chosen per text, so each cosine is known exactly; it records what it was asked."""
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]):
+        import numpy as np
+
+        self.calls.append(list(texts))
+        return np.array([self.table[t] for t in texts], dtype=np.float32)
+
+
+def test_the_score_is_the_mean_of_each_answer_sentences_best_cosine_clipped_to_zero():
+    table = {
+        "First answer sentence here.": [1.0, 0.0, 0.0],
+        "Second answer sentence here.": [0.0, 1.0, 0.0],
+        "Third answer sentence here.": [0.0, -1.0, 0.0],
+        "Fourth answer sentence here.": [0.2, 0.2, 0.0],  # shorter than unit length
+        "Negative answer sentence here.": [-1.0, 0.0, 0.0],
+        # Not unit length: the scorer normalises (cosine), whatever the encoder returns.
+        "Evidence one.": [3.0, 0.0, 0.0],
+        "Evidence two.": [0.0, 0.0, 0.5],
+        "Evidence three.": [0.0, 0.123456, 0.99235],
+    }
+    encoder = _TableEncoder(table)
+    answer = "First answer sentence here. Second answer sentence here. Third answer sentence here."
+    score, detail = GroundingScorer(encoder).score(answer, ["Evidence one. Evidence two.", "Evidence three."])
+    # Best cosines: 1 (evidence one), 0.123456/|(0.123456, 0.99235)| = 0.12346... and -0.1235 clipped to 0.
+    second = 0.123456 / (0.123456**2 + 0.99235**2) ** 0.5
+    assert score == pytest.approx((1.0 + second + 0.0) / 3, abs=1e-6)
+    assert detail == {"sentences": 3, "passage_units": 3, "min": 0.0, "method_version": 1}
+    two, detail = GroundingScorer(encoder).score(
+        "First answer sentence here. Second answer sentence here.", ["Evidence three."]
+    )
+    assert two == pytest.approx(second / 2, abs=1e-6)
+    assert detail["min"] == 0.0 and detail["sentences"] == 2
+    _, detail = GroundingScorer(encoder).score("Second answer sentence here.", ["Evidence three."])
+    assert detail["min"] == round(second, 4) == 0.1235
+    # Cosine, whatever the lengths: (0.2, 0.2, 0) against (3, 0, 0) is 1/sqrt(2).
+    diagonal, _ = GroundingScorer(encoder).score("Fourth answer sentence here.", ["Evidence one."])
+    assert diagonal == pytest.approx(2**-0.5, abs=1e-6)
+    # A sentence pointing away from all the evidence scores 0, not below.
+    assert GroundingScorer(encoder).score("Negative answer sentence here.", ["Evidence one."])[0] == 0.0
+
+
+def test_what_is_encoded_citations_out_short_fragments_dropped_long_sentences_windowed(hash_embedder):
+    scorer = GroundingScorer(hash_embedder)
+    assert scorer.score_many([]) == [] and hash_embedder.calls == []  # nothing to encode, no call
+    long_sentence = " ".join(f"w{i}" for i in range(130))  # windows of 60, 60 and 10 words
+    _, detail = scorer.score("Lists use brackets [1]. Three words here. Ok.", [long_sentence])
+    (texts,) = hash_embedder.calls
+    windows = [" ".join(f"w{i}" for i in range(start, min(start + 60, 130))) for start in (0, 60, 120)]
+    assert sorted(texts) == sorted(["Lists use brackets .", "Three words here.", *windows])
+    assert detail["sentences"] == 2 and detail["passage_units"] == 3  # "Ok." is under three words

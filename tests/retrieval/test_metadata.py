@@ -173,3 +173,158 @@ def test_a_version_written_before_metadata_still_loads(tmp_path: Path) -> None:
 def test_chunks_without_metadata_keep_their_document_title() -> None:
     chunks = chunk_documents(DOCUMENTS, metadata={"doc:other": DocumentMetadata(title="Other")})
     assert [(c.title, c.tags, c.category) for c in chunks] == [("walrus", (), None), ("lists", (), None)]
+
+
+def test_the_request_is_exactly_one_system_and_one_user_message_and_no_key_means_no_header() -> None:
+    from retrieval.metadata import _SYSTEM
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=_chat(json.dumps(GOOD)))
+
+    with MetadataExtractor("http://llm.example/v1", "labeller", transport=httpx.MockTransport(handler)) as extractor:
+        extractor.extract("The title", "Body text.", "doc:x")
+    (request,) = seen
+    assert "authorization" not in request.headers
+    assert json.loads(request.content) == {
+        "model": "labeller",
+        "messages": [
+            {"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": "Source: doc:x\nTitle: The title\n\nDocument:\nBody text.\n\nJSON:"},
+        ],
+        "temperature": 0,
+        "max_tokens": 200,
+    }
+    with MetadataExtractor("http://llm.example/v1", "labeller", timeout_s=7) as extractor:
+        assert extractor._client.timeout == httpx.Timeout(7)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (httpx.Response(400, text="bad request"),
+         "http://llm.example/v1/chat/completions answered HTTP 400: 'bad request'"),
+        (httpx.Response(200, text="<html>"),
+         "http://llm.example/v1/chat/completions sent no chat completion: '<html>'"),
+        (httpx.Response(200, json=_chat(123)), "http://llm.example/v1/chat/completions sent no text content: '123'"),
+    ],
+)  # fmt: skip
+def test_failure_messages_name_the_endpoint_and_what_came_back(reply: httpx.Response, message: str) -> None:
+    with _extractor(lambda request: reply) as extractor, pytest.raises(MetadataError) as raised:
+        extractor.extract("t", "text")
+    assert str(raised.value) == message
+
+
+def test_a_transport_failure_says_which_and_why() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    with _extractor(handler) as extractor, pytest.raises(MetadataError) as raised:
+        extractor.extract("t", "text")
+    assert str(raised.value) == (
+        "request to http://llm.example/v1/chat/completions failed: ConnectError: connection refused"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ('{"title": "", "tags": [1, 2, 3]}',
+         "unusable metadata (title: String should have at least 1 character; tags.0: Input should be a valid "
+         "string; tags.1: Input should be a valid string): '{\"title\": \"\", \"tags\": [1, 2, 3]}'"),
+        ("{not json at all}",
+         "unusable metadata (answer: Invalid JSON: key must be a string at line 1 column 2): '{not json at all}'"),
+    ],
+)  # fmt: skip
+def test_an_unusable_answer_lists_its_first_three_problems_by_field(answer: str, message: str) -> None:
+    reply = httpx.Response(200, json=_chat(answer))
+    with _extractor(lambda request: reply) as extractor, pytest.raises(MetadataError) as raised:
+        extractor.extract("t", "text")
+    assert str(raised.value) == message
+
+
+def test_the_json_object_is_the_outermost_braces_and_nothing_after_them() -> None:
+    nested = 'Here: {"title": "t", "source": {"kind": "web"}, "tags": ["a"]}.'
+    with _extractor(lambda request: httpx.Response(200, json=_chat(nested))) as extractor:
+        assert extractor.extract("t", "text") == DocumentMetadata(title="t", tags=("a",))
+
+
+def test_only_failed_calls_in_a_row_count_towards_giving_up() -> None:
+    # Four failures, then an answer (good or unusable) resets the count: no run of five, nothing skipped.
+    plan = ["down"] * 4 + ["good"] + ["down"] * 4 + ["bad"] + ["down"] * 4 + ["good"]
+    prompts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["messages"][-1]["content"]
+        prompts.append(prompt)
+        kind = plan[int(prompt.split("Title: d", 1)[1].split("\n", 1)[0])]
+        if kind == "down":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json=_chat(json.dumps(GOOD) if kind == "good" else "no idea"))
+
+    documents = [Document(f"d{i}", f"doc:{i}", "text") for i in range(len(plan))]
+    with _extractor(handler) as extractor:
+        extraction = extractor.extract_all(documents, max_workers=1)
+    assert extraction.counts() == {"ok": 2, "invalid": 1, "error": 12}
+    assert not any("skipped" in str(failure) for failure in extraction.failures.values())
+    assert prompts[7] == "Source: doc:7\nTitle: d7\n\nDocument:\ntext\n\nJSON:"  # each document's own fields
+
+
+def test_extract_all_keeps_at_most_max_workers_calls_in_flight_on_named_threads() -> None:
+    import threading
+    import time
+
+    lock, in_flight, most, names = threading.Lock(), [0], [0], set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            names.add(threading.current_thread().name.rsplit("_", 1)[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        return httpx.Response(200, json=_chat(json.dumps(GOOD)))
+
+    documents = [Document(f"d{i}", f"doc:{i}", "text") for i in range(8)]
+    with _extractor(handler) as extractor:
+        assert extractor.extract_all(documents, max_workers=2).counts()["ok"] == 8
+    assert most[0] == 2 and names == {"metadata"}
+
+
+def test_extract_documents_labels_a_corpus_through_one_endpoint_and_failures_survive_pickling() -> None:
+    import pickle
+
+    from retrieval.metadata import extract_documents
+
+    with running_stub(model="labeller", answer=json.dumps(GOOD)) as (stub, url):
+        extraction = extract_documents(DOCUMENTS, url, "labeller", timeout_s=5)
+    assert stub.requests == 2 and extraction.counts() == {"ok": 2, "invalid": 0, "error": 0}
+    failure = pickle.loads(pickle.dumps(MetadataError("invalid", "no JSON object")))
+    assert failure.outcome == "invalid" and str(failure) == "no JSON object"
+
+
+def test_extract_documents_calls_with_its_model_key_and_timeout(monkeypatch) -> None:
+    import retrieval.metadata as metadata_module
+
+    seen: list[httpx.Request] = []
+    made: list[MetadataExtractor] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=_chat(json.dumps(GOOD)))
+
+    class Mocked(MetadataExtractor):  # the real extractor over a mock transport
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs, transport=httpx.MockTransport(handler))
+            made.append(self)
+
+    monkeypatch.setattr(metadata_module, "MetadataExtractor", Mocked)
+    extraction = metadata_module.extract_documents(DOCUMENTS[:1], "http://llm.example/v1", "labeller", API_KEY, 7)
+    assert extraction.counts()["ok"] == 1
+    (request,) = seen
+    assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    assert json.loads(request.content)["model"] == "labeller"
+    assert made[0]._client.timeout == httpx.Timeout(7)
