@@ -182,3 +182,74 @@ def test_a_rollout_plan_moves_to_its_first_step(db: Database) -> None:
     without = lifecycle.conclude(db, seeded.id, outcome="stopped")
     with pytest.raises(lifecycle.ExperimentNotRunning, match="no candidate"):
         lifecycle.set_rollout(db, without.id, {"steps": [0.1]})
+
+
+def _experiment(db: Database, started_minute: int, *, status: str = "running", experiment_id: str | None = None,
+                decision: dict | None = None) -> str:
+    from datetime import UTC, datetime
+
+    row = Experiment(control_base_url="http://control.test/v1", control_model="m", salt="s", status=status,
+                     started_at=datetime(2026, 11, 30, 12, started_minute, tzinfo=UTC), decision=decision,
+                     **({"id": experiment_id} if experiment_id else {}))  # fmt: skip
+    with db.session() as session:
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def test_a_replica_race_keeps_the_oldest_running_and_stops_only_newer_running_ones(db: Database) -> None:
+    older = _experiment(db, 1)
+    keep = _experiment(db, 2)
+    newer = _experiment(db, 3)
+    ended = _experiment(db, 4, status="promoted", decision={"reason": "won"})
+    experiments._stop_others(db, keep=experiments.get(db, keep))
+    assert experiments.get(db, older).status == "running"  # older than the one kept: never stopped here
+    stopped = experiments.get(db, newer)
+    reason = "duplicate experiment created by a concurrent replica start"
+    assert (stopped.status, stopped.decision) == ("stopped", {"reason": reason}) and stopped.ended_at is not None
+    assert [(e.kind, e.reason) for e in experiments.list_events(db, newer)] == [("stopped", reason)]
+    untouched = experiments.get(db, ended)  # already ended: not "stopped" again
+    assert (untouched.status, untouched.decision, untouched.ended_at) == ("promoted", {"reason": "won"}, None)
+    assert experiments.list_events(db, ended) == [] and experiments.list_events(db, older) == []
+
+
+def test_seeding_writes_one_experiment_with_a_start_event_and_a_fresh_salt(db: Database) -> None:
+    seeded = experiments.ensure_running(db, _settings())
+    experiments.ensure_running(db, _settings())
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Experiment)) == 1  # not one more per call
+    (start,) = experiments.list_events(db, seeded.id)
+    assert (start.kind, start.from_share, start.to_share) == ("start", None, 0.25)
+    assert start.reason == "seeded from the environment" and start.ts is not None
+    assert len(seeded.salt) == 16 and int(seeded.salt, 16) >= 0  # 64 random bits, in hex
+    assert experiments.new_salt() != experiments.new_salt()
+
+
+def test_the_oldest_running_experiment_is_the_running_one_ties_broken_by_id(db: Database) -> None:
+    assert experiments.get_running(db) is None
+    _experiment(db, 5, experiment_id="b-later-id")
+    _experiment(db, 5, experiment_id="a-earlier-id")
+    _experiment(db, 1, status="stopped")
+    assert experiments.get_running(db).id == "a-earlier-id"
+    with pytest.raises(experiments.ExperimentNotFound, match="^unknown experiment 'nope'$"):
+        experiments.get(db, "nope")
+
+
+def test_events_come_oldest_first_and_experiments_newest_first(db: Database) -> None:
+    from datetime import UTC, datetime
+
+    from store.models import ExperimentEvent
+
+    first, second, third = _experiment(db, 1), _experiment(db, 2), _experiment(db, 3)
+    at = datetime(2026, 11, 30, 13, 0, tzinfo=UTC)
+    with db.session() as session:  # ids out of time order, and two events of one instant
+        session.add_all([ExperimentEvent(id="a", experiment_id=first, ts=at.replace(minute=1), kind="later"),
+                         ExperimentEvent(id="y", experiment_id=first, ts=at, kind="same-instant-2"),
+                         ExperimentEvent(id="x", experiment_id=first, ts=at, kind="same-instant-1"),
+                         ExperimentEvent(id="w", experiment_id=second, ts=at, kind="other experiment")])  # fmt: skip
+    assert [e.kind for e in experiments.list_events(db, first)] == ["same-instant-1", "same-instant-2", "later"]
+    with db.session() as session:
+        event = experiments.add_event(session, session.get(Experiment, third), "note")
+    assert (event.reason, event.from_share, event.to_share, event.analysis) == ("", None, None, None)
+    assert [e.id for e in experiments.list_experiments(db)] == [third, second, first]
+    assert [e.id for e in experiments.list_experiments(db, limit=2)] == [third, second]

@@ -91,3 +91,33 @@ def test_a_concurrent_writer_between_check_and_insert_is_not_an_error(db, monkey
     monkeypatch.setattr(scores, "_stored_pairs", lambda session, keys: set())
     assert save_scores(db, [(event_id, "grounding", 0.9, None)]) == 0
     assert scores_by_event(db, "exp-1", "grounding") == {event_id: pytest.approx(0.4)}
+
+
+def _seeded_order(seed: int, ids: list[str]) -> list[str]:
+    """The documented order: ascending SHA-256 of "seed:event_id", read as a big-endian number."""
+    import hashlib
+
+    return sorted(ids, key=lambda i: int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest(), "big"))
+
+
+def test_the_sample_is_each_arms_lowest_seeded_hashes_in_that_order(db):
+    control, candidate = _events(db, 12, arm="control"), _events(db, 9, arm="candidate")
+    picked = [s.event_id for s in events_to_score(db, "exp-1", "judge", per_arm=4, seed=11)]
+    assert picked == _seeded_order(11, control)[:4] + _seeded_order(11, candidate)[:4]
+    one = events_to_score(db, "exp-1", "judge", per_arm=1, seed=11)
+    assert [s.event_id for s in one] == [_seeded_order(11, control)[0], _seeded_order(11, candidate)[0]]
+
+
+def test_an_errored_event_with_a_partial_answer_or_an_unknown_arm_is_not_scored(db):
+    _events(db, 2, status="error", answer="half an answ")
+    _events(db, 1, arm="holdout")  # not an arm the analysis knows
+    (kept,) = _events(db, 1)
+    assert [s.event_id for s in events_to_score(db, "exp-1", "grounding", per_arm=5)] == [kept]
+
+
+def test_a_sample_larger_than_one_query_chunk_comes_back_whole(db):
+    from store.scores import _CHUNK
+
+    ids = _events(db, _CHUNK + 101, arm="control")
+    sample = events_to_score(db, "exp-1", "grounding", per_arm=len(ids))
+    assert [s.event_id for s in sample] == _seeded_order(0, ids)
