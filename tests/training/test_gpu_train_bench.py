@@ -226,3 +226,33 @@ def _run_bench(script: str, *args: str, bundle: Path, timeout: int) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def test_the_gpu_session_script_runs_its_steps_within_the_budget_and_skips_what_does_not_fit(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho "ran: $*"\n')
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "name, memory.total"\necho "Fake GPU, 1 MiB"\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+
+    def session(budget: int) -> str:
+        out = tmp_path / f"out-{budget}"
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "BUDGET_S": str(budget)}
+        done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return out
+
+    out = session(600)
+    assert "Fake GPU" in (out / "gpu.txt").read_text()
+    first = (out / "train_1.7B_b16.txt").read_text()
+    assert "--sizes 1.7B --batch 16 --configs project,project-no-dropout,project-4bit" in first
+    assert "--peak-tflops 989" in first
+    assert "--compile --skip 12" in (out / "profile_1.7B_compiled.txt").read_text()
+    assert (out / "session.txt").read_text().count("ended with 0") == 4
+
+    short = session(120)  # too little for the first two steps, enough for the last two
+    log = (short / "session.txt").read_text()
+    assert "train_1.7B_b16 skipped: 120s left" in log and "train_1.7B_b16_compiled skipped" in log
+    assert not (short / "train_1.7B_b16.txt").exists() and (short / "train_1.7B_b32_no_dropout.txt").exists()
