@@ -72,3 +72,17 @@ def test_429_and_503_document_retry_after(spec):
 def test_metrics_are_declared_as_plain_text(spec):
     content = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert set(content) == {"text/plain"}
+
+
+def test_each_error_status_is_described_in_words_of_its_own(spec):
+    from proxy.schemas import _ERROR_DESCRIPTIONS
+
+    search = _operations(spec)[("post", "/api/v1/search")]["responses"]
+    assert search["422"]["description"] == "Invalid input; `message` names each bad field"
+    assert search["504"]["description"] == "Every arm timed out"
+    for (method, path), operation in _operations(spec).items():
+        for code, response in operation["responses"].items():
+            if code.isdigit() and int(code) in _ERROR_DESCRIPTIONS and path != "/readyz":
+                assert response["description"] == _ERROR_DESCRIPTIONS[int(code)], (method, path, code)
+            if code in ("429", "503") and path != "/readyz":
+                assert response["headers"]["Retry-After"]["schema"] == {"type": "string"}, (method, path, code)

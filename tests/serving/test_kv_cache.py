@@ -30,9 +30,10 @@ def test_appends_match_concatenation_and_grow_the_buffer_only_when_it_is_full():
         got, want = layer.update(keys, values), reference.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         _assert_same(layer, reference)
-        if not buffers or layer._keys_buffer.data_ptr() != buffers[-1]:
-            buffers.append(layer._keys_buffer.data_ptr())
-    # 5 + MIN_SLACK + 9 positions: the prefill's buffer (room for MIN_SLACK more) and one larger buffer
+        pointers = (layer._keys_buffer.data_ptr(), layer._values_buffer.data_ptr())
+        if not buffers or pointers != buffers[-1]:
+            buffers.append(pointers)
+    # 5 + MIN_SLACK + 9 positions: the prefill's buffers (room for MIN_SLACK more) and one larger pair
     assert len(buffers) == 2
     assert layer._keys_buffer.shape[-2] > layer.get_seq_length()
 
@@ -92,3 +93,19 @@ def test_the_cache_argument_is_the_one_the_model_takes():
     name = cache_argument(LlamaForCausalLM)
     assert name in ("cache", "past_key_values")
     assert name in __import__("inspect").signature(LlamaForCausalLM.forward).parameters
+
+
+def test_a_forward_without_a_cache_parameter_gets_past_key_values():
+    class Older:  # transformers before 5.2x: the cache goes in as past_key_values
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    assert cache_argument(Older()) == "past_key_values"
+
+
+def test_sliding_window_layers_are_left_as_transformers_made_them():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                         use_sliding_window=True)  # fmt: skip
+    assert [type(layer).__name__ for layer in growing_cache(config).layers] == ["DynamicSlidingWindowLayer",
+                                                                                 "SlackLayer"]  # fmt: skip

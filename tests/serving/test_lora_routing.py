@@ -102,8 +102,10 @@ def test_reset_gives_the_layers_peft_s_forward_back():
     peft.set_adapter("a")
     before = _logits(peft, ids)
     routing = LoraRouting()
-    assert routing.install(peft) and routing.install(peft)  # once per peft model
+    assert routing.install(peft)
     layers = routing._layers
+    forward = layers[0].forward
+    assert routing.install(peft) and layers[0].forward is forward  # once per peft model
     assert all("forward" in layer.__dict__ for layer in layers)
     with pytest.raises(RuntimeError), routing.rows(["a"] * len(ROWS)):
         raise RuntimeError("the forward failed")
@@ -120,3 +122,36 @@ def test_dora_layers_keep_peft_s_forward():
     routing = LoraRouting()
     assert not routing.install(peft)
     assert routing._layers is None and not any("forward" in m.__dict__ for m in peft.modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("change", ["fan_in_fan_out", "merged", "no input cast", "lora bias", "variant"])
+def test_a_layer_that_is_not_plain_lora_keeps_peft_s_forward(change):
+    from serving.lora_routing import _lora_layers, _plain
+
+    peft = _tiny_peft(torch.float32)
+    layer = _lora_layers(peft)[0]
+    assert _plain(layer)
+    if change == "fan_in_fan_out":
+        layer.fan_in_fan_out = True
+    elif change == "merged":
+        layer.merge(adapter_names=["a"])
+    elif change == "no input cast":
+        layer.cast_input_dtype_enabled = False
+    elif change == "lora bias":
+        layer.lora_B["b"].bias = torch.nn.Parameter(torch.zeros(layer.lora_B["b"].out_features))
+    else:
+        layer.lora_variant = {"a": object()}
+    assert not _plain(layer)
+
+
+def test_a_call_of_exactly_large_call_positions_still_gets_peft_s_exact_numbers():
+    from serving.lora_routing import LARGE_CALL, LoraRouting
+
+    peft = _tiny_peft(torch.bfloat16)
+    ids = torch.randint(0, 128, (4, LARGE_CALL // 4), generator=torch.Generator().manual_seed(2))
+    peft.set_adapter("a")
+    alone = _logits(peft, ids)
+    routing = LoraRouting()
+    assert routing.install(peft)
+    with routing.rows(["a"] * 4):
+        assert torch.equal(_logits(peft, ids), alone)  # the small-call path: bit for bit
