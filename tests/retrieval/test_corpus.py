@@ -75,3 +75,64 @@ def test_a_file_that_is_neither_urls_nor_text(tmp_path: Path) -> None:
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a file of http"):
         load_corpus(str(path))
+
+
+def test_titles_lose_only_markdown_marks_and_a_text_without_words_is_titled_by_its_file(tmp_path: Path) -> None:
+    (tmp_path / "xml.md").write_text("## XML parsing\n\nElementTree reads it.")
+    (tmp_path / "rule.txt").write_text("-----\n=====\n")  # text, but no line with a word in it
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait")  # not UTF-8: read with a replacement character
+    by_source = {doc.source: doc for doc in load_corpus(str(tmp_path))}
+    assert by_source["xml.md"].title == "XML parsing"
+    assert by_source["rule.txt"].title == "rule"
+    assert by_source["latin1.txt"].text == "caf\ufffd au lait"
+
+
+def test_an_empty_directory_or_file_gives_no_documents_and_says_so(tmp_path: Path, caplog) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text(" \n")
+    with caplog.at_level("WARNING", logger="retrieval.corpus"):
+        assert load_corpus(str(empty)) == []
+        assert load_corpus(str(empty / "blank.txt")) == []
+    assert [r.getMessage() for r in caplog.records] == [f"no .txt/.md/.rst/.html files with text under {empty}"]
+    caplog.clear()
+    (empty / "one.txt").write_text("words")
+    with caplog.at_level("WARNING", logger="retrieval.corpus"):
+        assert len(load_corpus(str(empty))) == 1
+    assert caplog.records == []
+
+
+def _fake_fetch(monkeypatch, fetched: list[str]) -> None:
+    async def fake_fetch(url: str, **kwargs) -> FetchedPage:
+        fetched.append(url)
+        if "broken" in url:
+            raise FetchError(f"{url}: upstream answered 500")
+        return FetchedPage(url, url, "text/html", "", f"Body of {url}")
+
+    monkeypatch.setattr(fetch_module, "fetch_url", fake_fetch)
+
+
+def test_url_lists_allow_indented_comments_skip_dead_links_aloud_and_fail_when_all_are_dead(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    fetched: list[str] = []
+    _fake_fetch(monkeypatch, fetched)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("   # an indented comment\nhttps://a.example/ok\nhttps://b.example/broken\n")
+    with caplog.at_level("WARNING", logger="retrieval.corpus"):
+        (document,) = load_corpus(str(urls))
+    assert document == Document("https://a.example/ok", "https://a.example/ok", "Body of https://a.example/ok")
+    skipped = "skipping a URL: https://b.example/broken: upstream answered 500"
+    assert [r.getMessage() for r in caplog.records] == [skipped]
+    dead = tmp_path / "dead.txt"
+    dead.write_text("https://b.example/broken\nhttps://c.example/broken\n")
+    with pytest.raises(ValueError, match="^none of the 2 URLs could be fetched$"):
+        load_corpus(str(dead))
+
+
+async def test_a_url_list_loads_from_inside_a_running_event_loop(tmp_path: Path, monkeypatch) -> None:
+    fetched: list[str] = []
+    _fake_fetch(monkeypatch, fetched)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://a.example/ok\n")
+    assert [d.source for d in load_corpus(str(urls))] == ["https://a.example/ok"]  # a helper thread runs its loop

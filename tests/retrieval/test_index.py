@@ -151,6 +151,7 @@ def test_crash_mid_save_leaves_the_old_version_current(tmp_path: Path, monkeypat
     assert store.current_version() == old.version
     assert store.versions() == [old.version]
     assert not (tmp_path / new.version).exists()
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the failed save cleaned up
     assert len(store.load()) == 4
 
     # A hard crash gets no cleanup: the half-written temp dir stays, but is never a version.
@@ -208,3 +209,122 @@ def test_add_documents_starts_an_empty_index(tmp_path: Path, hash_embedder) -> N
     # Re-adding the same document is a no-op: no duplicate chunks, no new version.
     again = add_documents([Document("t", "s", "some text")], hash_embedder, store)
     assert again.version == index.version and len(store.versions()) == 1
+
+
+@pytest.mark.parametrize(("kind", "faiss_type"), [("flat", "IndexFlatIP"), ("hnsw", "IndexHNSWFlat")])
+def test_each_kind_builds_its_own_faiss_index_and_keeps_it_through_the_store(tmp_path, kind, faiss_type):
+    import faiss
+
+    index = VectorIndex.build(_chunks(10), _random_unit(10), kind=kind)
+    assert type(index._index).__name__ == faiss_type and index._index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if kind == "hnsw":
+        graph = index._index.hnsw
+        assert (graph.efConstruction, graph.efSearch, graph.nb_neighbors(1)) == (200, 64, 32)  # M = 32
+    store = IndexStore(tmp_path / "a" / "b")  # parents are made
+    store.save(index)
+    assert store.save(index) == index.version  # saving a stored version again only points CURRENT at it
+    assert type(store.load()._index).__name__ == faiss_type
+
+
+def test_a_hit_carries_its_chunk_whole():
+    chunks = [Chunk("c0", "Title", "doc.txt", "the text", ("tag",), "category"), *_chunks(2, "x")]
+    vectors = _random_unit(3)
+    (hit,) = VectorIndex.build(chunks, vectors).search(vectors[0], top_k=1)
+    assert (hit.id, hit.title, hit.source, hit.text, hit.tags, hit.category) == (
+        "c0", "Title", "doc.txt", "the text", ("tag",), "category")  # fmt: skip
+    assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_shapes_and_arguments_say_what_is_wrong():
+    index = VectorIndex.build(_chunks(2), _random_unit(2))
+    with pytest.raises(ValueError, match="^top_k must be >= 1$"):
+        index.search(_random_unit(1)[0], top_k=0)
+    with pytest.raises(ValueError, match="^embeddings have dimension 8, index has 16$"):
+        index.with_added(_chunks(1, "n"), _random_unit(1, dim=8))
+    with pytest.raises(ValueError, match="^embeddings need at least one dimension$"):
+        VectorIndex.build(_chunks(2), np.zeros((2, 0), dtype=np.float32))
+    with pytest.raises(ValueError, match="^index holds 2 vectors but 3 chunks$"):
+        VectorIndex(index._index, _chunks(3), kind="flat", version="v", dim=16)
+
+
+def test_a_chunk_twice_in_one_addition_is_added_once():
+    index = VectorIndex.build(_chunks(2), _random_unit(2))
+    twice = _chunks(1, "n") * 2
+    assert [c.id for c in index.with_added(twice, _random_unit(2, seed=5)).chunks] == ["c0", "c1", "n0"]
+
+
+def test_a_version_is_the_utc_microsecond_and_the_next_one_is_at_least_one_later(monkeypatch):
+    at = 1_796_126_400_123_456_000  # 2026-12-01T12:00:00.123456Z, in nanoseconds
+    monkeypatch.setattr(index_module.time, "time_ns", lambda: at)
+    monkeypatch.setattr(index_module, "_last_version_ts", 0)
+    first, second = new_version(), new_version()
+    assert first.startswith("v20261201T120000123456Z-") and second.startswith("v20261201T120000123457Z-")
+
+
+def test_meta_and_chunks_on_disk(tmp_path):
+    import json
+
+    store = IndexStore(tmp_path)
+    chunks = [Chunk("c0", "Café", "s", "naïve text")]
+    index = VectorIndex.build(chunks, _random_unit(1), kind="hnsw")
+    store.save(index)
+    directory = tmp_path / index.version
+    meta = json.loads((directory / "meta.json").read_text())
+    assert {k: v for k, v in meta.items() if k != "created_at"} == {
+        "format": 2, "version": index.version, "kind": "hnsw", "dim": 16, "count": 1}  # fmt: skip
+    assert meta["created_at"].endswith("+00:00")
+    assert "naïve text" in (directory / "chunks.jsonl").read_text(encoding="utf-8")  # UTF-8, not \\u escapes
+
+
+def test_versions_are_complete_directories_with_version_names_and_loads_say_what_is_missing(tmp_path):
+    store = IndexStore(tmp_path)
+    index = VectorIndex.build(_chunks(1), _random_unit(1))
+    store.save(index)
+    (tmp_path / "v20000101T000000000000Z-abcdef").mkdir()  # a version name, but no meta.json: incomplete
+    (tmp_path / "not-a-version").mkdir()
+    (tmp_path / "not-a-version" / "meta.json").write_text("{}")
+    assert store.versions() == [index.version]
+    with pytest.raises(ValueError, match="^not an index version: 'not-a-version'$"):
+        store.load("not-a-version")
+    missing = "v20000101T000000000000Z-abcdef"
+    with pytest.raises(FileNotFoundError, match=f"^index version {missing} not found in {tmp_path}$"):
+        store.load(missing)
+
+
+def test_temp_leftovers_older_than_an_hour_are_removed_on_the_next_save(tmp_path):
+    import os
+
+    store = IndexStore(tmp_path)
+    stale_dir, stale_file, fresh = tmp_path / ".tmp-crashed", tmp_path / ".tmp-CURRENT-x", tmp_path / ".tmp-in-progress"
+    stale_dir.mkdir()
+    (stale_dir / "index.faiss").write_bytes(b"half")
+    stale_file.write_text("v")
+    fresh.mkdir()
+    hour_and_a_bit = time.time() - 3700
+    for path in (stale_dir, stale_file):
+        os.utime(path, (hour_and_a_bit, hour_and_a_bit))
+    store.save(VectorIndex.build(_chunks(1), _random_unit(1)))
+    assert not stale_dir.exists() and not stale_file.exists() and fresh.exists()
+
+
+def test_chunks_are_cut_to_max_chars_and_named_by_source_position_and_text():
+    from retrieval.chunker import chunk_text
+
+    chunks = chunk_documents(DOCUMENTS[:1], max_chars=40, overlap=10)
+    texts = chunk_text(DOCUMENTS[0].text, max_chars=40, overlap=10)
+    assert [c.text for c in chunks] == texts and len(texts) > 1
+    assert [c.id for c in chunks] == [chunk_id("bio.txt", i, text) for i, text in enumerate(texts)]
+    assert {c.title for c in chunks} == {"Photosynthesis"}
+
+
+def test_a_chunk_is_embedded_with_its_title_in_front(hash_embedder):
+    embed_chunks([Chunk("a", "Title", "s", "text"), Chunk("b", "", "s", "bare")], hash_embedder)
+    assert hash_embedder.calls == [["Title: text", "bare"]]
+
+
+def test_build_index_keeps_the_kind_asked_for_and_refuses_nothing_to_index(tmp_path: Path, hash_embedder):
+    store = IndexStore(tmp_path)
+    assert build_index(DOCUMENTS, hash_embedder, store, kind="hnsw").kind == "hnsw"
+    assert store.load().kind == "hnsw"
+    with pytest.raises(ValueError, match="^no text to index: every document is empty$"):
+        build_index([Document("empty", "e.txt", "  ")], hash_embedder, store)
