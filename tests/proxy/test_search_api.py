@@ -186,8 +186,24 @@ def test_both_arms_down_is_502_and_still_logged(tmp_path, client):
         events = _events(app)
     assert response.status_code == 502
     detail = response.json()["detail"]
-    assert detail["request_id"] == events[0].id
+    assert detail["request_id"] == events[0].id and detail["message"] == "every arm failed"
+    assert len(detail["failures"]) == 2 and all("connect" in f.lower() for f in detail["failures"])
     assert events[0].status == "error" and events[0].served_arm is None and events[0].error
+
+
+def test_every_arm_timing_out_is_504_and_still_logged(tmp_path, client):
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    settings = _settings(tmp_path, "http://control.test/v1", "http://candidate.test/v1", 0.0)
+    with running_proxy(settings, upstream=httpx.MockTransport(handler)) as (url, app):
+        response = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"})
+        events = _events(app)
+    assert response.status_code == 504, response.text
+    detail = response.json()["detail"]
+    assert detail["message"] == "every arm failed" and detail["request_id"] == events[0].id
+    assert detail["failures"] == ["control: timed out (ReadTimeout)", "candidate: timed out (ReadTimeout)"]
+    assert events[0].status == "error" and events[0].served_arm is None
 
 
 def test_control_down_falls_back_to_candidate(tmp_path, client, candidate_upstream):
@@ -255,3 +271,40 @@ def test_feedback_on_a_recent_id_not_yet_visible_is_503_an_old_one_404(tmp_path,
         legacy = client.post(f"{url}/api/v1/feedback", json={"request_id": str(uuid.uuid4()), "thumbs": "up"})
     assert recent.status_code == 503 and recent.headers["retry-after"] == "2"
     assert stale.status_code == 404 and legacy.status_code == 404
+
+
+def test_retrieved_passages_reach_the_answer_the_prompt_and_the_logged_event(tmp_path, client, control_upstream):
+    # The retriever is faked for this unit (the real one, with real embeddings, is tests/proxy/test_retrieval_api.py,
+    # marked slow): what the route does with its hits is the point here.
+    from retrieval.grounding import passages_from_messages
+    from retrieval.index import Hit
+
+    hits = [Hit("id-1", "Lists", "doc:lists", 0.912345678, "Use append to add an item.", ("python",), "programming"),
+            Hit("id-2", "Dicts", "doc:dicts", 0.5, "A dict maps keys to values.")]  # fmt: skip
+    asked: list[tuple[str, int]] = []
+
+    async def search(query: str, top_k: int):
+        asked.append((query, top_k))
+        await asyncio.sleep(0.02)  # so the retrieval time has a known floor: 20 ms
+        return hits
+
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        app.state.abloop.retriever.search = search
+        response = client.post(f"{url}/api/v1/search", json={"query": "how do I add to a list?", "top_k": 2})
+        (event,) = _events(app)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert asked == [("how do I add to a list?", 2)]
+    assert body["answer"] == "control says hi"
+    assert body["items"] == [
+        {"id": "id-1", "title": "Lists", "source": "doc:lists", "score": 0.912345678,
+         "text": "Use append to add an item.", "tags": ["python"], "category": "programming"},
+        {"id": "id-2", "title": "Dicts", "source": "doc:dicts", "score": 0.5, "text": "A dict maps keys to values.",
+         "tags": [], "category": None},
+    ]  # fmt: skip
+    assert event.retrieved == {"ids": ["id-1", "id-2"], "scores": [0.912346, 0.5], "index_version": None}
+    assert passages_from_messages(event.messages) == [hit.text for hit in hits]
+    assert event.query == "how do I add to a list?" and event.answer == "control says hi"
+    timings = body["timings_ms"]
+    assert 20 <= timings["retrieval"] <= timings["total"] < 60_000 and timings["llm"] <= timings["total"]
+    assert event.timings["total"] == pytest.approx(timings["total"], abs=1)
