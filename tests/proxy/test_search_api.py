@@ -285,7 +285,7 @@ def test_retrieved_passages_reach_the_answer_the_prompt_and_the_logged_event(tmp
 
     async def search(query: str, top_k: int):
         asked.append((query, top_k))
-        await asyncio.sleep(0.02)  # so the retrieval time has a known floor: 20 ms
+        await asyncio.sleep(0.025)  # so the retrieval time has a known floor: over 20 ms
         return hits
 
     with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
