@@ -9,6 +9,18 @@ from retrieval.corpus import Document, load_corpus
 from retrieval.fetch import FetchedPage, FetchError
 
 
+def _fake_fetch(monkeypatch, fetched: list[str], title: str = "") -> None:
+    """fetch_url answering every URL with a page of its own (title: a format of {url}), "broken" ones with a 500."""
+
+    async def fake_fetch(url: str, **kwargs) -> FetchedPage:
+        fetched.append(url)
+        if "broken" in url:
+            raise FetchError(f"{url}: upstream answered 500")
+        return FetchedPage(url, url, "text/html", title.format(url=url), f"Body of {url}")
+
+    monkeypatch.setattr(fetch_module, "fetch_url", fake_fetch)
+
+
 def test_pydoc_corpus() -> None:
     documents = load_corpus("pydoc")
     assert len(documents) > 50
@@ -40,14 +52,7 @@ def test_directory_corpus(tmp_path: Path) -> None:
 
 def test_url_list_corpus(tmp_path: Path, monkeypatch) -> None:
     fetched: list[str] = []
-
-    async def fake_fetch(url: str, **kwargs) -> FetchedPage:
-        fetched.append(url)
-        if "broken" in url:
-            raise FetchError("upstream answered 500")
-        return FetchedPage(url, url, "text/html", f"Title of {url}", f"Body of {url}")
-
-    monkeypatch.setattr(fetch_module, "fetch_url", fake_fetch)
+    _fake_fetch(monkeypatch, fetched, title="Title of {url}")
     urls = tmp_path / "urls.txt"
     urls.write_text("# docs to index\nhttps://a.example/one\n\n  https://b.example/broken\nhttp://c.example/#frag\n")
     documents = load_corpus(str(urls))
@@ -102,14 +107,6 @@ def test_an_empty_directory_or_file_gives_no_documents_and_says_so(tmp_path: Pat
     assert caplog.records == []
 
 
-def _fake_fetch(monkeypatch, fetched: list[str]) -> None:
-    async def fake_fetch(url: str, **kwargs) -> FetchedPage:
-        fetched.append(url)
-        if "broken" in url:
-            raise FetchError(f"{url}: upstream answered 500")
-        return FetchedPage(url, url, "text/html", "", f"Body of {url}")
-
-    monkeypatch.setattr(fetch_module, "fetch_url", fake_fetch)
 
 
 def test_url_lists_allow_indented_comments_skip_dead_links_aloud_and_fail_when_all_are_dead(

@@ -21,6 +21,21 @@ SYSTEM = "You are a search assistant. Answer the question using only the numbere
 _WORD = re.compile(r"\w+")
 
 
+def simulated_dataset(folder: Path, *, n_queries: int, seed: int, now: datetime | None = None,
+                      since: datetime | None = None) -> Path:
+    """Training data as the retrain flow builds it, from simulated traffic in a store of its own under `folder`."""
+    from abloop.simulate import simulate_traffic
+    from training.dataset import build_dataset
+
+    db = Database(f"sqlite:///{folder / 'store.db'}")
+    db.migrate()
+    simulate_traffic(db, n_queries=n_queries, seed=seed, **({"now": now} if now else {}))
+    out = folder / "data"
+    build_dataset(db, out, embedder=BagOfWordsEncoder(), holdout_fraction=0.2, **({"since": since} if since else {}))
+    db.dispose()
+    return out
+
+
 class BagOfWordsEncoder:
     """Hashed bag of words, L2-normalised: same words => cosine 1, disjoint words => 0. Instant."""
 

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from abloop.simulate import simulate_traffic
-from store.db import Database
-from tests.training.conftest import BagOfWordsEncoder
-from training.dataset import build_dataset
+from tests.training.conftest import simulated_dataset
 from training.train import LORA_TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,13 +63,7 @@ print("QLORA " + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'store.db'}")
-    db.migrate()
-    simulate_traffic(db, n_queries=40, seed=3)
-    out = tmp_path_factory.mktemp("data")
-    build_dataset(db, out, embedder=BagOfWordsEncoder(), holdout_fraction=0.2)
-    db.dispose()
-    return out
+    return simulated_dataset(tmp_path_factory.mktemp("qlora"), n_queries=40, seed=3)
 
 
 @pytest.mark.slow

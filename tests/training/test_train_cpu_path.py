@@ -10,11 +10,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from abloop.simulate import simulate_traffic
-from store.db import Database
-from tests.training.conftest import BagOfWordsEncoder, varlen_reference
+from tests.training.conftest import simulated_dataset, varlen_reference
 from training import varlen
-from training.dataset import TRAIN_FILE, build_dataset, read_rows
+from training.dataset import TRAIN_FILE, read_rows
 from training.train import train_lora
 
 pytestmark = pytest.mark.slow
@@ -29,13 +27,8 @@ REFERENCE = {
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'store.db'}")
-    db.migrate()
-    simulate_traffic(db, n_queries=60, seed=1, now=datetime(2026, 1, 15, tzinfo=UTC))
-    out = tmp_path_factory.mktemp("data")
-    build_dataset(db, out, embedder=BagOfWordsEncoder(), holdout_fraction=0.2, since=datetime(2026, 1, 1, tzinfo=UTC))
-    db.dispose()
-    return out
+    return simulated_dataset(tmp_path_factory.mktemp("cpu-path"), n_queries=60, seed=1,
+                             now=datetime(2026, 1, 15, tzinfo=UTC), since=datetime(2026, 1, 1, tzinfo=UTC))
 
 
 @pytest.fixture
