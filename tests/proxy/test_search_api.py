@@ -270,7 +270,30 @@ def test_feedback_on_a_recent_id_not_yet_visible_is_503_an_old_one_404(tmp_path,
         stale = client.post(f"{url}/api/v1/feedback", json={"request_id": old, "thumbs": "up"})
         legacy = client.post(f"{url}/api/v1/feedback", json={"request_id": str(uuid.uuid4()), "thumbs": "up"})
     assert recent.status_code == 503 and recent.headers["retry-after"] == "2"
+    assert "is recent and not in the store yet" in recent.text and "retry shortly" in recent.text
     assert stale.status_code == 404 and legacy.status_code == 404
+    assert f"unknown request_id {old!r}" in stale.text
+
+
+def test_feedback_finds_an_event_already_in_the_store_and_an_unreachable_store_is_503(
+    tmp_path, client, control_upstream, monkeypatch
+):
+    from sqlalchemy.exc import OperationalError
+
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        request_id = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"}).json()["request_id"]
+        _events(app)  # written: no longer in this replica's queue, only in the store
+        assert not app.state.abloop.writer.is_pending(request_id)
+        stored = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "up"})
+
+        def unreachable(db, event_id):
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+        monkeypatch.setattr("proxy.routes.search.event_exists", unreachable)
+        dead = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "down"})
+    assert stored.status_code == 201, stored.text
+    assert dead.status_code == 503 and dead.headers["retry-after"] == "2"
+    assert "the store is unreachable and this request_id is not in this replica's queue" in dead.text
 
 
 def test_retrieved_passages_reach_the_answer_the_prompt_and_the_logged_event(tmp_path, client, control_upstream):
