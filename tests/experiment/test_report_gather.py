@@ -11,22 +11,18 @@ from experiment.report import content, gather
 from experiment.report.gather import EXAMPLES, _choose, _examples, _offline_gate, _simulated, _transitions
 from store.db import Database
 from store.models import Adapter, Experiment, ExperimentEvent, Feedback, SearchEvent
-from tests.store.conftest import event_row, feedback_row
+from tests.store.conftest import add_experiment, event_row, feedback_row
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
 def _experiment(db: Database, *, status: str = "running", candidate: bool = True, started: int = 0,
                 adapter_id: str | None = None) -> str:  # fmt: skip
-    row = Experiment(control_base_url="http://control.test/v1", control_model="base", salt="s", status=status,
-                     candidate_base_url="http://candidate.test/v1" if candidate else None,
-                     candidate_model="lora-v1" if candidate else None, candidate_adapter_id=adapter_id,
-                     candidate_share=0.5, started_at=T0 + timedelta(hours=started),
-                     ended_at=None if status == "running" else T0 + timedelta(hours=started + 1))  # fmt: skip
-    with db.session() as session:
-        session.add(row)
-        session.flush()
-        return row.id
+    return add_experiment(db, control_model="base", status=status,
+                          candidate_base_url="http://candidate.test/v1" if candidate else None,
+                          candidate_model="lora-v1" if candidate else None, candidate_adapter_id=adapter_id,
+                          candidate_share=0.5, started_at=T0 + timedelta(hours=started),
+                          ended_at=None if status == "running" else T0 + timedelta(hours=started + 1))  # fmt: skip
 
 
 def _event(experiment_id: str, minute: int, *, user: str | None = "user-1", arm: str = "control",

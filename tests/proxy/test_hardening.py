@@ -69,9 +69,19 @@ def test_a_chunked_body_is_counted_as_it_streams(client):
     assert over.status_code == 413 and over.json() == {"message": f"request body over {LIMIT} bytes"}
 
 
+def _recorder():
+    """An ASGI `send` that keeps what it is sent, and the list it keeps it in."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    return sent, send
+
+
 async def test_a_declared_length_over_the_limit_is_refused_unread():
     calls: list[str] = []
-    sent: list[dict] = []
+    sent, send = _recorder()
 
     async def app(scope, receive, send):
         calls.append("app")
@@ -79,9 +89,6 @@ async def test_a_declared_length_over_the_limit_is_refused_unread():
     async def receive():
         calls.append("receive")
         return {"type": "http.request", "body": b"x" * 11}
-
-    async def send(message):
-        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/api/v1/search", "headers": [(b"content-length", b"11")]}
     await BodySizeLimit(app, max_bytes=10)(scope, receive, send)
@@ -110,15 +117,12 @@ async def _read_all(receive) -> bytes:
 
 
 async def test_a_raw_app_reading_a_streamed_body_past_the_limit_is_stopped_and_the_413_sent():
-    sent: list[dict] = []
+    sent, send = _recorder()
 
     async def app(scope, receive, send):  # reads the body itself: nothing catches the middleware's stop
         await _read_all(receive)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"read it all"})
-
-    async def send(message):
-        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"content-length", b"not a number")]}
     await BodySizeLimit(app, max_bytes=10)(scope, _chunks(6, 6, 6), send)
@@ -132,15 +136,12 @@ async def test_a_raw_app_reading_a_streamed_body_past_the_limit_is_stopped_and_t
 
 
 async def test_a_response_already_started_is_cut_off_not_followed_by_a_413():
-    sent: list[dict] = []
+    sent, send = _recorder()
 
     async def app(scope, receive, send):  # answers first, then reads (a streaming echo)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await _read_all(receive)
         await send({"type": "http.response.body", "body": b"too late"})
-
-    async def send(message):
-        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
     await BodySizeLimit(app, max_bytes=10)(scope, _chunks(6, 6), send)
@@ -148,15 +149,12 @@ async def test_a_response_already_started_is_cut_off_not_followed_by_a_413():
 
 
 async def test_a_body_within_the_limit_reaches_a_raw_app_whole():
-    sent: list[dict] = []
+    sent, send = _recorder()
 
     async def app(scope, receive, send):
         body = await _read_all(receive)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
-
-    async def send(message):
-        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
     await BodySizeLimit(app, max_bytes=10)(scope, _chunks(4, 6), send)

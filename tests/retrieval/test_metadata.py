@@ -27,17 +27,24 @@ def _chat(content: object) -> dict:
     return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
 
+def _answering(content: str):
+    """A mock endpoint's handler answering every call with `content`, and the requests it has seen."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=_chat(content))
+
+    return seen, handler
+
+
 def _extractor(handler, **kwargs) -> MetadataExtractor:
     return MetadataExtractor("http://llm.example/v1/", "labeller", API_KEY, transport=httpx.MockTransport(handler),
                              **kwargs)
 
 
 def test_extract_sends_one_chat_call_and_validates_the_answer() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=_chat("Sure! ```json\n" + json.dumps(GOOD) + "\n```"))
+    seen, handler = _answering("Sure! ```json\n" + json.dumps(GOOD) + "\n```")
 
     with _extractor(handler) as extractor:
         metadata = extractor.extract("walrus", "x" * 10_000, "doc:walrus")
@@ -178,11 +185,7 @@ def test_chunks_without_metadata_keep_their_document_title() -> None:
 def test_the_request_is_exactly_one_system_and_one_user_message_and_no_key_means_no_header() -> None:
     from retrieval.metadata import _SYSTEM
 
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=_chat(json.dumps(GOOD)))
+    seen, handler = _answering(json.dumps(GOOD))
 
     with MetadataExtractor("http://llm.example/v1", "labeller", transport=httpx.MockTransport(handler)) as extractor:
         extractor.extract("The title", "Body text.", "doc:x")
@@ -309,12 +312,8 @@ def test_extract_documents_labels_a_corpus_through_one_endpoint_and_failures_sur
 def test_extract_documents_calls_with_its_model_key_and_timeout(monkeypatch) -> None:
     import retrieval.metadata as metadata_module
 
-    seen: list[httpx.Request] = []
+    seen, handler = _answering(json.dumps(GOOD))
     made: list[MetadataExtractor] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=_chat(json.dumps(GOOD)))
 
     class Mocked(MetadataExtractor):  # the real extractor over a mock transport
         def __init__(self, *args, **kwargs) -> None:

@@ -139,6 +139,18 @@ def dead_pid() -> int:
     return process.pid
 
 
+def add_experiment(db: Database, **overrides: Any) -> str:
+    """An `experiments` row written as it is (a running control-only experiment unless overridden); its id."""
+    from store.models import Experiment
+
+    row = Experiment(**{"control_base_url": "http://control.test/v1", "control_model": "m", "salt": "s",
+                        "status": "running", **overrides})  # fmt: skip
+    with db.session() as session:
+        session.add(row)
+        session.flush()
+        return row.id
+
+
 def event_row(**overrides: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": new_id(),

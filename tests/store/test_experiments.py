@@ -188,13 +188,10 @@ def _experiment(db: Database, started_minute: int, *, status: str = "running", e
                 decision: dict | None = None) -> str:
     from datetime import UTC, datetime
 
-    row = Experiment(control_base_url="http://control.test/v1", control_model="m", salt="s", status=status,
-                     started_at=datetime(2026, 11, 30, 12, started_minute, tzinfo=UTC), decision=decision,
-                     **({"id": experiment_id} if experiment_id else {}))  # fmt: skip
-    with db.session() as session:
-        session.add(row)
-        session.flush()
-        return row.id
+    from tests.store.conftest import add_experiment
+
+    return add_experiment(db, status=status, started_at=datetime(2026, 11, 30, 12, started_minute, tzinfo=UTC),
+                          decision=decision, **({"id": experiment_id} if experiment_id else {}))  # fmt: skip
 
 
 def test_a_replica_race_keeps_the_oldest_running_and_stops_only_newer_running_ones(db: Database) -> None:

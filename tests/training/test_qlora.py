@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GPU_EXTRA = Path(sys.prefix) / "gpu-extra"
 
 # train_lora refuses 4-bit without CUDA (tests/training/test_train.py): the run below swaps in a
-# loader that places the same quantised base on the CPU; everything after the load is train_lora's.
+# loader that places the same quantised base on the CPU and notes what it loaded; everything after
+# the load is train_lora's.
 _SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -34,20 +35,20 @@ from safetensors.torch import load_file
 import training.train as train
 
 base, data, out = map(Path, sys.argv[1:4])
-model = train.load_quantised_base(base, torch.float32, device_map={"": "cpu"}, checkpointing=False)
-quantised = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
-report = {
-    "quantised": len(quantised),
-    "quant_types": sorted({m.weight.quant_state.quant_type for m in quantised}),
-    "double_quantised": all(m.weight.quant_state.nested for m in quantised),
-    "trainable_before_lora": sum(p.numel() for p in model.parameters() if p.requires_grad),
-}
-del model
+report = {}
 
 def on_cpu(base_dir, device, dtype, load_in_4bit, attention, checkpointing):
     assert load_in_4bit
     extra = {"attn_implementation": attention} if attention else {}
-    return train.load_quantised_base(base_dir, dtype, device_map={"": "cpu"}, checkpointing=checkpointing, **extra)
+    model = train.load_quantised_base(base_dir, dtype, device_map={"": "cpu"}, checkpointing=checkpointing, **extra)
+    quantised = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    report.update(  # the base as train_lora gets it, before peft adds the adapters
+        quantised=len(quantised),
+        quant_types=sorted({m.weight.quant_state.quant_type for m in quantised}),
+        double_quantised=all(m.weight.quant_state.nested for m in quantised),
+        trainable_before_lora=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    return model
 
 train._load_base = on_cpu
 run = train.train_lora(data, out, base_model_dir=base, max_steps=3, batch_size=2, load_in_4bit=True)
