@@ -54,6 +54,9 @@ class Live:
         self._db = db
         self._retriever = retriever
         self._task: asyncio.Task | None = None
+        # One read at a time: without it a background read that began before an admin change
+        # commits can finish after that change's own refresh and put the old split back.
+        self._reading = asyncio.Lock()
         self.snapshot: Snapshot | None = None
 
     async def start(self) -> None:
@@ -72,8 +75,9 @@ class Live:
             return Snapshot(experiment=experiment, prompt=prompts.active(self._db),
                             candidate_prompt=prompts.get(self._db, candidate_id) if candidate_id else None)
 
-        self.snapshot = await asyncio.to_thread(_read)
-        return self.snapshot
+        async with self._reading:
+            self.snapshot = await asyncio.to_thread(_read)
+            return self.snapshot
 
     async def _loop(self) -> None:
         while True:

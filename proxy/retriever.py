@@ -34,6 +34,9 @@ class Retriever:
         self._plain = None  # retrieval.embedder.Embedder (torch), for indexing; loaded on first use
         self._batching = None  # the query embedder's BatchingEmbedder, for the request path
         self._load_lock = asyncio.Lock()
+        # Whoever reads the store and installs what it read holds this, so an ingest's new index is
+        # never replaced by a background reload that read the version before it.
+        self._swapping = asyncio.Lock()
         self.index: VectorIndex | None = None
         self.load_seconds = 0.0  # how long the last (re)load read the index from disk
 
@@ -91,10 +94,11 @@ class Retriever:
 
     async def reload(self) -> VectorIndex:
         await self._embedder()
-        started = time.perf_counter()
-        self.index = await asyncio.to_thread(self.store.load)
-        self.load_seconds = time.perf_counter() - started
-        return self.index
+        async with self._swapping:
+            started = time.perf_counter()
+            self.index = await asyncio.to_thread(self.store.load)
+            self.load_seconds = time.perf_counter() - started
+            return self.index
 
     async def maybe_reload(self) -> None:
         current = await asyncio.to_thread(self.store.current_version)
@@ -116,9 +120,10 @@ class Retriever:
         from retrieval.corpus import Document
 
         embedder = await self._indexing_embedder()
-        before = self.size
         document = Document(title=page.title or page.final_url, source=page.final_url, text=page.text)
         by_source = {document.source: metadata} if metadata is not None else None
-        index = await asyncio.to_thread(add_documents, [document], embedder, self.store, by_source)
-        self.index = index
+        async with self._swapping:
+            before = self.size
+            index = await asyncio.to_thread(add_documents, [document], embedder, self.store, by_source)
+            self.index = index
         return index, len(index) - before
