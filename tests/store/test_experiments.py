@@ -210,6 +210,7 @@ def test_a_replica_race_keeps_the_oldest_running_and_stops_only_newer_running_on
     assert experiments.list_events(db, ended) == [] and experiments.list_events(db, older) == []
 
 
+@pytest.mark.random_salt
 def test_seeding_writes_one_experiment_with_a_start_event_and_a_fresh_salt(db: Database) -> None:
     seeded = experiments.ensure_running(db, _settings())
     experiments.ensure_running(db, _settings())
