@@ -116,14 +116,17 @@ class Retriever:
 
     async def add_page(self, page: FetchedPage, metadata: DocumentMetadata | None = None) -> tuple[VectorIndex, int]:
         """Chunk, embed and add one fetched page (with its LLM metadata, if any); the new index and chunks added."""
-        from retrieval.build import add_documents
+        from retrieval.build import add_embedded, embed_documents
         from retrieval.corpus import Document
 
         embedder = await self._indexing_embedder()
         document = Document(title=page.title or page.final_url, source=page.final_url, text=page.text)
         by_source = {document.source: metadata} if metadata is not None else None
+        chunks, embeddings = await asyncio.to_thread(embed_documents, [document], embedder, by_source)
+        # Only the store's read-extend-write and the swap hold the lock: a reload (and so the
+        # experiment refresh after it) waits for that, not for the page's embedding.
         async with self._swapping:
             before = self.size
-            index = await asyncio.to_thread(add_documents, [document], embedder, self.store, by_source)
+            index = await asyncio.to_thread(add_embedded, chunks, embeddings, self.store, embedder.dim)
             self.index = index
         return index, len(index) - before

@@ -55,16 +55,26 @@ def build_index(documents: list[Document], embedder: Embedder, store: IndexStore
 
 def add_documents(documents: list[Document], embedder: Embedder, store: IndexStore,
                   metadata: Metadata | None = None) -> VectorIndex:
-    """Add to the current version (or a new empty one) and save the result as the new current.
+    """Add to the current version (or a new empty one) and save the result as the new current."""
+    return add_embedded(*embed_documents(documents, embedder, metadata), store, embedder.dim)
 
-    Embedding happens outside the lock (it is the slow part); load-extend-save happens inside
+
+def embed_documents(documents: list[Document], embedder: Embedder,
+                    metadata: Metadata | None = None) -> tuple[list[Chunk], np.ndarray]:
+    """The documents' chunks and their embeddings, ready for `add_embedded`."""
+    chunks = chunk_documents(documents, metadata=metadata)
+    return chunks, embed_chunks(chunks, embedder)
+
+
+def add_embedded(chunks: list[Chunk], embeddings: np.ndarray, store: IndexStore, dim: int) -> VectorIndex:
+    """Extend the current version with chunks already embedded, and save it as the new current.
+
+    Embedding is the slow part and happens before, outside the lock; load-extend-save happens inside
     it, so two writers never both extend the same old version and drop each other's chunks.
     """
-    chunks = chunk_documents(documents, metadata=metadata)
-    embeddings = embed_chunks(chunks, embedder)
     with store.lock():
         if store.current_version() is None:
-            current = VectorIndex.build([], np.zeros((0, embedder.dim), dtype=np.float32))
+            current = VectorIndex.build([], np.zeros((0, dim), dtype=np.float32))
         else:
             current = store.load()
         updated = current.with_added(chunks, embeddings)
