@@ -58,7 +58,8 @@ def _arms(seen: list[httpx.Request]) -> httpx.MockTransport:
         query = body["messages"][-1]["content"]
         if f"{FAIL}-ALL" in query or (FAIL in query and request.url.host == "candidate.test"):
             return httpx.Response(500, text="the arm broke")
-        return httpx.Response(200, json={"model": body["model"], "choices": [{"message": {"content": "hi"}}]})
+        return httpx.Response(200, json={"model": body["model"], "choices": [{"message": {"content": "hi"}}],
+                                          "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
 
     return httpx.MockTransport(answer)
 
@@ -112,6 +113,7 @@ def test_search_fallback_and_feedback_each_log_their_line(tmp_path, client):
         "candidate", "control", "fallback", "control-model")
     (warning,) = [r for r in out if r["message"] == "search fell back to the other arm"]
     assert warning["level"] == "WARNING" and warning["request_id"] == fell_back["request_id"]
+    assert warning["served_arm"] == "control"
     assert warning["reason"].startswith("candidate: HTTP 500")
 
     (given,) = [r for r in out if r["message"] == "feedback received"]
@@ -147,6 +149,68 @@ def test_log_user_id_and_a_failed_search(tmp_path, client):
     assert "candidate: HTTP 500" in failed["reason"] and "control: HTTP 500" in failed["reason"]
     (refused,) = [r for r in out if r["message"] == "request failed"]
     assert (refused["level"], refused["http_status"], refused["request_id"]) == ("WARNING", 502, request_id)
+
+
+def test_at_warning_level_a_failed_search_and_a_fallback_are_logged_an_answer_is_not(tmp_path, client):
+    settings = _settings(tmp_path)
+    with captured_logs(level="WARNING") as lines:
+        with running_proxy(settings, upstream=_arms([])) as (url, _app):
+            _search(client, url, "what is a list?", USER)
+            fell_back = _search(client, url, f"{FAIL} how do I open a file?", USER)
+            assert client.post(f"{url}/api/v1/search", json={"query": f"{FAIL}-ALL"}).status_code == 502
+        out = records(lines())
+    searches = [r["message"] for r in out if r["message"].startswith("search")]
+    assert searches == ["search fell back to the other arm", "search failed"]
+    assert out[-1]["message"] == "request failed" and out[-2].get("bucket") is None  # the failure had no user id
+    assert out[[r["message"] for r in out].index("search fell back to the other arm")]["request_id"] == (
+        fell_back["request_id"])
+
+
+def _samples(metrics_text: str) -> dict[str, float]:
+    """Prometheus text format: every sample by its name and labels."""
+    return {series: float(value) for series, value in (
+        line.rsplit(" ", 1) for line in metrics_text.splitlines() if line and not line.startswith("#"))}
+
+
+def test_each_outcome_is_counted_by_assigned_and_served_arm_and_latencies_are_in_seconds(tmp_path, client):
+    settings = _settings(tmp_path)
+    with running_proxy(settings, upstream=_arms([])) as (url, _app):
+        answered = _search(client, url, "what is a list?", USER)
+        _search(client, url, f"{FAIL} how do I open a file?", OTHER_USER)
+        assert client.post(f"{url}/api/v1/search", json={"query": f"{FAIL}-ALL", "user_id": USER}).status_code == 502
+        for given in ({"rating": 4}, {"thumbs": "up", "corrected_answer": "use append"}, {"thumbs": "down"}):
+            response = client.post(f"{url}/api/v1/feedback", json={"request_id": answered["request_id"], **given})
+            assert response.status_code == 201, response.text
+        samples = _samples(client.get(f"{url}/metrics").text)
+    counted = {series: value for series, value in samples.items() if series.startswith((
+        "abloop_search_requests_total", "abloop_search_fallbacks_total", "abloop_upstream_errors_total",
+        "abloop_tokens_total", "abloop_llm_latency_seconds_count", "abloop_search_latency_seconds_count",
+        "abloop_feedback_total"))}
+    assert counted == {
+        'abloop_search_requests_total{arm="candidate",served_arm="candidate",status="ok"}': 1.0,
+        'abloop_search_requests_total{arm="candidate",served_arm="control",status="fallback"}': 1.0,
+        'abloop_search_requests_total{arm="candidate",served_arm="none",status="error"}': 1.0,
+        'abloop_search_fallbacks_total{arm="candidate"}': 1.0,
+        'abloop_upstream_errors_total{arm="candidate"}': 2.0,  # the fallback's first try, and the failure's
+        'abloop_upstream_errors_total{arm="control"}': 1.0,
+        'abloop_tokens_total{arm="candidate",direction="in"}': 14.0,  # by the assigned arm, fallback included
+        'abloop_tokens_total{arm="candidate",direction="out"}': 4.0,
+        'abloop_llm_latency_seconds_count{served_arm="candidate"}': 1.0,
+        'abloop_llm_latency_seconds_count{served_arm="control"}': 1.0,
+        'abloop_search_latency_seconds_count{arm="candidate"}': 3.0,
+        'abloop_feedback_total{kind="rating"}': 1.0,
+        'abloop_feedback_total{kind="thumbs_up"}': 1.0,
+        'abloop_feedback_total{kind="thumbs_down"}': 1.0,
+        'abloop_feedback_total{kind="correction"}': 1.0,
+    }
+    # The histograms hold seconds: the logged events' milliseconds, over a thousand.
+    timings = [event.timings for event in _events(settings).values()]
+    assert samples['abloop_search_latency_seconds_sum{arm="candidate"}'] == pytest.approx(
+        sum(t["total"] for t in timings) / 1000)
+    assert samples["abloop_retrieval_latency_seconds_sum"] == pytest.approx(sum(t["retrieval"] for t in timings) / 1000)
+    assert samples['abloop_llm_latency_seconds_sum{served_arm="candidate"}'] + samples[
+        'abloop_llm_latency_seconds_sum{served_arm="control"}'] == pytest.approx(
+        sum(t["llm"] for t in timings if t["llm"] is not None) / 1000)
 
 
 @pytest.mark.slow

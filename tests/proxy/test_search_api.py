@@ -189,6 +189,8 @@ def test_both_arms_down_is_502_and_still_logged(tmp_path, client):
     assert detail["request_id"] == events[0].id and detail["message"] == "every arm failed"
     assert len(detail["failures"]) == 2 and all("connect" in f.lower() for f in detail["failures"])
     assert events[0].status == "error" and events[0].served_arm is None and events[0].error
+    timings = events[0].timings
+    assert timings["llm"] is None and 0 <= timings["retrieval"] <= timings["total"] < 60_000  # milliseconds
 
 
 def test_every_arm_timing_out_is_504_and_still_logged(tmp_path, client):
@@ -270,7 +272,8 @@ def test_feedback_on_a_recent_id_not_yet_visible_is_503_an_old_one_404(tmp_path,
         stale = client.post(f"{url}/api/v1/feedback", json={"request_id": old, "thumbs": "up"})
         legacy = client.post(f"{url}/api/v1/feedback", json={"request_id": str(uuid.uuid4()), "thumbs": "up"})
     assert recent.status_code == 503 and recent.headers["retry-after"] == "2"
-    assert "is recent and not in the store yet" in recent.text and "retry shortly" in recent.text
+    assert recent.json()["detail"] == ("this request_id is recent and not in the store yet (another replica may "
+                                       "still be writing it); retry shortly")
     assert stale.status_code == 404 and legacy.status_code == 404
     assert f"unknown request_id {old!r}" in stale.text
 
@@ -293,7 +296,8 @@ def test_feedback_finds_an_event_already_in_the_store_and_an_unreachable_store_i
         dead = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "down"})
     assert stored.status_code == 201, stored.text
     assert dead.status_code == 503 and dead.headers["retry-after"] == "2"
-    assert "the store is unreachable and this request_id is not in this replica's queue" in dead.text
+    assert dead.json()["detail"] == (
+        "the store is unreachable and this request_id is not in this replica's queue; retry shortly")
 
 
 def test_retrieved_passages_reach_the_answer_the_prompt_and_the_logged_event(tmp_path, client, control_upstream):
@@ -331,3 +335,55 @@ def test_retrieved_passages_reach_the_answer_the_prompt_and_the_logged_event(tmp
     timings = body["timings_ms"]
     assert 20 <= timings["retrieval"] <= timings["total"] < 60_000 and timings["llm"] <= timings["total"]
     assert event.timings["total"] == pytest.approx(timings["total"], abs=1)
+
+
+def test_feedback_finds_an_event_still_in_this_replicas_queue_at_once(tmp_path, client, control_upstream):
+    # A flush interval far longer than the test: the event can only be found in the queue.
+    settings = _settings(tmp_path, control_upstream[1], writer_flush_interval_s=600, feedback_pending_window_s=0)
+    with running_proxy(settings) as (url, app):
+        request_id = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"}).json()["request_id"]
+        assert app.state.abloop.writer.is_pending(request_id)
+        given = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "rating": 4})
+    assert given.status_code == 201, given.text
+
+
+def test_feedback_waits_once_for_an_event_another_replica_is_still_writing(
+    tmp_path, client, control_upstream, monkeypatch
+):
+    """The store has the event 0.1 s after the feedback arrives (another replica's flush): found on the second look."""
+    import time
+
+    from store.models import new_id
+
+    request_id, first_look = new_id(), []
+
+    def written_a_moment_later(db, event_id):
+        first_look.append(first_look[0] if first_look else time.monotonic())
+        return event_id == request_id and time.monotonic() - first_look[0] >= 0.1
+
+    monkeypatch.setattr("proxy.routes.search.event_exists", written_a_moment_later)
+    settings = _settings(tmp_path, control_upstream[1], feedback_pending_window_s=0)
+    with running_proxy(settings) as (url, _app):
+        given = client.post(f"{url}/api/v1/feedback", json={"request_id": request_id, "thumbs": "up"})
+    assert given.status_code == 201, given.text
+    assert len(first_look) == 2
+
+
+def test_a_format_rule_names_the_first_retrieved_passage(tmp_path, client, control_upstream):
+    from retrieval.index import Hit
+    from store import prompts
+
+    async def search(query: str, top_k: int):
+        return [Hit("id-1", "Lists", "doc:lists", 0.9, "Use append."),
+                Hit("id-2", "Dicts", "doc:dicts", 0.5, "A dict.")]
+
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        state = app.state.abloop
+        prompts.new_version(state.db, system_prompt="Be brief.", template="{question}",
+                            output_rules=[{"kind": "required_format", "text": "{answer}\nSource: {title}"}])
+        asyncio.run_coroutine_threadsafe(state.live.refresh(), _loop_of(app)).result(30)
+        state.retriever.search = search
+        body = client.post(f"{url}/api/v1/search", json={"query": "how do I add to a list?"}).json()
+        (event,) = _events(app)
+    assert body["answer"] == "control says hi\nSource: Lists"
+    assert event.answer == body["answer"]  # the logged answer is the one the user read
