@@ -220,7 +220,8 @@ def test_search_spans_nest_under_the_request_and_the_trace_reaches_the_upstream(
     settings = _settings(tmp_path, index_dir=index_dir)
     seen: list[httpx.Request] = []
     with captured_logs() as lines:
-        with running_proxy(settings, upstream=_arms(seen)) as (url, _app):
+        with running_proxy(settings, upstream=_arms(seen)) as (url, app):
+            index_version = app.state.abloop.retriever.version
             fell_back = _search(client, url, f"{FAIL} how do I add to a list?", USER)
             joined = _search(client, url, "how do I add to a list?", OTHER_USER, traceparent=CALLER_TRACEPARENT)
             assert client.get(f"{url}/healthz").status_code == 200  # a probe: no span
@@ -248,6 +249,7 @@ def test_search_spans_nest_under_the_request_and_the_trace_reaches_the_upstream(
     assert [s.name for s in children] == ["embed query", "faiss search", "upstream call", "upstream call",
                                           "store enqueue"]
     assert all(s.context.trace_id == first.context.trace_id for s in children)
+    assert dict(children[1].attributes) == {"abloop.top_k": 5, "abloop.index_version": index_version}
     candidate_call, control_call = children[2], children[3]
     assert {key: candidate_call.attributes[key] for key in candidate_call.attributes} == {
         "abloop.arm": "candidate", "abloop.model": "candidate-model", "abloop.fallback": False,
