@@ -138,9 +138,9 @@ def test_the_loop_reloads_only_when_the_current_version_changed(tmp_path, monkey
 ])
 def test_an_ingested_page_is_one_document_named_and_labelled(tmp_path, monkeypatch, title, metadata, expected_title,
                                                             expected_by_source):
-    embedded = []
+    embedded, added = [], []
     retriever = _retriever(tmp_path, monkeypatch, load=None, embed=lambda *args: embedded.append(args) or ([], None),
-                           add=lambda *_args: _index("v1", 2))
+                           add=lambda *args: added.append(args) or _index("v1", 2))
     page = FetchedPage(url="https://docs.example/w", final_url="https://docs.example/walrus",
                        content_type="text/html", title=title, text="The walrus operator := assigns.")
     asyncio.run(retriever.add_page(page, metadata))
@@ -149,6 +149,8 @@ def test_an_ingested_page_is_one_document_named_and_labelled(tmp_path, monkeypat
     assert (document.title, document.source, document.text) == (
         expected_title, "https://docs.example/walrus", "The walrus operator := assigns.")
     assert embedder is retriever._plain
+    # The embedder's width: what an empty index is made with when this page is the index dir's first.
+    assert [(store, dim) for _chunks, _embeddings, store, dim in added] == [(retriever.store, 4)]
     assert by_source == ({"https://docs.example/walrus": metadata} if expected_by_source else None)
 
 
