@@ -39,7 +39,7 @@ def _index(version: str, n: int = 3) -> _Index:
 
 def _retriever(tmp_path, monkeypatch, *, load, embed, add) -> Retriever:
     """A retriever whose store reads, embedding and store writes are the given stand-ins (no model loads)."""
-    retriever = Retriever(tmp_path, "unused")
+    retriever = Retriever(tmp_path, MODEL)
     retriever._batching = object()
     retriever._plain = SimpleNamespace(dim=4)
     monkeypatch.setattr(retriever.store, "load", load)
