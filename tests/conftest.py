@@ -27,6 +27,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # Each process its own Prefect home (its own temporary server and database): a pytest-xdist worker inherits
 # the controller's environment, so an inherited PREFECT_HOME would be shared between workers.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
+# Prefect's temporary server gets 20 s to answer by default; beside the other worker's model loads on a
+# slow, noisy 2-core host it took longer (the demo-approval test failed so once, 2026-12-01), as the
+# demo itself allows for (abloop.demo.demo_env).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
