@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -86,6 +87,11 @@ def running_proxy(settings: Settings, **fakes: Any) -> Iterator[tuple[str, FastA
     """The proxy under uvicorn, with `proxy_app`'s fakes; yields its base URL and the app."""
     with proxy_app(settings, **fakes) as app, serve_app(app) as url:
         yield url, app
+
+
+def on_app_loop(app: FastAPI, coroutine) -> Any:
+    """Run `coroutine` on the running proxy's event loop (its writer and live state live there); its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, app.state.abloop.live._task.get_loop()).result(30)
 
 
 def fake_llm() -> httpx.MockTransport:

@@ -6,7 +6,6 @@ feedback by a rule that judges the answer's text; nothing looks at the arm label
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ from abloop.cli import main
 from experiment.analysis import Analysis
 from serving.stub import running_stub
 from store import experiments
-from tests.proxy.conftest import make_settings, running_proxy
+from tests.proxy.conftest import make_settings, on_app_loop, running_proxy
 
 Rule = Callable[[str, random.Random], dict]
 
@@ -72,11 +71,10 @@ def _simulate(client: httpx.Client, url: str, users: range, rule: Rule, seed: in
 def _evaluate(app) -> Analysis:
     """What the hourly evaluate_arms run does, after the proxy's write queue is flushed."""
     state = app.state.abloop
-    loop = state.live._task.get_loop()
-    asyncio.run_coroutine_threadsafe(state.writer.flush(), loop).result(30)
+    on_app_loop(app, state.writer.flush())
     analysis = experiment.evaluate(state.db)
     # Replicas pick up a change within experiment_refresh_s; refresh now rather than sleep for it.
-    asyncio.run_coroutine_threadsafe(state.live.refresh(), loop).result(30)
+    on_app_loop(app, state.live.refresh())
     return analysis
 
 

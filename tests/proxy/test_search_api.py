@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from store.db import Database
 from store.models import Feedback, SearchEvent
-from tests.proxy.conftest import dead_url, make_settings, running_proxy
+from tests.proxy.conftest import dead_url, make_settings, on_app_loop, running_proxy
 
 
 def _settings(tmp_path, control, candidate=None, share=0.0, **overrides):
@@ -28,13 +28,9 @@ def _settings(tmp_path, control, candidate=None, share=0.0, **overrides):
 
 def _events(app) -> list[SearchEvent]:
     state = app.state.abloop
-    asyncio.run_coroutine_threadsafe(state.writer.flush(), _loop_of(app)).result(30)
+    on_app_loop(app, state.writer.flush())
     with state.db.session() as session:
         return list(session.scalars(select(SearchEvent)))
-
-
-def _loop_of(app):
-    return app.state.abloop.live._task.get_loop()
 
 
 def _arms(client: httpx.Client, url: str, users: list[str]) -> dict[str, str]:
@@ -381,7 +377,7 @@ def test_a_format_rule_names_the_first_retrieved_passage(tmp_path, client, contr
         state = app.state.abloop
         prompts.new_version(state.db, system_prompt="Be brief.", template="{question}",
                             output_rules=[{"kind": "required_format", "text": "{answer}\nSource: {title}"}])
-        asyncio.run_coroutine_threadsafe(state.live.refresh(), _loop_of(app)).result(30)
+        on_app_loop(app, state.live.refresh())
         state.retriever.search = search
         body = client.post(f"{url}/api/v1/search", json={"query": "how do I add to a list?"}).json()
         (event,) = _events(app)
