@@ -6,8 +6,6 @@ deploys one: control is the base model, the candidate its adapter."""
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 from sqlalchemy import select
@@ -19,7 +17,7 @@ from retrieval.embedder import Embedder
 from retrieval.index import IndexStore
 from store.config import default_embedding_model
 from store.models import Feedback, SearchEvent
-from tests.proxy.conftest import ADMIN_TOKEN, make_settings, running_proxy
+from tests.proxy.conftest import ADMIN_TOKEN, make_settings, on_app_loop, running_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +77,7 @@ def test_both_arms_answer_with_the_real_model_and_feedback_is_stored(tmp_path, m
         feedback = client.post("/api/v1/feedback", json={"request_id": results["candidate"]["request_id"],
                                                           "rating": 5, "corrected_answer": "Use a with block."})
         state = app.state.abloop
-        asyncio.run_coroutine_threadsafe(state.writer.flush(), state.live._task.get_loop()).result(30)
+        on_app_loop(app, state.writer.flush())
         with state.db.session() as session:
             events = {e.id: e for e in session.scalars(select(SearchEvent))}
             stored = list(session.scalars(select(Feedback)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import random
@@ -28,7 +27,7 @@ from abloop.users import (
 )
 from serving.stub import running_stub
 from store.models import Feedback, SearchEvent
-from tests.proxy.conftest import dead_url, make_settings, running_proxy
+from tests.proxy.conftest import dead_url, make_settings, on_app_loop, running_proxy
 from training.dataset import SIMULATED_USER_PREFIX
 
 HOUSE = "Answer: A list is a sequence.\nSource: Lists"
@@ -168,8 +167,7 @@ def ab_proxy(tmp_path_factory):
 
 def _flushed_store(app) -> tuple[list[SearchEvent], list[Feedback]]:
     state = app.state.abloop
-    loop = state.live._task.get_loop()
-    asyncio.run_coroutine_threadsafe(state.writer.flush(), loop).result(30)
+    on_app_loop(app, state.writer.flush())
     with state.db.session() as session:
         events = list(session.scalars(select(SearchEvent)))
         feedback = list(session.scalars(select(Feedback)))

@@ -22,7 +22,7 @@ from store.models import (
     new_id,
 )
 from store.types import UTCDateTime
-from tests.store.conftest import event_row, feedback_row
+from tests.store.conftest import add_experiment, event_row, feedback_row
 
 MOMENT = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 CET = timezone(timedelta(hours=1))
@@ -38,14 +38,12 @@ def test_every_datetime_column_is_utc_datetime() -> None:
 
 
 def test_rows_read_back_are_aware_utc(db: Database) -> None:
-    event_id, experiment_id = new_id(), new_id()
+    event_id = new_id()
+    experiment_id = add_experiment(db, started_at=MOMENT.replace(tzinfo=None), ended_at=MOMENT)  # naive: as UTC
     with db.session() as session:
         session.add(SearchEvent(**event_row(id=event_id, ts=MOMENT)))
         session.flush()
         session.add(Feedback(**feedback_row(event_id, ts=MOMENT.astimezone(CET))))  # the same instant, in CET
-        session.add(Experiment(id=experiment_id, control_base_url="http://c/v1", control_model="m", salt="s",
-                               started_at=MOMENT.replace(tzinfo=None), ended_at=MOMENT))  # naive: taken as UTC
-        session.flush()
         session.add(ExperimentEvent(experiment_id=experiment_id, ts=MOMENT, kind="start"))
         session.add(AnswerScore(event_id=event_id, method="grounding", score=0.5, created_at=MOMENT))
         session.add(Adapter(name="a-v1", base_model="b", path="/p", created_at=MOMENT))
