@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -34,7 +35,8 @@ def test_admin_routes_refuse_missing_and_wrong_tokens(proxy, client, method, pat
     wrong = client.request(method, url + path, json=body, headers={"Authorization": "Bearer not-it"})
     not_bearer = client.request(method, url + path, json=body, headers={"Authorization": f"Basic {ADMIN_TOKEN}"})
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert wrong.status_code == 403
+    assert missing.json()["detail"] == "missing bearer token in the Authorization header"
+    assert (wrong.status_code, wrong.json()["detail"]) == (403, "wrong admin token")
     assert not_bearer.status_code == 401
 
 
@@ -62,7 +64,7 @@ def test_admin_routes_are_disabled_without_admin_token(tmp_path, client, control
         for method, path, body in ADMIN_ROUTES:
             response = client.request(method, url + path, json=body, headers={"Authorization": "Bearer anything"})
             assert response.status_code == 403
-            assert "ADMIN_TOKEN" in response.json()["detail"]
+            assert response.json()["detail"] == "admin endpoints are disabled: ADMIN_TOKEN is not set"
 
 
 def test_experiment_view_and_new_candidate_starts_a_new_experiment(proxy, client, admin_headers, candidate_upstream):
@@ -83,6 +85,26 @@ def test_experiment_view_and_new_candidate_starts_a_new_experiment(proxy, client
     assert new["arms"]["candidate"]["model"] == "candidate-model" and new["candidate_share"] == 1.0
     served = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "bob"}).json()
     assert served["arm"] == "candidate" and served["answer"] == "candidate says hi"
+
+
+def test_the_view_shows_each_arms_adapter_and_the_recorded_decision(proxy, client, admin_headers,
+                                                                    candidate_upstream):
+    import experiment
+
+    url, app = proxy
+    started = client.put(f"{url}/api/v1/admin/experiment", headers=admin_headers, json={
+        "candidate": {"base_url": candidate_upstream[1], "model": "candidate-model", "adapter_id": "lora-v2"},
+        "candidate_share": 0.5}).json()
+    assert started["arms"]["candidate"]["adapter_id"] == "lora-v2" and started["arms"]["control"]["adapter_id"] is None
+    assert started["decision"] is None and started["ended_at"] is None
+    analysis = experiment.evaluate(app.state.abloop.db, started["id"])  # no traffic yet: nothing to decide
+    viewed = client.get(f"{url}/api/v1/admin/experiment", headers=admin_headers).json()
+    assert viewed["id"] == started["id"]
+    assert {key: viewed["decision"][key] for key in ("action", "reason")} == {
+        "action": analysis.decision["action"], "reason": analysis.decision["reason"]}
+    promoted = client.post(f"{url}/api/v1/admin/promote", headers=admin_headers,
+                           json={"experiment_id": started["id"], "force": True}).json()
+    assert promoted["arms"]["control"]["adapter_id"] == "lora-v2" and promoted["arms"]["candidate"] is None
 
 
 @pytest.mark.parametrize(
@@ -110,7 +132,7 @@ def test_promote_needs_a_decision_or_force(proxy, client, admin_headers, candida
                          headers=admin_headers)
     again = client.post(f"{url}/api/v1/admin/promote", json={"experiment_id": experiment["id"], "force": True},
                         headers=admin_headers)
-    assert unknown.status_code == 404
+    assert (unknown.status_code, unknown.json()["detail"]) == (404, "unknown experiment_id 'missing'")
     assert undecided.status_code == 409 and "abloop evaluate" in undecided.json()["detail"]
     assert forced.status_code == 200
     after = forced.json()
@@ -118,7 +140,7 @@ def test_promote_needs_a_decision_or_force(proxy, client, admin_headers, candida
     assert after["arms"]["candidate"] is None and after["candidate_share"] == 0.0
     assert again.status_code == 409
     old = experiments.get(app.state.abloop.db, experiment["id"])
-    assert old.status == "promoted" and old.decision["forced"] is True
+    assert old.status == "promoted" and old.decision["forced"] is True and old.decision["via"] == "admin-api"
     served = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "bob"}).json()
     assert served["arm"] == "control" and served["answer"] == "candidate says hi"
 
@@ -162,6 +184,30 @@ def test_process_url_refuses_a_redirect_to_a_private_address(tmp_path, client, a
     assert response.status_code == 400
     assert "10.1.2.3" in response.json()["detail"]
     assert len(asked) == 1 and "93.184.216.34" in asked[0]
+
+
+def test_process_url_fetches_within_ingest_max_bytes_and_ingest_timeout_s(tmp_path, client, admin_headers,
+                                                                           control_upstream):
+    async def pages(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            await asyncio.sleep(5)
+        if request.url.path == "/big":
+            return httpx.Response(200, text="x" * 2000, headers={"content-type": "text/plain"})
+        return httpx.Response(200, text="<html><body></body></html>", headers={"content-type": "text/html"})
+
+    async def resolver(_host: str, _port: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    settings = make_settings(tmp_path, llm_api_base=control_upstream[1], ingest_max_bytes=1000, ingest_timeout_s=0.2)
+    with running_proxy(settings, dependency_overrides=fake_web(httpx.MockTransport(pages), resolver)) as (url, _):
+        answers = {path: client.post(f"{url}/api/v1/process_url", json={"url": f"https://docs.example/{path}"},
+                                     headers=admin_headers) for path in ("big", "slow", "empty")}
+    details = {path: (answer.status_code, answer.json()["detail"]) for path, answer in answers.items()}
+    assert details == {
+        "big": (502, "url could not be fetched: https://docs.example/big is too large (2000 bytes > 1000)"),
+        "slow": (502, "url could not be fetched: timed out after 0.2s fetching https://docs.example/slow"),
+        "empty": (422, "url: the page has no extractable text"),
+    }
 
 
 def test_process_url_validation(proxy, client, admin_headers):

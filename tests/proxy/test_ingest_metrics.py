@@ -3,15 +3,19 @@ failed extraction that still ingests, and the ingestion / index series in /metri
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from retrieval.corpus import Document
 from retrieval.index import IndexStore
 from serving.stub import running_stub
+from tests.conftest import serve_app
 from tests.proxy.conftest import dead_url, fake_web, make_settings, running_proxy
 
 LABELS = {"title": "Python's walrus operator", "tags": ["python", "assignment expressions"], "category": "programming"}
@@ -86,6 +90,47 @@ def test_metadata_reaches_the_index_search_items_and_metrics(tmp_path, index_dir
     assert after[("abloop_process_url_seconds_count", ())] == 1
     assert after[("abloop_metadata_extraction_total", (("outcome", "ok"),))] == 1
     assert after[("abloop_metadata_extraction_total", (("outcome", "invalid"),))] == 0
+
+
+def _recording_labeller(asked: list[tuple[str | None, dict]], delays_s: list[float]) -> FastAPI:
+    """A chat-completions endpoint that answers LABELS after the next of `delays_s`, keeping what it was asked."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> dict:
+        asked.append((request.headers.get("authorization"), await request.json()))
+        await asyncio.sleep(delays_s.pop(0))
+        return {"choices": [{"message": {"role": "assistant", "content": json.dumps(LABELS)}}]}
+
+    return app
+
+
+@pytest.mark.slow
+def test_metadata_is_asked_with_the_configured_model_key_and_timeout_about_this_page(
+        tmp_path, index_dir, client, admin_headers, control_upstream, caplog):
+    caplog.set_level(logging.INFO, logger="abloop.proxy")
+    asked: list[tuple[str | None, dict]] = []
+    with serve_app(_recording_labeller(asked, delays_s=[0.0, 5.0])) as labeller:
+        settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
+                                 metadata_api_base=f"{labeller}/v1", metadata_model="labeller-1",
+                                 llm_api_key="sk-metadata-test", llm_timeout_s=0.5)
+        with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _):
+            results = [client.post(f"{url}/api/v1/process_url", json={"url": f"https://docs.example/walrus-{n}"},
+                                   headers=admin_headers).json() for n in (1, 2)]
+
+    (authorization, body), _ = asked
+    assert authorization == "Bearer sk-metadata-test" and body["model"] == "labeller-1"
+    prompt = body["messages"][-1]["content"]
+    assert "Source: https://docs.example/walrus-1\n" in prompt and "Title: Walrus facts\n" in prompt
+    assert "nicknamed the walrus operator" in prompt
+    # The second answer comes after LLM_TIMEOUT_S: the page is indexed without metadata, and the log says why.
+    assert [r["metadata"] for r in results] == ["extracted", "failed"] and results[1]["title"] == "Walrus facts"
+    lines = [record.getMessage() for record in caplog.records if record.name == "abloop.proxy"]
+    assert [line for line in lines if line.startswith("no metadata for ")] == [
+        "no metadata for https://docs.example/walrus-2 (error), indexed without it: request to "
+        f"{labeller}/v1/chat/completions failed: ReadTimeout: timed out"]
+    assert [line for line in lines if line.startswith("ingested ")] == [
+        f"ingested {r['chunks_added']} chunks into index {r['index_version']}" for r in results]
 
 
 @pytest.mark.slow

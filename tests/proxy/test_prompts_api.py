@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from store import prompts
 from store.db import Database
+from store.models import SearchEvent
 from tests.proxy.conftest import make_settings, running_proxy
 from tests.proxy.test_search_api import _events
 
@@ -91,16 +93,17 @@ def test_templates_are_listed_newest_first_with_counts_and_unknown_ids_are_404(p
     url, app = proxy
     _rate(client, url, "how do I sort a list?", "alice", rating=5)
     _events(app)  # flushed
+    rules = [{"kind": "banned_phrase", "text": "As an AI,"}]
     v2 = prompts.new_version(_db(app), system_prompt="Be brief.", template="{question}",
-                             few_shot=[{"question": "q", "answer": "a"}], activate=False)
+                             few_shot=[{"question": "q", "answer": "a"}], output_rules=rules, activate=False)
     listed = client.get(f"{url}/api/v1/prompts/templates", headers=admin_headers).json()
     assert listed["count"] == 2
     assert [(t["version"], t["active"]) for t in listed["templates"]] == [(2, False), (1, True)]
     assert listed["templates"][1]["counts"] == {"events": 1, "feedback": 1, "few_shot": 0, "output_rules": 0}
     assert "system_prompt" not in listed["templates"][0]  # a summary; the version itself has it
     one = client.get(f"{url}/api/v1/prompts/templates/{v2.id}", headers=admin_headers).json()
-    assert (one["system_prompt"], one["counts"]["few_shot"]) == ("Be brief.", 1)
-    assert one["few_shot"] == [{"question": "q", "answer": "a"}]
+    assert (one["system_prompt"], one["counts"]["few_shot"], one["counts"]["output_rules"]) == ("Be brief.", 1, 1)
+    assert one["few_shot"] == [{"question": "q", "answer": "a"}] and one["output_rules"] == rules
     for path in ("", "/tuning-candidates"):
         missing = client.get(f"{url}/api/v1/prompts/templates/nope{path}", headers=admin_headers)
         assert missing.status_code == 404 and "nope" in missing.json()["detail"]
@@ -134,7 +137,8 @@ def test_auto_tune_previews_then_writes_a_new_version_from_rated_answers(proxy, 
     written = client.post(f"{base}/auto-tune", json={"dry_run": False, "max_examples": 5}, headers=admin_headers)
     assert written.status_code == 201, written.text
     created = written.json()["created"]
-    assert (created["version"], created["active"], created["counts"]["few_shot"]) == (2, True, 2)
+    assert (created["version"], created["active"]) == (2, True)
+    assert created["counts"] == {"events": 0, "feedback": 0, "few_shot": 2, "output_rules": 0}  # nothing served yet
     assert written.json()["counts"] == {"candidates": 3, "duplicates": 1, "selected": 2, "simulated_selected": 0,
                                         "few_shot": 2, "output_rules": 0}
     # This replica serves the new version at once: the few-shot turns are in the next prompt.
@@ -145,6 +149,33 @@ def test_auto_tune_previews_then_writes_a_new_version_from_rated_answers(proxy, 
 
     results = client.post(f"{url}/api/v1/prompts/templates/auto-tune-all", headers=admin_headers).json()["results"]
     assert [(r["template_id"], r["changed"], r["created"]) for r in results] == [(created["id"], False, None)]
+
+
+def test_auto_tune_applies_each_option_it_is_given(proxy, client, admin_headers):
+    url, app = proxy
+    _rate(client, url, "How do I sort a list in Python?", "alice", rating=5)
+    _rate(client, url, "How can I sort a list in Python?", "bob", rating=4)  # cosine 0.997 to the first
+    old = _rate(client, url, "How do I read a file line by line?", "carol", rating=5)
+    _events(app)
+    with _db(app).session() as session:  # the file question was asked ten days ago
+        session.get(SearchEvent, old).ts = datetime.now(UTC) - timedelta(days=10)
+    v1 = prompts.active(_db(app))
+
+    def counts(**options) -> dict[str, int]:
+        answer = client.post(f"{url}/api/v1/prompts/templates/{v1.id}/auto-tune", headers=admin_headers,
+                             json={"dry_run": True, **options})
+        assert answer.status_code == 200, answer.text
+        return {key: answer.json()["counts"][key] for key in ("candidates", "duplicates")}
+
+    assert counts() == {"candidates": 2, "duplicates": 1}  # the last 7 days, ratings of 4 and up, cosine 0.9
+    assert counts(days=30) == {"candidates": 3, "duplicates": 1}
+    assert counts(min_rating=5) == {"candidates": 1, "duplicates": 0}
+    assert counts(similarity=0.999) == {"candidates": 2, "duplicates": 0}
+
+    waiting = client.post(f"{url}/api/v1/prompts/templates/{v1.id}/auto-tune", headers=admin_headers,
+                          json={"activate": False})
+    assert waiting.status_code == 201 and waiting.json()["created"]["active"] is False
+    assert prompts.active(_db(app)).id == v1.id  # written, not served: e.g. for a candidate arm
 
 
 def test_a_template_version_is_the_candidate_arm_and_promotion_activates_it(proxy, client, admin_headers, upstream):

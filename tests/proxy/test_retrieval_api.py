@@ -76,6 +76,7 @@ def test_ingested_page_is_searchable_on_every_replica(tmp_path, index_dir, clien
         assert ingested.status_code == 200, ingested.text
         result = ingested.json()
         assert result["chunks_added"] >= 1 and result["title"] == "Walrus facts"
+        assert result["metadata"] == "off" and result["tags"] == [] and result["category"] is None  # no METADATA_*
         assert result["index_version"] != before
         hit = client.post(f"{a}/api/v1/search", json={"query": "what is the walrus operator?"}).json()["items"][0]
         assert hit["source"] == "https://docs.example/walrus"
