@@ -1,0 +1,142 @@
+"""`abloop`'s commands called in this process (`abloop.cli.main`): what each prints and how each refuses.
+
+tests/abloop/test_cli.py drives the installed console script in subprocesses, as a user does; these
+check the same commands' output and errors exactly, in milliseconds, where a changed line would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from abloop import cli
+from abloop.cli import main
+from experiment import lifecycle
+from store import experiments
+from store.db import Database
+from tests.conftest import POSTGRES_URL
+from tests.experiment import traffic
+from tests.experiment.traffic import ArmBehaviour
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch) -> Database:
+    """An empty store at DATABASE_URL, and an INDEX_DIR with no index, for the commands to find."""
+    url = f"sqlite:///{tmp_path / 'abloop.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
+    database = Database(url)
+    database.migrate()
+    return database
+
+
+def _one_line_exit(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    message = str(exit_.value.code)
+    assert "\n" not in message
+    return message
+
+
+def test_migrate_prints_the_database_without_its_password(monkeypatch, capsys):
+    with_password = POSTGRES_URL.replace("postgres@", "postgres:s3cret-pw@", 1)
+    assert "s3cret-pw" in with_password  # trust auth: the password is not needed, only hidden
+    monkeypatch.setenv("DATABASE_URL", with_password)
+    main(["migrate"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"database": printed["database"], "migrated": True}
+    assert "s3cret-pw" not in printed["database"] and "postgres:***@127.0.0.1" in printed["database"]
+
+
+def test_status_with_and_without_json(db, capsys):
+    main(["status", "--json"])
+    empty = json.loads(capsys.readouterr().out)
+    assert (empty["experiment"], empty["index_version"], empty["search_events"]) == (None, None, 0)
+    main(["status"])
+    assert capsys.readouterr().out.splitlines()[-1] == "no running experiment"
+
+    running = traffic.start(db)
+    traffic.write(db, running, users=40)
+    main(["status", "--json"])
+    described = json.loads(capsys.readouterr().out)
+    assert described["experiment"]["id"] == running.id and described["search_events"] > 0
+    main(["status", "--experiment", running.id])
+    shown = capsys.readouterr().out
+    assert f"experiment {running.id} (running)" in shown and "index: None" in shown
+
+
+def test_evaluate_prints_the_analysis_for_a_person_or_as_json(db, capsys):
+    running = traffic.start(db)
+    traffic.write(db, running, users=600, control=ArmBehaviour(up=0.3), candidate=ArmBehaviour(up=0.7))
+    main(["evaluate", "--experiment", running.id, "--json"])
+    analysis = json.loads(capsys.readouterr().out)
+    assert analysis["decision"]["action"] == "promote"
+    main(["evaluate"])
+    shown = capsys.readouterr().out
+    assert running.id in shown and "promote" in shown and not shown.lstrip().startswith("{")
+
+
+def test_promote_and_rollback_print_the_successor_or_refuse_in_one_line(db, capsys):
+    running = traffic.start(db)  # a candidate at http://candidate.test/v1, no decision recorded yet
+    refused = _one_line_exit(["promote", "--experiment", running.id])
+    assert refused.startswith("not promoted: ") and "abloop evaluate" in refused
+    main(["promote", "--experiment", running.id, "--force"])
+    promoted = json.loads(capsys.readouterr().out)
+    successor = experiments.get_running(db)
+    assert promoted == {"promoted": running.id, "new_experiment": successor.id,
+                        "control": {"base_url": "http://candidate.test/v1", "model": successor.control_model}}
+    assert experiments.get(db, running.id).decision["via"] == "cli"
+
+    again = lifecycle.start_candidate(db, base_url="http://candidate-3.test/v1", model="candidate-v3", share=0.5)
+    main(["rollback", "--experiment", again.id, "--reason", "on call"])
+    rolled = json.loads(capsys.readouterr().out)
+    assert rolled["rolled_back"] == again.id and rolled["control"]["base_url"] == "http://candidate.test/v1"
+    assert experiments.get(db, again.id).decision["reason"] == "on call"
+    assert _one_line_exit(["rollback", "--experiment", "nope"]) == "not rolled back: unknown experiment 'nope'"
+
+
+def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):
+    running = traffic.start(db)
+    traffic.write(db, running, users=60)
+    main(["report", "--experiment", running.id, "--out", str(tmp_path / "reports")])
+    written = Path(json.loads(capsys.readouterr().out)["report"])
+    assert written.parent == tmp_path / "reports" and written.is_file() and running.id in written.read_text()
+
+
+def test_an_error_is_one_line_naming_the_command_and_verbose_shows_it_whole(db, monkeypatch):
+    def fail(_args):
+        raise RuntimeError("the store said no\nand a second line")
+
+    monkeypatch.setattr(cli, "cmd_status", fail)
+    assert _one_line_exit(["status"]) == "abloop status: error: the store said no"
+    with pytest.raises(RuntimeError, match="the store said no"):
+        main(["-v", "status"])
+    monkeypatch.setattr(cli, "cmd_status", lambda _args: (_ for _ in ()).throw(ValueError()))
+    assert _one_line_exit(["status"]) == "abloop status: error: ValueError"  # no message: the error's name
+    monkeypatch.setattr(cli, "cmd_status", lambda _args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as interrupted:
+        main(["status"])
+    assert interrupted.value.code == 130
+
+
+def test_proxy_refuses_fewer_than_one_worker_and_a_wrong_web_concurrency(monkeypatch):
+    assert _one_line_exit(["proxy", "--workers", "0"]) == "abloop proxy: --workers must be at least 1"
+    monkeypatch.setenv("WEB_CONCURRENCY", "two")
+    assert _one_line_exit(["proxy"]) == "abloop proxy: WEB_CONCURRENCY must be a whole number, not 'two'"
+    assert os.environ["WEB_CONCURRENCY"] == "two"  # nothing was started, nothing exported
+
+
+def test_the_workers_metrics_directory_is_emptied_of_an_earlier_servers_files(tmp_path, monkeypatch):
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"old")
+    (given / "notes.txt").write_text("kept")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    assert cli._metrics_dir() == str(given)
+    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    fresh = Path(cli._metrics_dir())
+    assert fresh.is_dir() and fresh.name.startswith("abloop-metrics-") and not any(fresh.iterdir())
