@@ -26,6 +26,7 @@ import select
 import ssl
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 import httptools
 import httpx
@@ -103,10 +104,12 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         # dropped before the server is likely to be closing it just as a request goes out.
         keepalive_expiry: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,  # what idle ages are read on (tests move it by hand)
     ) -> None:
         self._max = max_connections
         self._expiry = keepalive_expiry
         self._ssl = ssl_context
+        self._clock = clock
         self._idle: dict[_Key, deque[_Connection]] = defaultdict(deque)  # oldest left, reused from the right
         self._open = 0  # connections open or being opened, idle ones included
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -157,7 +160,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     def _take_idle(self, key: _Key) -> _Connection | None:
         stack = self._idle.get(key)
-        now = time.monotonic()
+        now = self._clock()
         while stack:
             connection = stack.pop()
             if connection.is_reusable(now, self._expiry):
@@ -194,7 +197,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 return
 
     def _release(self, connection: _Connection) -> None:
-        connection.idle_since = time.monotonic()
+        connection.idle_since = self._clock()
         stack = self._idle[connection.key]
         stack.append(connection)
         # Expired ones sink to the bottom of the stack: close them here rather than on next use.
