@@ -66,9 +66,12 @@ def test_status_with_and_without_json(db, capsys):
     main(["status", "--experiment", running.id])
     shown = capsys.readouterr().out
     assert f"experiment {running.id} (running)" in shown and "index: None" in shown
+    lifecycle.rollback(db, running.id, via="test")
+    main(["status", "--experiment", running.id, "--json"])
+    assert json.loads(capsys.readouterr().out)["experiment"]["status"] == "rolled_back"  # not the running one
 
 
-def test_evaluate_prints_the_analysis_for_a_person_or_as_json(db, capsys):
+def test_evaluate_prints_the_analysis_for_a_person_or_as_json(db, capsys, monkeypatch):
     running = traffic.start(db)
     traffic.write(db, running, users=600, control=ArmBehaviour(up=0.3), candidate=ArmBehaviour(up=0.7))
     main(["evaluate", "--experiment", running.id, "--json"])
@@ -77,6 +80,9 @@ def test_evaluate_prints_the_analysis_for_a_person_or_as_json(db, capsys):
     main(["evaluate"])
     shown = capsys.readouterr().out
     assert running.id in shown and "promote" in shown and not shown.lstrip().startswith("{")
+    monkeypatch.setenv("EXPERIMENT_MIN_USERS_PER_ARM", "1000")  # the decision rule comes from the settings
+    main(["evaluate", "--json"])
+    assert json.loads(capsys.readouterr().out)["decision"]["action"] == "not_enough_data"
 
 
 def test_promote_and_rollback_print_the_successor_or_refuse_in_one_line(db, capsys):
@@ -96,6 +102,33 @@ def test_promote_and_rollback_print_the_successor_or_refuse_in_one_line(db, caps
     assert rolled["rolled_back"] == again.id and rolled["control"]["base_url"] == "http://candidate.test/v1"
     assert experiments.get(db, again.id).decision["reason"] == "on call"
     assert _one_line_exit(["rollback", "--experiment", "nope"]) == "not rolled back: unknown experiment 'nope'"
+
+
+def test_train_passes_every_option_on_and_prints_the_adapter(db, tmp_path, monkeypatch, capsys):
+    import training.train
+    from training.train import TrainResult
+
+    asked: dict = {}
+
+    def train_lora(data_dir, out_root, **options):
+        asked.update(options, data_dir=data_dir, out_root=out_root)
+        return TrainResult(adapter_dir=out_root / "base-abc", name="base-abc", metrics={"tokens_per_s": 1.5},
+                           adapter_id="id-1")
+
+    monkeypatch.setattr(training.train, "train_lora", train_lora)
+    (tmp_path / "config.json").write_text("{}")  # what makes --base a model directory
+    main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "adapters"), "--base", str(tmp_path),
+          "--max-steps", "3", "--epochs", "2", "--learning-rate", "0.001", "--batch-size", "6", "--load-in-4bit",
+          "--no-packing", "--lora-dropout", "0", "--compile"])
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"adapter": "base-abc", "adapter_dir": str(tmp_path / "adapters" / "base-abc"),
+                                   "metrics": {"tokens_per_s": 1.5}}
+    assert printed.startswith('{\n  "adapter"')  # indented for a person; jq reads it all the same
+    db_given = asked.pop("db")
+    assert isinstance(db_given, Database) and db_given.url == db.url
+    assert asked == {"data_dir": tmp_path / "data", "out_root": tmp_path / "adapters", "base_model_dir": tmp_path,
+                     "max_steps": 3, "epochs": 2.0, "learning_rate": 0.001, "batch_size": 6, "load_in_4bit": True,
+                     "packing": False, "lora_dropout": 0.0, "torch_compile": True}
 
 
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):

@@ -211,9 +211,11 @@ async def test_https_is_tls_verified_by_default_or_by_the_given_context():
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
     url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    async with server:
+    plain_server, plain_url = await serve_raw(answer)
+    async with server, plain_server:
         async with httpx.AsyncClient(transport=KeepAliveTransport(ssl_context=trusting), timeout=5) as client:
             assert (await client.post(url, content=b"x")).text == "ok"
+            assert (await client.post(plain_url + "/", content=b"x")).text == "ok"  # http stays plain
         async with httpx.AsyncClient(transport=KeepAliveTransport(), timeout=5) as client:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # the system's CAs only
                 await client.post(url, content=b"x")

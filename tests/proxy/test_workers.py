@@ -256,6 +256,20 @@ def test_one_worker_is_one_plain_process(uvicorn_runs, tmp_path):
     assert not (tmp_path / "abloop.db").exists()  # the app migrates, as it always has
 
 
+def test_the_server_is_started_as_asked(uvicorn_runs, monkeypatch):
+    from store.config import Settings
+    from store.logs import logging_config
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    cmd_proxy(build_parser().parse_args(["proxy", "--workers", "1", "--host", "0.0.0.0", "--port", "9001",
+                                         "--log-level", "warning"]))
+    (run,) = uvicorn_runs
+    options = {key: run[key] for key in ("factory", "host", "port", "log_level", "access_log")}
+    assert options == {"factory": True, "host": "0.0.0.0", "port": 9001, "log_level": "warning", "access_log": False}
+    secrets = Settings().secret_values()
+    assert run["log_config"] == logging_config(format="json", level="INFO", secrets=secrets)  # uvicorn logs as we do
+
+
 def test_several_workers_get_a_migrated_store_and_one_metrics_directory(uvicorn_runs, tmp_path):
     (tmp_path / "metrics").mkdir()
     _stale_counter(tmp_path / "metrics", pid=1, value=5)
