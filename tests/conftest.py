@@ -75,6 +75,30 @@ def _set_torch_threads() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """Every test leaves logging as it found it.
+
+    A test that calls `abloop.cli.main` runs `store.logs.configure_logging`, which gives the root logger a
+    handler on that moment's stderr: left in place, every later test in the process would log through it,
+    at its level, and its lines (written in batches, up to 0.1 s late) would reach the terminal between
+    two tests' captures.
+    """
+    import logging
+
+    from store.logs import QUIET_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", *QUIET_LOGGERS)]
+    found = [(logger, logger.handlers[:], logger.level, logger.propagate, logger.disabled) for logger in loggers]
+    yield
+    for logger, handlers, level, propagate, disabled in found:
+        for added in [h for h in logger.handlers if h not in handlers]:
+            added.close()  # writes what it still holds (store.logs.LineWriter batches), here, inside the capture
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+
+
+@pytest.fixture(autouse=True)
 def _salts_fixed_per_test(request, monkeypatch) -> None:
     """Each experiment a test starts gets a salt drawn from a generator seeded by the test's id.
 
