@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 import httpx
 import pytest
 
 from proxy.http1 import KeepAliveTransport
 from tests.conftest import free_port
+from tests.proxy.conftest import Clock
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
@@ -142,19 +144,18 @@ async def test_refused_connection_timeout_and_a_malformed_answer_are_httpx_error
                (("ok", answer), ("silent", silent), ("garbage", garbage), ("hang_up", hang_up))}
     urls = {name: url + "/" for name, (_server, url) in servers.items()}
     failures = [(f"http://127.0.0.1:{port}/", httpx.ConnectError,
-                 f"cannot connect to 127.0.0.1:{port}: Connect call failed ('127.0.0.1', {port})"),
-                (urls["silent"], httpx.ReadTimeout, "no response from 127.0.0.1 in time"),
-                (urls["garbage"], httpx.RemoteProtocolError, "malformed response: "),  # then httptools' words
+                 re.escape(f"cannot connect to 127.0.0.1:{port}: Connect call failed ('127.0.0.1', {port})")),
+                (urls["silent"], httpx.ReadTimeout, re.escape("no response from 127.0.0.1 in time")),
+                (urls["garbage"], httpx.RemoteProtocolError, "malformed response: .+"),  # then httptools' words
                 (urls["hang_up"], httpx.ReadError,
-                 "ConnectionError: the server closed the connection before answering")]
+                 re.escape("ConnectionError: the server closed the connection before answering"))]
     # One connection in all: each failure must give its place back for the next request to get one.
     transport = KeepAliveTransport(max_connections=1)
     async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3, pool=1.0)) as client:
         for url, kind, message in failures:
             with pytest.raises(kind) as failed:
                 await client.post(url, content=b"x")
-            assert str(failed.value) == message or (message.endswith(": ") and str(failed.value).startswith(message))
-            assert str(failed.value.request.url) == url
+            assert re.fullmatch(message, str(failed.value)) and str(failed.value.request.url) == url
             assert (await client.post(urls["ok"], content=b"x")).text == "ok"
     for server, _url in servers.values():
         server.close()
@@ -275,8 +276,6 @@ async def test_a_request_goes_out_with_one_length_and_its_headers_as_given():
 
 
 async def test_idle_connections_expire_when_taken_and_when_another_is_released():
-    from tests.proxy.conftest import Clock
-
     arrived, both = [], asyncio.Event()
     opened, closed = 0, 0
     closed_now = asyncio.Event()
