@@ -132,11 +132,13 @@ def test_train_passes_every_option_on_and_prints_the_adapter(db, tmp_path, monke
 
 
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):
-    running = traffic.start(db)
-    traffic.write(db, running, users=60)
-    main(["report", "--experiment", running.id, "--out", str(tmp_path / "reports")])
+    earlier = traffic.start(db)
+    traffic.write(db, earlier, users=60)
+    later = lifecycle.start_candidate(db, base_url="http://candidate-2.test/v1", model="candidate-v2", share=0.5)
+    main(["report", "--experiment", earlier.id, "--out", str(tmp_path / "reports")])  # not the running one
     written = Path(json.loads(capsys.readouterr().out)["report"])
-    assert written.parent == tmp_path / "reports" and written.is_file() and running.id in written.read_text()
+    page = written.read_text()
+    assert written.parent == tmp_path / "reports" and earlier.id in page and later.id not in page
 
 
 def test_an_error_is_one_line_naming_the_command_and_verbose_shows_it_whole(db, monkeypatch):
