@@ -104,7 +104,12 @@ def fake_llm() -> httpx.MockTransport:
     return httpx.MockTransport(answer)
 
 
-def fake_web(transport: httpx.AsyncBaseTransport, resolver) -> dict[Any, Any]:
+async def public_resolver(_host: str, _port: int) -> list[str]:
+    """Every host name resolves to one public address (example.com's), so the SSRF guard lets it through."""
+    return ["93.184.216.34"]
+
+
+def fake_web(transport: httpx.AsyncBaseTransport, resolver=public_resolver) -> dict[Any, Any]:
     """Dependency overrides that make process_url fetch through `transport`, resolving host names with `resolver`."""
     return {get_fetch: lambda: partial(fetch_url, transport=transport, resolver=resolver)}
 

@@ -195,11 +195,8 @@ def test_process_url_fetches_within_ingest_max_bytes_and_ingest_timeout_s(tmp_pa
             return httpx.Response(200, text="x" * 2000, headers={"content-type": "text/plain"})
         return httpx.Response(200, text="<html><body></body></html>", headers={"content-type": "text/html"})
 
-    async def resolver(_host: str, _port: int) -> list[str]:
-        return ["93.184.216.34"]
-
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], ingest_max_bytes=1000, ingest_timeout_s=0.2)
-    with running_proxy(settings, dependency_overrides=fake_web(httpx.MockTransport(pages), resolver)) as (url, _):
+    with running_proxy(settings, dependency_overrides=fake_web(httpx.MockTransport(pages))) as (url, _):
         answers = {path: client.post(f"{url}/api/v1/process_url", json={"url": f"https://docs.example/{path}"},
                                      headers=admin_headers) for path in ("big", "slow", "empty")}
     details = {path: (answer.status_code, answer.json()["detail"]) for path, answer in answers.items()}

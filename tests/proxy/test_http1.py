@@ -22,6 +22,16 @@ async def serve_raw(handler) -> tuple[asyncio.AbstractServer, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive server's handler: OK to every request on the connection, until the client hangs up."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+    writer.close()
+
+
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     """One request's body (by its content-length)."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -104,18 +114,9 @@ async def test_a_request_beyond_the_limit_waits_for_a_connection_up_to_the_pool_
 
 
 async def test_a_full_pool_closes_another_servers_idle_connection_to_make_room():
-    async def answer(reader, writer):
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(OK)
-        writer.close()
-
-    first_server, first = await serve_raw(answer)
-    second_server, second = await serve_raw(answer)
-    third_server, third = await serve_raw(answer)
+    first_server, first = await serve_raw(answer_ok)
+    second_server, second = await serve_raw(answer_ok)
+    third_server, third = await serve_raw(answer_ok)
     transport = KeepAliveTransport(max_connections=1)
     async with first_server, second_server, third_server, httpx.AsyncClient(transport=transport, timeout=5) as client:
         # The third finds the first server's stack already emptied, and must pass over it to the second's.
@@ -124,10 +125,6 @@ async def test_a_full_pool_closes_another_servers_idle_connection_to_make_room()
 
 
 async def test_refused_connection_timeout_and_a_malformed_answer_are_httpx_errors_that_free_their_place():
-    async def answer(reader, writer):
-        await read_request(reader)
-        writer.write(OK)
-
     async def silent(reader, writer):
         await asyncio.sleep(5)
 
@@ -141,7 +138,7 @@ async def test_refused_connection_timeout_and_a_malformed_answer_are_httpx_error
 
     port = free_port()
     servers = {name: await serve_raw(handler) for name, handler in
-               (("ok", answer), ("silent", silent), ("garbage", garbage), ("hang_up", hang_up))}
+               (("ok", answer_ok), ("silent", silent), ("garbage", garbage), ("hang_up", hang_up))}
     urls = {name: url + "/" for name, (_server, url) in servers.items()}
     failures = [(f"http://127.0.0.1:{port}/", httpx.ConnectError,
                  re.escape(f"cannot connect to 127.0.0.1:{port}: Connect call failed ('127.0.0.1', {port})")),
@@ -203,16 +200,9 @@ async def test_https_is_tls_verified_by_default_or_by_the_given_context():
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
 
-    async def answer(reader, writer):
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            await read_request(reader)
-            writer.write(OK)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    server = await asyncio.start_server(answer_ok, "127.0.0.1", 0, ssl=server_context)
     url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    plain_server, plain_url = await serve_raw(answer)
+    plain_server, plain_url = await serve_raw(answer_ok)
     async with server, plain_server:
         async with httpx.AsyncClient(transport=KeepAliveTransport(ssl_context=trusting), timeout=5) as client:
             assert (await client.post(url, content=b"x")).text == "ok"

@@ -34,9 +34,6 @@ def _transport(status: int = 200, text: str = PAGE) -> httpx.MockTransport:
     )
 
 
-async def _public_resolver(host: str, _port: int) -> list[str]:
-    return ["93.184.216.34"]
-
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
@@ -62,7 +59,7 @@ def test_metadata_reaches_the_index_search_items_and_metrics(tmp_path, index_dir
                                                             control_upstream, labeller):
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
                              metadata_api_base=labeller[1], metadata_model="labeller")
-    with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _app):
+    with running_proxy(settings, dependency_overrides=fake_web(_transport())) as (url, _app):
         before = _samples(client.get(f"{url}/metrics").text)
         ingested = client.post(f"{url}/api/v1/process_url", json={"url": "https://docs.example/walrus"},
                                headers=admin_headers)
@@ -114,7 +111,7 @@ def test_metadata_is_asked_with_the_configured_model_key_and_timeout_about_this_
         settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
                                  metadata_api_base=f"{labeller}/v1", metadata_model="labeller-1",
                                  llm_api_key="sk-metadata-test", llm_timeout_s=0.5)
-        with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _):
+        with running_proxy(settings, dependency_overrides=fake_web(_transport())) as (url, _):
             results = [client.post(f"{url}/api/v1/process_url", json={"url": f"https://docs.example/walrus-{n}"},
                                    headers=admin_headers).json() for n in (1, 2)]
 
@@ -142,7 +139,7 @@ def test_a_failed_extraction_still_ingests_the_page(tmp_path, index_dir, client,
         metadata_api_base = garbage_url if endpoint == "bad answer" else dead_url()
         settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir,
                                  metadata_api_base=metadata_api_base)
-        with running_proxy(settings, dependency_overrides=fake_web(_transport(), _public_resolver)) as (url, _):
+        with running_proxy(settings, dependency_overrides=fake_web(_transport())) as (url, _):
             ingested = client.post(f"{url}/api/v1/process_url", json={"url": "https://docs.example/walrus"},
                                    headers=admin_headers)
             top = client.post(f"{url}/api/v1/search", json={"query": "walrus operator"}).json()["items"][0]
@@ -170,7 +167,7 @@ def test_refusals_are_counted_by_outcome_and_never_ask_for_metadata(tmp_path, cl
 
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], metadata_api_base=labeller_url)
     targets = {"http://127.0.0.1/": 400, "https://docs.example/down": 502, "https://docs.example/empty": 422}
-    web = fake_web(httpx.MockTransport(pages), _public_resolver)
+    web = fake_web(httpx.MockTransport(pages))
     with running_proxy(settings, dependency_overrides=web) as (url, _):
         codes = {target: client.post(f"{url}/api/v1/process_url", json={"url": target},
                                      headers=admin_headers).status_code for target in targets}

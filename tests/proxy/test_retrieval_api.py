@@ -37,9 +37,6 @@ def _public_page_transport() -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
-async def _public_resolver(host: str, _port: int) -> list[str]:
-    return ["93.184.216.34"]
-
 
 def test_search_returns_the_relevant_passage(tmp_path, index_dir, client, control_upstream):
     settings = make_settings(tmp_path, llm_api_base=control_upstream[1], index_dir=index_dir)
@@ -67,7 +64,7 @@ def test_ingested_page_is_searchable_on_every_replica(tmp_path, index_dir, clien
     replica_a = make_settings(tmp_path / "a", **common)
     replica_b = make_settings(tmp_path / "b", **common)
     with (
-        running_proxy(replica_a, dependency_overrides=fake_web(_public_page_transport(), _public_resolver)) as (a, _),
+        running_proxy(replica_a, dependency_overrides=fake_web(_public_page_transport())) as (a, _),
         running_proxy(replica_b) as (b, app_b),
     ):
         before = app_b.state.abloop.retriever.version
