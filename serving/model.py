@@ -11,11 +11,14 @@ installed); its directory is located with ``importlib.util.find_spec``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +86,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     log.info("converting %s -> %s (one-off, dequantises to fp32)", gguf_path, out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with _gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         # The weights are plain fp32 now; the GGUF quantization config would make the saved dir
         # look quantised (and untrainable).
         if hasattr(model.config, "quantization_config"):
@@ -107,6 +111,25 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, gguf's reader and tensor-name map are built once per argument.
+
+    transformers parses the file's header for the config, again for the weights and again for the
+    tokenizer (a 49k-entry vocabulary as Python objects), and builds the name map once per module: three
+    quarters of a conversion's time (docs/BENCHMARKS.md, "The first start"). Both are only read.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(reader)  # transformers imports both from `gguf` at call time
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def resolve_base_model(model: str = "default", cache_dir: Path | None = None) -> Path:

@@ -34,6 +34,37 @@ def test_served_names_and_resolution(tmp_path):
         resolve_base_model(str(tmp_path / "nope"))
 
 
+def test_the_gguf_file_is_parsed_once_per_path_within_a_conversion_only(tmp_path):
+    import gguf
+    import numpy as np
+
+    from serving.model import _gguf_parsed_once
+
+    paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for path in paths:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_block_count(2)
+        writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(str(paths[0]))
+        assert gguf.GGUFReader(str(paths[0])) is first and gguf.GGUFReader(str(paths[1])) is not first
+        assert first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 3) is not gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2).get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
+    assert gguf.GGUFReader(str(paths[0])) is not gguf.GGUFReader(str(paths[0]))  # outside the block: as it was
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    with pytest.raises(RuntimeError), _gguf_parsed_once():
+        raise RuntimeError("a failed conversion")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+
+
 def test_request_schema_defaults_and_conversions():
     req = ChatCompletionRequest.model_validate(
         {

@@ -57,17 +57,63 @@ def test_the_135m_configuration_has_smollm2_135ms_parameters():
 @pytest.mark.timeout(1500)
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     # An empty --bundle: this environment's packages, whatever a developer prepared in bench/.carry. The
-    # 2-layer smoke shape: the whole path (build, both CPU configurations, the step clock, the table) in seconds.
-    configs = "project,project-no-dropout,trl-defaults"
+    # 2-layer smoke shape: the whole path (build, both CPU configurations, the step clock, the table) in seconds;
+    # what the other configurations change is test_each_project_configuration_asks_the_trainer_for_its_change's.
     stdout = _run_bench("gpu_train.py", "--sizes", "smoke", "--steps", "2", "--batch", "2", "--rows", "24",
-                        "--configs", configs, bundle=tmp_path, timeout=1400)  # fmt: skip
+                        "--passages", "1", bundle=tmp_path, timeout=1400)  # fmt: skip
     rows = [line for line in stdout.splitlines() if line.startswith("| smoke |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["project", "project-no-dropout", "trl-defaults"], stdout
-    assert ["no dropout" in row for row in rows] == [False, True, False]
+    assert [row.split("|")[3].strip() for row in rows] == ["project", "trl-defaults"], stdout
     assert all("failed" not in row and "n/a (CPU)" in row for row in rows)
     # Step 2 timed after the first (the warm-up): the callback saw both configurations' steps.
     assert all(row.split("|")[11].strip() not in ("", "n/a (too few steps)") for row in rows), stdout
     assert "and the 2-layer smoke shape" in stdout
+
+
+def test_each_project_configuration_asks_the_trainer_for_its_change_and_says_so(monkeypatch, tmp_path):
+    """What `--_run CONFIG` passes to train_lora and the mode it reports, with the trainer echoing its options."""
+    import argparse
+    from types import SimpleNamespace
+
+    import bench.gpu_train as bench
+    import training.train
+
+    asked = []
+
+    def echo(data, out, **options):
+        asked.append({"data": data, "out": out, **options})
+        params = {"lora_r": 16, "packing": options["packing"] is not False, "attention": options["attention"] or "varlen",
+                  "torch_compile": options["torch_compile"], "lora_dropout": options.get("lora_dropout", 0.05),
+                  "load_in_4bit": options["load_in_4bit"], "dtype": "bfloat16", "gradient_checkpointing": False,
+                  "per_device_batch_size": options.get("batch_size", 4), "gradient_accumulation_steps": 1}  # fmt: skip
+        return SimpleNamespace(metrics={"params": params, "train_tokens": 300, "train_runtime_s": 2.0,
+                                        "tokens_per_s": 150.0})  # fmt: skip
+
+    monkeypatch.setattr(training.train, "train_lora", echo)
+    modes = {}
+    for config in [c for c in bench.CONFIGS if c.startswith("project")]:
+        args = argparse.Namespace(_run=config, steps=3, seed=7, batch=None if config != "project" else 8)
+        result = bench._project(tmp_path / "data", tmp_path / "base", tmp_path / "out", args, clock="the clock")
+        modes[config] = result["mode"]
+        assert result["batch"] == ("8x1" if config == "project" else "4x1") and result["lora_r"] == 16
+        assert (result["tokens"], result["runtime_s"], result["tokens_per_s"]) == (300, 2.0, 150.0)
+    base = {"data": tmp_path / "data", "out": tmp_path / "out", "base_model_dir": tmp_path / "base", "max_steps": 3, "seed": 7, "packing": None, "attention": None,
+            "torch_compile": False, "callbacks": ["the clock"], "load_in_4bit": False}  # fmt: skip
+    assert asked == [
+        {**base, "batch_size": 8},
+        {**base, "attention": "sdpa"},
+        {**base, "packing": False},
+        {**base, "torch_compile": True},
+        {**base, "lora_dropout": 0.0},
+        {**base, "load_in_4bit": True},
+    ]
+    assert modes == {
+        "project": "LoRA r=16, packed (varlen)",
+        "project-sdpa": "LoRA r=16, packed (sdpa)",
+        "project-padded": "LoRA r=16, padded",
+        "project-compiled": "LoRA r=16, packed (varlen), compiled",
+        "project-no-dropout": "LoRA r=16, packed (varlen), no dropout",
+        "project-4bit": "LoRA r=16, packed (varlen), 4-bit NF4 base",
+    }
 
 
 def _probe_wheel(folder: Path, extra: dict[str, str] | None = None) -> Path:
