@@ -81,10 +81,18 @@ def test_each_project_configuration_asks_the_trainer_for_its_change_and_says_so(
 
     def echo(data, out, **options):
         asked.append({"data": data, "out": out, **options})
-        params = {"lora_r": 16, "packing": options["packing"] is not False, "attention": options["attention"] or "varlen",
-                  "torch_compile": options["torch_compile"], "lora_dropout": options.get("lora_dropout", 0.05),
-                  "load_in_4bit": options["load_in_4bit"], "dtype": "bfloat16", "gradient_checkpointing": False,
-                  "per_device_batch_size": options.get("batch_size", 4), "gradient_accumulation_steps": 1}  # fmt: skip
+        params = {
+            "lora_r": 16,
+            "packing": options["packing"] is not False,
+            "attention": options["attention"] or "varlen",
+            "torch_compile": options["torch_compile"],
+            "lora_dropout": options.get("lora_dropout", 0.05),
+            "load_in_4bit": options["load_in_4bit"],
+            "dtype": "bfloat16",
+            "gradient_checkpointing": False,
+            "per_device_batch_size": options.get("batch_size", 4),
+            "gradient_accumulation_steps": 1,
+        }
         return SimpleNamespace(metrics={"params": params, "train_tokens": 300, "train_runtime_s": 2.0,
                                         "tokens_per_s": 150.0})  # fmt: skip
 
@@ -96,8 +104,9 @@ def test_each_project_configuration_asks_the_trainer_for_its_change_and_says_so(
         modes[config] = result["mode"]
         assert result["batch"] == ("8x1" if config == "project" else "4x1") and result["lora_r"] == 16
         assert (result["tokens"], result["runtime_s"], result["tokens_per_s"]) == (300, 2.0, 150.0)
-    base = {"data": tmp_path / "data", "out": tmp_path / "out", "base_model_dir": tmp_path / "base", "max_steps": 3, "seed": 7, "packing": None, "attention": None,
-            "torch_compile": False, "callbacks": ["the clock"], "load_in_4bit": False}  # fmt: skip
+    base = {"data": tmp_path / "data", "out": tmp_path / "out", "base_model_dir": tmp_path / "base", "max_steps": 3,
+            "seed": 7, "packing": None, "attention": None, "torch_compile": False, "callbacks": ["the clock"],
+            "load_in_4bit": False}  # fmt: skip
     assert asked == [
         {**base, "batch_size": 8},
         {**base, "attention": "sdpa"},
