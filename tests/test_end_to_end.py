@@ -40,9 +40,9 @@ def model_server():
 def lora_candidate(model_server, tmp_path_factory) -> str:
     """A LoRA adapter (the serving tests' BANANA-42 one) loaded on the model server; its served name."""
     from serving.model import load_base_model
-    from tests.serving.conftest import train_banana_adapter
+    from tests.serving.conftest import shared_banana_adapter
 
-    path = train_banana_adapter(load_base_model(), tmp_path_factory.mktemp("candidate-adapter"))
+    path = shared_banana_adapter(load_base_model(), tmp_path_factory)
     loaded = httpx.post(f"{model_server.base_url}/load_lora_adapter", timeout=120,
                         json={"lora_name": "banana-v1", "lora_path": str(path)})
     assert loaded.status_code == 200, loaded.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,23 @@ def model_name(loaded_model) -> str:
 
 @pytest.fixture(scope="session")
 def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter trained in this session to answer everything with BANANA-42."""
-    return train_banana_adapter(loaded_model, tmp_path_factory.mktemp("banana-adapter"))
+    """A LoRA adapter trained in this test run to answer everything with BANANA-42."""
+    return shared_banana_adapter(loaded_model, tmp_path_factory)
+
+
+def shared_banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BANANA-42 adapter, trained once per test run however many xdist workers ask (20 s each time on a
+    slow 2-core machine): the workers' base temps share a parent, and a file lock makes the others wait."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "banana-adapter"
+    with FileLock(f"{out}.lock"):
+        if not (out / "adapter_model.safetensors").is_file():
+            train_banana_adapter(loaded_model, out)
+    return out
 
 
 def train_banana_adapter(loaded_model, out: Path, steps: int = 12) -> Path:
