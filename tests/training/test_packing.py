@@ -174,6 +174,42 @@ def test_the_cuda_plan_caps_sdpa_passes_and_keeps_activations_on_a_large_gpu(mon
     assert flash == BatchPlan(per_device=16, accumulation=1, checkpointing=False)
 
 
+def test_the_cuda_plan_is_asked_with_the_free_memory_the_shape_and_the_options(monkeypatch, tiny_model_dir, caplog):
+    import torch
+    from transformers import AutoConfig
+
+    import training.train as train
+    from training.batching import BatchPlan, ModelShape
+
+    asked = []
+
+    def plan_step(free_bytes, shape, **options):
+        asked.append({"free_bytes": free_bytes, "shape": shape, **options})
+        return BatchPlan(per_device=3, accumulation=5, checkpointing=len(asked) == 1)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (12 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(train, "plan_step", plan_step)
+    with caplog.at_level("INFO", logger="training.train"):
+        plans = [
+            train._cuda_step_plan(tiny_model_dir, batch_size=15, lora_r=8, load_in_4bit=True, attention="sdpa"),
+            train._cuda_step_plan(tiny_model_dir, batch_size=6, lora_r=32, load_in_4bit=False, attention=None,
+                                  adapter_dropout=False),  # fmt: skip
+        ]
+    assert plans == [BatchPlan(3, 5, True), BatchPlan(3, 5, False)]
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(tiny_model_dir)))
+    both = {"free_bytes": 12 * 2**30, "shape": shape, "seq_len": train.MAX_LENGTH}
+    assert asked == [
+        {**both, "target_batch": 15, "lora_r": 8, "adapter_dropout": True, "weight_bytes": 0.55,
+         "max_per_device": train.SDPA_PACKED_ROWS},
+        {**both, "target_batch": 6, "lora_r": 32, "adapter_dropout": False, "weight_bytes": 2.0,
+         "max_per_device": None},
+    ]  # fmt: skip
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA batch: 3 rows per pass x 5 accumulation, activations recomputed (12.0 GiB free)",
+        "CUDA batch: 3 rows per pass x 5 accumulation, activations kept (12.0 GiB free)",
+    ]
+
+
 def test_the_varlen_kernel_is_offered_only_on_a_gpu_that_runs_it(monkeypatch):
     import torch
 

@@ -152,13 +152,16 @@ def test_bf16_on_cpu_keeps_peft_casting_the_adapter_inputs(data_dir, tiny_model_
         pass
 
     def record(model, *, mixed_precision):
-        raise Asked(mixed_precision)
+        kinds = {(("adapter" if "lora_" in name else "base"), p.device.type, p.dtype)
+                 for name, p in model.named_parameters()}  # fmt: skip
+        raise Asked(mixed_precision, kinds)
 
     monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cpu"), torch.bfloat16))
     monkeypatch.setattr("training.train.adapter_inputs_left_to_autocast", record)
     with pytest.raises(Asked) as asked:
         train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, max_steps=1)
-    assert asked.value.args == (False,)
+    # The base in the dtype chosen; peft keeps the adapters' own weights in fp32.
+    assert asked.value.args == (False, {("base", "cpu", torch.bfloat16), ("adapter", "cpu", torch.float32)})
 
 
 def test_abloop_train_epochs_and_batch_size(data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
