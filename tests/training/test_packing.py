@@ -148,6 +148,13 @@ def test_packing_is_the_cuda_default_and_asked_for_on_cpu(monkeypatch):
     assert _packing_attention(on_cuda=True, packing=None) == "flash_attention_2"
     monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: True)
     assert _packing_attention(on_cuda=True, packing=None) == "flash_attention_3"
+    # Named, the varlen kernel is registered with transformers on the way (a model loaded with an unknown
+    # attn_implementation is refused).
+    registered = []
+    monkeypatch.setattr(varlen, "register", lambda: registered.append(varlen.NAME) or varlen.NAME)
+    assert _packing_attention(on_cuda=True, packing=None, attention=varlen.NAME) == varlen.NAME
+    assert _packing_attention(on_cuda=False, packing=True, attention="eager") == "eager"
+    assert registered == [varlen.NAME]
 
 
 @pytest.mark.parametrize(("flags", "packing"), [([], None), (["--packing"], True), (["--no-packing"], False)])

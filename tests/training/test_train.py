@@ -148,6 +148,23 @@ def test_adapter_names_are_never_reused(data_dir, tmp_path, module_db, monkeypat
         )
 
 
+def test_the_dataset_hash_is_the_cards_else_the_split_files_with_their_names(tmp_path):
+    import hashlib
+
+    from training.dataset import HOLDOUT_FILE, TRAIN_FILE
+
+    (tmp_path / TRAIN_FILE).write_text('{"prompt": "p", "completion": "c"}\n')
+    alone = hashlib.sha256(TRAIN_FILE.encode() + b"\x00" + (tmp_path / TRAIN_FILE).read_bytes()).hexdigest()
+    assert dataset_hash(tmp_path) == alone  # no holdout file, no card
+    (tmp_path / HOLDOUT_FILE).write_text('{"prompt": "q", "completion": "d"}\n')
+    both = hashlib.sha256()
+    for name in (TRAIN_FILE, HOLDOUT_FILE):
+        both.update(name.encode() + b"\x00" + (tmp_path / name).read_bytes())
+    assert dataset_hash(str(tmp_path)) == both.hexdigest() != alone
+    (tmp_path / HOLDOUT_FILE).write_text('{"prompt": "q", "completion": "e"}\n')
+    assert dataset_hash(tmp_path) != both.hexdigest()  # any changed row changes it
+
+
 def test_adapter_name_format():
     when = datetime(2026, 5, 17, 8, 9, 10, tzinfo=UTC)
     assert adapter_name("SmolLM2-135M-Instruct", "abcdef0123456789", when) == (
