@@ -165,6 +165,16 @@ def test_the_dataset_hash_is_the_cards_else_the_split_files_with_their_names(tmp
     assert dataset_hash(tmp_path) != both.hexdigest()  # any changed row changes it
 
 
+def test_the_schedule_is_steps_or_epochs_and_says_which_wins(caplog):
+    from training.train import DEFAULT_MAX_STEPS, _schedule
+
+    assert _schedule(None, None) == {"max_steps": DEFAULT_MAX_STEPS}
+    assert _schedule(None, 2) == {"max_steps": -1, "num_train_epochs": 2.0}
+    with caplog.at_level("WARNING", logger="training.train"):
+        assert _schedule(7, 0.5) == {"max_steps": 7}
+    assert [r.getMessage() for r in caplog.records] == ["both max_steps (7) and epochs (0.5) given: max_steps wins"]
+
+
 def test_adapter_name_format():
     when = datetime(2026, 5, 17, 8, 9, 10, tzinfo=UTC)
     assert adapter_name("SmolLM2-135M-Instruct", "abcdef0123456789", when) == (
@@ -174,9 +184,36 @@ def test_adapter_name_format():
 
 @pytest.mark.slow
 def test_4bit_needs_cuda_and_leaves_nothing_behind(data_dir, tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ValueError) as refused:
         train_lora(data_dir, tmp_path, base_model_dir=tiny_model_dir, load_in_4bit=True)
+    assert str(refused.value) == "load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_4bit_on_cuda_loads_the_quantised_base_on_the_first_gpu_as_planned(data_dir, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    import torch
+
+    from training import varlen
+    from training.batching import BatchPlan
+
+    class Loaded(Exception):
+        pass
+
+    def load_quantised_base(*args, **kwargs):
+        raise Loaded(args, kwargs)
+
+    monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cuda"), torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(varlen, "available", lambda: False)  # nor FlashAttention here: packed rows go to SDPA
+    monkeypatch.setattr("training.train._cuda_step_plan", lambda *args, **kwargs: BatchPlan(2, 2, True))
+    monkeypatch.setattr("training.train.load_quantised_base", load_quantised_base)
+    with pytest.raises(Loaded) as loaded:
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, load_in_4bit=True)
+    assert loaded.value.args == (
+        (tiny_model_dir, torch.bfloat16),
+        {"device_map": {"": 0}, "checkpointing": True, "attn_implementation": "sdpa"},
+    )
 
 
 @pytest.mark.slow
