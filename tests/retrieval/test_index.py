@@ -328,3 +328,26 @@ def test_build_index_keeps_the_kind_asked_for_and_refuses_nothing_to_index(tmp_p
     assert store.load().kind == "hnsw"
     with pytest.raises(ValueError, match="^no text to index: every document is empty$"):
         build_index([Document("empty", "e.txt", "  ")], hash_embedder, store)
+
+
+def test_the_hnsw_bench_scores_recall_against_the_exact_index_and_prints_its_rows() -> None:
+    import subprocess
+    import sys
+
+    from bench.hnsw_search import clustered_unit_vectors, recall_at_k
+
+    assert recall_at_k(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 1], [4, 7, 8]])) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 384)
+    vectors = clustered_unit_vectors(200, centres, rng)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    nearest = (vectors @ centres.T).max(axis=1)
+    assert 0.6 < nearest.mean() < 0.8  # the stated spread: cosine ~0.7 to the centre
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "bench/hnsw_search.py", "--sizes", "300", "--queries", "10", "--ef", "8"],
+                          cwd=root, capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 300 |")]
+    assert [row[2].strip() for row in rows] == [
+        "faiss, efSearch 8", "VectorIndex.search, hnsw (efSearch 64)", "VectorIndex.search, flat (exact)",
+    ]  # fmt: skip
+    assert float(rows[-1][3]) == 1.0 and all(0.0 < float(row[3]) <= 1.0 for row in rows)
