@@ -190,8 +190,9 @@ def test_4bit_needs_cuda_and_leaves_nothing_behind(data_dir, tiny_model_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_4bit_on_cuda_loads_the_quantised_base_on_the_first_gpu_as_planned(data_dir, tiny_model_dir, tmp_path,
-                                                                            monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_on_cuda_the_base_is_loaded_on_the_gpu_in_bf16_as_planned(data_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                                   load_in_4bit):  # fmt: skip
     import torch
 
     from training import varlen
@@ -200,20 +201,22 @@ def test_4bit_on_cuda_loads_the_quantised_base_on_the_first_gpu_as_planned(data_
     class Loaded(Exception):
         pass
 
-    def load_quantised_base(*args, **kwargs):
+    def load(*args, **kwargs):
         raise Loaded(args, kwargs)
 
     monkeypatch.setattr("training.train.device_and_dtype", lambda: (torch.device("cuda"), torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(varlen, "available", lambda: False)  # nor FlashAttention here: packed rows go to SDPA
     monkeypatch.setattr("training.train._cuda_step_plan", lambda *args, **kwargs: BatchPlan(2, 2, True))
-    monkeypatch.setattr("training.train.load_quantised_base", load_quantised_base)
+    monkeypatch.setattr("training.train.load_quantised_base", load)
+    monkeypatch.setattr("training.train.load_causal_lm", load)
     with pytest.raises(Loaded) as loaded:
-        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, load_in_4bit=True)
-    assert loaded.value.args == (
-        (tiny_model_dir, torch.bfloat16),
-        {"device_map": {"": 0}, "checkpointing": True, "attn_implementation": "sdpa"},
-    )
+        train_lora(data_dir, tmp_path / "out", base_model_dir=tiny_model_dir, load_in_4bit=load_in_4bit)
+    if load_in_4bit:  # on the first GPU, recomputing activations as the plan says
+        asked = ((tiny_model_dir, torch.bfloat16), {"device_map": {"": 0}, "checkpointing": True})
+    else:
+        asked = ((tiny_model_dir,), {"device": torch.device("cuda"), "dtype": torch.bfloat16})
+    assert loaded.value.args == (asked[0], {**asked[1], "attn_implementation": "sdpa"})
 
 
 @pytest.mark.slow
