@@ -39,9 +39,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m compileall -q -q -j 0 $(VENV)/lib $(VENV)/gpu-extra || true
 	touch $@
 
-# Two test processes: a single one keeps about one core busy (the rest is waiting on servers, subprocesses
-# and the network), so two halve the wall time on a 2-core machine (docs/BENCHMARKS.md, "Test suite").
-TEST_WORKERS ?= 2
+# Three test processes on 2 cores: a single one keeps about one core busy (the rest is waiting on servers,
+# subprocesses and the network), two halve the wall time, and a third fills what the two still spend waiting
+# (474.0 s against 517.7 s back to back on a slow 2-core EPYC; docs/BENCHMARKS.md, "Test suite").
+TEST_WORKERS ?= 3
 
 test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
