@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # --no-compile: pip byte-compiles one file at a time; the install compiles everything once at the end, on
-# every core (145 s -> 126 s on 2 cores, docs/BENCHMARKS.md "Test suite").
+# every core (the compile alone: 103 s serial, 71 s on 2 cores; docs/BENCHMARKS.md "Test suite").
 PIP := $(BIN)/pip install --disable-pip-version-check --no-compile -q -c constraints.txt
 
 # Models come from installed wheels; nothing may reach the hub. No telemetry.

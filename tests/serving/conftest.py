@@ -62,7 +62,7 @@ def shared_banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory
         root = root.parent
     out = root / "banana-adapter"
     with FileLock(f"{out}.lock"):
-        if not (out / "adapter_model.safetensors").is_file():
+        if not all((out / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors")):
             train_banana_adapter(loaded_model, out)
     return out
 
