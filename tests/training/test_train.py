@@ -190,6 +190,7 @@ def test_4bit_needs_cuda_and_leaves_nothing_behind(data_dir, tiny_model_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_on_cuda_the_base_is_loaded_on_the_gpu_in_bf16_as_planned(data_dir, tiny_model_dir, tmp_path, monkeypatch,
                                                                    load_in_4bit):  # fmt: skip
