@@ -7,7 +7,8 @@ cosine to its centre is about 0.7), queries drawn the same way. Recall depends o
 moves with efSearch and the index's size, not what a given corpus will get.
 
 Each query is searched alone, as the proxy searches (one request, one query), on one faiss thread; the last
-row per size is the project's own call (`VectorIndex.search`, Python included), beside the flat index's.
+two rows per size are the project's own call (`VectorIndex.search`, Python included) on the HNSW index and
+on the flat one.
 
     .venv/bin/python bench/hnsw_search.py [--sizes 20000,100000] [--queries 400] [--ef 16,32,64,128,256]
 """
