@@ -28,8 +28,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # the controller's environment, so an inherited PREFECT_HOME would be shared between workers.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="abloop-prefect-")
 # Prefect's temporary server gets 20 s to answer by default; beside the other worker's model loads on a
-# slow, noisy 2-core host it took longer (the demo-approval test failed so once, 2026-12-01), as the
-# demo itself allows for (abloop.demo.demo_env).
+# slow, noisy 2-core host it took longer (the demo-approval test failed so once, 2026-12-01, when it still
+# started one of its own), as the demo itself allows for (abloop.demo.demo_env). The harness below has 120 s.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 POSTGRES_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -48,6 +48,20 @@ def serve_app(app) -> Iterator[str]:
 
     with ServerThread(app) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server per test process, started by the first test that runs a flow.
+
+    Stopped at the end of the session, while pytest still captures: a flow run outside it would start
+    Prefect's ephemeral server instead, stopped only at exit, when its last log line meets a closed stream
+    ("--- Logging error ---" at the end of the run).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 # The intra-op thread count every test starts with once torch is loaded: torch's own default where the caller

@@ -50,7 +50,7 @@ def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
     assert console.stages[0].status == "failed"
 
 
-def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_path, monkeypatch):
+def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_path, monkeypatch, prefect_server):
     """The rollout leaves a promote verdict for an operator; the demo approves it with the real `promote`
     flow, and only once both arms reach `approve_min_users` (a count the split leaves to chance)."""
     from abloop.demo import DemoConfig, _Loop

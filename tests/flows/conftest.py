@@ -1,10 +1,6 @@
 import pytest
 
 
-@pytest.fixture(autouse=True, scope="session")
-def prefect_server():
-    """One temporary Prefect server for the flow tests, started and stopped inside the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def _flows_on_the_test_server(prefect_server) -> None:
+    """Every flow test runs against the process's temporary Prefect server (tests/conftest.py)."""
