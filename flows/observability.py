@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -60,6 +61,9 @@ def observed(flow: F) -> F:
         with bind(**run_fields(context)), _run_span(context):
             return fn(*args, **kwargs)
 
+    # Prefect validates a run's parameters against the signature it finds, resolving names in this
+    # wrapper's module: the flow's own annotations, resolved in the flow's module, go with it.
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
     run.observed = True  # type: ignore[attr-defined]  # tests/flows/test_observability.py checks every flow
     flow.fn = run
     return flow

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 
 from flows.observability import observed
 
@@ -28,15 +30,17 @@ def build_training_data(database_url: str, out_dir: str, days: float) -> dict:
 
 
 @task
-def train_adapter(data_dir: str, out_root: str, base: str, max_steps: int, learning_rate: float, batch_size: int,
-                  lora_dropout: float, database_url: str) -> dict:
+def train_adapter(data_dir: str, out_root: str, base: str, database_url: str, *, max_steps: int | None,
+                  epochs: float | None, learning_rate: float, batch_size: int, lora_dropout: float,
+                  load_in_4bit: bool, torch_compile: bool) -> dict:
     from serving.model import resolve_base_model
     from store.db import Database
     from training.train import train_lora
 
     result = train_lora(Path(data_dir), Path(out_root), base_model_dir=resolve_base_model(base),
-                        max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                        lora_dropout=lora_dropout, db=Database(database_url))
+                        max_steps=max_steps, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                        lora_dropout=lora_dropout, load_in_4bit=load_in_4bit, torch_compile=torch_compile,
+                        db=Database(database_url))
     return {"name": result.name, "adapter_dir": str(result.adapter_dir), "adapter_id": result.adapter_id,
             "metrics": result.metrics}
 
@@ -80,22 +84,37 @@ def start_experiment(database_url: str, server_base_url: str, name: str, adapter
     return experiment.id
 
 
+# Checked when the run starts (Prefect validates a flow's parameters with pydantic, and a deployment's
+# schema carries the bounds), not after the dataset is built or the GPU has trained.
+Share = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[float, Field(gt=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+
+
 @observed
 @flow(name="retrain")
 def retrain(
     candidate_server: str = "http://127.0.0.1:8001/v1",
-    candidate_share: float = 0.1,
-    days: float = 7.0,
-    max_steps: int = 60,
-    learning_rate: float = 2e-4,
-    batch_size: int = 4,
-    lora_dropout: float = 0.05,
-    min_examples: int = 20,
+    candidate_share: Share = 0.1,
+    days: Positive = 7.0,
+    max_steps: AtLeastOne | None = None,
+    epochs: Positive | None = None,
+    learning_rate: Positive = 2e-4,
+    batch_size: AtLeastOne = 4,
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05,
+    load_in_4bit: bool = False,
+    torch_compile: bool = False,
+    min_examples: AtLeastOne = 20,
     base: str = "default",
     rollout: dict | None = None,
 ) -> dict:
+    """Train for `max_steps` optimizer steps, or for `epochs` passes over the rows (neither: 60 steps;
+    both: max_steps wins). `load_in_4bit` (QLoRA) and `torch_compile` need a CUDA worker (training.train)."""
+    from experiment.rollout import RolloutPlan
     from store.config import Settings
 
+    if rollout:
+        RolloutPlan.from_dict(rollout)  # a plan that would be refused after training is refused now
     settings = Settings()
     log = get_run_logger()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -107,8 +126,9 @@ def retrain(
         log.info(f"not enough training rows ({train_rows} < {min_examples}); nothing trained")
         return {"status": "skipped", "reason": "not enough data", "dataset": card}
 
-    adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, max_steps, learning_rate,
-                            batch_size, lora_dropout, settings.database_url)
+    adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, settings.database_url,
+                            max_steps=max_steps, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                            lora_dropout=lora_dropout, load_in_4bit=load_in_4bit, torch_compile=torch_compile)
     verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url)
     log.info(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
     if not verdict["passed"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from prefect.exceptions import ParameterTypeError
 
 from abloop.simulate import simulate_traffic
 from store import experiments
@@ -73,3 +74,55 @@ def test_retrain_skips_without_enough_data(store, model_server, tiny_model_dir):
                       base=str(tiny_model_dir))
     assert outcome["status"] == "skipped" and outcome["reason"] == "not enough data"
     assert experiments.get_running(store) is None  # nothing trained, nothing started
+
+
+def test_train_adapter_passes_every_training_option_on(tmp_path, monkeypatch):
+    """The task hands train_lora what the flow was given: a GPU worker's epochs, 4-bit and compile too."""
+    import training.train
+    from flows.retrain import train_adapter
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    given = {}
+
+    def recording_train_lora(data_dir, out_root, **options):
+        given.update(options, data_dir=data_dir, out_root=out_root)
+        return training.train.TrainResult(adapter_dir=out_root / "a", name="a", metrics={"m": 1}, adapter_id="id")
+
+    monkeypatch.setattr(training.train, "train_lora", recording_train_lora)
+    result = train_adapter.fn(str(tmp_path / "data"), str(tmp_path / "out"), str(base), "sqlite://",
+                              max_steps=None, epochs=2.5, learning_rate=1e-3, batch_size=16, lora_dropout=0.0,
+                              load_in_4bit=True, torch_compile=True)
+
+    assert result == {"name": "a", "adapter_dir": str(tmp_path / "out" / "a"), "adapter_id": "id", "metrics": {"m": 1}}
+    db = given.pop("db")
+    assert db.url == "sqlite://"
+    assert given == {"data_dir": tmp_path / "data", "out_root": tmp_path / "out", "base_model_dir": base.resolve(),
+                     "max_steps": None, "epochs": 2.5, "learning_rate": 1e-3, "batch_size": 16, "lora_dropout": 0.0,
+                     "load_in_4bit": True, "torch_compile": True}
+
+
+@pytest.mark.parametrize(("parameter", "value", "says"), [
+    ("epochs", 0, "greater than 0"),
+    ("max_steps", 0, "greater than or equal to 1"),
+    ("batch_size", 0, "greater than or equal to 1"),
+    ("candidate_share", 1.5, "less than or equal to 1"),
+    ("lora_dropout", 1.0, "less than 1"),
+    ("learning_rate", -1e-4, "greater than 0"),
+])
+def test_a_bad_parameter_is_refused_by_name_before_anything_runs(store, parameter, value, says, tmp_path):
+    from flows.retrain import retrain
+
+    with pytest.raises(ParameterTypeError) as refused:
+        retrain(**{parameter: value}, min_examples=1)
+    assert f"{parameter}: Input should be {says}" in str(refused.value)
+    assert not (tmp_path / "runs").exists()  # no dataset was built
+
+
+def test_a_bad_rollout_plan_is_refused_before_the_dataset_is_built(store, tmp_path):
+    from flows.retrain import retrain
+
+    with pytest.raises(ValueError, match=r"rollout\.steps: shares must rise strictly"):
+        retrain(rollout={"steps": [0.5, 0.25]}, min_examples=1)
+    assert not (tmp_path / "runs").exists()
