@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.observability import observed
+from flows.parameters import AtLeastZero
 from flows.scoring import score_answers
 
 
@@ -55,7 +56,7 @@ def publish(database_url: str, analysis: dict) -> None:
 
 @observed
 @flow(name="evaluate_arms")
-def evaluate_arms(experiment_id: str | None = None, score_sample: int | None = None) -> dict:
+def evaluate_arms(experiment_id: str | None = None, score_sample: AtLeastZero | None = None) -> dict:
     from store.config import Settings
 
     settings = Settings()

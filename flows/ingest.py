@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.observability import observed
 from retrieval.corpus import Document
+from retrieval.index import IndexKind
 
 if TYPE_CHECKING:
     from retrieval.metadata import Extraction
@@ -55,7 +56,7 @@ def build_version(documents: list[Document], index_dir: str, embedding_model: st
 
 @observed
 @flow(name="ingest")
-def ingest(corpus: str = "pydoc", kind: str = "flat") -> dict:
+def ingest(corpus: str = "pydoc", kind: IndexKind = "flat") -> dict:
     from store.config import Settings
 
     settings = Settings()

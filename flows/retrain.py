@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
 
 import httpx
 from prefect import flow, get_run_logger, task
-from pydantic import Field
 
 from flows.observability import observed
+from flows.parameters import AtLeastOne, Dropout, Positive, Share
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -84,13 +83,6 @@ def start_experiment(database_url: str, server_base_url: str, name: str, adapter
     return experiment.id
 
 
-# Checked when the run starts (Prefect validates a flow's parameters with pydantic, and a deployment's
-# schema carries the bounds), not after the dataset is built or the GPU has trained.
-Share = Annotated[float, Field(ge=0, le=1)]
-Positive = Annotated[float, Field(gt=0)]
-AtLeastOne = Annotated[int, Field(ge=1)]
-
-
 @observed
 @flow(name="retrain")
 def retrain(
@@ -101,7 +93,7 @@ def retrain(
     epochs: Positive | None = None,
     learning_rate: Positive = 2e-4,
     batch_size: AtLeastOne = 4,
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05,
+    lora_dropout: Dropout = 0.05,
     load_in_4bit: bool = False,
     torch_compile: bool = False,
     min_examples: AtLeastOne = 20,

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.observability import observed
+from flows.parameters import AtLeastOne, Cosine, Rating
 
 
 @cache
@@ -88,12 +89,12 @@ def _outcome(result: dict) -> str:
 @observed
 @flow(name="tune_prompts")
 def tune_prompts(
-    days: int = 7,
-    min_rating: int = 4,
-    max_examples: int = 5,
+    days: AtLeastOne = 7,
+    min_rating: Rating = 4,
+    max_examples: AtLeastOne = 5,
     dry_run: bool = False,
-    similarity: float = 0.9,
-    min_support: int = 2,
+    similarity: Cosine = 0.9,
+    min_support: AtLeastOne = 2,
     activate: bool = True,
 ) -> dict:
     """`similarity`: cosine at which two questions are near-duplicates; `min_support`: corrections a

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-KINDS = ("flat", "hnsw")
+IndexKind = Literal["flat", "hnsw"]
+KINDS: tuple[str, ...] = get_args(IndexKind)
 _HNSW_M = 32
 _HNSW_EF_CONSTRUCTION = 200
 _HNSW_EF_SEARCH = 64
