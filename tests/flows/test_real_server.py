@@ -121,6 +121,13 @@ def test_deploy_schedule_and_run_on_a_real_server(server, tmp_path):
         assert time.monotonic() < deadline, "the server's scheduler created no runs; see its log"
         time.sleep(1)
 
+    # The server holds each deployment's parameter schema: an operator's value out of bounds
+    # (flows/parameters.py) is refused when the run is asked for, by the parameter's name.
+    refused = subprocess.run([PREFECT, "deployment", "run", "retrain/retrain", "--param", "epochs=0"], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=RUN_S)
+    assert refused.returncode != 0, refused.stdout
+    assert "Validation failed for field 'epochs'" in refused.stdout + refused.stderr, refused
+
     db, running = promotable_experiment(tmp_path / "abloop.db")
     created = _prefect(env, "deployment", "run", "evaluate_arms/evaluate_arms", "--param", "score_sample=0")
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
