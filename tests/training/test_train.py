@@ -267,3 +267,54 @@ def _completion_loss_by_hand(base_dir: Path, adapter_dir: Path | None, rows: lis
             total += F.cross_entropy(logits, torch.tensor(ids[start:]), reduction="sum").item()
             count += len(ids) - start
     return total / count
+
+
+def _card(log_history, train_output, *, holdout=(2.0, 1.5, 40), on_cuda=False, peak_before_mb=0.0):
+    from training.train import _metrics
+
+    return _metrics(log_history, train_output, name="n-v1", base_name="base", base_model_dir=Path("/m"),
+                    data_dir=Path("/d"), data_hash="h", rows=(30, 4), holdout=holdout, params={"lr": 1},
+                    on_cuda=on_cuda, peak_before_mb=peak_before_mb, wall_time_s=12.345)
+
+
+def test_the_metrics_card_from_trainer_logs(monkeypatch):
+    """The adapter card's figures from the trainer's log history, without training: the loss curve keeps
+    only logged losses with a step, tokens are the largest count seen, rates round as shown."""
+    import math
+
+    import training.train
+
+    monkeypatch.setattr(training.train, "_lifetime_peak_rss_mb", lambda: 812.34)
+    history = [{"loss": 3.0, "step": 1, "num_tokens": 100}, {"learning_rate": 1e-4, "step": 1},
+               {"loss": 2.5, "step": 2, "num_tokens": 250}, {"loss": 9.9}, {"train_runtime": 5, "num_tokens": 240}]
+    card = _card(history, {"train_runtime": 4.0})
+    assert card["train_loss_curve"] == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]
+    assert card["train_loss_final"] == 2.5
+    assert (card["train_tokens"], card["train_runtime_s"], card["tokens_per_s"]) == (250, 4.0, 62.5)
+    assert card["holdout"] == {"tokens": 40, "loss_base": 2.0, "loss_adapter": 1.5,
+                               "perplexity_base": math.exp(2.0), "perplexity_adapter": math.exp(1.5)}
+    assert (card["peak_memory_mb"], card["peak_memory_kind"], card["wall_time_s"]) == (812.3, "rss", 12.35)
+    assert {key: card[key] for key in ("name", "base_model", "base_model_dir", "data_dir", "dataset_hash",
+                                       "train_rows", "holdout_rows", "params")} == {
+        "name": "n-v1", "base_model": "base", "base_model_dir": "/m", "data_dir": "/d", "dataset_hash": "h",
+        "train_rows": 30, "holdout_rows": 4, "params": {"lr": 1}}
+    assert set(card["versions"]) == {"torch", "transformers", "peft", "trl"}
+
+    # An earlier stage of the process peaked higher: training's own peak is only bounded by it.
+    assert _card(history, {"train_runtime": 4.0}, peak_before_mb=900.0)["peak_memory_kind"] == "rss_process_lifetime"
+    empty = _card([], {}, holdout=(None, None, 0))
+    assert (empty["train_loss_curve"], empty["train_loss_final"], empty["train_tokens"]) == ([], None, 0)
+    assert (empty["train_runtime_s"], empty["tokens_per_s"]) == (0.0, None)  # no rate from no time
+    assert empty["holdout"]["perplexity_base"] is None and empty["holdout"]["perplexity_adapter"] is None
+
+
+def test_the_metrics_card_on_cuda_reads_the_allocator_peak(monkeypatch):
+    import torch
+
+    import training.train
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30 + 2**19)
+    monkeypatch.setattr(training.train, "_lifetime_peak_rss_mb", lambda: pytest.fail("RSS read on CUDA"))
+    card = _card([{"loss": 1.0, "step": 1, "num_tokens": 10}], {"train_runtime": 0.3}, on_cuda=True)
+    assert (card["peak_memory_mb"], card["peak_memory_kind"]) == (3072.5, "cuda_max_allocated")
+    assert card["tokens_per_s"] == 33.3
