@@ -25,12 +25,14 @@ REFUSED = [
     ("ingest", {"kind": "ivf"}, "kind: Input should be 'flat' or 'hnsw'"),
     ("evaluate_arms", {"score_sample": -1}, "score_sample: Input should be greater than or equal to 0"),
     ("tune_prompts", {"min_rating": 6}, "min_rating: Input should be less than or equal to 5"),
+    ("tune_prompts", {"min_rating": 0}, "min_rating: Input should be greater than or equal to 1"),
     ("tune_prompts", {"similarity": 0}, "similarity: Input should be greater than 0"),
+    ("tune_prompts", {"similarity": 1.01}, "similarity: Input should be less than or equal to 1"),
     ("tune_prompts", {"days": 0}, "days: Input should be greater than or equal to 1"),
 ]
 
 
-@pytest.mark.parametrize(("name", "parameters", "says"), REFUSED, ids=[f"{n}-{next(iter(p))}" for n, p, _ in REFUSED])
+@pytest.mark.parametrize(("name", "parameters", "says"), REFUSED, ids=[f"{n}-{k}={v}" for n, p, _ in REFUSED for k, v in p.items()])
 def test_a_value_out_of_range_fails_the_run_by_name(store, name, parameters, says, tmp_path):
     import importlib
 
