@@ -32,7 +32,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("name", "parameters", "says"), REFUSED, ids=[f"{n}-{k}={v}" for n, p, _ in REFUSED for k, v in p.items()])
+@pytest.mark.parametrize(("name", "parameters", "says"), REFUSED,
+                         ids=[f"{n}-{k}={v}" for n, p, _ in REFUSED for k, v in p.items()])
 def test_a_value_out_of_range_fails_the_run_by_name(store, name, parameters, says, tmp_path):
     import importlib
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -163,6 +164,17 @@ def test_bad_bodies_are_400_naming_the_field(server, body, field):
     assert err["type"] == "invalid_request_error"
     assert err["param"].startswith(field)
     assert field in err["message"]
+
+
+def test_a_prompt_past_the_context_is_400_context_length_exceeded(server, client, model_name):
+    """What vLLM and OpenAI answer: refused before any generation, the code a client can act on."""
+    long = [{"role": "user", "content": "sea " * 9000}]  # past SmolLM2's 8,192 tokens
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": model_name, "messages": long}, timeout=120)
+    err = _assert_error_shape(r, 400)
+    assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "context_length_exceeded", "messages")
+    assert re.fullmatch(r"The prompt has \d{4,} tokens; this model's context is 8192 tokens\.", err["message"])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model_name, messages=long)
 
 
 def test_malformed_json_is_400(server):
