@@ -105,8 +105,13 @@ def retrain(
     from experiment.rollout import RolloutPlan
     from store.config import Settings
 
+    # What would be refused after the dataset is built is refused now.
     if rollout:
-        RolloutPlan.from_dict(rollout)  # a plan that would be refused after training is refused now
+        RolloutPlan.from_dict(rollout)
+    if load_in_4bit:
+        from training.train import check_4bit_possible
+
+        check_4bit_possible()
     settings = Settings()
     log = get_run_logger()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

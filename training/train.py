@@ -338,6 +338,22 @@ def _packing_attention(on_cuda: bool, packing: bool | None, attention: str | Non
     return "sdpa"
 
 
+_NO_CUDA_FOR_4BIT = "load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead"
+_NO_BITSANDBYTES = "load_in_4bit needs bitsandbytes: pip install 'abloop[gpu]'"
+
+
+def check_4bit_possible() -> None:
+    """Refuse 4-bit training where `train_lora` would refuse it, before a caller builds anything for it."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(_NO_CUDA_FOR_4BIT)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(_NO_BITSANDBYTES)
+
+
 def _load_base(
     base_model_dir: Path, device: Any, dtype: Any, load_in_4bit: bool, attention: str | None, checkpointing: bool
 ) -> Any:
@@ -345,7 +361,7 @@ def _load_base(
     if not load_in_4bit:
         return load_causal_lm(base_model_dir, device=device, dtype=dtype, **extra)
     if device.type != "cuda":
-        raise ValueError("load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead")
+        raise ValueError(_NO_CUDA_FOR_4BIT)
     return load_quantised_base(base_model_dir, dtype, device_map={"": 0}, checkpointing=checkpointing, **extra)
 
 
@@ -358,7 +374,7 @@ def load_quantised_base(base_model_dir: Path, dtype: Any, *, device_map: Any, ch
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it importable for 4-bit loading)
     except ImportError as exc:
-        raise ImportError("load_in_4bit needs bitsandbytes: pip install 'abloop[gpu]'") from exc
+        raise ImportError(_NO_BITSANDBYTES) from exc
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 

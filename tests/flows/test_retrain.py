@@ -126,3 +126,11 @@ def test_a_bad_rollout_plan_is_refused_before_the_dataset_is_built(store, tmp_pa
     with pytest.raises(ValueError, match=r"rollout\.steps: shares must rise strictly"):
         retrain(rollout={"steps": [0.5, 0.25]}, min_examples=1)
     assert not (tmp_path / "runs").exists()
+
+
+def test_4bit_without_a_cuda_gpu_is_refused_before_the_dataset_is_built(store, tmp_path):
+    from flows.retrain import retrain
+
+    with pytest.raises(ValueError, match="^load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead$"):
+        retrain(load_in_4bit=True, min_examples=1)
+    assert not (tmp_path / "runs").exists()

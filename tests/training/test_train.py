@@ -320,3 +320,22 @@ def test_the_metrics_card_on_cuda_reads_the_allocator_peak(monkeypatch):
     card = _card([{"loss": 1.0, "step": 1, "num_tokens": 10}], {"train_runtime": 0.3}, on_cuda=True)
     assert (card["peak_memory_mb"], card["peak_memory_kind"]) == (3072.5, "cuda_max_allocated")
     assert card["tokens_per_s"] == 33.3
+
+
+def test_4bit_is_possible_with_cuda_and_bitsandbytes_only(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from training.train import check_4bit_possible
+
+    found = {"bitsandbytes": object()}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: found.get(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_4bit_possible()
+    found.clear()
+    with pytest.raises(ImportError, match=r"^load_in_4bit needs bitsandbytes: pip install 'abloop\[gpu\]'$"):
+        check_4bit_possible()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="^load_in_4bit needs a CUDA GPU"):
+        check_4bit_possible()
