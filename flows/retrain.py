@@ -101,7 +101,8 @@ def retrain(
     rollout: dict | None = None,
 ) -> dict:
     """Train for `max_steps` optimizer steps, or for `epochs` passes over the rows (neither: 60 steps;
-    both: max_steps wins). `load_in_4bit` (QLoRA) and `torch_compile` need a CUDA worker (training.train)."""
+    both: max_steps wins). `load_in_4bit` (QLoRA) needs a CUDA worker with bitsandbytes; `torch_compile`
+    is meant for one (on a CPU it costs more than it saves: docs/BENCHMARKS.md, "GPU training")."""
     from experiment.rollout import RolloutPlan
     from store.config import Settings
 

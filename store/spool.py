@@ -44,6 +44,8 @@ _DATETIME_COLUMNS = {
 
 SPOOL_SUFFIX = ".jsonl"
 CLAIM_MARK = ".replaying-"
+# Looks at the directory before `size_bytes` settles for what it saw while files kept moving.
+_SIZE_LOOKS = 5
 REJECTED_DIR = "rejected"
 SPOOL_ROTATE_BYTES = 64 * 1024 * 1024
 STALE_CLAIM_S = 600.0  # a claim from another host untouched this long is taken over
@@ -159,18 +161,38 @@ class Spool:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes in spool files and claims (not rejected/); 0 when the directory cannot be read."""
+        """Bytes in spool files and claims (not rejected/); 0 when the directory cannot be read.
+
+        A file that a claim or its giving back renames between the listing and its stat is gone under
+        the listed name and not yet listed under the new one: the directory is looked at again, so that
+        a spool whose only file is moving never reads as empty (the gauge an alert watches, the sign
+        that a replay is done).
+        """
         total = 0
+        for _ in range(_SIZE_LOOKS):
+            total, moved = self._sizes()
+            if not moved:
+                break
+        return total
+
+    def _sizes(self) -> tuple[int, bool]:
+        """(bytes, whether a listed file was gone by the time it was looked at)."""
+        total, moved = 0, False
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
-                    if _is_spool_name(entry.name):
-                        with contextlib.suppress(OSError):
-                            if entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
+                    if not _is_spool_name(entry.name):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        moved = True
+                    except OSError:
+                        continue
         except OSError:
-            return 0
-        return total
+            return 0, False
+        return total, moved
 
     def append(self, entries: list[Entry]) -> None:
         """Append entries to this writer's spool file and fsync. Thread-safe."""

@@ -108,7 +108,9 @@ def test_train_adapter_passes_every_training_option_on(tmp_path, monkeypatch):
     ("max_steps", 0, "greater than or equal to 1"),
     ("batch_size", 0, "greater than or equal to 1"),
     ("candidate_share", 1.5, "less than or equal to 1"),
+    ("candidate_share", -0.1, "greater than or equal to 0"),
     ("lora_dropout", 1.0, "less than 1"),
+    ("lora_dropout", -0.1, "greater than or equal to 0"),
     ("learning_rate", -1e-4, "greater than 0"),
 ])
 def test_a_bad_parameter_is_refused_by_name_before_anything_runs(store, parameter, value, says, tmp_path):

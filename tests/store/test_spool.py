@@ -3,6 +3,7 @@ without hard links, rotation, file modes and what is set aside for an operator."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -94,6 +95,34 @@ def test_appends_create_the_directory_and_rotate_past_the_size_limit(tmp_path: P
     umask = os.umask(0)
     os.umask(umask)
     assert {stat.S_IMODE(path.stat().st_mode) for path in files} == {0o644 & ~umask}
+
+
+@pytest.mark.parametrize("moves", [("claim",), ("give back",), ("claim", "give back")])
+def test_the_size_counts_a_file_that_moves_while_it_is_counted(tmp_path: Path, monkeypatch, moves) -> None:
+    """A claim renames the file, giving it back links then unlinks it: a listing taken just before names a
+    file that is gone when it is looked at. The spool is still as full (a CI run once read it empty during
+    a give-back, and a replay test went on to count rows that were still spooled)."""
+    spool = Spool(tmp_path, host="here")
+    spool.append([Entry("search_events", event_row())])
+    (path,) = tmp_path.iterdir()
+    size = path.stat().st_size
+    held: list[Path] = [spool.claim(path) if moves[0] == "give back" else path]
+
+    def move(kind: str) -> None:
+        held[0] = spool.claim(held[0]) if kind == "claim" else Spool.unclaim(held[0]) or next(tmp_path.iterdir())
+
+    pending, real_scandir = list(moves), os.scandir
+
+    def listing_then_a_move(directory):
+        with real_scandir(directory) as entries:
+            listed = list(entries)
+        if pending:
+            move(pending.pop(0))  # between the listing and the look at what it listed
+        return contextlib.nullcontext(iter(listed))
+
+    monkeypatch.setattr(spool_module.os, "scandir", listing_then_a_move)
+    assert spool.size_bytes == size
+    assert not pending
 
 
 def test_each_set_aside_adds_whole_lines_to_one_file_for_an_operator(tmp_path: Path) -> None:
