@@ -16,7 +16,6 @@ from prefect import flow, task
 
 import flows.observability
 from flows.observability import observed
-from store.db import Database
 from tests.experiment import traffic
 from tests.flows.deployments import ROOT
 
@@ -34,14 +33,6 @@ def _probe_task() -> str:
 def _probe() -> str:
     probe_log.info("inside the flow")
     return _probe_task()
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'flows.db'}")
-    db.migrate()
-    monkeypatch.setenv("DATABASE_URL", db.url)
-    return db
 
 
 @pytest.fixture

@@ -8,18 +8,7 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-from store.db import Database
 from tests.flows.deployments import ROOT
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'flows.db'}")
-    db.migrate()
-    monkeypatch.setenv("DATABASE_URL", db.url)
-    monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
-    return db
-
 
 REFUSED = [
     ("ingest", {"kind": "ivf"}, "kind: Input should be 'flat' or 'hnsw'"),

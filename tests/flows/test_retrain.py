@@ -12,20 +12,10 @@ from prefect.exceptions import ParameterTypeError
 
 from abloop.simulate import simulate_traffic
 from store import experiments
-from store.db import Database
 from tests.training.conftest import base_model_dir, tiny_model_dir  # noqa: F401
 from training.registry import get_adapter
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'retrain.db'}")
-    db.migrate()
-    monkeypatch.setenv("DATABASE_URL", db.url)
-    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
-    return db
 
 
 @pytest.fixture

@@ -40,14 +40,12 @@ class Receiver:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'weekly.db'}")
-    db.migrate()
-    review_rows(db, two_weeks(db, users=(30, 40)))
-    monkeypatch.setenv("DATABASE_URL", db.url)
+def store(store, monkeypatch) -> Database:
+    """Two reviewed weeks, and no webhook or report URL from the environment."""
+    review_rows(store, two_weeks(store, users=(30, 40)))
     for name in ("SLACK_WEBHOOK_URL", "REPORT_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
-    return db
+    return store
 
 
 @pytest.fixture
