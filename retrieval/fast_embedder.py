@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.embedder import Embedder, encode_in_batches
+from store.cachedir import build_once
 
 log = logging.getLogger(__name__)
 
@@ -179,28 +178,16 @@ def _fingerprint(source: Path, name: str) -> str:
 def export_onnx(model_name_or_path: str, cache_dir: Path | None = None) -> Path:
     """The export directory for this model, built on first call: ONNX graph, tokenizer, meta.json.
 
-    Built in a temporary sibling and renamed into place, so concurrent first starts (several
-    replicas, several test workers) are safe: the loser of the rename discards its copy.
+    Built once (store.cachedir): concurrent first starts (several replicas, several test workers) wait
+    for one export and use it.
     """
     out = export_dir_for(model_name_or_path, cache_dir)
-    if (out / META_FILE).is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("exporting %s to ONNX in %s (once)", model_name_or_path, out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def export(tmp: Path) -> None:
+        log.info("exporting %s to ONNX in %s (once)", model_name_or_path, out)
         _export_into(model_name_or_path, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / META_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return build_once(out, lambda path: (path / META_FILE).is_file(), export)
 
 
 def _export_into(model_name_or_path: str, out: Path) -> None:

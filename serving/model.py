@@ -16,14 +16,13 @@ import functools
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store.cachedir import build_once
 from store.config import DEFAULT_LLM_MODEL, apply_runtime_env
 from store.runtime import choose_device_dtype
 
@@ -72,21 +71,14 @@ def _is_complete(path: Path) -> bool:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise ``gguf_path`` into a safetensors HF directory at ``out_dir`` (atomically).
-
-    The result is written to a temporary sibling directory and renamed into place, so concurrent first
-    starts are safe: the loser of the rename race discards its copy and uses the winner's.
-    """
+    """Dequantise ``gguf_path`` into a safetensors HF directory at ``out_dir``, once (store.cachedir:
+    concurrent first starts wait for one conversion)."""
     apply_runtime_env()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir = Path(out_dir)
-    if _is_complete(out_dir):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s -> %s (one-off, dequantises to fp32)", gguf_path, out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s -> %s (one-off, dequantises to fp32)", gguf_path, out_dir)
         with _gguf_parsed_once():
             model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -97,21 +89,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        del model
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            # Someone else finished first (the target exists and is not empty): use theirs.
-            if not _is_complete(out_dir):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return build_once(Path(out_dir), _is_complete, convert)
 
 
 @contextmanager
