@@ -109,7 +109,11 @@ def test_the_size_counts_a_file_that_moves_while_it_is_counted(tmp_path: Path, m
     held: list[Path] = [spool.claim(path) if moves[0] == "give back" else path]
 
     def move(kind: str) -> None:
-        held[0] = spool.claim(held[0]) if kind == "claim" else Spool.unclaim(held[0]) or next(tmp_path.iterdir())
+        if kind == "claim":
+            held[0] = spool.claim(held[0])
+        else:
+            Spool.unclaim(held[0])
+            (held[0],) = tmp_path.iterdir()
 
     pending, real_scandir = list(moves), os.scandir
 
