@@ -10,13 +10,13 @@ where flock may be local) still loses the race cleanly.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+
+from store.flock import exclusive
 
 
 def build_once(out: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
@@ -25,7 +25,7 @@ def build_once(out: Path, is_complete: Callable[[Path], bool], build: Callable[[
     if is_complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.parent / f".{out.name}.lock"):
+    with exclusive(out.parent / f".{out.name}.lock"):
         if is_complete(out):  # built by the process this one waited for
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -44,14 +44,3 @@ def build_once(out: Path, is_complete: Callable[[Path], bool], build: Callable[[
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive flock on `lock_path` (created if missing, left in place); released if the process dies."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

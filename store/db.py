@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 from sqlalchemy import Engine, Insert, Table, create_engine, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
+
+from store.flock import exclusive
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # One lock per schema (tests and tenants may share a database); held until the upgrade commits.
@@ -107,13 +108,8 @@ class Database:
         if not path.parent.is_dir():  # the database cannot be opened either: let the engine say so
             yield
             return
-        # Never deleted: removing a lock file lets a waiter and a newcomer lock two different files.
-        with open(path, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with exclusive(path):
+            yield
 
     def dispose(self) -> None:
         self.engine.dispose()
