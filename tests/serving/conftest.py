@@ -54,17 +54,15 @@ def banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def shared_banana_adapter(loaded_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The BANANA-42 adapter, trained once per test run however many xdist workers ask (20 s each time on a
-    slow 2-core machine): the workers' base temps share a parent, and a file lock makes the others wait."""
-    from filelock import FileLock
+    slow 2-core machine): the workers' base temps share a parent, and store.cachedir makes the others wait."""
+    from store.cachedir import build_once
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    out = root / "banana-adapter"
-    with FileLock(f"{out}.lock"):
-        if not all((out / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors")):
-            train_banana_adapter(loaded_model, out)
-    return out
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    return build_once(root / "banana-adapter", lambda out: all((out / name).is_file() for name in files),
+                      lambda tmp: train_banana_adapter(loaded_model, tmp))
 
 
 def train_banana_adapter(loaded_model, out: Path, steps: int = 12) -> Path:

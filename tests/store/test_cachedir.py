@@ -6,6 +6,7 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,27 +62,26 @@ def test_a_failed_build_leaves_nothing_and_the_next_start_builds(tmp_path: Path)
     assert build_once(out, _complete, lambda tmp: pytest.fail("built again")) == out  # complete: used as is
 
 
+def _raced_by(out: Path, their_file: str) -> Callable[[Path], None]:
+    """A build during which a builder the lock cannot see puts a directory at `out` holding `their_file`."""
+
+    def build(tmp: Path) -> None:
+        (tmp / "done").write_text("ours")
+        out.mkdir()
+        (out / their_file).write_text("theirs")
+
+    return build
+
+
 def test_a_finished_copy_from_outside_the_lock_wins_the_rename(tmp_path: Path) -> None:
     """Another host on a shared cache (flock may not reach it) finishes first: its copy is used, ours dropped."""
     out = tmp_path / "model"
-
-    def raced(tmp: Path) -> None:
-        (tmp / "done").write_text("ours")
-        out.mkdir()
-        (out / "done").write_text("theirs")
-
-    assert build_once(out, _complete, raced) == out
+    assert build_once(out, _complete, _raced_by(out, "done")) == out
     assert (out / "done").read_text() == "theirs" and _leftovers(tmp_path) == []
 
 
 def test_an_unfinished_directory_in_the_way_is_an_error(tmp_path: Path) -> None:
     out = tmp_path / "model"
-
-    def blocked(tmp: Path) -> None:
-        (tmp / "done").write_text("ours")
-        out.mkdir()
-        (out / "partial").write_text("?")
-
     with pytest.raises(OSError):
-        build_once(out, _complete, blocked)
+        build_once(out, _complete, _raced_by(out, "partial"))
     assert _leftovers(tmp_path) == []
