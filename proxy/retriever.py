@@ -78,7 +78,9 @@ class Retriever:
         self._plain = self._plain or self._load_torch()
         return self._plain
 
-    async def _indexing_embedder(self):
+    async def document_embedder(self):
+        """EMBEDDING_MODEL on torch, loaded once on first use: for pages added to the index, and for texts the
+        admin routes compare (auto-tune's near-duplicate check), so that every comparison is in the index's space."""
         async with self._load_lock:
             if self._plain is None:
                 self._plain = await asyncio.to_thread(self._load_torch)
@@ -119,7 +121,7 @@ class Retriever:
         from retrieval.build import add_embedded, embed_documents
         from retrieval.corpus import Document
 
-        embedder = await self._indexing_embedder()
+        embedder = await self.document_embedder()
         document = Document(title=page.title or page.final_url, source=page.final_url, text=page.text)
         by_source = {document.source: metadata} if metadata is not None else None
         chunks, embeddings = await asyncio.to_thread(embed_documents, [document], embedder, by_source)

@@ -30,10 +30,14 @@ class _StubProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._server.connection_opened()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Without this, Nagle's algorithm can hold small replies back for 40 ms.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections -= 1
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -84,6 +88,12 @@ class StubUpstream:
         self.delay_s = delay_s
         self.status = status
         self.requests = 0
+        self.connections = 0  # open now
+        self.peak_connections = 0  # the most open at once: what a client's pool limit allows
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+        self.peak_connections = max(self.peak_connections, self.connections)
 
     def reply(self, request_line: str, body: bytes) -> tuple[int, bytes]:
         if self.status != 200:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -141,7 +140,7 @@ async def tuning_candidates(
     from training.tuning import find_candidates
 
     template = await _template(state, template_id)
-    encoder = await asyncio.to_thread(_encoder, state.settings.embedding_model)
+    encoder = await state.retriever.document_embedder()
     found = await asyncio.to_thread(
         find_candidates, state.db, template, since=datetime.now(UTC) - timedelta(days=days), min_rating=min_rating,
         max_examples=max_examples, encoder=encoder, threshold=similarity)
@@ -170,7 +169,7 @@ async def auto_tune(template_id: TemplateId, body: AutoTuneRequest, state: State
 async def _auto_tune(state: StateDep, template: PromptTemplate, body: AutoTuneRequest) -> AutoTuneResult:
     from training.tuning import tune
 
-    encoder = await asyncio.to_thread(_encoder, state.settings.embedding_model)
+    encoder = await state.retriever.document_embedder()
     result = await asyncio.to_thread(
         tune, state.db, template, days=body.days, min_rating=body.min_rating, max_examples=body.max_examples,
         dry_run=body.dry_run, activate=body.activate, encoder=encoder, threshold=body.similarity)
@@ -208,11 +207,3 @@ def _view(template: PromptTemplate, usage: dict[str, int]) -> TemplateView:
         few_shot=few_shot, output_rules=output_rules,
         counts=TemplateCounts(**usage, few_shot=len(few_shot), output_rules=len(output_rules)),
     )
-
-
-@cache
-def _encoder(model: str):
-    """The sentence embedder for near-duplicate checks, loaded on the first tuning request only."""
-    from retrieval.embedder import Embedder
-
-    return Embedder(model)

@@ -131,6 +131,33 @@ def test_train_passes_every_option_on_and_prints_the_adapter(db, tmp_path, monke
                      "packing": False, "lora_dropout": 0.0, "torch_compile": True}
 
 
+def test_serve_model_passes_every_option_on(monkeypatch):
+    import logging
+
+    import serving.server
+    from store.logs import JsonFormatter
+
+    built: dict = {}
+    served: dict = {}
+    monkeypatch.setattr(serving.server, "create_app", lambda **options: built.update(options) or "the app")
+    monkeypatch.setattr(serving.server.uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    try:
+        main(["serve-model", "--model", "/models/base", "--host", "0.0.0.0", "--port", "9123", "--adapter", "a=/ad/a",
+              "--adapter", "b=/ad/b", "--max-batch", "3", "--max-queue", "9", "--dtype", "float32",
+              "--quantize", "none", "--compile", "--log-level", "debug"])
+        root = logging.getLogger()
+        assert root.level == logging.DEBUG and isinstance(root.handlers[-1].formatter, JsonFormatter)
+    finally:
+        logging.captureWarnings(False)  # the server routes warnings to its log for its life; this test's ends here
+    assert built == {"model": "/models/base", "adapters": {"a": "/ad/a", "b": "/ad/b"}, "max_batch": 3,
+                     "max_queue": 9, "dtype": "float32", "quantize": "none", "compile": True}
+    log_config = served.pop("log_config")
+    assert served == {"app": "the app", "host": "0.0.0.0", "port": 9123, "log_level": "debug",
+                      "timeout_graceful_shutdown": 5}
+    assert log_config["root"]["level"] == "DEBUG" and log_config["handlers"]["default"]["format"] == "json"
+
+
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):
     earlier = traffic.start(db)
     traffic.write(db, earlier, users=60)
