@@ -123,8 +123,7 @@ def _extract_metadata(documents, settings):
     """Title, tags and category from METADATA_API_BASE, as the `ingest` flow does; failures index without it."""
     from retrieval.metadata import extract_documents
 
-    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-    return extract_documents(documents, settings.metadata_api_base, settings.metadata_model, api_key,
+    return extract_documents(documents, settings.metadata_api_base, settings.metadata_model, settings.llm_key(),
                              settings.llm_timeout_s)
 
 

@@ -64,9 +64,8 @@ def evaluate_arms(experiment_id: str | None = None, score_sample: AtLeastZero | 
     target = resolve_experiment(settings.database_url, experiment_id)
     per_arm = settings.answer_score_sample if score_sample is None else score_sample
     if target is not None and per_arm > 0:
-        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         score_answers(settings.database_url, target, per_arm, settings.embedding_model,
-                      settings.judge_api_base, settings.judge_model, key)
+                      settings.judge_api_base, settings.judge_model, settings.llm_key())
     analysis = analyse_experiment(settings.database_url, experiment_id)
     publish(settings.database_url, analysis)
     log.info(f"experiment {analysis['experiment_id']}: {analysis['decision']['action']}")

@@ -64,9 +64,8 @@ def ingest(corpus: str = "pydoc", kind: IndexKind = "flat") -> dict:
     documents = load_documents(corpus)
     extraction = None
     if settings.metadata_api_base:
-        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-        extraction = extract_metadata(documents, settings.metadata_api_base, settings.metadata_model, key,
-                                      settings.llm_timeout_s)
+        extraction = extract_metadata(documents, settings.metadata_api_base, settings.metadata_model,
+                                      settings.llm_key(), settings.llm_timeout_s)
     built = build_version(documents, str(settings.index_dir), settings.embedding_model, kind, extraction)
     log.info(f"index {built['index_version']}: {built['chunks']} chunks from {built['documents']} documents")
     return built

@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
         live = Live(settings, db, retriever)
         upstream = Upstream(
             timeout_s=settings.llm_timeout_s,
-            api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+            api_key=settings.llm_key(),
             max_tokens=settings.llm_max_tokens,
             temperature=settings.llm_temperature,
             failure_threshold=settings.circuit_failure_threshold,

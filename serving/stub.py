@@ -48,17 +48,20 @@ class _StubProtocol(asyncio.Protocol):
                     self._transport.close()
                 return
             head = self._buffer[:head_end].decode("latin-1")
-            length = 0
+            length, authorization = 0, None
             for line in head.split("\r\n")[1:]:
                 name, _, value = line.partition(":")
                 if name.strip().lower() == "content-length":
                     length = int(value.strip())
+                elif name.strip().lower() == "authorization":
+                    authorization = value.strip()
             end = head_end + 4 + length
             if len(self._buffer) < end:
                 return
             body, self._buffer = self._buffer[head_end + 4 : end], self._buffer[end:]
             request_line = head.split("\r\n", 1)[0]
             self._server.requests += 1
+            self._server.authorizations.append(authorization)
             if self._server.delay_s:
                 asyncio.get_running_loop().call_later(
                     self._server.delay_s, self._respond, request_line, body
@@ -88,6 +91,7 @@ class StubUpstream:
         self.delay_s = delay_s
         self.status = status
         self.requests = 0
+        self.authorizations: list[str | None] = []  # each request's Authorization header, in order
         self.connections = 0  # open now
         self.peak_connections = 0  # the most open at once: what a client's pool limit allows
 

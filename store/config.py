@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     def _upper_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    def llm_key(self) -> str | None:
+        """LLM_API_KEY's value, the bearer key for the arms, the judge and the metadata endpoint; None when unset."""
+        return self.llm_api_key.get_secret_value() if self.llm_api_key else None
+
     def secret_values(self) -> list[str]:
         """Every configured secret: the SecretStr fields and the passwords in DATABASE_URL and REDIS_URL.
 

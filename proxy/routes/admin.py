@@ -170,10 +170,9 @@ async def _ingest_url(url: str, state: StateDep, fetch: Fetch) -> ProcessUrlResp
 async def _metadata(page: FetchedPage, state: StateDep) -> DocumentMetadata | None:
     """The page's LLM metadata, or None when the endpoint gives none: the page is indexed all the same."""
     settings = state.settings
-    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
 
     def _extract() -> DocumentMetadata:
-        with MetadataExtractor(settings.metadata_api_base, settings.metadata_model, key,
+        with MetadataExtractor(settings.metadata_api_base, settings.metadata_model, settings.llm_key(),
                                settings.llm_timeout_s) as extractor:
             return extractor.extract(page.title or page.final_url, page.text, page.final_url)
 

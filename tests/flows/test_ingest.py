@@ -47,8 +47,9 @@ def test_ingest_flow_stores_llm_metadata_with_every_chunk(tmp_path, monkeypatch)
         monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
         monkeypatch.setenv("METADATA_API_BASE", url)
         monkeypatch.setenv("METADATA_MODEL", "labeller")
+        monkeypatch.setenv("LLM_API_KEY", "sk-labeller")
         built = ingest(corpus=str(_corpus(tmp_path)))
-    assert stub.requests == 2
+    assert stub.authorizations == ["Bearer sk-labeller"] * 2
     assert built["metadata"] == {"ok": 2, "invalid": 0, "error": 0}
     chunks = IndexStore(tmp_path / "index").load().chunks
     assert {c.source for c in chunks} == {"walrus.txt", "lists.md"}
