@@ -14,10 +14,24 @@ import json
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 _MAX_HEADER = 64 * 1024
+_RECENT = 1000  # requests a stub remembers for a test to look at; a load test's millions are only counted
+
+
+@dataclass(frozen=True)
+class StubRequest:
+    line: str  # "POST /v1/chat/completions HTTP/1.1"
+    authorization: str | None
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 class _StubProtocol(asyncio.Protocol):
@@ -61,7 +75,7 @@ class _StubProtocol(asyncio.Protocol):
             body, self._buffer = self._buffer[head_end + 4 : end], self._buffer[end:]
             request_line = head.split("\r\n", 1)[0]
             self._server.requests += 1
-            self._server.authorizations.append(authorization)
+            self._server.recent.append(StubRequest(request_line, authorization, body))
             if self._server.delay_s:
                 asyncio.get_running_loop().call_later(
                     self._server.delay_s, self._respond, request_line, body
@@ -91,7 +105,7 @@ class StubUpstream:
         self.delay_s = delay_s
         self.status = status
         self.requests = 0
-        self.authorizations: list[str | None] = []  # each request's Authorization header, in order
+        self.recent: deque[StubRequest] = deque(maxlen=_RECENT)  # the last requests, oldest first
         self.connections = 0  # open now
         self.peak_connections = 0  # the most open at once: what a client's pool limit allows
 

@@ -153,3 +153,20 @@ def span_exporter():
     with mock.patch.object(trace, "_TRACER_PROVIDER", provider):
         yield exporter
     provider.shutdown()
+
+
+UNDER_TEST_EMBEDDER = "/models/embedder-under-test"
+
+
+@pytest.fixture
+def embedder_asked(monkeypatch) -> list[str]:
+    """EMBEDDING_MODEL names a model only this test knows; whoever builds `retrieval.embedder.Embedder` gets the
+    real one under that name, and the list says which models were asked for: the setting's way in, shown."""
+    from retrieval.embedder import Embedder
+    from store.config import default_embedding_model
+
+    asked: list[str] = []
+    monkeypatch.setenv("EMBEDDING_MODEL", UNDER_TEST_EMBEDDER)
+    monkeypatch.setattr("retrieval.embedder.Embedder",
+                        lambda model: asked.append(model) or Embedder(default_embedding_model()))
+    return asked

@@ -17,7 +17,7 @@ from abloop.cli import main
 from experiment import lifecycle
 from store import experiments
 from store.db import Database
-from tests.conftest import POSTGRES_URL
+from tests.conftest import POSTGRES_URL, UNDER_TEST_EMBEDDER
 from tests.experiment import traffic
 from tests.experiment.traffic import ArmBehaviour
 
@@ -156,6 +156,18 @@ def test_serve_model_passes_every_option_on(monkeypatch):
     assert served == {"app": "the app", "host": "0.0.0.0", "port": 9123, "log_level": "debug",
                       "timeout_graceful_shutdown": 5}
     assert log_config["root"]["level"] == "DEBUG" and log_config["handlers"]["default"]["format"] == "json"
+
+
+def test_index_build_embeds_with_embedding_model_and_prints_the_version(db, tmp_path, capsys, embedder_asked):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "lists.md").write_text("# Lists\n\nA list is a mutable sequence; append adds an item.")
+    main(["index", "build", "--corpus", str(corpus), "--kind", "hnsw"])
+    printed = json.loads(capsys.readouterr().out)
+    assert embedder_asked == [UNDER_TEST_EMBEDDER]
+    assert printed == {"index_dir": str(tmp_path / "index"), "index_version": printed["index_version"],
+                       "documents": 1, "chunks": 1, "kind": "hnsw", "metadata": "off"}
+    assert (tmp_path / "index" / printed["index_version"]).is_dir()
 
 
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):

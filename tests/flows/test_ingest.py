@@ -8,11 +8,12 @@ import pytest
 
 from retrieval.index import IndexStore
 from serving.stub import running_stub
+from tests.conftest import UNDER_TEST_EMBEDDER
 
 pytestmark = pytest.mark.slow
 
 
-def test_ingest_flow_builds_a_new_index_version(tmp_path, monkeypatch):
+def test_ingest_flow_builds_a_new_index_version(tmp_path, monkeypatch, embedder_asked):
     from flows.ingest import ingest
 
     corpus = tmp_path / "corpus"
@@ -27,6 +28,7 @@ def test_ingest_flow_builds_a_new_index_version(tmp_path, monkeypatch):
     store = IndexStore(tmp_path / "index")
     assert built["index_version"] == store.current_version()
     assert built["documents"] == 2 and built["chunks"] == len(store.load()) >= 2
+    assert embedder_asked == [UNDER_TEST_EMBEDDER]
 
 
 LABELS = {"title": "Python notes", "tags": ["python", "basics"], "category": "programming"}
@@ -49,7 +51,7 @@ def test_ingest_flow_stores_llm_metadata_with_every_chunk(tmp_path, monkeypatch)
         monkeypatch.setenv("METADATA_MODEL", "labeller")
         monkeypatch.setenv("LLM_API_KEY", "sk-labeller")
         built = ingest(corpus=str(_corpus(tmp_path)))
-    assert stub.authorizations == ["Bearer sk-labeller"] * 2
+    assert [(r.authorization, r.json()["model"]) for r in stub.recent] == [("Bearer sk-labeller", "labeller")] * 2
     assert built["metadata"] == {"ok": 2, "invalid": 0, "error": 0}
     chunks = IndexStore(tmp_path / "index").load().chunks
     assert {c.source for c in chunks} == {"walrus.txt", "lists.md"}

@@ -25,6 +25,7 @@ probe_log = logging.getLogger("tests.flows.probe")
 @task
 def _probe_task() -> str:
     probe_log.info("inside the task")
+    probe_log.debug("a detail inside the task")
     return "done"
 
 
@@ -84,8 +85,14 @@ def test_a_worker_run_logs_json_lines_that_carry_the_run(store, worker_process, 
     assert task_lines and {line["logger"] for line in task_lines} == {"prefect.task_runs"}
 
 
-def test_records_from_any_logger_inside_a_run_carry_it(worker_process, monkeypatch, capsys):
+@pytest.mark.parametrize(("level", "expected"), [
+    (None, {"inside the flow", "inside the task"}),  # LOG_LEVEL's default, INFO
+    ("DEBUG", {"inside the flow", "inside the task", "a detail inside the task"}),
+])
+def test_records_from_any_logger_inside_a_run_carry_it(worker_process, monkeypatch, capsys, level, expected):
     monkeypatch.setenv("LOG_FORMAT", "json")
+    if level:
+        monkeypatch.setenv("LOG_LEVEL", level)
     state = _probe(return_state=True)
     assert state.result() == "done"
     _flush_logs()
@@ -93,7 +100,7 @@ def test_records_from_any_logger_inside_a_run_carry_it(worker_process, monkeypat
 
     probe = {line["message"]: line for line in _json_lines(capsys.readouterr().err)
              if line["logger"] == "tests.flows.probe"}
-    assert set(probe) == {"inside the flow", "inside the task"}
+    assert set(probe) == expected
     assert {line["flow_run_id"] for line in probe.values()} == {run_id}
     assert {line["flow_name"] for line in probe.values()} == {"observability-probe"}
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from store import prompts, rules
 from store.db import Database
 from store.models import Feedback, PromptTemplate, SearchEvent, new_id, utcnow
+from tests.conftest import UNDER_TEST_EMBEDDER
 from tests.flows.artifacts import artifacts_by_key
 
 MESSAGES = [{"role": "system", "content": "You are a search assistant."},
@@ -26,7 +29,17 @@ def _served(db: Database, template: PromptTemplate, question: str, answer: str, 
     return event.id
 
 
-def test_tune_prompts_proposes_rules_then_writes_a_version_and_applies_approved_rules(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_encoder(request) -> None:
+    """The flow keeps one embedder per model name in its process: forget it, before and after."""
+    import flows.tune_prompts
+
+    flows.tune_prompts._encoder.cache_clear()
+    request.addfinalizer(flows.tune_prompts._encoder.cache_clear)
+
+
+def test_tune_prompts_proposes_rules_then_writes_a_version_and_applies_approved_rules(tmp_path, monkeypatch,
+                                                                                      fresh_encoder, embedder_asked):
     from flows.tune_prompts import tune_prompts
 
     db = Database(f"sqlite:///{tmp_path / 'flow.db'}")
@@ -78,4 +91,5 @@ def test_tune_prompts_proposes_rules_then_writes_a_version_and_applies_approved_
     assert prompts.apply_output_rules("As an AI language model, use sorted().", v3.output_rules,
                                       ["Sorting HOW TO"]) == "Answer: use sorted().\nSource: Sorting HOW TO"
     assert [v.version for v in prompts.list_versions(db)] == [3, 2, 1]
+    assert embedder_asked == [UNDER_TEST_EMBEDDER]  # EMBEDDING_MODEL, loaded once for all three runs
     assert prompts.get(db, v1.id).few_shot == [] and prompts.get(db, v2.id).output_rules == []
