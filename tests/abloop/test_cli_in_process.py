@@ -158,16 +158,31 @@ def test_serve_model_passes_every_option_on(monkeypatch):
     assert log_config["root"]["level"] == "DEBUG" and log_config["handlers"]["default"]["format"] == "json"
 
 
-def test_index_build_embeds_with_embedding_model_and_prints_the_version(db, tmp_path, capsys, embedder_asked):
+def test_index_build_embeds_with_embedding_model_and_labels_with_the_metadata_endpoint(db, tmp_path, capsys,
+                                                                                       monkeypatch, embedder_asked):
+    from retrieval.index import IndexStore
+    from serving.stub import running_stub
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "lists.md").write_text("# Lists\n\nA list is a mutable sequence; append adds an item.")
     main(["index", "build", "--corpus", str(corpus), "--kind", "hnsw"])
-    printed = json.loads(capsys.readouterr().out)
-    assert embedder_asked == [UNDER_TEST_EMBEDDER]
-    assert printed == {"index_dir": str(tmp_path / "index"), "index_version": printed["index_version"],
-                       "documents": 1, "chunks": 1, "kind": "hnsw", "metadata": "off"}
-    assert (tmp_path / "index" / printed["index_version"]).is_dir()
+    plain = json.loads(capsys.readouterr().out)
+    labels = {"title": "Lists", "tags": ["python"], "category": "programming"}
+    with running_stub(answer=json.dumps(labels)) as (stub, url):
+        for name, value in {"METADATA_API_BASE": url, "METADATA_MODEL": "labeller", "LLM_API_KEY": "sk-l"}.items():
+            monkeypatch.setenv(name, value)
+        main(["index", "build", "--corpus", str(corpus)])
+    labelled = json.loads(capsys.readouterr().out)
+
+    assert embedder_asked == [UNDER_TEST_EMBEDDER] * 2
+    assert plain == {"index_dir": str(tmp_path / "index"), "index_version": plain["index_version"],
+                     "documents": 1, "chunks": 1, "kind": "hnsw", "metadata": "off"}
+    assert labelled["kind"] == "flat" and labelled["metadata"] == {"ok": 1, "invalid": 0, "error": 0}
+    assert [(r.authorization, r.json()["model"]) for r in stub.recent] == [("Bearer sk-l", "labeller")]
+    current = IndexStore(tmp_path / "index").load()
+    assert current.version == labelled["index_version"]
+    assert [(c.title, c.tags, c.category) for c in current.chunks] == [("Lists", ("python",), "programming")]
 
 
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):
