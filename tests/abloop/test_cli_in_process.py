@@ -173,16 +173,19 @@ def test_index_build_embeds_with_embedding_model_and_labels_with_the_metadata_en
         for name, value in {"METADATA_API_BASE": url, "METADATA_MODEL": "labeller", "LLM_API_KEY": "sk-l"}.items():
             monkeypatch.setenv(name, value)
         main(["index", "build", "--corpus", str(corpus)])
-    labelled = json.loads(capsys.readouterr().out)
+        labelled = json.loads(capsys.readouterr().out)
+        stub.delay_s, asked = 1.0, list(stub.recent)
+        monkeypatch.setenv("LLM_TIMEOUT_S", "0.2")
+        main(["index", "build", "--corpus", str(corpus)])  # the labeller too slow: indexed without labels
+    assert json.loads(capsys.readouterr().out)["metadata"] == {"ok": 0, "invalid": 0, "error": 1}
 
-    assert embedder_asked == [UNDER_TEST_EMBEDDER] * 2
+    assert embedder_asked == [UNDER_TEST_EMBEDDER] * 3
     assert plain == {"index_dir": str(tmp_path / "index"), "index_version": plain["index_version"],
                      "documents": 1, "chunks": 1, "kind": "hnsw", "metadata": "off"}
     assert labelled["kind"] == "flat" and labelled["metadata"] == {"ok": 1, "invalid": 0, "error": 0}
-    assert [(r.authorization, r.json()["model"]) for r in stub.recent] == [("Bearer sk-l", "labeller")]
-    current = IndexStore(tmp_path / "index").load()
-    assert current.version == labelled["index_version"]
-    assert [(c.title, c.tags, c.category) for c in current.chunks] == [("Lists", ("python",), "programming")]
+    assert [(r.authorization, r.json()["model"]) for r in asked] == [("Bearer sk-l", "labeller")]
+    labelled_index = IndexStore(tmp_path / "index").load(labelled["index_version"])
+    assert [(c.title, c.tags, c.category) for c in labelled_index.chunks] == [("Lists", ("python",), "programming")]
 
 
 def test_report_prints_where_it_wrote_the_page(db, tmp_path, capsys):

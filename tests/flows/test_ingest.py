@@ -58,18 +58,20 @@ def test_ingest_flow_stores_llm_metadata_with_every_chunk(tmp_path, monkeypatch)
     assert all((c.title, c.tags, c.category) == ("Python notes", ("python", "basics"), "programming") for c in chunks)
 
 
-@pytest.mark.parametrize("endpoint", ["bad answer", "failing"])
+@pytest.mark.parametrize("endpoint", ["bad answer", "failing", "slower than LLM_TIMEOUT_S"])
 def test_ingest_flow_indexes_every_document_when_metadata_fails(tmp_path, monkeypatch, endpoint):
     from flows.ingest import ingest
 
-    stub_options = {"bad answer": {"answer": "I'd rather not."}, "failing": {"status": 500}}[endpoint]
+    stub_options = {"bad answer": {"answer": "I'd rather not."}, "failing": {"status": 500},
+                    "slower than LLM_TIMEOUT_S": {"answer": json.dumps(LABELS), "delay_s": 2.0}}[endpoint]
     with running_stub(**stub_options) as (_stub, url):
         monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
         monkeypatch.setenv("METADATA_API_BASE", url)
+        monkeypatch.setenv("LLM_TIMEOUT_S", "0.3")
         state = ingest(corpus=str(_corpus(tmp_path)), return_state=True)
     assert state.is_completed()
     built = state.result()
-    outcome = {"bad answer": "invalid", "failing": "error"}[endpoint]
+    outcome = {"bad answer": "invalid", "failing": "error", "slower than LLM_TIMEOUT_S": "error"}[endpoint]
     assert built["metadata"] == {"ok": 0, "invalid": 0, "error": 0, outcome: 2}
     chunks = IndexStore(tmp_path / "index").load().chunks
     assert built["documents"] == 2 and {c.source for c in chunks} == {"walrus.txt", "lists.md"}
