@@ -60,7 +60,7 @@ def env_settings(tmp_path, monkeypatch):
     return settings
 
 
-def test_each_part_is_built_with_its_settings(env_settings):
+def test_each_part_is_built_with_its_settings(env_settings, tmp_path):
     settings = env_settings()
     defaults = Settings.model_construct()
     assert all(getattr(settings, name.lower()) != getattr(defaults, name.lower()) for name in TUNING)
@@ -68,8 +68,9 @@ def test_each_part_is_built_with_its_settings(env_settings):
     with built[EventWriter] as writer, built[Retriever] as retriever, built[Upstream] as upstream, \
             running_proxy(settings):
         pass
+    assert writer.call_args.args[1] == tmp_path / "spool"
     assert writer.call_args.kwargs == {"batch_size": 7, "flush_interval_s": 0.03}
-    assert retriever.call_args.args[1] == "/models/embedder-under-test"
+    assert retriever.call_args.args == (tmp_path / "index", "/models/embedder-under-test")
     assert retriever.call_args.kwargs == {"max_batch": 5, "threads": 2, "backend": "torch", "cache_size": 11}
     assert upstream.call_args.kwargs == {
         "timeout_s": 4.5,
