@@ -135,27 +135,35 @@ def test_serve_model_passes_every_option_on(monkeypatch):
     import logging
 
     import serving.server
-    from store.logs import JsonFormatter
+    from store.logs import TextFormatter
 
-    built: dict = {}
-    served: dict = {}
-    monkeypatch.setattr(serving.server, "create_app", lambda **options: built.update(options) or "the app")
-    monkeypatch.setattr(serving.server.uvicorn, "run", lambda app, **options: served.update(options, app=app))
-    monkeypatch.setenv("LOG_FORMAT", "json")
+    built: list[dict] = []
+    served: list[dict] = []
+    monkeypatch.setattr(serving.server, "create_app", lambda **options: built.append(options) or "the app")
+    monkeypatch.setattr(serving.server.uvicorn, "run", lambda app, **options: served.append({**options, "app": app}))
+    monkeypatch.setenv("LOG_FORMAT", "text")  # not json: "auto" is json here, stderr being no terminal
+    monkeypatch.setenv("LOG_LEVEL", "ERROR")  # --log-level wins over it
+    root = logging.getLogger()
     try:
         main(["serve-model", "--model", "/models/base", "--host", "0.0.0.0", "--port", "9123", "--adapter", "a=/ad/a",
               "--adapter", "b=/ad/b", "--max-batch", "3", "--max-queue", "9", "--dtype", "float32",
               "--quantize", "none", "--compile", "--log-level", "debug"])
-        root = logging.getLogger()
-        assert root.level == logging.DEBUG and isinstance(root.handlers[-1].formatter, JsonFormatter)
+        assert root.level == logging.DEBUG and isinstance(root.handlers[-1].formatter, TextFormatter)
+        main(["serve-model"])  # every default, and LOG_LEVEL
+        assert root.level == logging.ERROR
     finally:
         logging.captureWarnings(False)  # the server routes warnings to its log for its life; this test's ends here
-    assert built == {"model": "/models/base", "adapters": {"a": "/ad/a", "b": "/ad/b"}, "max_batch": 3,
-                     "max_queue": 9, "dtype": "float32", "quantize": "none", "compile": True}
-    log_config = served.pop("log_config")
-    assert served == {"app": "the app", "host": "0.0.0.0", "port": 9123, "log_level": "debug",
-                      "timeout_graceful_shutdown": 5}
-    assert log_config["root"]["level"] == "DEBUG" and log_config["handlers"]["default"]["format"] == "json"
+    assert built == [
+        {"model": "/models/base", "adapters": {"a": "/ad/a", "b": "/ad/b"}, "max_batch": 3, "max_queue": 9,
+         "dtype": "float32", "quantize": "none", "compile": True},
+        {"model": "default", "adapters": {}, "max_batch": 16, "max_queue": 256, "dtype": "auto", "quantize": "none",
+         "compile": False},
+    ]
+    log_configs = [options.pop("log_config") for options in served]
+    assert served == [{"app": "the app", "host": host, "port": port, "log_level": level, "timeout_graceful_shutdown": 5}
+                      for host, port, level in [("0.0.0.0", 9123, "debug"), ("127.0.0.1", 8001, "error")]]
+    assert [(c["root"]["level"], c["handlers"]["default"]["format"]) for c in log_configs] == [
+        ("DEBUG", "text"), ("ERROR", "text")]
 
 
 def test_index_build_embeds_with_embedding_model_and_labels_with_the_metadata_endpoint(db, tmp_path, capsys,

@@ -105,6 +105,14 @@ def test_records_from_any_logger_inside_a_run_carry_it(worker_process, monkeypat
     assert {line["flow_name"] for line in probe.values()} == {"observability-probe"}
 
 
+def test_log_format_text_gives_a_worker_run_text_lines(worker_process, monkeypatch, capsys):
+    monkeypatch.setenv("LOG_FORMAT", "text")  # not json: "auto" is json here, stderr being no terminal
+    assert _probe() == "done"
+    _flush_logs()
+    probe = [line for line in capsys.readouterr().err.splitlines() if "tests.flows.probe" in line]
+    assert len(probe) == 2 and all(" INFO tests.flows.probe: inside the " in line for line in probe), probe
+
+
 def test_outside_a_worker_process_the_host_keeps_its_logging(store, monkeypatch):
     from flows.rollback import rollback
 
