@@ -1,0 +1,149 @@
+"""The model server's answers in OpenAI's shape, exactly: a stream's chunks, the error codes a client branches on,
+the field named, Retry-After on a 503, an error in the middle of a stream. On the tiny random Llama behind the
+real app (test_api.py has SmolLM2 behind it, through the `openai` client)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.training.conftest import base_model_dir, tiny_model_dir  # noqa: F401
+
+QUESTION = [{"role": "user", "content": "Say hi."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir):  # noqa: F811
+    from serving.model import load_base_model
+
+    return load_base_model(str(tiny_model_dir), dtype="float32", quantize="none")
+
+
+@pytest.fixture
+def serve(tiny_loaded):
+    """`serve(engine)`: the app around that engine, under uvicorn; its base URL (…/v1) and root URL."""
+    from serving.app import create_app
+    from serving.server import ServerThread
+
+    servers = []
+
+    def start(engine):
+        server = ServerThread(create_app(engine)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def engine(tiny_loaded):
+    from serving.engine import Engine
+
+    engine = Engine(tiny_loaded, max_batch=2)
+    yield engine
+    engine.stop()
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    [(key, error)] = response.json().items()
+    assert key == "error" and set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_an_engine_given_to_the_app_is_started_and_left_running(serve, engine):
+    assert not engine.running
+    server = serve(engine)
+    assert engine.running
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "model": engine.name, "queue": 0}
+    server.stop()
+    assert engine.running  # the caller's, to share between apps
+
+
+def test_a_stopped_engine_is_503_with_retry_after(serve, engine):
+    server = serve(engine)
+    engine.stop()
+    response = httpx.post(f"{server.base_url}/chat/completions", json={"model": engine.name, "messages": QUESTION})
+    error = _error(response, 503)
+    assert (error["type"], error["code"], response.headers["retry-after"]) == ("server_error", "engine_stopped", "1")
+    health = httpx.get(f"{server.url}/healthz")
+    assert _error(health, 503)["message"] == "the generation worker is not running"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code", "message"),
+    [
+        ({"messages": QUESTION}, 400, "model", "missing_field", "model: Field required"),
+        ({"model": "m", "messages": QUESTION, "temperature": 3}, 400, "temperature", "invalid_value",
+         "temperature: Input should be less than or equal to 2"),
+        # Every field at fault is named, the first is `param`.
+        ({"model": "m", "messages": QUESTION, "temperature": 3, "max_tokens": 0}, 400, "temperature",
+         "invalid_value",
+         "temperature: Input should be less than or equal to 2; "
+         "max_tokens: Input should be greater than or equal to 1"),
+        (None, 400, None, "missing_field", "the request body is required (a JSON object)"),
+        (["a", "list"], 400, None, "invalid_value",
+         "body: Input should be a valid dictionary or object to extract fields from"),
+        ({"model": "no-such-model", "messages": QUESTION}, 404, "model", "model_not_found",
+         "The model `no-such-model` does not exist."),
+    ],
+    ids=["missing", "out of range", "two at fault", "no body", "not an object", "unknown model"],
+)
+def test_refusals_name_the_field_and_the_code(serve, engine, body, status, param, code, message):
+    server = serve(engine)
+    error = _error(httpx.post(f"{server.base_url}/chat/completions", json=body), status)
+    assert error == {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def _stream(server, body: dict) -> tuple[httpx.Response, list[dict], str]:
+    """The response, its JSON chunks, and the last data line."""
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    return r, [json.loads(d) for d in data[:-1]], data[-1]
+
+
+def test_a_stream_is_openai_chunks_with_usage_last(serve, engine):
+    server = serve(engine)
+    response, chunks, last = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 3,
+                                              "stream_options": {"include_usage": True}})
+    assert response.headers["content-type"].startswith("text/event-stream") and last == "[DONE]"
+    *answer, usage = chunks
+    [completion_id] = {c["id"] for c in chunks}
+    assert completion_id.startswith("chatcmpl-")
+    assert {(c["object"], c["model"]) for c in chunks} == {("chat.completion.chunk", engine.name)}
+    assert len({c["created"] for c in chunks}) == 1 and isinstance(chunks[0]["created"], int)
+    assert answer[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                     "logprobs": None}]
+    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in answer[1:-1])
+    assert answer[-1]["choices"][0]["delta"] == {} and answer[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["usage"] is None for c in answer)  # include_usage: null until the last chunk
+    assert usage["choices"] == [] and set(usage["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    counts = usage["usage"]
+    assert 0 < counts["completion_tokens"] <= 3 and counts["prompt_tokens"] > 0
+    assert counts["total_tokens"] == counts["prompt_tokens"] + counts["completion_tokens"]
+
+    _, plain, _ = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 2})
+    assert all("usage" not in c for c in plain) and plain[-1]["choices"][0]["finish_reason"]
+
+
+def test_a_failure_in_the_middle_of_a_stream_is_an_error_event_then_done(serve, engine, monkeypatch):
+    server = serve(engine)
+    runner, steps = engine._runner, []
+    real_step = runner.step
+
+    def fails_on_the_second_step(admitted):  # the first admits the request and gives its first token
+        steps.append(len(admitted))
+        if len(steps) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real_step(admitted)
+
+    monkeypatch.setattr(runner, "step", fails_on_the_second_step)
+    response, chunks, last = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 8})
+    assert response.status_code == 200 and last == "[DONE]"  # the status was sent with the first chunk
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1] == {"error": {"message": "generation failed: RuntimeError: CUDA error: an illegal memory access",
+                                    "type": "server_error", "param": None, "code": "generation_failed"}}
