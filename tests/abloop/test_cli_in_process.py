@@ -222,6 +222,19 @@ def test_an_error_is_one_line_naming_the_command_and_verbose_shows_it_whole(db, 
     assert interrupted.value.code == 130
 
 
+@pytest.mark.parametrize(("argv", "level"), [(["status"], "WARNING"), (["-v", "status"], "DEBUG")])
+def test_every_command_logs_at_log_level_and_verbose_is_debug(db, monkeypatch, argv, level):
+    import logging
+
+    from store.logs import TextFormatter
+
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("LOG_FORMAT", "text")  # not json: "auto" is json here, stderr being no terminal
+    main(argv)
+    root = logging.getLogger()
+    assert logging.getLevelName(root.level) == level and isinstance(root.handlers[-1].formatter, TextFormatter)
+
+
 def test_proxy_refuses_fewer_than_one_worker_and_a_wrong_web_concurrency(monkeypatch):
     assert _one_line_exit(["proxy", "--workers", "0"]) == "abloop proxy: --workers must be at least 1"
     monkeypatch.setenv("WEB_CONCURRENCY", "two")
