@@ -264,6 +264,21 @@ def test_a_value_of_another_json_type_is_422_and_a_whole_float_is_an_integer(cli
     assert whole.status_code == 200, whole.text
 
 
+def test_a_body_that_is_not_an_object_is_a_422_naming_the_body(client):
+    response = client.post("/api/v1/search", json=["what is a list?"])
+    assert response.status_code == 422
+    assert response.json()["message"] == (
+        "invalid request: body: Input should be a valid dictionary or object to extract fields from")
+
+
+def test_a_number_a_javascript_client_could_not_hold_is_echoed_as_text(client):
+    """Numbers in a 422's `input` stay numbers up to 10**15 (inside 2**53, exact in JavaScript); longer ones are
+    text, so that a client's JSON parser does not round what it is told it sent."""
+    small, large = (client.post("/api/v1/search", json={"query": value}).json()["detail"][0]["input"]
+                    for value in (10**15 - 1, 10**17 + 1))
+    assert (small, large) == (10**15 - 1, "100000000000000001")
+
+
 @pytest.mark.parametrize("raw", [b'{"query": "\xff\xfe"}', b'{"query": "\xed\xa0\x80"}', b"\xff", b'{"query": "\xc3'])
 def test_invalid_utf8_in_the_body_is_a_client_error(client, raw):
     response = client.post("/api/v1/search", content=raw)
