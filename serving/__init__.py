@@ -5,9 +5,9 @@ Entry points (import them from their modules; importing ``serving`` itself stays
 * ``serving.server.run(model="default", host="127.0.0.1", port=8001, adapters=None)`` - ``abloop serve-model``
 * ``serving.server.ServerThread`` - the server in-process on a free loopback port (``.base_url``)
 * ``serving.app.create_app(engine=None, *, model="default", adapters=None, max_batch=16, max_queue=256,
-  quantize="int8", compile=False)``
+  quantize="none", compile=False)``
 * ``serving.model.resolve_base_model(model="default") -> Path`` - a local HF dir (converts the GGUF once)
-* ``serving.model.load_base_model(model="default", device=None, dtype="auto", quantize="int8")``
+* ``serving.model.load_base_model(model="default", device=None, dtype="auto", quantize="none")``
 * ``serving.engine.Engine`` - the batching generation engine (scheduler, model runner, adapter manager)
 
 The single stream's fast path (docs/BENCHMARKS.md, "Single stream (issue 13)"): int8 weights for decode

@@ -25,7 +25,7 @@ def _complete(server, model: str, **extra) -> httpx.Response:
 
 
 def _completion_lines(lines: list[dict]) -> list[dict]:
-    return [line for line in lines if line["logger"] == "serving.app" and "request_id" in line]
+    return [line for line in lines if line["logger"] == "serving.completions" and "request_id" in line]
 
 
 def test_a_completion_is_a_span_in_the_callers_trace_and_one_json_line(span_exporter, engine, model_name):
