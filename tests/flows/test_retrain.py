@@ -57,6 +57,24 @@ def test_retrain_trains_gates_registers_loads_and_starts_a_candidate(store, mode
     assert running.candidate_adapter_id == registered.id and running.candidate_share == 0.25
 
 
+def test_an_adapter_that_fails_the_gate_is_never_served(store, model_server, tiny_model_dir):  # noqa: F811
+    """A learning rate far too high makes the adapter worse on the holdout: rejected, not loaded, no experiment."""
+    from flows.retrain import retrain
+
+    simulate_traffic(store, n_queries=80, seed=3, days=1.0)
+    outcome = retrain(candidate_server=model_server.base_url, days=2, max_steps=4, learning_rate=1.0, batch_size=2,
+                      lora_dropout=0.0, min_examples=5, base=str(tiny_model_dir))
+
+    assert outcome["status"] == "rejected", outcome
+    gate = outcome["gate"]
+    assert not gate["passed"] and gate["reasons"]
+    name = outcome["adapter"]["name"]
+    assert get_adapter(store, name).eval_metrics["passed"] is False  # registered, with the verdict
+    served = {m["id"] for m in httpx.get(f"{model_server.base_url}/models").json()["data"]}
+    assert name not in served
+    assert experiments.get_running(store) is None
+
+
 def test_retrain_skips_without_enough_data(store, model_server, tiny_model_dir):  # noqa: F811
     from flows.retrain import retrain
 
