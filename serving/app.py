@@ -78,6 +78,7 @@ def create_app(
     app.add_exception_handler(Exception, _on_crash)
     app.include_router(routes.health)
     app.include_router(routes.models)
+    app.include_router(routes.adapters)
     app.include_router(routes.chat)
     return app
 

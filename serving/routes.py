@@ -1,4 +1,4 @@
-"""The model server's endpoints: health and stats, the models and vLLM's adapter API, chat completions."""
+"""The model server's endpoints: health and stats, the models, vLLM's adapter API, chat completions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 
 health = APIRouter(tags=["health"])
 models = APIRouter(prefix="/v1", tags=["models"])
+adapters = APIRouter(prefix="/v1", tags=["adapters"])  # vLLM's runtime LoRA API
 chat = APIRouter(prefix="/v1", tags=["chat"])
 
 
@@ -65,13 +66,13 @@ async def get_model_card(model_id: str, engine: EngineDep) -> ModelCard:
     raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
 
 
-@models.post("/load_lora_adapter")
+@adapters.post("/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraRequest, engine: EngineDep) -> PlainTextResponse:
     await engine.load_adapter(body.lora_name, body.lora_path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@models.post("/unload_lora_adapter")
+@adapters.post("/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraRequest, engine: EngineDep) -> PlainTextResponse:
     await engine.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
