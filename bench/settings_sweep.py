@@ -3,7 +3,7 @@
 For every `settings.FIELD` read in the project's code (store/config.py's fields; store/config.py itself left
 out), the read is replaced by the field's default (`Settings.model_construct().FIELD`): the code behaves as if
 the variable were never set. The mutant is run against the test files that name FIELD or its environment
-variable (a conftest.py that names it brings its directory's tests; a helper module, its directory's); a
+variable, or use a fixture or helper that does (a conftest.py's, below it; a helper module's, beside it); a
 setting no test sets to another value cannot be told from its default there, so such a read shows as
 "no test". Test files are run with `pytest -x`, on a detached worktree of HEAD, never on this checkout.
 
@@ -18,6 +18,7 @@ behaviour in every test, e.g. a floor that the default never passes) can survive
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import subprocess
@@ -48,18 +49,43 @@ def reads(tree: Path, known: list[str], only: tuple[str, ...]) -> list[tuple[str
 
 
 def naming_tests(tree: Path, field: str) -> list[str]:
+    """The test files that name FIELD (or its variable), or use a fixture or helper of a conftest.py or helper
+    module that does; a helper module's or conftest's use outside any definition brings its whole directory."""
     pattern = re.compile(rf"\b({field}|{field.upper()})\b")
     selected: set[Path] = set()
     for path in (tree / "tests").rglob("*.py"):
-        if not pattern.search(path.read_text()):
+        text = path.read_text()
+        if not pattern.search(text):
             continue
         if path.name.startswith("test_"):
             selected.add(path)
-        elif path.name == "conftest.py":
-            selected |= set(path.parent.rglob("test_*.py"))
-        else:
-            selected |= set(path.parent.glob("test_*.py"))
+            continue
+        below = path.parent.rglob("test_*.py") if path.name == "conftest.py" else path.parent.glob("test_*.py")
+        names = _names_using(text, pattern)
+        selected |= {test for test in below if names is None or any(re.search(rf"\b{n}\b", test.read_text())
+                                                                       for n in names)}
     return sorted(str(p.relative_to(tree)) for p in selected)
+
+
+def _names_using(source: str, pattern: re.Pattern[str]) -> set[str] | None:
+    """The module's top-level functions, classes and constants whose code matches; None (every test) if a match is
+    in a hook, an autouse fixture or a statement of the module itself."""
+    names: set[str] = set()
+    for node in ast.parse(source).body:
+        segment = ast.get_source_segment(source, node) or ""
+        if not pattern.search(segment):
+            continue
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (node.name.startswith("pytest_") or any(
+                "autouse=True" in (ast.get_source_segment(source, d) or "") for d in node.decorator_list)):
+            return None  # a hook or an autouse fixture: every test below
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        else:
+            return None
+    return names
 
 
 def run_mutant(tree: Path, path: str, line: int, field: str, tests: list[str]) -> str:

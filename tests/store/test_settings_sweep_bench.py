@@ -21,7 +21,13 @@ def _project(tmp_path: Path, test_body: str) -> Path:
         "proxy/part.py": "def tuned(settings):\n    return settings.alpha, settings.model_config\n",
         "tests/test_part.py": f"from proxy.part import tuned\nfrom store.config import Settings\n\n\n{test_body}",
         "tests/sub/conftest.py": "BETA = 'named here'\n",
-        "tests/sub/test_more.py": "def test_nothing():\n    pass\n",
+        "tests/sub/test_more.py": "def test_beta():\n    from tests.sub.conftest import BETA\n",
+        "tests/sub/test_other.py": "def test_nothing():\n    pass\n",
+        "tests/fx/conftest.py": ("import pytest\n\n\n@pytest.fixture\ndef gamma_set(monkeypatch):\n"
+                                 "    monkeypatch.setenv('GAMMA', '2')\n\n\n@pytest.fixture(autouse=True)\n"
+                                 "def _delta_everywhere(monkeypatch):\n    monkeypatch.setenv('DELTA', '3')\n"),
+        "tests/fx/test_uses.py": "def test_it(gamma_set):\n    pass\n",
+        "tests/fx/test_does_not.py": "def test_it():\n    pass\n",
     }.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text(text)
@@ -34,7 +40,9 @@ def test_reads_are_known_fields_and_tests_are_picked_by_name(tmp_path):
     assert reads(tree, fields(tree), only=()) == [("proxy/part.py", 2, "alpha")]  # model_config is no setting
     assert reads(tree, fields(tree), only=("flows/",)) == []
     assert naming_tests(tree, "alpha") == ["tests/test_part.py"]
-    assert naming_tests(tree, "beta") == ["tests/sub/test_more.py"]  # the conftest brings its directory
+    assert naming_tests(tree, "beta") == ["tests/sub/test_more.py"]  # a conftest's constant: the tests that use it
+    assert naming_tests(tree, "gamma") == ["tests/fx/test_uses.py"]  # a fixture: the tests that use it
+    assert naming_tests(tree, "delta") == ["tests/fx/test_does_not.py", "tests/fx/test_uses.py"]  # autouse: all
 
 
 def test_a_test_that_sets_the_value_kills_the_mutant_and_one_that_does_not_lets_it_survive(tmp_path):
