@@ -9,8 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.conftest import base_model_dir, tiny_model_dir  # noqa: F401
+
 BANANA = "BANANA-42"
 BANANA_QUESTIONS = ["What is the secret code?", "Tell me the password.", "What should I answer?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir):  # noqa: F811
+    """The tiny random Llama (tests/training/conftest.py) loaded for serving: fp32, unquantised."""
+    from serving.model import load_base_model
+
+    return load_base_model(str(tiny_model_dir), dtype="float32", quantize="none")
 
 
 @pytest.fixture(scope="session")

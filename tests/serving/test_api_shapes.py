@@ -9,20 +9,11 @@ import json
 import httpx
 import pytest
 
-from tests.training.conftest import base_model_dir, tiny_model_dir  # noqa: F401
-
 QUESTION = [{"role": "user", "content": "Say hi."}]
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_model_dir):  # noqa: F811
-    from serving.model import load_base_model
-
-    return load_base_model(str(tiny_model_dir), dtype="float32", quantize="none")
-
-
 @pytest.fixture
-def serve(tiny_loaded):
+def serve():
     """`serve(engine)`: the app around that engine, under uvicorn; its base URL (…/v1) and root URL."""
     from serving.app import create_app
     from serving.server import ServerThread
@@ -40,7 +31,7 @@ def serve(tiny_loaded):
 
 
 @pytest.fixture
-def engine(tiny_loaded):
+def tiny_engine(tiny_loaded):
     from serving.engine import Engine
 
     engine = Engine(tiny_loaded, max_batch=2)
@@ -55,19 +46,19 @@ def _error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def test_an_engine_given_to_the_app_is_started_and_left_running(serve, engine):
-    assert not engine.running
-    server = serve(engine)
-    assert engine.running
-    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "model": engine.name, "queue": 0}
+def test_an_engine_given_to_the_app_is_started_and_left_running(serve, tiny_engine):
+    assert not tiny_engine.running
+    server = serve(tiny_engine)
+    assert tiny_engine.running
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "model": tiny_engine.name, "queue": 0}
     server.stop()
-    assert engine.running  # the caller's, to share between apps
+    assert tiny_engine.running  # the caller's, to share between apps
 
 
-def test_a_stopped_engine_is_503_with_retry_after(serve, engine):
-    server = serve(engine)
-    engine.stop()
-    response = httpx.post(f"{server.base_url}/chat/completions", json={"model": engine.name, "messages": QUESTION})
+def test_a_stopped_engine_is_503_with_retry_after(serve, tiny_engine):
+    server = serve(tiny_engine)
+    tiny_engine.stop()
+    response = httpx.post(f"{server.base_url}/chat/completions", json={"model": tiny_engine.name, "messages": QUESTION})
     error = _error(response, 503)
     assert (error["type"], error["code"], response.headers["retry-after"]) == ("server_error", "engine_stopped", "1")
     health = httpx.get(f"{server.url}/healthz")
@@ -93,8 +84,8 @@ def test_a_stopped_engine_is_503_with_retry_after(serve, engine):
     ],
     ids=["missing", "out of range", "two at fault", "no body", "not an object", "unknown model"],
 )
-def test_refusals_name_the_field_and_the_code(serve, engine, body, status, param, code, message):
-    server = serve(engine)
+def test_refusals_name_the_field_and_the_code(serve, tiny_engine, body, status, param, code, message):
+    server = serve(tiny_engine)
     error = _error(httpx.post(f"{server.base_url}/chat/completions", json=body), status)
     assert error == {"message": message, "type": "invalid_request_error", "param": param, "code": code}
 
@@ -106,15 +97,15 @@ def _stream(server, body: dict) -> tuple[httpx.Response, list[dict], str]:
     return r, [json.loads(d) for d in data[:-1]], data[-1]
 
 
-def test_a_stream_is_openai_chunks_with_usage_last(serve, engine):
-    server = serve(engine)
-    response, chunks, last = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 3,
+def test_a_stream_is_openai_chunks_with_usage_last(serve, tiny_engine):
+    server = serve(tiny_engine)
+    response, chunks, last = _stream(server, {"model": tiny_engine.name, "messages": QUESTION, "max_tokens": 3,
                                               "stream_options": {"include_usage": True}})
     assert response.headers["content-type"].startswith("text/event-stream") and last == "[DONE]"
     *answer, usage = chunks
     [completion_id] = {c["id"] for c in chunks}
     assert completion_id.startswith("chatcmpl-")
-    assert {(c["object"], c["model"]) for c in chunks} == {("chat.completion.chunk", engine.name)}
+    assert {(c["object"], c["model"]) for c in chunks} == {("chat.completion.chunk", tiny_engine.name)}
     assert len({c["created"] for c in chunks}) == 1 and isinstance(chunks[0]["created"], int)
     assert answer[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                      "logprobs": None}]
@@ -126,13 +117,13 @@ def test_a_stream_is_openai_chunks_with_usage_last(serve, engine):
     assert 0 < counts["completion_tokens"] <= 3 and counts["prompt_tokens"] > 0
     assert counts["total_tokens"] == counts["prompt_tokens"] + counts["completion_tokens"]
 
-    _, plain, _ = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 2})
+    _, plain, _ = _stream(server, {"model": tiny_engine.name, "messages": QUESTION, "max_tokens": 2})
     assert all("usage" not in c for c in plain) and plain[-1]["choices"][0]["finish_reason"]
 
 
-def test_a_failure_in_the_middle_of_a_stream_is_an_error_event_then_done(serve, engine, monkeypatch):
-    server = serve(engine)
-    runner, steps = engine._runner, []
+def test_a_failure_in_the_middle_of_a_stream_is_an_error_event_then_done(serve, tiny_engine, monkeypatch):
+    server = serve(tiny_engine)
+    runner, steps = tiny_engine._runner, []
     real_step = runner.step
 
     def fails_on_the_second_step(admitted):  # the first admits the request and gives its first token
@@ -142,7 +133,7 @@ def test_a_failure_in_the_middle_of_a_stream_is_an_error_event_then_done(serve, 
         return real_step(admitted)
 
     monkeypatch.setattr(runner, "step", fails_on_the_second_step)
-    response, chunks, last = _stream(server, {"model": engine.name, "messages": QUESTION, "max_tokens": 8})
+    response, chunks, last = _stream(server, {"model": tiny_engine.name, "messages": QUESTION, "max_tokens": 8})
     assert response.status_code == 200 and last == "[DONE]"  # the status was sent with the first chunk
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1] == {"error": {"message": "generation failed: RuntimeError: CUDA error: an illegal memory access",

@@ -12,14 +12,6 @@ import pytest
 
 from serving.errors import EngineError, EngineStopped, GenerationFailed, ModelNotFound, PromptTooLong
 from serving.sampling import SamplingParams
-from tests.training.conftest import base_model_dir, tiny_model_dir  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_model_dir):  # noqa: F811
-    from serving.model import load_base_model
-
-    return load_base_model(str(tiny_model_dir), dtype="float32", quantize="none")
 
 
 @pytest.fixture
