@@ -51,7 +51,7 @@ class _StubProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.connections -= 1
+        self._server.connection_closed()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -112,6 +112,9 @@ class StubUpstream:
     def connection_opened(self) -> None:
         self.connections += 1
         self.peak_connections = max(self.peak_connections, self.connections)
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
 
     def reply(self, request_line: str, body: bytes) -> tuple[int, bytes]:
         if self.status != 200:
