@@ -144,3 +144,32 @@ def test_4bit_without_a_cuda_gpu_is_refused_before_the_dataset_is_built(store, t
     with pytest.raises(ValueError, match="^load_in_4bit needs a CUDA GPU; on CPU train the unquantised base instead$"):
         retrain(load_in_4bit=True, min_examples=1)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rollout_plan_starts_the_candidate_at_its_first_step(store, monkeypatch):
+    """With `rollout`, the candidate starts at 0% and the plan moves it to its first step (not to
+    `candidate_share`): if attaching the plan failed, no user would have reached the new adapter.
+    Training, the gate and the model server are replaced here; the experiment's start is real."""
+    import flows.retrain
+
+    loaded = []
+    monkeypatch.setattr(flows.retrain, "build_training_data",
+                        lambda *_: {"counts": {"train": 30}, "content_hash": "0" * 64})
+    monkeypatch.setattr(flows.retrain, "train_adapter", lambda *_, **__: {
+        "name": "adapter-a", "adapter_dir": "/adapters/a", "adapter_id": None, "metrics": {}})
+    monkeypatch.setattr(flows.retrain, "gate_adapter", lambda *_: {"passed": True})
+    monkeypatch.setattr(flows.retrain, "load_on_candidate_server", lambda *given: loaded.append(given))
+    plan = {"steps": [0.05, 0.2, 0.5], "min_users_per_step": 50, "min_hours_per_step": 2, "auto_promote": False}
+
+    outcome = flows.retrain.retrain(candidate_server="http://gpu-box:8001/v1", candidate_share=0.25, rollout=plan,
+                                    min_examples=5)
+
+    assert outcome["status"] == "candidate"
+    assert loaded == [("http://gpu-box:8001/v1", "adapter-a", "/adapters/a")]
+    running = experiments.get_running(store)
+    assert running.id == outcome["experiment_id"]
+    assert (running.candidate_base_url, running.candidate_model) == ("http://gpu-box:8001/v1", "adapter-a")
+    assert running.candidate_share == 0.05
+    assert running.rollout == dict(plan, step=0)
+    trail = [(e.kind, e.from_share, e.to_share) for e in experiments.list_events(store, running.id)]
+    assert trail == [("start", None, 0.0), ("rollout_step", 0.0, 0.05)]
