@@ -94,13 +94,16 @@ def decide(
     """The decision, in order of precedence. `primary` is the primary metric's comparison as a dict."""
     if not has_candidate:
         return Decision(NOT_ENOUGH_DATA, "no candidate arm: nothing to compare")
-    if srm_mismatch:
-        return Decision(KEEP_RUNNING, "sample ratio mismatch in " + "; ".join(srm_mismatch)
-                        + ": the split is broken, fix assignment before trusting any comparison")
-    if min(users) < policy.min_users_per_arm:
+    enough_users = min(users) >= policy.min_users_per_arm
+    split = "sample ratio mismatch in " + "; ".join(srm_mismatch) if srm_mismatch else ""
+    # A broken split may fake a breach as well as hide one; rolling back is the safe way to be wrong.
+    if enough_users and breached:
+        also = f" (and a {split}: the split is broken too)" if split else ""
+        return Decision(ROLL_BACK, "guardrail breached: " + "; ".join(breached) + also)
+    if split:
+        return Decision(KEEP_RUNNING, split + ": the split is broken, fix assignment before trusting any comparison")
+    if not enough_users:
         return Decision(NOT_ENOUGH_DATA, f"users per arm {list(users)}; need {policy.min_users_per_arm} in each")
-    if breached:
-        return Decision(ROLL_BACK, "guardrail breached: " + "; ".join(breached))
     if min(signals) < policy.min_signals_per_arm or primary is None:
         return Decision(NOT_ENOUGH_DATA, f"{primary_name} observations per arm {[int(s) for s in signals]}; "
                                          f"need {policy.min_signals_per_arm} in each")

@@ -82,7 +82,8 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
     users, hours = _step_progress(analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
     waiting = {"did": "wait", "step": step, "step_users": users, "step_hours": round(hours, 3)}
-    if not ready or action not in (KEEP_RUNNING, PROMOTE):
+    # A broken split says nothing about safety: with no breach it is `keep_running`, which is no reason to advance.
+    if not ready or action not in (KEEP_RUNNING, PROMOTE) or analysis.srm["mismatch"]:
         return waiting
     if step + 1 < len(plan.steps):
         to_share = plan.steps[step + 1]

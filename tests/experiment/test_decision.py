@@ -49,7 +49,7 @@ def test_the_level_in_the_reason_is_the_policys():
     assert "always-valid 90% interval" in _decide(policy=Policy(alpha=0.1)).reason
 
 
-def test_precedence_no_candidate_then_split_then_users_then_guardrails_then_signals():
+def test_precedence_no_candidate_then_guardrails_then_split_then_users_then_signals():
     nothing = _decide(has_candidate=False, srm_mismatch=["phase 1"], users=(0, 0), breached=["error_rate"])
     assert nothing == type(nothing)(NOT_ENOUGH_DATA, "no candidate arm: nothing to compare")
 
@@ -57,6 +57,12 @@ def test_precedence_no_candidate_then_split_then_users_then_guardrails_then_sign
     assert split.action == KEEP_RUNNING
     assert split.reason == ("sample ratio mismatch in phase 1 (p=1e-05); phase 2 (p=2e-06): the split is broken, "
                             "fix assignment before trusting any comparison")
+
+    # A breach rolls back even under a broken split: it may be faked by it, but the safe error is to stop.
+    breach_and_split = _decide(srm_mismatch=["phase 2 (p=2e-06)"], breached=["error_rate 0 -> 0.3"])
+    assert breach_and_split.action == ROLL_BACK
+    assert breach_and_split.reason == ("guardrail breached: error_rate 0 -> 0.3 (and a sample ratio mismatch in "
+                                       "phase 2 (p=2e-06): the split is broken too)")
 
     few = _decide(users=(99, 500), breached=["error_rate"])
     assert few.action == NOT_ENOUGH_DATA and few.reason == "users per arm [99, 500]; need 100 in each"

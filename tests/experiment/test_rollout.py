@@ -41,6 +41,27 @@ def test_an_aa_rollout_advances_but_never_promotes_or_rolls_back(sqlite_db):
     assert experiments.get(sqlite_db, running.id).status == "running"
 
 
+def test_a_broken_split_holds_the_step_and_a_breach_behind_it_rolls_back(sqlite_db):
+    """Users bucketed at 30% while the plan says 10%: the step must not advance on a split it cannot trust,
+    and a guardrail the candidate breaches meanwhile must not hide behind the mismatch."""
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, PLAN)
+    current = experiments.get(sqlite_db, running.id)
+    traffic.write(sqlite_db, current, users=3000, share=0.3)
+    held = experiment.evaluate(sqlite_db, running.id)
+    assert held.srm["mismatch"] and held.action == "keep_running", held.decision
+    assert held.decision["rollout"]["did"] == "wait"
+    assert experiments.get(sqlite_db, running.id).candidate_share == 0.1
+
+    traffic.write(sqlite_db, current, users=3000, first_user=3000, share=0.3, candidate=ArmBehaviour(error=0.3),
+                  seed=1)
+    failing = experiment.evaluate(sqlite_db, running.id)
+    assert failing.srm["mismatch"] and failing.action == "roll_back", failing.decision
+    assert failing.decision["reason"].startswith("guardrail breached: error_rate")
+    assert failing.decision["rollout"]["did"] == "rolled_back"
+    assert experiments.get(sqlite_db, running.id).status == "rolled_back"
+
+
 def test_a_better_candidate_is_promoted_at_the_last_step(db):
     """On SQLite and on PostgreSQL: analysis, record_decision and the promotion through the real store."""
     running = traffic.start(db, share=0.0)
