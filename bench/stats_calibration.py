@@ -30,8 +30,11 @@ Scenarios (each with its own fixed seed; repetition r of a scenario draws from d
   4. A/A ramp              a pool of 4,000 returning users (Beta propensities as in 2), 20 periods, each user
                            makes one request with a thumbs in a period with probability 0.1; share 0.1 for
                            periods 1-10, 0.5 for 11-20 (two phases; users assigned by bucket < share, first
-                           assignment, later requests in the other arm excluded: as experiment.metrics does).
-                           Also with a drift: every user's propensity +0.05 in the second phase (both arms).
+                           assignment; as experiment.metrics does, a phase-1 user whose bucket the ramp moves is
+                           left out whole, whether or not they come back). Beside it, the rule before 2026-12-01
+                           on the same data ("movers' later requests cut": only the returning movers' requests in
+                           the other arm excluded). 4b: a drift, every user's propensity +0.05 in the second
+                           phase (both arms); 4c: users more active (0.3 per period) and a drift of +0.15.
 
 Latencies are lognormal, identical in both arms, so the latency guardrail runs but has nothing to find;
 errors, fallbacks and answer scores are zero, feedback is given on every request.
@@ -92,6 +95,7 @@ class Look:
     old_thumbs: tuple[int, int, int, int]  # thumbs up and thumbs, control then candidate, by serving arm
     old_users: tuple[int, int]  # distinct users served by each arm, ever (a moved user counts in both)
     share: float  # the share in force (the old sample-ratio check compared everything against it)
+    collected_cut: Collected | None = None  # ramps: the same users with the movers' later requests cut instead
 
     @property
     def users(self) -> int:
@@ -185,8 +189,13 @@ class Ramp:
         ids = np.array([f"u{i}" for i in range(n)])
         home = np.full(n, -1)  # first arm: -1 none yet, 0 control, 1 candidate
         first = np.full(n, -1)  # phase of first request, as experiment.metrics records it
+        cuts = [candidate_buckets(share) for share in self.shares]
+        # experiment.metrics: a user first seen in phase k is compared only if no later share moves their bucket.
+        movable = [(min(cuts[k:]) <= bucket) & (bucket < max(cuts[k:])) for k in range(len(cuts))]
         requests, ups = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
+        cut_requests, cut_ups = np.zeros(n, dtype=int), np.zeros(n, dtype=int)  # the movers' later requests cut
         latencies: list[list[np.ndarray]] = [[], []]
+        cut_latencies: list[list[np.ndarray]] = [[], []]
         old_thumbs = np.zeros((2, 2), dtype=int)  # [arm] -> (up, thumbs), by serving arm
         old_seen = np.zeros((2, n), dtype=bool)  # [arm] -> users ever served by it
         half = self.periods // 2
@@ -203,15 +212,20 @@ class Ramp:
             latency = rng.lognormal(LATENCY_MU, LATENCY_SIGMA, n)
             home = np.where(active & (home < 0), served, home)
             first = np.where(active & (first < 0), phase, first)
-            counted = active & (served == home)
+            cut_counted = active & (served == home)
             moved = active & (served != home)
             crossed |= moved
             excluded += int(moved.sum())
+            cut_requests += cut_counted
+            cut_ups += cut_counted & up
+            left_out = np.where(first == 0, movable[0], movable[-1])
+            counted = active & ~left_out
             requests += counted
             ups += counted & up
             active_in[phase] |= active
             for arm in (0, 1):
                 latencies[arm].append(latency[counted & (home == arm)])
+                cut_latencies[arm].append(latency[cut_counted & (home == arm)])
                 by_arm = active & (served == arm)
                 old_thumbs[arm] += (int((by_arm & up).sum()), int(by_arm.sum()))
                 old_seen[arm] |= by_arm
@@ -223,14 +237,19 @@ class Ramp:
                     Phase(index, self.shares[index], START if index == 0 else changed,
                           changed if index < phase else None, "start" if index == 0 else "share"),
                     (int((~served_then).sum()), int(served_then.sum()))))
-            arms = {}
+            arms, cut_arms = {}, {}
             for arm, name in enumerate(("control", "candidate")):
                 mask = home == arm
-                arms[name] = _arm(ids[mask], requests[mask], ups[mask], np.concatenate(latencies[arm]), first[mask])
+                kept = mask & ~left_out
+                arms[name] = _arm(ids[kept], requests[kept], ups[kept], np.concatenate(latencies[arm]), first[kept])
+                cut_arms[name] = _arm(ids[mask], cut_requests[mask], cut_ups[mask],
+                                      np.concatenate(cut_latencies[arm]), first[mask])
             collected = Collected(experiment=_experiment(share), arms=arms, phases=phases,
-                                  crossovers=int(crossed.sum()), excluded_requests=excluded)
+                                  crossovers=int(crossed.sum()), left_out_users=int((left_out & (home >= 0)).sum()))
+            cut = Collected(experiment=_experiment(share), arms=cut_arms, phases=phases,
+                            crossovers=int(crossed.sum()), excluded_requests=excluded)
             old = (int(old_thumbs[0, 0]), int(old_thumbs[0, 1]), int(old_thumbs[1, 0]), int(old_thumbs[1, 1]))
-            yield Look(collected, old, (int(old_seen[0].sum()), int(old_seen[1].sum())), share)
+            yield Look(collected, old, (int(old_seen[0].sum()), int(old_seen[1].sum())), share, cut)
 
 
 # --- the two rules ------------------------------------------------------------------------------------------------
@@ -256,7 +275,9 @@ def old_rule(look: Look) -> str:
 @dataclass(frozen=True)
 class Row:
     label: str
-    rule: str  # "project", "project-fixed" (the by-user fixed-horizon p-value of the primary), or "old"
+    # "project", "project-fixed" (the by-user fixed-horizon p-value of the primary), "project-cut" (ramps: the
+    # project rule with only the movers' later requests cut, as the analysis did before 2026-12-01), or "old"
+    rule: str
     looks: str  # "all": every look, stop at the first promote/roll_back; "final": the last look only
     policy: Policy | None = None
     rate: str = "false decisions"  # what the rate column means: "false decisions", "power", "SRM alarms"
@@ -273,9 +294,14 @@ class Scenario:
     goal: str
 
 
-def _rows(power: bool = False, relaxed: bool = False, srm: bool = False) -> tuple[Row, ...]:
+def _rows(power: bool = False, relaxed: bool = False, srm: bool = False, cut: bool = False) -> tuple[Row, ...]:
     rate = "power" if power else "false decisions"
     rows = [Row("project rule, Policy(), 20 looks", "project", "all", Policy(), rate, srm)]
+    if cut:
+        rows += [Row("project rule, Policy(), movers' later requests cut (before 2026-12-01), 20 looks",
+                     "project-cut", "all", Policy(), rate),
+                 Row("project rule, Policy(), movers' later requests cut (before 2026-12-01), final look only",
+                     "project-cut", "final", Policy(), rate)]
     if relaxed:
         rows += [Row("project rule, Policy(min_users_per_arm=20, min_signals_per_arm=20), 20 looks", "project",
                      "all", RELAXED, rate),
@@ -298,9 +324,12 @@ SCENARIOS = {s.key: s for s in (
              _rows(relaxed=True), "<= 5% false decisions (project rule)"),
     Scenario("3", "Power, 0.30 -> 0.33", 103, Simple(users=8000, look_every=400, candidate_p=0.33),
              _rows(power=True), "power: fraction promoted"),
-    Scenario("4a", "A/A ramp 0.1 -> 0.5", 104, Ramp(), _rows(srm=True), "<= 5% false decisions; SRM alarms ~0"),
-    Scenario("4b", "A/A ramp 0.1 -> 0.5, drift +0.05 in phase 2", 105, Ramp(drift=0.05), _rows(srm=True),
+    Scenario("4a", "A/A ramp 0.1 -> 0.5", 104, Ramp(), _rows(srm=True, cut=True),
+             "<= 5% false decisions; SRM alarms ~0"),
+    Scenario("4b", "A/A ramp 0.1 -> 0.5, drift +0.05 in phase 2", 105, Ramp(drift=0.05), _rows(srm=True, cut=True),
              "<= 5% false decisions"),
+    Scenario("4c", "A/A ramp 0.1 -> 0.5, returning users (activity 0.3), drift +0.15 in phase 2", 106,
+             Ramp(activity=0.3, drift=0.15), _rows(cut=True), "<= 5% false decisions"),
 )}
 
 
@@ -323,8 +352,8 @@ def _run_row(row: Row, looks: list[Look]) -> Outcome:
         outcome.srm_alarm = False
     for look in chosen:
         started = time.process_time()
-        if row.rule == "project":
-            analysis = analyse_collected(look.collected, row.policy)
+        if row.rule in ("project", "project-cut"):
+            analysis = analyse_collected(look.collected if row.rule == "project" else look.collected_cut, row.policy)
             action, reason = analysis.decision["action"], analysis.decision["reason"]
             if row.srm:
                 outcome.srm_alarm |= bool(analysis.srm["mismatch"])

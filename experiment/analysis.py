@@ -191,6 +191,9 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
         phases=phases,
         assignment={"rule": "first assignment", "users_in_both_arms": collected.crossovers,
                     "requests_excluded": collected.excluded_requests,
+                    "users_left_out": collected.left_out_users, "requests_left_out": collected.left_out_requests,
+                    "note": "users whose bucket a later share change moves to the other arm are left out, "
+                            "whether or not they came back",
                     "anonymous_requests": collected.anonymous_requests},
         sequential={"method": SEQUENTIAL_METHOD, "alpha": policy.alpha, "tuning_users": policy.sequential_tuning},
         policy=policy.to_dict(),

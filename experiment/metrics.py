@@ -5,9 +5,14 @@ per-user sums (thumbs-up per request = sum of a user's thumbs-up / sum of their 
 variance comes from the delta method over users (`experiment.stats.ratio_estimate`). Treating one
 user's ten requests as ten independent trials understates the variance and inflates false wins.
 
-Assignment: a user belongs to the arm of their first request. If a share change later moved them
-to the other arm, those later requests are left out of the comparison (their treatment is mixed)
-and counted in `crossovers`.
+Assignment: a user belongs to the arm of their first request. A share change moves the users whose
+bucket lies between the old and the new share to the other arm, and their treatment is mixed from
+then on. Such users are left out of the comparison altogether, chosen by bucket and not by what they
+did: every user first seen in a phase whose bucket a later phase's share puts on the other arm,
+whether or not they came back. Leaving out only the later requests of those who did come back (as
+this module did before) compares a control arm cut short at the ramp with a candidate arm that is
+not, which reads any change over time as a treatment effect; leaving out only the users who came
+back would drop the heavier users from one arm. Users seen in both arms are counted in `crossovers`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from experiment.assignment import bucket, candidate_buckets
 from experiment.phases import Phase, PhaseLocator, phases_of
 from store.db import Database
 from store.experiments import ExperimentNotFound, list_events
@@ -98,6 +104,8 @@ class Collected:
     phases: list[PhaseCount]
     crossovers: int = 0  # users seen in both arms
     excluded_requests: int = 0  # their requests in the arm they were moved to
+    left_out_users: int = 0  # first seen in a phase whose bucket a later share moves (see the module's docstring)
+    left_out_requests: int = 0  # their requests (in either arm)
     anonymous_requests: int = 0  # no user id: always control, not randomised, left out
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -180,6 +188,8 @@ def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14
             .where(SearchEvent.experiment_id == experiment_id)
         ).all()
     phases = phases_of(experiment, list_events(db, experiment_id))
+    if until is not None:  # as it stood then: a later share change had not yet moved anyone
+        phases = [phase for phase in phases if phase.start <= until] or phases[:1]
     collected = _assemble(experiment, phases, events, feedback, scores)
     if cuped_lookback_days > 0:
         _attach_pre_period(db, collected, experiment.started_at, timedelta(days=cuped_lookback_days))
@@ -191,8 +201,11 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
     import numpy as np
 
     locate = PhaseLocator(phases)
+    moved = _moved_buckets(phases)
     first_arm: dict[str, str] = {}
     first_phase: dict[str, int] = {}
+    left_out: set[str] = set()
+    left_out_requests = 0
     sums = {arm: UserSums() for arm in ARMS}
     latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
     phase_arm: list[dict[str, str]] = [{} for _ in phases]  # per phase: user -> arm first served there
@@ -207,10 +220,18 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
             continue
         phase = locate(ts)
         phase_arm[phase].setdefault(user, arm)
-        first_phase.setdefault(user, phase)
+        if user not in first_phase:
+            first_phase[user] = phase
+            low, high = moved[phase]
+            if low <= bucket(experiment.salt, user) < high:
+                left_out.add(user)
         home = first_arm.setdefault(user, arm)
         if arm != home:
             crossed.add(user)
+        if user in left_out:
+            left_out_requests += 1
+            continue
+        if arm != home:  # not by a share change (the bucket rule would have left them out): still mixed
             excluded += 1
             continue
         counted[event_id] = (arm, user)
@@ -239,7 +260,18 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         served = list(by_user.values())
         counts.append(PhaseCount(phase, (served.count("control"), served.count("candidate"))))
     return Collected(experiment=experiment, arms=arms, phases=counts, crossovers=len(crossed),
-                     excluded_requests=excluded, anonymous_requests=anonymous)
+                     excluded_requests=excluded, anonymous_requests=anonymous, left_out_users=len(left_out),
+                     left_out_requests=left_out_requests)
+
+
+def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:
+    """Per phase: the buckets [low, high) that this or a later phase's share puts on the other arm.
+
+    A user first seen in phase k is on the candidate iff bucket < cut(share_k); they stay on one arm
+    through every later phase iff their bucket is below every later cut or at or above all of them.
+    """
+    cuts = [candidate_buckets(phase.share) for phase in phases]
+    return [(min(cuts[k:]), max(cuts[k:])) for k in range(len(cuts))]
 
 
 def _attach_pre_period(db: Database, collected: Collected, started: datetime, lookback: timedelta) -> None:

@@ -148,9 +148,9 @@ def render_analysis(analysis: dict[str, Any]) -> str:
                      f"{candidate_users} candidate, sample-ratio p={_fmt(phase['p_value'])}"
                      f"{'  MISMATCH' if phase['mismatch'] else ''}")
     assignment = analysis["assignment"]
-    if assignment.get("users_in_both_arms"):
-        lines.append(f"  users seen in both arms: {assignment['users_in_both_arms']} (counted by first assignment; "
-                     f"{assignment['requests_excluded']} later requests left out)")
+    if assignment.get("users_left_out") or assignment.get("users_in_both_arms"):
+        lines.append(f"  users left out: {assignment.get('users_left_out', 0)} whose bucket a share change moved; "
+                     f"users seen in both arms: {assignment.get('users_in_both_arms', 0)}")
     lines.append(f"  guardrails breached: {'; '.join(analysis['guardrails']['breached']) or 'none'}")
     lines.append(f"decision: {analysis['decision']['action']} - {analysis['decision']['reason']}")
     rollout = analysis["decision"].get("rollout")

@@ -249,8 +249,8 @@ def _metrics_section(bundle: dict[str, Any]) -> str:
     notes = ""
     if assignment:
         notes = (f'<p class="lead" style="margin-top:10px">Assignment: {_e(assignment.get("rule"))}; '
-                 f'{assignment.get("users_in_both_arms", 0):,} users seen in both arms '
-                 f'({assignment.get("requests_excluded", 0):,} later requests left out); '
+                 f'{assignment.get("users_left_out", 0):,} users left out whose bucket a share change moved; '
+                 f'{assignment.get("users_in_both_arms", 0):,} users seen in both arms; '
                  f'{assignment.get("anonymous_requests", 0):,} anonymous requests (never randomised) left out.</p>')
     lead = ("Candidate − control per metric, with the always-valid 95% interval that decisions use. Rates are in "
             "percent, differences in percentage points (pp). Green: the interval clears zero in the candidate's "

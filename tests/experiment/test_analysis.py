@@ -11,6 +11,8 @@ from sqlalchemy import insert
 import experiment
 from abloop.cli import main
 from experiment import lifecycle
+from experiment.analysis import analyse
+from experiment.assignment import bucket
 from experiment.decision import Policy
 from experiment.rollout import record_decision
 from store import experiments
@@ -107,6 +109,7 @@ def test_sample_ratio_mismatch_blocks_any_verdict(sqlite_db):
 def test_a_ramp_is_checked_per_phase_and_movers_are_counted_once(sqlite_db):
     running = traffic.start(sqlite_db, share=0.1)
     traffic.write(sqlite_db, running, users=1500, requests_per_user=2, ts=utcnow() - timedelta(hours=2))
+    before_the_ramp = utcnow()
     lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
     ramped = experiments.get(sqlite_db, running.id)
     # The same users come back (some now bucketed to the candidate) and new ones arrive.
@@ -115,18 +118,57 @@ def test_a_ramp_is_checked_per_phase_and_movers_are_counted_once(sqlite_db):
     assert [p["share"] for p in analysis.phases] == [0.1, 0.5]
     assert not analysis.srm["mismatch"], analysis.srm
     assert all(p["p_value"] > 0.001 for p in analysis.phases)
-    # Users 0..1499 with buckets in [1000, 5000) moved from control to candidate: about 40% of them.
+    # Users 0..1499 with buckets in [1000, 5000) moved from control to candidate (about 40% of them): seen in
+    # both arms, and left out whole, as is every phase-1 user with such a bucket, whether or not they came back.
     moved = analysis.assignment["users_in_both_arms"]
     assert 500 < moved < 700
-    assert analysis.assignment["requests_excluded"] == 2 * moved
-    # A mover belongs to the arm of their first request in time (event ids are random, not ordered).
     with sqlite_db.session() as session:
         first_arm: dict[str, str] = {}
         for user, arm in session.query(SearchEvent.user_id, SearchEvent.arm).order_by(SearchEvent.ts):
             first_arm.setdefault(user, arm)
+    phase_1 = {f"test-user-{n}" for n in range(1500)}
+    movable = {user for user in phase_1 if 1000 <= bucket(running.salt, user) < 5000}
+    assert analysis.assignment["users_left_out"] == len(movable) == moved  # here every phase-1 user came back
+    assert analysis.assignment["requests_left_out"] == 4 * len(movable)
+    assert analysis.assignment["requests_excluded"] == 0
+    then = analyse(sqlite_db, running.id, until=before_the_ramp)  # no share change had moved anyone yet
+    assert then.assignment["users_left_out"] == 0 and sum(then.arms[arm]["users"] for arm in then.arms) == 1500
+    # The others belong to the arm of their first request in time (event ids are random, not ordered).
+    kept = [arm for user, arm in first_arm.items() if user not in movable]
     assert [analysis.arms[arm]["users"] for arm in ("control", "candidate")] == [
-        list(first_arm.values()).count(arm) for arm in ("control", "candidate")]
+        kept.count(arm) for arm in ("control", "candidate")]
     assert analysis.action != "promote" and analysis.action != "roll_back"
+
+
+def test_a_ramp_with_returning_users_does_not_read_a_drift_over_time_as_an_effect(sqlite_db):
+    """A/A, 10% -> 50%, and everyone likes answers more after the ramp. Cutting only the returning movers'
+    later requests left a control arm weighted to the time before the ramp: this promoted (+0.04)."""
+    running = traffic.start(sqlite_db, share=0.1)
+    traffic.write(sqlite_db, running, users=4000, requests_per_user=2, control=ArmBehaviour(up=0.3),
+                  candidate=ArmBehaviour(up=0.3), ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=4000, requests_per_user=2,
+                  control=ArmBehaviour(up=0.6), candidate=ArmBehaviour(up=0.6), ts=utcnow() + timedelta(seconds=1),
+                  seed=5)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    satisfaction = analysis.metrics["satisfaction"]
+    low, high = satisfaction["ci"]
+    assert low < 0 < high and abs(satisfaction["difference"]) < 0.02, satisfaction
+    assert analysis.action == "keep_running", analysis.decision
+
+
+@pytest.mark.parametrize(("shares", "moved"), [
+    ([0.5], [(5000, 5000)]),  # one phase: nobody moves
+    ([0.1, 0.5], [(1000, 5000), (5000, 5000)]),
+    ([0.1, 0.5, 0.3], [(1000, 5000), (3000, 5000), (3000, 3000)]),  # up, then partly back down
+    ([0.4, 0.2, 0.3], [(2000, 4000), (2000, 3000), (3000, 3000)]),
+])
+def test_the_buckets_a_later_share_moves_are_those_between_its_lowest_and_highest_cut(shares, moved):
+    from experiment.metrics import _moved_buckets
+    from experiment.phases import Phase
+
+    phases = [Phase(n, share, utcnow(), None, "test") for n, share in enumerate(shares)]
+    assert _moved_buckets(phases) == moved
 
 
 def test_cuped_uses_feedback_from_before_the_experiment(sqlite_db):

@@ -11,6 +11,7 @@ policy's setting differs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -124,11 +125,21 @@ def _users(db, experiment_id: str) -> dict[str, dict]:
     for event_id, score in judged:
         users[owner[event_id]]["sums"]["judge_sum"] += score
         users[owner[event_id]]["sums"]["judge_n"] += 1
+    # Compared: not a first-phase user whose bucket the ramp moved (20% -> 50%: buckets 2000..4999),
+    # whether or not they came back (DESIGN's bucket rule: sha256 of "salt:user", mod 10,000).
+    salt = experiments.get(db, experiment_id).salt
+    for user, row in users.items():
+        moved = 2000 <= int(hashlib.sha256(f"{salt}:{user}".encode()).hexdigest(), 16) % 10_000 < 5000
+        row["compared"] = not (row["phase"] == 0 and moved)
     return users
 
 
+def _compared(users: dict) -> dict[str, dict]:
+    return {user: row for user, row in users.items() if row["compared"]}
+
+
 def _column(users: dict, arm: str, column: str, phase: int | None = None) -> np.ndarray:
-    return np.array([u["sums"][column] for u in users.values()
+    return np.array([u["sums"][column] for u in _compared(users).values()
                      if u["arm"] == arm and (phase is None or u["phase"] == phase)], dtype=float)
 
 
@@ -179,9 +190,9 @@ def test_the_per_arm_summary_is_the_totals_of_its_users(ramped):
     users = _users(db, experiment_id)
     for arm in ("control", "candidate"):
         total = {column: _column(users, arm, column).sum() for column in users[next(iter(users))]["sums"]}
-        latencies = [ms for u in users.values() if u["arm"] == arm for ms in u["latencies"]]
+        latencies = [ms for u in _compared(users).values() if u["arm"] == arm for ms in u["latencies"]]
         assert _close(analysis.arms[arm], {
-            "users": sum(1 for u in users.values() if u["arm"] == arm), "requests": int(total["requests"]),
+            "users": sum(1 for u in _compared(users).values() if u["arm"] == arm), "requests": int(total["requests"]),
             "thumbs": int(total["thumbs"]), "thumbs_up": int(total["thumbs_up"]),
             "thumbs_up_rate": total["thumbs_up"] / total["thumbs"],
             "thumbs_up_per_request": total["thumbs_up"] / total["requests"],
@@ -313,7 +324,7 @@ def test_the_fixed_horizon_reference_blocks_are_scipys_on_the_users(ramped):
     db, experiment_id = ramped
     analysis = analyse(db, experiment_id, POLICY)
     users = _users(db, experiment_id)
-    means = {arm: [u["sums"]["rating_sum"] / u["sums"]["ratings"] for u in users.values()
+    means = {arm: [u["sums"]["rating_sum"] / u["sums"]["ratings"] for u in _compared(users).values()
                    if u["arm"] == arm and u["sums"]["ratings"]] for arm in ("control", "candidate")}
     assert 0 < len(means["control"]) < sum(1 for u in users.values() if u["arm"] == "control")  # some never rated
     rating = analysis.rating
@@ -333,7 +344,7 @@ def test_latency_p95_is_compared_on_requests_and_guards_the_rollout(ramped):
     db, experiment_id = ramped
     analysis = analyse(db, experiment_id, POLICY)
     users = _users(db, experiment_id)
-    latencies = {arm: [ms for u in users.values() if u["arm"] == arm for ms in u["latencies"]]
+    latencies = {arm: [ms for u in _compared(users).values() if u["arm"] == arm for ms in u["latencies"]]
                  for arm in ("control", "candidate")}
     a, b = (stats.quantile_estimate(latencies[arm], 0.95, POLICY.alpha) for arm in ("control", "candidate"))
     ci, p_value = stats.sequential_interval(b.value - a.value, a.variance + b.variance,
@@ -382,8 +393,13 @@ def test_the_rest_of_the_analysis_names_its_experiment_method_and_policy(ramped)
     db, experiment_id = ramped
     analysis = analyse(db, experiment_id, POLICY)
     assert (analysis.experiment_id, analysis.status, analysis.candidate_share) == (experiment_id, "running", 0.5)
-    assert analysis.assignment == {"rule": "first assignment", "users_in_both_arms": 0, "requests_excluded": 0,
-                                   "anonymous_requests": 3}
+    left_out = [user for user, row in _users(db, experiment_id).items() if not row["compared"]]
+    assert len(left_out) > 100  # about 30% of the first phase's 500 users, none of whom came back
+    assert analysis.assignment == {
+        "rule": "first assignment", "users_in_both_arms": 0, "requests_excluded": 0, "anonymous_requests": 3,
+        "users_left_out": len(left_out), "requests_left_out": 2 * len(left_out),
+        "note": "users whose bucket a later share change moves to the other arm are left out, whether or not they "
+                "came back"}
     assert analysis.sequential == {"method": SEQUENTIAL_METHOD, "alpha": 0.1, "tuning_users": 300.0}
     assert analysis.policy == POLICY.to_dict()
     starved = analyse(db, experiment_id, Policy(**{**POLICY.__dict__, "min_signals_per_arm": 10_000}))

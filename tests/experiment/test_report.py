@@ -136,6 +136,9 @@ def test_the_report_shows_the_verdict_charts_phases_and_examples(sqlite_db, tmp_
     assert "fixed-horizon p (reference only)" in page and "always-valid 95% interval" in page
     assert "phase 3" in page and "step 2 of 2 (50%): step 1 had" in page and "auto-promote no" in page
     assert "Last decision recorded on the experiment" in page
+    left_out = analysis["assignment"]["users_left_out"]
+    assert 100 < left_out < 300  # the 20% step's users with buckets 2000..4999 (about 30% of 700)
+    assert f"{left_out:,} users left out whose bucket a share change moved; 0 users seen in both arms" in page
     assert "0% → 20%" in page and "20% → 50%" in page
     assert "lora-v7" in page and "gate passed" in page and "1.8700" in page
     assert "How do I sort a list in place?" in page and "…" in page  # the long answer is truncated

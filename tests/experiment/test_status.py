@@ -63,12 +63,12 @@ def test_the_primary_metric_its_phases_guardrails_and_decision_are_spelled_out(e
 
 def test_a_mismatch_users_in_both_arms_and_a_rollout_are_shown(evaluated):
     evaluated["phases"][0]["mismatch"] = True
-    evaluated["assignment"] = {"users_in_both_arms": 4, "requests_excluded": 9}
+    evaluated["assignment"] = {"users_in_both_arms": 4, "requests_excluded": 0, "users_left_out": 7}
     evaluated["decision"]["rollout"] = {"did": "wait", "step": 0}
     evaluated["guardrails"]["breached"] = []
     lines = render_analysis(evaluated).splitlines()
     assert lines[-5].startswith("  phase 1: ") and lines[-5].endswith("  MISMATCH")
-    assert lines[-4] == "  users seen in both arms: 4 (counted by first assignment; 9 later requests left out)"
+    assert lines[-4] == "  users left out: 7 whose bucket a share change moved; users seen in both arms: 4"
     assert lines[-3] == "  guardrails breached: none"
     assert lines[-1] == "rollout: {'did': 'wait', 'step': 0}"
 
