@@ -86,6 +86,7 @@ def demo_env(config: DemoConfig) -> dict[str, str]:
         # tuned for hundreds of users, not the 100 per arm / 5,000 of production defaults.
         "EXPERIMENT_MIN_USERS_PER_ARM": "15",
         "EXPERIMENT_MIN_SIGNALS_PER_ARM": "10",
+        "EXPERIMENT_MIN_RESPONDERS_PER_ARM": "10",
         "EXPERIMENT_SEQUENTIAL_TUNING": "400",
         "ANSWER_SCORE_SAMPLE": str(config.score_sample),
         "LLM_MAX_TOKENS": str(config.max_tokens),

@@ -36,6 +36,13 @@ Scenarios (each with its own fixed seed; repetition r of a scenario draws from d
                            the other arm excluded). 4b: a drift, every user's propensity +0.05 in the second
                            phase (both arms); 4c: users more active (0.3 per period) and a drift of +0.15.
 
+  5. A/A, few responders   400 users at share 0.5, one request each without feedback, except that each user is,
+                           with probability 0.01, a heavy responder: 40 requests with a thumbs each and their own
+                           propensity ~ Beta(mean 0.30, sd 0.20); a look every 20 users. About 2 responders and
+                           80 thumbs an arm: the minimum signals (50) are met by a handful of users. Policy()
+                           asks 20 responders an arm; beside it the same rule with any 2 (as before 2026-12-01,
+                           less the one-responder case, which compare_ratio now refuses outright).
+
 Latencies are lognormal, identical in both arms, so the latency guardrail runs but has nothing to find;
 errors, fallbacks and answer scores are zero, feedback is given on every request.
 
@@ -81,6 +88,7 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 OLD_ALPHA, OLD_PROMOTE_CHANCE, OLD_ROLLBACK_CHANCE, OLD_MIN_SIGNALS = 0.05, 0.95, 0.05, 100
 RELAXED = Policy(min_users_per_arm=20, min_signals_per_arm=20)
 RELAXED_TUNED = Policy(min_users_per_arm=20, min_signals_per_arm=20, sequential_tuning=400.0)
+ANY_RESPONDERS = Policy(min_responders_per_arm=2)  # the fewest compare_ratio accepts
 LATENCY_MU, LATENCY_SIGMA = math.log(800.0), 0.5  # ms: median 800, p95 about 1,800
 
 
@@ -115,14 +123,15 @@ def _experiment(share: float) -> Experiment:
 
 
 def _arm(ids: np.ndarray, requests: np.ndarray, thumbs_up: np.ndarray, latencies: np.ndarray,
-         strata: np.ndarray | None = None) -> ArmUsers:
-    """Per-user sums with thumbs on every request: satisfaction of a thumbs is 1 (up) or 0 (down).
+         strata: np.ndarray | None = None, thumbs: np.ndarray | None = None) -> ArmUsers:
+    """Per-user sums, by default with thumbs on every request: satisfaction of a thumbs is 1 (up) or 0 (down).
 
     `strata`: each user's phase of first assignment (all 0 in a single-phase experiment).
     """
     requests, thumbs_up = requests.astype(float), thumbs_up.astype(float)
+    thumbs = requests if thumbs is None else thumbs.astype(float)
     columns = {c: np.zeros(ids.size) for c in COLUMNS}
-    columns.update(requests=requests, thumbs=requests, feedback_events=requests, satisfaction_n=requests,
+    columns.update(requests=requests, thumbs=thumbs, feedback_events=thumbs, satisfaction_n=thumbs,
                    thumbs_up=thumbs_up, satisfaction_sum=thumbs_up)
     strata = np.zeros(ids.size, dtype=int) if strata is None else strata
     return ArmUsers(user_ids=ids.tolist(), columns=columns, latencies_ms=latencies, strata=strata)
@@ -163,6 +172,44 @@ class Simple:
                 arms[name] = _arm(ids[:end][mask], requests[:end][mask], ups[:end][mask],
                                   latencies[:end][mask].ravel())
                 counts.append(int(mask.sum()))
+            phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
+            collected = Collected(experiment=experiment, arms=arms, phases=[phase])
+            old = (int(arms["control"].total("thumbs_up")), int(arms["control"].total("thumbs")),
+                   int(arms["candidate"].total("thumbs_up")), int(arms["candidate"].total("thumbs")))
+            yield Look(collected, old, (counts[0], counts[1]), self.share)
+
+
+@dataclass(frozen=True)
+class FewResponders:
+    """Users arrive at `share`, one request each, no feedback; a few (each with probability `respond`) make
+    `requests` requests with a thumbs each instead, every one with their own propensity (Beta, mean p, sd)."""
+
+    users: int = 400
+    look_every: int = 20
+    respond: float = 0.01
+    requests: int = 40
+    p: float = 0.30
+    sd: float = 0.20
+    share: float = 0.5
+
+    def looks(self, rng: np.random.Generator) -> Iterator[Look]:
+        n = self.users
+        candidate = rng.random(n) < self.share
+        responder = rng.random(n) < self.respond
+        requests = np.where(responder, self.requests, 1)
+        thumbs = np.where(responder, self.requests, 0)
+        ups = rng.binomial(thumbs, _propensities(rng, self.p, self.sd, n))
+        latencies = [rng.lognormal(LATENCY_MU, LATENCY_SIGMA, r) for r in requests]
+        ids = np.array([f"u{i}" for i in range(n)])
+        experiment = _experiment(self.share)
+        for end in range(self.look_every, n + 1, self.look_every):
+            arms, counts = {}, []
+            for name, mask in (("control", ~candidate[:end]), ("candidate", candidate[:end])):
+                chosen = np.flatnonzero(mask)
+                arms[name] = _arm(ids[chosen], requests[chosen], ups[chosen],
+                                  np.concatenate([latencies[i] for i in chosen]) if chosen.size else np.zeros(0),
+                                  thumbs=thumbs[chosen])
+                counts.append(int(chosen.size))
             phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
             collected = Collected(experiment=experiment, arms=arms, phases=[phase])
             old = (int(arms["control"].total("thumbs_up")), int(arms["control"].total("thumbs")),
@@ -289,7 +336,7 @@ class Scenario:
     key: str
     name: str
     seed: int
-    simulation: Simple | Ramp
+    simulation: Simple | Ramp | FewResponders
     rows: tuple[Row, ...]
     goal: str
 
@@ -330,6 +377,13 @@ SCENARIOS = {s.key: s for s in (
              "<= 5% false decisions"),
     Scenario("4c", "A/A ramp 0.1 -> 0.5, returning users (activity 0.3), drift +0.15 in phase 2", 106,
              Ramp(activity=0.3, drift=0.15), _rows(cut=True), "<= 5% false decisions"),
+    Scenario("5", "A/A, a few heavy responders", 107, FewResponders(), (
+        Row("project rule, Policy(), 20 looks", "project", "all", Policy()),
+        Row("project rule, Policy(min_responders_per_arm=2) (any responders, as before 2026-12-01), 20 looks",
+            "project", "all", ANY_RESPONDERS),
+        Row("project rule, Policy(), final look only", "project", "final", Policy()),
+        Row("project rule, Policy(min_responders_per_arm=2), final look only", "project", "final", ANY_RESPONDERS),
+    ), "<= 5% false decisions"),
 )}
 
 

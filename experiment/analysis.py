@@ -163,6 +163,7 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
         srm_mismatch=mismatches,
         users=users,
         signals=(control.total(denominator), candidate.total(denominator)),
+        responders=(control.responders(denominator), candidate.responders(denominator)),
         breached=guardrails["breached"],
         primary=primary,
         primary_name=primary_name,
@@ -251,6 +252,7 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         "fixed_horizon": {"ci": list(comparison.fixed_ci), "p_value": comparison.fixed_p_value},
         "cuped": comparison.cuped,
         "users": list(comparison.users),
+        "responders": [control.responders(metric.denominator), candidate.responders(metric.denominator)],
         "strata": len(parts),
     }
 
@@ -291,8 +293,10 @@ def _guardrails(metrics: dict[str, Any], users: tuple[int, int], policy: Policy)
             continue
         hit, margin = guardrail_breached(guardrail, control=comparison["control"], ci=tuple(comparison["ci"]),
                                          higher_is_better=comparison["higher_is_better"])
-        hit = hit and checked
-        results[guardrail.metric] = {"status": "breached" if hit else ("ok" if checked else "waiting for sample"),
+        # Latency counts requests, not responders; the others need enough users behind their denominator.
+        sampled = checked and min(comparison.get("responders", users)) >= policy.min_responders_per_arm
+        hit = hit and sampled
+        results[guardrail.metric] = {"status": "breached" if hit else ("ok" if sampled else "waiting for sample"),
                                      "margin": margin, "relative_margin": guardrail.relative,
                                      "difference": comparison["difference"], "ci": comparison["ci"]}
         if hit:

@@ -44,6 +44,10 @@ class Policy:
     sequential_tuning: float = 5000.0
     min_users_per_arm: int = 100
     min_signals_per_arm: int = 50  # of the primary metric's denominator: e.g. feedback given
+    # Users with a non-zero denominator (who gave feedback, whose answer was scored), for the primary metric and
+    # each guardrail: the delta method's variance rests on them, and with a handful it is far too small
+    # (bench/stats_calibration.py scenario 5: one heavy responder per arm promoted an A/A test half the time).
+    min_responders_per_arm: int = 20
     guardrails: tuple[Guardrail, ...] = field(default=DEFAULT_GUARDRAILS)
     cuped: bool = True
     cuped_lookback_days: float = 14.0
@@ -55,6 +59,7 @@ class Policy:
     def from_settings(cls, settings: Settings) -> Policy:
         return cls(min_users_per_arm=settings.experiment_min_users_per_arm,
                    min_signals_per_arm=settings.experiment_min_signals_per_arm,
+                   min_responders_per_arm=settings.experiment_min_responders_per_arm,
                    sequential_tuning=settings.experiment_sequential_tuning)
 
 
@@ -86,6 +91,7 @@ def decide(
     srm_mismatch: list[str],
     users: tuple[int, int],
     signals: tuple[float, float],
+    responders: tuple[int, int],
     breached: list[str],
     primary: dict[str, Any] | None,
     primary_name: str,
@@ -104,9 +110,11 @@ def decide(
         return Decision(KEEP_RUNNING, split + ": the split is broken, fix assignment before trusting any comparison")
     if not enough_users:
         return Decision(NOT_ENOUGH_DATA, f"users per arm {list(users)}; need {policy.min_users_per_arm} in each")
-    if min(signals) < policy.min_signals_per_arm or primary is None:
-        return Decision(NOT_ENOUGH_DATA, f"{primary_name} observations per arm {[int(s) for s in signals]}; "
-                                         f"need {policy.min_signals_per_arm} in each")
+    if (min(signals) < policy.min_signals_per_arm or min(responders) < policy.min_responders_per_arm
+            or primary is None):
+        return Decision(NOT_ENOUGH_DATA, f"{primary_name} observations per arm {[int(s) for s in signals]} from "
+                                         f"{list(responders)} users; need {policy.min_signals_per_arm} from "
+                                         f"{policy.min_responders_per_arm} users in each")
     low, high = primary["ci"]
     summary = (f"{primary_name} {primary['control']:.4g} -> {primary['candidate']:.4g}, difference "
                f"{primary['difference']:+.4g}, always-valid {1 - policy.alpha:.0%} interval [{low:+.4g}, {high:+.4g}]")

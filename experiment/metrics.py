@@ -90,6 +90,10 @@ class ArmUsers:
     def total(self, column: str) -> float:
         return float(self.columns[column].sum())
 
+    def responders(self, column: str) -> int:
+        """Users with a non-zero `column`: for a metric's denominator, the users its estimate rests on."""
+        return int(self.columns[column].astype(bool).sum())
+
 
 @dataclass(frozen=True)
 class PhaseCount:

@@ -231,7 +231,10 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
     """
     num_a, den_a = _pair(control_num, control_den)
     num_b, den_b = _pair(candidate_num, candidate_den)
-    if num_a.size < 2 or num_b.size < 2 or den_a.sum() == 0 or den_b.sum() == 0:
+    # One user with a non-zero denominator makes every linearised value 0 (up to rounding): a variance of
+    # nothing, not of zero. gbstats refuses it too (ZERO_NEGATIVE_VARIANCE); Policy.min_responders_per_arm
+    # asks for more before deciding.
+    if num_a.size < 2 or num_b.size < 2 or np.count_nonzero(den_a) < 2 or np.count_nonzero(den_b) < 2:
         return None
     if (control_pre is None) != (candidate_pre is None):
         raise ValueError("give pre-experiment values for both arms or for neither")

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     # The experiment decision rule (experiment.decision.Policy); the defaults suit production traffic.
     experiment_min_users_per_arm: int = Field(100, ge=2)
     experiment_min_signals_per_arm: int = Field(50, ge=1)
+    experiment_min_responders_per_arm: int = Field(20, ge=2)
     experiment_sequential_tuning: float = Field(5000.0, gt=0)  # users at which the interval is tightest
     # Automatic answer scoring (evaluate_arms): events sampled per arm, and an optional LLM judge.
     answer_score_sample: int = Field(200, ge=0)

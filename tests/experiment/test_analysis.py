@@ -207,6 +207,53 @@ def test_answer_scores_are_reported_per_arm_and_can_be_primary(sqlite_db):
     assert analysis.primary["metric"] == "answer_score" and analysis.action == "promote"
 
 
+def test_a_verdict_and_a_guardrail_need_enough_users_behind_their_signals(sqlite_db):
+    """One heavy responder per arm (60 thumbs each) and a few scored answers: enough signals, too few users.
+    The delta method's variance rests on users; with one it was 0 and 30/60 against 33/60 promoted."""
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=400, control=ArmBehaviour(feedback=0.0),
+                  candidate=ArmBehaviour(feedback=0.0))
+    with sqlite_db.session() as session:
+        events = session.query(SearchEvent.id, SearchEvent.user_id, SearchEvent.arm).order_by(SearchEvent.user_id)
+        by_arm = {arm: [(event_id, user) for event_id, user, served in events if served == arm]
+                  for arm in ("control", "candidate")}
+    heavy = {arm: by_arm[arm][0][1] for arm in by_arm}
+    moment = utcnow()
+    with sqlite_db.session() as session:
+        for arm, ups in (("control", 30), ("candidate", 33)):
+            ids = [new_id() for _ in range(60)]
+            session.execute(insert(SearchEvent), [
+                {"id": event_id, "ts": moment, "user_id": heavy[arm], "experiment_id": running.id, "arm": arm,
+                 "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": "ok",
+                 "timings": {"total": 100.0}} for event_id in ids])
+            session.execute(insert(Feedback), [
+                {"id": new_id(), "event_id": event_id, "ts": moment, "thumbs": "up" if n < ups else "down"}
+                for n, event_id in enumerate(ids)])
+
+    def score(users: slice) -> None:  # the candidate's answers far less grounded (guardrail margin 0.05)
+        with sqlite_db.session() as session:
+            session.execute(insert(AnswerScore), [
+                {"id": new_id(), "event_id": event_id, "method": "grounding", "created_at": utcnow(),
+                 "score": (0.3 if arm == "candidate" else 0.9) + 0.01 * (n % 5)}
+                for arm, rows in by_arm.items() for n, (event_id, _user) in enumerate(rows[users])])
+
+    score(slice(1, 6))
+    few = experiment.analyse(sqlite_db, running.id)
+    assert few.metrics["satisfaction"] is None  # one user an arm gives the ratio no variance to speak of
+    assert few.action == "not_enough_data", few.decision
+    assert few.decision["reason"].startswith("satisfaction observations per arm [60, 60] from [1, 1] users")
+    assert few.metrics["answer_score"]["responders"] == [5, 5]
+    assert few.metrics["answer_score"]["ci"][1] < -0.05  # worse by more than the margin, on five users an arm
+    assert few.guardrails["results"]["answer_score"]["status"] == "waiting for sample"
+    assert few.guardrails["results"]["error_rate"]["status"] == "ok"  # every user has requests
+
+    score(slice(6, 41))  # 35 more: 40 users an arm
+    enough = experiment.analyse(sqlite_db, running.id)
+    assert enough.metrics["answer_score"]["responders"] == [40, 40]
+    assert enough.guardrails["results"]["answer_score"]["status"] == "breached"
+    assert enough.action == "roll_back" and "answer_score" in enough.decision["reason"]
+
+
 def test_feedback_rows_on_one_event_count_once_for_the_feedback_rate(sqlite_db):
     running = traffic.start(sqlite_db)
     silent = ArmBehaviour(feedback=0.0)

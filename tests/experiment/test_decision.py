@@ -25,7 +25,8 @@ def _primary(low: float, high: float) -> dict:
 
 
 def _decide(**changes):
-    arguments = dict(has_candidate=True, srm_mismatch=[], users=(100, 100), signals=(50, 50), breached=[],
+    arguments = dict(has_candidate=True, srm_mismatch=[], users=(100, 100), signals=(50, 50), responders=(20, 20),
+                     breached=[],
                      primary=_primary(0.01, 0.2), primary_name="satisfaction", policy=POLICY)
     return decide(**(arguments | changes))
 
@@ -73,13 +74,20 @@ def test_precedence_no_candidate_then_guardrails_then_split_then_users_then_sign
 
     quiet = _decide(signals=(49.0, 80.0))
     assert quiet.action == NOT_ENOUGH_DATA
-    assert quiet.reason == "satisfaction observations per arm [49, 80]; need 50 in each"
+    assert quiet.reason == ("satisfaction observations per arm [49, 80] from [20, 20] users; "
+                            "need 50 from 20 users in each")
+    # Plenty of signals from too few users: one heavy responder is not a sample.
+    few_responders = _decide(signals=(500.0, 500.0), responders=(19, 40))
+    assert few_responders.action == NOT_ENOUGH_DATA
+    assert few_responders.reason == ("satisfaction observations per arm [500, 500] from [19, 40] users; "
+                                     "need 50 from 20 users in each")
 
 
 def test_the_minimums_are_inclusive():
     assert _decide(users=(100, 100), signals=(50, 50)).action == PROMOTE
     assert _decide(users=(100, 99)).action == NOT_ENOUGH_DATA
     assert _decide(signals=(50, 49.5)).action == NOT_ENOUGH_DATA
+    assert _decide(responders=(20, 19)).action == NOT_ENOUGH_DATA
 
 
 def test_no_primary_comparison_is_not_enough_data_even_with_signals():
@@ -109,9 +117,10 @@ def test_a_relative_guardrails_margin_is_a_fraction_of_control():
 
 def test_the_policy_from_settings_and_as_a_dict():
     settings = SimpleNamespace(experiment_min_users_per_arm=7, experiment_min_signals_per_arm=3,
-                               experiment_sequential_tuning=900.0)
+                               experiment_min_responders_per_arm=4, experiment_sequential_tuning=900.0)
     policy = Policy.from_settings(settings)
-    assert (policy.min_users_per_arm, policy.min_signals_per_arm, policy.sequential_tuning) == (7, 3, 900.0)
+    assert (policy.min_users_per_arm, policy.min_signals_per_arm, policy.min_responders_per_arm,
+            policy.sequential_tuning) == (7, 3, 4, 900.0)
     assert policy.alpha == 0.05 and policy.cuped is True
     as_dict = policy.to_dict()
     assert as_dict["min_users_per_arm"] == 7 and as_dict["guardrails"][0] == {"metric": "error_rate", "margin": 0.02,

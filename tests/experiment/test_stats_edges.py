@@ -110,6 +110,26 @@ def test_compare_ratio_without_spread_knows_the_difference_exactly(candidate, p_
     assert result.chance_to_win == chance and math.isnan(result.dof)
 
 
+def test_compare_ratio_needs_two_users_with_a_denominator_in_each_arm():
+    """200 users an arm, one of whom gave all 60 thumbs: every linearised value is 0 up to rounding, and the
+    interval was a point (a certain promote for 30/60 against 33/60). gbstats' own variance is 0 there too."""
+    from gbstats.models.statistics import RatioStatistic
+
+    def arm(up: float) -> tuple[np.ndarray, np.ndarray]:
+        num, den = np.zeros(200), np.zeros(200)
+        num[0], den[0] = up, 60.0
+        return num, den
+
+    assert compare_ratio(*arm(30.0), *arm(33.0)) is None
+    one = RatioStatistic(n=200, m_statistic=SampleMeanStatistic(n=200, sum=30.0, sum_squares=900.0),
+                         d_statistic=SampleMeanStatistic(n=200, sum=60.0, sum_squares=3600.0),
+                         m_d_sum_of_products=1800.0)
+    assert abs(one.variance) < 1e-15
+    (num_a, den_a), (num_b, den_b) = arm(30.0), arm(33.0)
+    num_a[1], den_a[1], num_b[1], den_b[1] = 2.0, 4.0, 1.0, 2.0  # a second responder in each: comparable again
+    assert compare_ratio(num_a, den_a, num_b, den_b).std_error > 0.001
+
+
 def test_cuped_needs_only_two_users_with_history():
     rng = np.random.default_rng(23)
     a, b = rng.normal(1, 1, 50), rng.normal(1, 1, 50)
