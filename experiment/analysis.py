@@ -269,8 +269,9 @@ def _arm_sequence(arm: ArmUsers, name: str, policy: Policy) -> dict[str, Any]:
 
 
 def _compare_quantile(control: ArmUsers, candidate: ArmUsers, q: float, policy: Policy) -> dict[str, Any] | None:
-    a = stats.quantile_estimate(control.latencies_ms, q, policy.alpha)
-    b = stats.quantile_estimate(candidate.latencies_ms, q, policy.alpha)
+    # Clustered by user (gbstats QuantileClusteredStatistic): a user's requests are alike, and users were randomised.
+    a = stats.quantile_estimate(control.latencies_ms, q, policy.alpha, clusters=control.latency_users)
+    b = stats.quantile_estimate(candidate.latencies_ms, q, policy.alpha, clusters=candidate.latency_users)
     if a is None or b is None:
         return None
     difference = b.value - a.value

@@ -82,6 +82,9 @@ class ArmUsers:
     latencies_ms: np.ndarray
     strata: np.ndarray  # per user: the phase of their first request (comparisons are made within phases)
     pre: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> the user's value before (nan: none)
+    # Per latency: the index in `user_ids` of the user who made the request (the quantile's clusters);
+    # None: requests taken as independent.
+    latency_users: np.ndarray | None = None
 
     @property
     def users(self) -> int:
@@ -212,6 +215,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
     left_out_requests = 0
     sums = {arm: UserSums() for arm in ARMS}
     latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    latency_users: dict[str, list[str]] = {arm: [] for arm in ARMS}
     phase_arm: list[dict[str, str]] = [{} for _ in phases]  # per phase: user -> arm first served there
     counted: dict[str, tuple[str, str]] = {}  # event id -> (arm, user) for events in the comparison
     crossed: set[str] = set()
@@ -242,6 +246,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         sums[arm].add_event(user, status, tokens_in, tokens_out)
         if timings and timings.get("total") is not None:
             latencies[arm].append(float(timings["total"]))
+            latency_users[arm].append(user)
     seen_feedback: set[str] = set()
     for event_id, _ts, thumbs, rating, corrected in feedback:
         if event_id in counted:
@@ -257,8 +262,10 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         rows = sums[arm].rows
         users = list(rows)
         columns = {c: np.array([rows[u][c] for u in users], dtype=float) for c in COLUMNS}
+        position = {user: n for n, user in enumerate(users)}
         arms[arm] = ArmUsers(user_ids=users, columns=columns, latencies_ms=np.asarray(latencies[arm], dtype=float),
-                             strata=np.array([first_phase[u] for u in users], dtype=int))
+                             strata=np.array([first_phase[u] for u in users], dtype=int),
+                             latency_users=np.array([position[u] for u in latency_users[arm]], dtype=int))
     counts = []
     for phase, by_user in zip(phases, phase_arm, strict=True):
         served = list(by_user.values())

@@ -359,7 +359,8 @@ def sample_ratio(observed: Sequence[int], shares: Sequence[float]) -> float | No
     return float(chisquare(np.asarray(observed, dtype=float), total * weights).pvalue)
 
 
-def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05) -> Estimate | None:
+def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05,
+                      clusters: ArrayLike | None = None) -> Estimate | None:
     """Sample quantile (np.quantile's default 'linear' definition) with a distribution-free variance.
 
     The interval [X_(l), X_(u)] between order statistics at ranks n q -+ z sqrt(n q (1 - q)) (the normal approximation
@@ -368,11 +369,17 @@ def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05) -> Estim
     (n - 1) ((upper - lower) / (2 z))^2, and Estimate.variance is that / n, the variance of the quantile itself.
     None when the ranks would fall outside the sample (gbstats _has_zero_variance: n <= z^2 q / (1 - q) or
     n <= z^2 (1 - q) / q) or when the interval has zero width on fewer than 1000 values. nan values are ignored.
+
+    `clusters` (one id per value: the user who made the request) makes it gbstats' QuantileClusteredStatistic:
+    requests are not independent when users are what was randomised, and one user's are alike, so the variance
+    is scaled by the design effect of the share of values at or below the quantile (the delta-method variance of
+    that share over clusters, over its independent-values variance q (1 - q) / n). None with fewer than 2 clusters.
     """
     if not 0 < q < 1 or not 0 < alpha < 1:
         raise ValueError(f"need 0 < q < 1 and 0 < alpha < 1; got {q}, {alpha}")
-    data = np.asarray(values, dtype=float).ravel()
-    data = np.sort(data[~np.isnan(data)])
+    raw = np.asarray(values, dtype=float).ravel()
+    known = ~np.isnan(raw)
+    data = np.sort(raw[known])
     n = int(data.size)
     z = float(norm.ppf(1 - alpha / 2))
     if n < 2 or n <= z * z * q / (1 - q) or n <= z * z * (1 - q) / q:
@@ -383,8 +390,32 @@ def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05) -> Estim
     width = float(data[upper_rank - 1] - data[lower_rank - 1])
     if width <= 0 and n < 1000:
         return None
-    per_unit = (n - 1) * (width / (2 * z)) ** 2
-    return Estimate(float(np.quantile(data, q)), per_unit / n, n)
+    value = float(np.quantile(data, q))
+    variance = (n - 1) * (width / (2 * z)) ** 2 / n
+    if clusters is not None:
+        ids = np.asarray(clusters).ravel()
+        if ids.shape != raw.shape:
+            raise ValueError("clusters must give one id per value")
+        effect = _design_effect(raw[known] <= value, ids[known], q)
+        if effect is None:
+            return None
+        variance *= effect
+    return Estimate(value, variance, n)
+
+
+def _design_effect(at_or_below: np.ndarray, clusters: np.ndarray, q: float) -> float | None:
+    """gbstats QuantileClusteredStatistic: v_nu_cluster / v_nu_iid for the share of values at or below the quantile."""
+    _ids, index = np.unique(clusters, return_inverse=True)
+    k = int(index.max()) + 1 if index.size else 0
+    if k < 2:
+        return None
+    below = np.bincount(index, weights=at_or_below.astype(float), minlength=k)
+    count = np.bincount(index, minlength=k).astype(float)
+    mean_below, mean_count = float(below.mean()), float(count.mean())
+    covariance = np.cov(below, count, ddof=1)
+    cluster_variance = (covariance[0, 0] - 2 * mean_below * covariance[0, 1] / mean_count
+                        + mean_below**2 * covariance[1, 1] / mean_count**2) / (k * mean_count**2)
+    return float(cluster_variance / (q * (1 - q) / at_or_below.size))
 
 
 # Fixed-horizon, per-request reference blocks, kept in the report next to the by-user analysis. Moved unchanged from

@@ -348,7 +348,10 @@ def test_latency_p95_is_compared_on_requests_and_guards_the_rollout(ramped):
     users = _users(db, experiment_id)
     latencies = {arm: [ms for u in _compared(users).values() if u["arm"] == arm for ms in u["latencies"]]
                  for arm in ("control", "candidate")}
-    a, b = (stats.quantile_estimate(latencies[arm], 0.95, POLICY.alpha) for arm in ("control", "candidate"))
+    clusters = {arm: [user for user, u in _compared(users).items() if u["arm"] == arm for _ms in u["latencies"]]
+                for arm in ("control", "candidate")}
+    a, b = (stats.quantile_estimate(latencies[arm], 0.95, POLICY.alpha, clusters=clusters[arm])
+            for arm in ("control", "candidate"))
     ci, p_value = stats.sequential_interval(b.value - a.value, a.variance + b.variance,
                                             len(latencies["control"]) + len(latencies["candidate"]), POLICY.alpha,
                                             POLICY.sequential_tuning)

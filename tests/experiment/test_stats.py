@@ -262,6 +262,46 @@ def test_quantile_estimate():
         quantile_estimate(latencies, 1.0)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_clustered_quantile_is_gbstats_quantile_clustered_statistic(seed):
+    """Heavy users with a latency level of their own: the variance gbstats' QuantileClusteredStatistic gives,
+    from the sums GrowthBook's SQL computes (per user: requests at or below the quantile, and requests)."""
+    from gbstats.models.statistics import QuantileClusteredStatistic
+
+    rng = np.random.default_rng(seed)
+    requests = np.minimum(rng.pareto(1.2, 300).astype(int) + 1, 200)
+    level = rng.lognormal(math.log(800), 0.6, 300)
+    latencies = np.concatenate([scale * rng.lognormal(0, 0.3, r) for scale, r in zip(level, requests, strict=True)])
+    users = np.repeat(np.arange(300), requests)
+    order = rng.permutation(latencies.size)  # the rows' order does not matter
+    latencies, users = latencies[order], users[order]
+    q, n = 0.95, latencies.size
+    clustered = quantile_estimate(latencies, q, clusters=users)
+    independent = quantile_estimate(latencies, q)
+    ordered = np.sort(latencies)
+    half = 1.959963984540054 * math.sqrt(n * q * (1 - q))
+    below = np.bincount(users, weights=(latencies <= clustered.value).astype(float))
+    count = np.bincount(users).astype(float)
+    reference = QuantileClusteredStatistic(
+        n=n, n_star=n, nu=q, quantile_hat=clustered.value, quantile_lower=ordered[math.floor(n * q - half) - 1],
+        quantile_upper=ordered[math.ceil(n * q + half) - 1], main_sum=below.sum(), main_sum_squares=(below**2).sum(),
+        denominator_sum=count.sum(), denominator_sum_squares=(count**2).sum(),
+        main_denominator_sum_product=(below * count).sum(), n_clusters=300)
+    assert clustered.value == independent.value == np.quantile(latencies, q)
+    assert clustered.variance == pytest.approx(reference.variance / n, rel=1e-9)
+    assert clustered.variance > 3 * independent.variance  # what taking requests as independent hid
+
+
+def test_one_request_per_user_is_clustered_about_as_independent():
+    rng = np.random.default_rng(4)
+    latencies = rng.lognormal(5, 0.5, 2000)
+    clustered = quantile_estimate(latencies, 0.95, clusters=np.arange(2000))
+    assert clustered.variance == pytest.approx(quantile_estimate(latencies, 0.95).variance, rel=0.02)
+    assert quantile_estimate(latencies, 0.95, clusters=np.zeros(2000)) is None  # one user: no clusters to compare
+    with pytest.raises(ValueError, match="one id per value"):
+        quantile_estimate(latencies, 0.95, clusters=np.arange(10))
+
+
 def test_users_are_the_unit_delta_method_matches_simulation_and_per_request_binomial_does_not():
     """Requests of one user share that user's rate, so the ratio varies more than a per-request binomial says."""
     rng = np.random.default_rng(9)
