@@ -123,10 +123,12 @@ def _experiment(share: float) -> Experiment:
 
 
 def _arm(ids: np.ndarray, requests: np.ndarray, thumbs_up: np.ndarray, latencies: np.ndarray,
-         strata: np.ndarray | None = None, thumbs: np.ndarray | None = None) -> ArmUsers:
+         strata: np.ndarray | None = None, thumbs: np.ndarray | None = None,
+         latency_users: np.ndarray | None = None) -> ArmUsers:
     """Per-user sums, by default with thumbs on every request: satisfaction of a thumbs is 1 (up) or 0 (down).
 
-    `strata`: each user's phase of first assignment (all 0 in a single-phase experiment).
+    `strata`: each user's phase of first assignment (all 0 in a single-phase experiment). `latency_users`: per
+    latency, the index of its user in `ids` (the p95's clusters, as experiment.metrics records them).
     """
     requests, thumbs_up = requests.astype(float), thumbs_up.astype(float)
     thumbs = requests if thumbs is None else thumbs.astype(float)
@@ -134,7 +136,8 @@ def _arm(ids: np.ndarray, requests: np.ndarray, thumbs_up: np.ndarray, latencies
     columns.update(requests=requests, thumbs=thumbs, feedback_events=thumbs, satisfaction_n=thumbs,
                    thumbs_up=thumbs_up, satisfaction_sum=thumbs_up)
     strata = np.zeros(ids.size, dtype=int) if strata is None else strata
-    return ArmUsers(user_ids=ids.tolist(), columns=columns, latencies_ms=latencies, strata=strata)
+    return ArmUsers(user_ids=ids.tolist(), columns=columns, latencies_ms=latencies, strata=strata,
+                    latency_users=latency_users)
 
 
 def _propensities(rng: np.random.Generator, mean: float, sd: float | None, n: int) -> np.ndarray:
@@ -170,7 +173,7 @@ class Simple:
             arms, counts = {}, []
             for name, mask in (("control", ~candidate[:end]), ("candidate", candidate[:end])):
                 arms[name] = _arm(ids[:end][mask], requests[:end][mask], ups[:end][mask],
-                                  latencies[:end][mask].ravel())
+                                  latencies[:end][mask].ravel(), latency_users=np.repeat(np.arange(mask.sum()), m))
                 counts.append(int(mask.sum()))
             phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
             collected = Collected(experiment=experiment, arms=arms, phases=[phase])
@@ -208,7 +211,8 @@ class FewResponders:
                 chosen = np.flatnonzero(mask)
                 arms[name] = _arm(ids[chosen], requests[chosen], ups[chosen],
                                   np.concatenate([latencies[i] for i in chosen]) if chosen.size else np.zeros(0),
-                                  thumbs=thumbs[chosen])
+                                  thumbs=thumbs[chosen],
+                                  latency_users=np.repeat(np.arange(chosen.size), requests[chosen]))
                 counts.append(int(chosen.size))
             phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
             collected = Collected(experiment=experiment, arms=arms, phases=[phase])
@@ -243,6 +247,8 @@ class Ramp:
         cut_requests, cut_ups = np.zeros(n, dtype=int), np.zeros(n, dtype=int)  # the movers' later requests cut
         latencies: list[list[np.ndarray]] = [[], []]
         cut_latencies: list[list[np.ndarray]] = [[], []]
+        latency_users: list[list[np.ndarray]] = [[], []]  # the pool index of each latency's user
+        cut_latency_users: list[list[np.ndarray]] = [[], []]
         old_thumbs = np.zeros((2, 2), dtype=int)  # [arm] -> (up, thumbs), by serving arm
         old_seen = np.zeros((2, n), dtype=bool)  # [arm] -> users ever served by it
         half = self.periods // 2
@@ -272,7 +278,9 @@ class Ramp:
             active_in[phase] |= active
             for arm in (0, 1):
                 latencies[arm].append(latency[counted & (home == arm)])
+                latency_users[arm].append(np.flatnonzero(counted & (home == arm)))
                 cut_latencies[arm].append(latency[cut_counted & (home == arm)])
+                cut_latency_users[arm].append(np.flatnonzero(cut_counted & (home == arm)))
                 by_arm = active & (served == arm)
                 old_thumbs[arm] += (int((by_arm & up).sum()), int(by_arm.sum()))
                 old_seen[arm] |= by_arm
@@ -288,15 +296,22 @@ class Ramp:
             for arm, name in enumerate(("control", "candidate")):
                 mask = home == arm
                 kept = mask & ~left_out
-                arms[name] = _arm(ids[kept], requests[kept], ups[kept], np.concatenate(latencies[arm]), first[kept])
+                arms[name] = _arm(ids[kept], requests[kept], ups[kept], np.concatenate(latencies[arm]), first[kept],
+                                  latency_users=_positions(kept, np.concatenate(latency_users[arm])))
                 cut_arms[name] = _arm(ids[mask], cut_requests[mask], cut_ups[mask],
-                                      np.concatenate(cut_latencies[arm]), first[mask])
+                                      np.concatenate(cut_latencies[arm]), first[mask],
+                                      latency_users=_positions(mask, np.concatenate(cut_latency_users[arm])))
             collected = Collected(experiment=_experiment(share), arms=arms, phases=phases,
                                   crossovers=int(crossed.sum()), left_out_users=int((left_out & (home >= 0)).sum()))
             cut = Collected(experiment=_experiment(share), arms=cut_arms, phases=phases,
                             crossovers=int(crossed.sum()), excluded_requests=excluded)
             old = (int(old_thumbs[0, 0]), int(old_thumbs[0, 1]), int(old_thumbs[1, 0]), int(old_thumbs[1, 1]))
             yield Look(collected, old, (int(old_seen[0].sum()), int(old_seen[1].sum())), share, cut)
+
+
+def _positions(chosen: np.ndarray, pool_index: np.ndarray) -> np.ndarray:
+    """Pool indices of users (all in `chosen`) as their positions among the chosen users."""
+    return (np.cumsum(chosen) - 1)[pool_index]
 
 
 # --- the two rules ------------------------------------------------------------------------------------------------
