@@ -1,0 +1,67 @@
+"""What the proxy's shutdown must do: write what is still queued, stop what it started, close what it opened.
+
+A deployment restarts replicas all day; events and feedback accepted just before a restart must reach the store.
+The lifespan runs here in the test's own event loop, so what it leaves behind is there to be seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from proxy.app import create_app
+from retrieval.corpus import Document
+from serving.stub import running_stub
+from store.db import Database
+from store.models import Feedback, SearchEvent
+from tests.proxy.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+def index_documents():
+    return [Document("Lists", "doc:lists", "A list is a mutable sequence. Use append to add an item to a list.")]
+
+
+async def _eventually(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_shutdown_writes_the_queue_stops_its_tasks_and_closes_its_connections(tmp_path, index_dir):
+    with running_stub(model="control-model", answer="control says hi") as (stub, upstream_url):
+        # Nothing is written while the proxy runs: the writer's interval is an hour and its batch 10,000 rows.
+        settings = make_settings(tmp_path, index_dir=index_dir, llm_api_base=upstream_url,
+                                 writer_flush_interval_s=3600.0, writer_batch_size=10_000)
+        app = create_app(settings)
+        before = asyncio.all_tasks()
+        async with app.router.lifespan_context(app):
+            state = app.state.abloop
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+                searched = [await client.post("/api/v1/search", json={"query": f"what is a list {n}?",
+                                                                        "user_id": f"user-{n}"}) for n in range(3)]
+                assert [response.status_code for response in searched] == [200, 200, 200]
+                ids = [response.json()["request_id"] for response in searched]
+                thumbs = await client.post("/api/v1/feedback", json={"request_id": ids[0], "thumbs": "up"})
+                assert thumbs.status_code == 201, thumbs.text
+            assert all(state.writer.is_pending(event_id) for event_id in ids)  # still queued, not written
+            assert stub.connections > 0  # the pool keeps its connection to the model server open
+            assert state.retriever._batching is not None  # the query embedder was started by the searches
+            assert state.db.engine.pool.checkedin() > 0
+        left_running = {task for task in asyncio.all_tasks() - before if not task.done()} - {asyncio.current_task()}
+        assert left_running == set()  # the refresh loop, the writer's flusher, the embedder's batcher
+        assert await _eventually(lambda: stub.connections == 0), "the upstream pool was not closed"
+        assert state.db.engine.pool.checkedin() == 0  # the store's pooled connections closed
+
+    db = Database(settings.database_url)
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(SearchEvent)) == 3
+        assert session.execute(select(Feedback.event_id, Feedback.thumbs)).all() == [(ids[0], "up")]
+    db.dispose()
