@@ -46,7 +46,7 @@ class Policy:
     min_signals_per_arm: int = 50  # of the primary metric's denominator: e.g. feedback given
     # Users with a non-zero denominator (who gave feedback, whose answer was scored), for the primary metric and
     # each guardrail: the delta method's variance rests on them, and with a handful it is far too small
-    # (bench/stats_calibration.py scenario 5: one heavy responder per arm promoted an A/A test half the time).
+    # (bench/few_responders.py: with two responders an arm, 6% of A/A tests promoted against a nominal 2.5%).
     min_responders_per_arm: int = 20
     guardrails: tuple[Guardrail, ...] = field(default=DEFAULT_GUARDRAILS)
     cuped: bool = True
