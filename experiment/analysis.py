@@ -253,6 +253,7 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         "cuped": comparison.cuped,
         "users": list(comparison.users),
         "responders": [control.responders(metric.denominator), candidate.responders(metric.denominator)],
+        "numerator_users": [control.responders(metric.numerator), candidate.responders(metric.numerator)],
         "strata": len(parts),
     }
 
@@ -294,8 +295,13 @@ def _guardrails(metrics: dict[str, Any], users: tuple[int, int], policy: Policy)
             continue
         hit, margin = guardrail_breached(guardrail, control=comparison["control"], ci=tuple(comparison["ci"]),
                                          higher_is_better=comparison["higher_is_better"])
-        # Latency counts requests, not responders; the others need enough users behind their denominator.
+        # Latency counts requests, not responders; the others need enough users behind their denominator in each
+        # arm, and a breach enough behind the numerator in the two together: a feedback rate that rests on two
+        # users' feedback, or an error rate on two users' errors, is those users, not the arm (scenario 5 of
+        # bench/stats_calibration.py). No errors at all is no breach, and says so.
         sampled = checked and min(comparison.get("responders", users)) >= policy.min_responders_per_arm
+        if hit and sum(comparison.get("numerator_users", users)) < policy.min_responders_per_arm:
+            sampled = False
         hit = hit and sampled
         results[guardrail.metric] = {"status": "breached" if hit else ("ok" if sampled else "waiting for sample"),
                                      "margin": margin, "relative_margin": guardrail.relative,

@@ -254,6 +254,42 @@ def test_a_verdict_and_a_guardrail_need_enough_users_behind_their_signals(sqlite
     assert enough.action == "roll_back" and "answer_score" in enough.decision["reason"]
 
 
+def test_a_guardrail_waits_while_its_numerator_rests_on_a_few_users(sqlite_db):
+    """A/A-like: nobody on the candidate gave feedback, two heavy users on control did. The feedback rate's
+    denominator (requests) has every user behind it, its numerator two: that is those two users, not a drop."""
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=400, control=ArmBehaviour(feedback=0.0),
+                  candidate=ArmBehaviour(feedback=0.0))
+    with sqlite_db.session() as session:
+        controls = [user for (user,) in session.query(SearchEvent.user_id).filter(SearchEvent.arm == "control")
+                    .order_by(SearchEvent.user_id)]
+
+    def give_feedback(users: list[str], searches: int) -> None:
+        moment = utcnow()
+        ids = {user: [new_id() for _ in range(searches)] for user in users}
+        with sqlite_db.session() as session:
+            session.execute(insert(SearchEvent), [
+                {"id": event_id, "ts": moment, "user_id": user, "experiment_id": running.id, "arm": "control",
+                 "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
+                 "timings": {"total": 100.0}} for user, events in ids.items() for event_id in events])
+            session.execute(insert(Feedback), [
+                {"id": new_id(), "event_id": event_id, "ts": moment, "thumbs": "up"}
+                for events in ids.values() for event_id in events])
+
+    give_feedback(controls[:2], 400)
+    few = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100, min_responders_per_arm=20))
+    rate = few.metrics["feedback_rate"]
+    assert rate["numerator_users"] == [2, 0] and rate["ci"][1] < -0.2 * rate["control"]  # beyond the margin
+    assert few.guardrails["results"]["feedback_rate"]["status"] == "waiting for sample"
+    assert few.action != "roll_back", few.decision
+
+    give_feedback(controls[2:25], 40)  # 25 users behind it now: a real difference between the arms
+    enough = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100, min_responders_per_arm=20))
+    assert enough.metrics["feedback_rate"]["numerator_users"] == [25, 0]
+    assert enough.guardrails["results"]["feedback_rate"]["status"] == "breached"
+    assert enough.action == "roll_back" and "feedback_rate" in enough.decision["reason"]
+
+
 def test_feedback_rows_on_one_event_count_once_for_the_feedback_rate(sqlite_db):
     running = traffic.start(sqlite_db)
     silent = ArmBehaviour(feedback=0.0)

@@ -179,7 +179,9 @@ def test_each_metric_is_the_within_phase_comparison_of_its_users(ramped):
             "fixed_horizon": {"ci": list(expected.fixed_ci), "p_value": expected.fixed_p_value},
             "cuped": None, "users": list(expected.users), "strata": 2,
             "responders": [int(np.count_nonzero(_column(users, arm, metric.denominator)))
-                           for arm in ("control", "candidate")]}, rel=1e-9), name
+                           for arm in ("control", "candidate")],
+            "numerator_users": [int(np.count_nonzero(_column(users, arm, metric.numerator)))
+                                for arm in ("control", "candidate")]}, rel=1e-9), name
     # Lower is better for errors: the candidate's fewer errors make its chance to win high.
     assert analysis.metrics["error_rate"]["chance_to_win"] > 0.5 > analysis.metrics["error_rate"]["difference"]
     assert analysis.metrics["correction_rate"]["control"] > 0 and analysis.metrics["judge_score"]["difference"] > 0
