@@ -316,3 +316,15 @@ def test_an_x_user_id_that_is_not_utf8_is_a_422_naming_it(client):
     assert response.status_code == 422
     assert response.json()["message"] == "invalid request: X-User-Id header: Value error, must be UTF-8"
     assert response.json()["detail"][0]["loc"] == ["header", "x-user-id"]
+
+
+def test_a_value_json_cannot_print_is_echoed_as_its_type_name():
+    """The 422 builder's last resort, called directly: no request body gets this deep through a JSON parser."""
+    from proxy.app import _excerpt
+
+    nested: list = []
+    for _ in range(100_000):  # past the recursion limit of json.dumps
+        nested = [nested]
+    assert _excerpt(nested) == "list"
+    assert _excerpt({"n": 10**5000}) == "dict"  # past Python's limit on printing an int
+    assert _excerpt([1, "two"]) == '[1, "two"]'
