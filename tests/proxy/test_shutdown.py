@@ -35,7 +35,11 @@ async def _eventually(condition, timeout: float = 10.0) -> bool:
     return True
 
 
-async def test_shutdown_writes_the_queue_stops_its_tasks_and_closes_its_connections(tmp_path, index_dir):
+async def test_shutdown_writes_the_queue_stops_its_tasks_and_closes_its_connections(tmp_path, index_dir,
+                                                                                     monkeypatch):
+    # As a worker of `abloop proxy --workers N`: it also publishes its gauges on a timer.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    (tmp_path / "metrics").mkdir()
     with running_stub(model="control-model", answer="control says hi") as (stub, upstream_url):
         # Nothing is written while the proxy runs: the writer's interval is an hour and its batch 10,000 rows.
         settings = make_settings(tmp_path, index_dir=index_dir, llm_api_base=upstream_url,
@@ -55,8 +59,10 @@ async def test_shutdown_writes_the_queue_stops_its_tasks_and_closes_its_connecti
             assert stub.connections > 0  # the pool keeps its connection to the model server open
             assert state.retriever._batching is not None  # the query embedder was started by the searches
             assert state.db.engine.pool.checkedin() > 0
+            assert not state.metrics._publishing.done()  # the worker's gauges are being published
         left_running = {task for task in asyncio.all_tasks() - before if not task.done()} - {asyncio.current_task()}
-        assert left_running == set()  # the refresh loop, the writer's flusher, the embedder's batcher
+        # None left of the refresh loop, the writer's flusher, the embedder's batcher, the gauges' publisher.
+        assert left_running == set()
         assert await _eventually(lambda: stub.connections == 0), "the upstream pool was not closed"
         assert state.db.engine.pool.checkedin() == 0  # the store's pooled connections closed
 
