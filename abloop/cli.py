@@ -195,8 +195,9 @@ def _conclude(args: argparse.Namespace, outcome: str, operation: Callable[..., A
 
 def cmd_promote(args: argparse.Namespace) -> None:
     from experiment import lifecycle
+    from experiment.decision import Policy
 
-    _conclude(args, "promoted", lifecycle.promote, force=args.force)
+    _conclude(args, "promoted", lifecycle.promote, force=args.force, policy=Policy.from_settings(_settings()))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ CLI, the flows and the rollout all call these functions; nothing else changes an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,9 @@ from store import prompts
 from store.db import Database
 from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, new_salt
 from store.models import Experiment, utcnow
+
+if TYPE_CHECKING:
+    from experiment.decision import Policy
 
 __all__ = [
     "ExperimentNotFound",
@@ -168,13 +171,15 @@ def conclude(
     return fresh
 
 
-def promote(db: Database, experiment_id: str, *, force: bool = False, via: str,
-            reason: str | None = None) -> Experiment:
+def promote(db: Database, experiment_id: str, *, force: bool = False, via: str, reason: str | None = None,
+            policy: Policy | None = None, current: dict[str, Any] | None = None) -> Experiment:
     """Candidate becomes control, share back to 0; returns the successor experiment.
 
     Without `force` the experiment must carry a recorded "promote" decision (written by
     `abloop evaluate` or the evaluate_arms flow): a promotion is backed by numbers or by an
-    operator who said so.
+    operator who said so. And the numbers must still say so: the experiment is analysed again
+    (with `policy`; `current`: a decision made moments ago, by the rollout) and a decision that no
+    longer holds (traffic since, a share change) is refused with what the analysis says now.
     """
     experiment = get(db, experiment_id)
     recorded = (experiment.decision or {}).get("action")
@@ -183,6 +188,15 @@ def promote(db: Database, experiment_id: str, *, force: bool = False, via: str,
             f"experiment {experiment_id} has no recorded promote decision (recorded: {recorded!r}); "
             "run `abloop evaluate` first or force it"
         )
+    if not force:
+        from experiment.analysis import analyse
+
+        now = current or analyse(db, experiment_id, policy).decision
+        if now["action"] != "promote":
+            raise NoPromoteDecision(
+                f"experiment {experiment_id}: its recorded promote decision no longer holds; the analysis now "
+                f"says {now['action']}: {now['reason']}; run `abloop evaluate` again or force it"
+            )
     default = "forced by an operator" if force and recorded != "promote" else f"promoted via {via}"
     decision = dict(experiment.decision or {}, forced=force, via=via, reason=reason or default)
     return conclude(db, experiment_id, outcome="promoted", decision=decision)

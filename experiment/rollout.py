@@ -92,7 +92,8 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
         _advance(db, experiment.id, plan, step + 1, why, snapshot)
         return {"did": "advanced", "step": step + 1, "share": to_share}
     if action == PROMOTE and plan.auto_promote:
-        successor = lifecycle.promote(db, experiment.id, via="rollout", reason=f"automatic: {reason}")
+        successor = lifecycle.promote(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
+                                      current=analysis.decision)
         return {"did": "promoted", "step": step, "successor": successor.id}
     if action == PROMOTE:
         return dict(waiting, did="awaiting_approval")

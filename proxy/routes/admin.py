@@ -9,6 +9,7 @@ import time
 from fastapi import APIRouter, HTTPException, status
 
 from experiment import lifecycle
+from experiment.decision import Policy
 from experiment.metrics import DEFAULT_PRIMARY
 from proxy.deps import AdminDep, Fetch, FetchDep, StateDep
 from proxy.schemas import (
@@ -114,7 +115,8 @@ async def _conclude(state: StateDep, experiment_id: str, operation, **kwargs) ->
 @router.post("/admin/promote", response_model=ExperimentView, responses=error_responses(400, 404, 409, 413))
 async def promote(body: PromoteRequest, state: StateDep) -> ExperimentView:
     """Candidate becomes control and the share returns to 0 (see `experiment.lifecycle.promote`)."""
-    return await _conclude(state, body.experiment_id, lifecycle.promote, force=body.force)
+    return await _conclude(state, body.experiment_id, lifecycle.promote, force=body.force,
+                           policy=Policy.from_settings(state.settings))
 
 
 @router.post("/admin/rollback", response_model=ExperimentView, responses=error_responses(400, 404, 409, 413))

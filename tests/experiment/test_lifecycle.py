@@ -91,7 +91,7 @@ def test_a_forced_promotion_without_a_decision_says_so_and_one_with_a_decision_n
     third = experiments.get_running(sqlite_db)
     assert third.id != second.id
     _record_decision(sqlite_db, third.id, {"action": "promote", "reason": "candidate is better"})
-    lifecycle.promote(sqlite_db, third.id, via="rollout")
+    lifecycle.promote(sqlite_db, third.id, via="rollout", current={"action": "promote", "reason": "better"})
     decision = experiments.get(sqlite_db, third.id).decision
     assert decision == {"action": "promote", "reason": "promoted via rollout", "forced": False, "via": "rollout"}
     # Forcing what the numbers already back is not an operator overriding them.
@@ -109,6 +109,31 @@ def test_promoting_without_a_recorded_promote_decision_is_refused_and_says_what_
     assert str(refused.value) == (f"experiment {running.id} has no recorded promote decision (recorded: "
                                   "'keep_running'); run `abloop evaluate` first or force it")
     assert experiments.get(sqlite_db, running.id).status == "running"
+
+
+def test_a_recorded_promote_decision_that_no_longer_holds_is_refused_until_forced(sqlite_db):
+    """Recorded as promote; then the candidate fails 30% of a wave of new users' requests. The record alone
+    would still have promoted it: promote analyses again and says why it will not."""
+    import experiment
+    from experiment.decision import Policy
+    from tests.experiment.traffic import ArmBehaviour
+
+    running = traffic.start(sqlite_db)
+    traffic.write(sqlite_db, running, users=1500, requests_per_user=2, control=ArmBehaviour(up=0.4),
+                  candidate=ArmBehaviour(up=0.6))
+    assert experiment.evaluate(sqlite_db, running.id).action == "promote"
+    traffic.write(sqlite_db, running, users=3000, first_user=1500, control=ArmBehaviour(up=0.4),
+                  candidate=ArmBehaviour(up=0.6, error=0.3), seed=1)
+    assert experiments.get(sqlite_db, running.id).decision["action"] == "promote"  # the record, unchanged
+    with pytest.raises(lifecycle.NoPromoteDecision) as refused:
+        lifecycle.promote(sqlite_db, running.id, via="api", policy=Policy())
+    assert str(refused.value).startswith(f"experiment {running.id}: its recorded promote decision no longer holds; "
+                                         "the analysis now says roll_back: guardrail breached: error_rate")
+    assert str(refused.value).endswith("; run `abloop evaluate` again or force it")
+    assert experiments.get(sqlite_db, running.id).status == "running"
+    # The policy is the caller's: one that checks no guardrail finds the promote still there.
+    lifecycle.promote(sqlite_db, running.id, via="api", policy=Policy(guardrails=()))
+    assert experiments.get(sqlite_db, running.id).status == "promoted"
 
 
 def test_promoting_a_prompt_candidate_activates_its_template(sqlite_db):
