@@ -222,6 +222,9 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
     parts = []
     for stratum in np.intersect1d(control.strata, candidate.strata):
         a, b = control.strata == stratum, candidate.strata == stratum
+        if not _enough_responders(control.columns[metric.denominator][a], candidate.columns[metric.denominator][b],
+                                  policy.min_responders_per_arm):
+            continue
         part = stats.compare_ratio(
             control.columns[metric.numerator][a], control.columns[metric.denominator][a],
             candidate.columns[metric.numerator][b], candidate.columns[metric.denominator][b],
@@ -256,6 +259,18 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         "numerator_users": [control.responders(metric.numerator), candidate.responders(metric.numerator)],
         "strata": len(parts),
     }
+
+
+def _enough_responders(control_den: np.ndarray, candidate_den: np.ndarray, minimum: int) -> bool:
+    """Whether a phase's smaller arm is expected to hold `minimum` users with a non-zero denominator.
+
+    Per phase, as for the whole arm: a 2% first phase of thousands of users, with three candidate users who gave
+    feedback, would otherwise carry most of the weight on those three. Expected at the phase's pooled rate, so the
+    choice never looks at the difference between the arms.
+    """
+    users = control_den.size + candidate_den.size
+    with_signal = np.count_nonzero(control_den) + np.count_nonzero(candidate_den)
+    return min(control_den.size, candidate_den.size) * with_signal / users >= minimum
 
 
 def _arm_sequence(arm: ArmUsers, name: str, policy: Policy) -> dict[str, Any]:

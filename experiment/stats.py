@@ -249,6 +249,7 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
         adjusted = _cuped(post_a, post_b, pre_a, pre_b)
         if adjusted is not None:
             arm_a, arm_b, cuped = adjusted
+    arm_a, arm_b = _spread_for_the_spreadless(arm_a, arm_b, post_a, post_b, num_a, den_a, num_b, den_b)
     difference = arm_b.mean - arm_a.mean
     variance = arm_a.variance / arm_a.n + arm_b.variance / arm_b.n  # gbstats frequentist_variance, absolute
     if cuped is not None:
@@ -269,6 +270,30 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
                       std_error=math.sqrt(variance), dof=dof, fixed_ci=fixed_ci, fixed_p_value=fixed_p,
                       sequential_ci=sequential_ci, sequential_p_value=sequential_p, chance_to_win=chance, users=users,
                       cuped=cuped)
+
+
+def _spread_for_the_spreadless(arm_a: _Arm, arm_b: _Arm, post_a: np.ndarray, post_b: np.ndarray,
+                               num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
+                               den_b: np.ndarray) -> tuple[_Arm, _Arm]:
+    """One arm without spread (every user the same ratio: no feedback at all, every thumb down) beside one with
+    it: the spreadless arm's variance is taken as the two arms' pooled one.
+
+    A hundred users none of whom gave feedback, beside thousands of whom 3% did, have a delta-method variance of
+    0, and the interval would be as narrow as if their rate were known; under the null of no difference the arm's
+    spread is the pooled one (gbstats reports nothing for an arm with zero variance). Both arms without spread
+    keep their exact difference.
+    """
+    flat_a, flat_b = _no_spread(post_a), _no_spread(post_b)
+    if flat_a == flat_b:
+        return arm_a, arm_b
+    pooled = float(np.var(linearised(np.concatenate([num_a, num_b]), np.concatenate([den_a, den_b])), ddof=1))
+    if flat_a:
+        return _Arm(arm_a.mean, max(arm_a.variance, pooled), arm_a.n), arm_b
+    return arm_a, _Arm(arm_b.mean, max(arm_b.variance, pooled), arm_b.n)
+
+
+def _no_spread(values: np.ndarray) -> bool:
+    return float(np.ptp(values)) <= 1e-9 * max(1.0, float(np.abs(values).max()))
 
 
 def relative_change(before: Estimate, after: Estimate, alpha: float = 0.05) -> dict[str, Any] | None:

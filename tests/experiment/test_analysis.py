@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from sqlalchemy import insert
 
@@ -16,7 +17,7 @@ from experiment.assignment import bucket
 from experiment.decision import Policy
 from experiment.rollout import record_decision
 from store import experiments
-from store.models import AnswerScore, Feedback, SearchEvent, new_id, utcnow
+from store.models import AnswerScore, Experiment, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
 from tests.experiment.traffic import ArmBehaviour
 
@@ -242,9 +243,9 @@ def test_a_verdict_and_a_guardrail_need_enough_users_behind_their_signals(sqlite
     assert few.metrics["satisfaction"] is None  # one user an arm gives the ratio no variance to speak of
     assert few.action == "not_enough_data", few.decision
     assert few.decision["reason"].startswith("satisfaction observations per arm [60, 60] from [1, 1] users")
-    assert few.metrics["answer_score"]["responders"] == [5, 5]
-    assert few.metrics["answer_score"]["ci"][1] < -0.05  # worse by more than the margin, on five users an arm
-    assert few.guardrails["results"]["answer_score"]["status"] == "waiting for sample"
+    assert few.arms["candidate"]["answer_score"] < few.arms["control"]["answer_score"] - 0.5  # on five users an arm
+    assert few.metrics["answer_score"] is None  # five users an arm are no comparison
+    assert few.guardrails["results"]["answer_score"]["status"] == "no data"
     assert few.guardrails["results"]["error_rate"]["status"] == "ok"  # every user has requests
 
     score(slice(6, 41))  # 35 more: 40 users an arm
@@ -279,8 +280,10 @@ def test_a_guardrail_waits_while_its_numerator_rests_on_a_few_users(sqlite_db):
     give_feedback(controls[:2], 400)
     few = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100, min_responders_per_arm=20))
     rate = few.metrics["feedback_rate"]
-    assert rate["numerator_users"] == [2, 0] and rate["ci"][1] < -0.2 * rate["control"]  # beyond the margin
-    assert few.guardrails["results"]["feedback_rate"]["status"] == "waiting for sample"
+    assert rate["numerator_users"] == [2, 0] and rate["control"] > 0.7 and rate["candidate"] == 0
+    # The candidate's no-feedback-at-all has no spread: its variance is the pooled one, not 0.
+    assert rate["ci"][1] > -0.2 * rate["control"]
+    assert few.guardrails["results"]["feedback_rate"]["status"] != "breached"
     assert few.action != "roll_back", few.decision
 
     give_feedback(controls[2:25], 40)  # 25 users behind it now: a real difference between the arms
@@ -288,6 +291,49 @@ def test_a_guardrail_waits_while_its_numerator_rests_on_a_few_users(sqlite_db):
     assert enough.metrics["feedback_rate"]["numerator_users"] == [25, 0]
     assert enough.guardrails["results"]["feedback_rate"]["status"] == "breached"
     assert enough.action == "roll_back" and "feedback_rate" in enough.decision["reason"]
+
+
+def test_a_phase_whose_smaller_arm_has_too_few_responders_is_left_out_of_the_comparison():
+    """A 2% first phase of 3,000 users with 4 candidate users who gave feedback, beside a 50% phase: weighted by
+    its users it would carry the comparison on those four."""
+    from experiment.analysis import analyse_collected
+    from experiment.metrics import COLUMNS, ArmUsers, Collected
+
+    def arm(thumbs_by_phase: list[np.ndarray]) -> ArmUsers:
+        thumbs = np.concatenate(thumbs_by_phase)
+        columns = {column: np.zeros(thumbs.size) for column in COLUMNS}
+        columns.update(requests=np.maximum(thumbs, 1.0), thumbs=thumbs, satisfaction_n=thumbs,
+                       thumbs_up=np.floor(thumbs * 0.3), satisfaction_sum=np.floor(thumbs * 0.3))
+        strata = np.concatenate([np.full(part.size, n) for n, part in enumerate(thumbs_by_phase)])
+        return ArmUsers([f"u{n}" for n in range(thumbs.size)], columns, np.full(thumbs.size, 100.0), strata)
+
+    def phase(users: int, responders: int) -> np.ndarray:
+        thumbs = np.zeros(users)
+        thumbs[:responders] = 10.0 + np.arange(responders) % 7
+        return thumbs
+
+    control = arm([phase(2940, 90), phase(500, 30)])
+    candidate = arm([phase(60, 4), phase(500, 30)])
+    experiment = Experiment(id="e", candidate_base_url="http://c", candidate_share=0.5, status="running",
+                            primary_metric=None, salt="s")
+    analysis = analyse_collected(Collected(experiment, {"control": control, "candidate": candidate}, []),
+                                 Policy(cuped=False, min_responders_per_arm=20))
+    assert analysis.metrics["satisfaction"]["strata"] == 1  # the 50% phase alone: 60 x 94/3000 < 20 expected
+    assert analysis.metrics["satisfaction"]["users"] == [500, 500]
+    assert analysis.metrics["error_rate"]["strata"] == 2  # every user has requests: 60 users are enough there
+
+
+def test_a_breach_on_a_numerator_of_few_users_waits():
+    """The guardrail alone: an interval beyond the margin that rests on fewer users than the minimum."""
+    from experiment.analysis import _guardrails
+
+    comparison = {"control": 0.5, "candidate": 0.1, "difference": -0.4, "ci": [-0.6, -0.2], "higher_is_better": True,
+                  "responders": [200, 200]}
+    policy = Policy(min_users_per_arm=100, min_responders_per_arm=20)
+    few = _guardrails({"feedback_rate": dict(comparison, numerator_users=[12, 7])}, (200, 200), policy)
+    enough = _guardrails({"feedback_rate": dict(comparison, numerator_users=[13, 7])}, (200, 200), policy)
+    assert few["results"]["feedback_rate"]["status"] == "waiting for sample" and few["breached"] == []
+    assert enough["results"]["feedback_rate"]["status"] == "breached" and len(enough["breached"]) == 1
 
 
 def test_feedback_rows_on_one_event_count_once_for_the_feedback_rate(sqlite_db):

@@ -130,6 +130,26 @@ def test_compare_ratio_needs_two_users_with_a_denominator_in_each_arm():
     assert compare_ratio(num_a, den_a, num_b, den_b).std_error > 0.001
 
 
+def test_an_arm_without_spread_beside_one_with_it_takes_the_pooled_variance():
+    """100 users with no feedback at all beside 4,900 of whom 3% gave 40 each: the 100 zeros have no spread, yet
+    their rate is far from known. Their variance is the two arms' pooled one, not 0."""
+    control_den = np.ones(4900)
+    control_num = np.zeros(4900)
+    control_num[:147] = 40.0
+    control_den[:147] = 40.0
+    silent_num, silent_den = np.zeros(100), np.ones(100)
+    result = compare_ratio(control_num, control_den, silent_num, silent_den)
+    pooled = np.var(linearised(np.concatenate([control_num, silent_num]), np.concatenate([control_den, silent_den])),
+                    ddof=1)
+    own = np.var(linearised(control_num, control_den), ddof=1)
+    assert result.std_error == pytest.approx(math.sqrt(own / 4900 + pooled / 100), rel=1e-12)
+    assert result.std_error > 2 * math.sqrt(own / 4900)  # what the 100 zeros would have claimed alone
+    swapped = compare_ratio(silent_num, silent_den, control_num, control_den)  # the silent arm as control
+    assert swapped.std_error == pytest.approx(result.std_error, rel=1e-12)
+    both_flat = compare_ratio(np.zeros(50), np.ones(50), np.ones(50), np.ones(50))
+    assert both_flat.std_error == 0.0  # both arms without spread: the difference is known
+
+
 def test_cuped_needs_only_two_users_with_history():
     rng = np.random.default_rng(23)
     a, b = rng.normal(1, 1, 50), rng.normal(1, 1, 50)
