@@ -58,7 +58,8 @@ def one_run(rng: np.random.Generator, stratify: bool) -> Analysis:
             for name, mask in (("control", ~candidate), ("candidate", candidate))}
     experiment = Experiment(id="sim", candidate_base_url="http://sim", candidate_share=SHARES[1], status="running",
                             primary_metric="satisfaction", started_at=START, salt="x")
-    return analyse_collected(Collected(experiment, arms, []), Policy(cuped=False))
+    left_out = {0: FIRST - first.size} if stratify else {}
+    return analyse_collected(Collected(experiment, arms, [], left_out_by_phase=left_out), Policy(cuped=False))
 
 
 def main() -> None:

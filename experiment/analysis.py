@@ -146,7 +146,7 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
     control, candidate = collected.arms["control"], collected.arms["candidate"]
     primary_name = experiment.primary_metric or DEFAULT_PRIMARY
 
-    metrics = {name: _compare(name, control, candidate, policy) for name in METRICS}
+    metrics = {name: _compare(name, control, candidate, policy, collected.left_out_by_phase) for name in METRICS}
     metrics["latency_p95_ms"] = _compare_quantile(control, candidate, 0.95, policy)
     primary = metrics.get(primary_name)
     if primary is not None:
@@ -215,11 +215,17 @@ def _ratings_welch(collected: Collected, alpha: float) -> dict[str, Any] | None:
     return stats.welch(means[0], means[1], alpha)
 
 
-def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) -> dict[str, Any] | None:
-    """Candidate against control within each phase of first assignment, combined (see stats.stratified)."""
+def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy,
+             left_out_by_phase: dict[int, int] | None = None) -> dict[str, Any] | None:
+    """Candidate against control within each phase of first assignment, combined (see stats.stratified).
+
+    Each phase weighs as the users first seen in it, those left out by bucket included: the compared users are a
+    random subset of them (by bucket), and weighing by the subset would under-weigh the phases a ramp thinned.
+    """
     metric = METRICS[name]
     use_pre = policy.cuped and name in control.pre and name in candidate.pre
-    parts = []
+    left_out_by_phase = left_out_by_phase or {}
+    parts, sizes = [], []
     for stratum in np.intersect1d(control.strata, candidate.strata):
         a, b = control.strata == stratum, candidate.strata == stratum
         if not _enough_responders(control.columns[metric.denominator][a], candidate.columns[metric.denominator][b],
@@ -234,12 +240,13 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy) 
         )
         if part is not None:
             parts.append(part)
+            sizes.append(int(a.sum() + b.sum()) + left_out_by_phase.get(int(stratum), 0))
     if not parts:
         return None
     pooled = [stats.ratio_estimate(arm.columns[metric.numerator], arm.columns[metric.denominator]).value
               for arm in (control, candidate)]
     comparison = stats.stratified(parts, control=pooled[0], candidate=pooled[1], alpha=policy.alpha,
-                                  tuning=policy.sequential_tuning)
+                                  tuning=policy.sequential_tuning, sizes=sizes)
     if comparison is None:
         return None
     return {

@@ -17,7 +17,7 @@ back would drop the heavier users from one arm. Users seen in both arms are coun
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -113,6 +113,7 @@ class Collected:
     excluded_requests: int = 0  # their requests in the arm they were moved to
     left_out_users: int = 0  # first seen in a phase whose bucket a later share moves (see the module's docstring)
     left_out_requests: int = 0  # their requests (in either arm)
+    left_out_by_phase: dict[int, int] = field(default_factory=dict)  # phase of first request -> users left out
     anonymous_requests: int = 0  # no user id: always control, not randomised, left out
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -272,7 +273,8 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         counts.append(PhaseCount(phase, (served.count("control"), served.count("candidate"))))
     return Collected(experiment=experiment, arms=arms, phases=counts, crossovers=len(crossed),
                      excluded_requests=excluded, anonymous_requests=anonymous, left_out_users=len(left_out),
-                     left_out_requests=left_out_requests)
+                     left_out_requests=left_out_requests,
+                     left_out_by_phase=dict(Counter(first_phase[user] for user in left_out)))
 
 
 def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:

@@ -325,8 +325,11 @@ def relative_change(before: Estimate, after: Estimate, alpha: float = 0.05) -> d
 
 
 def stratified(strata: Sequence[Comparison], *, control: float, candidate: float, alpha: float = 0.05,
-               tuning: float = 5000.0) -> Comparison:
+               tuning: float = 5000.0, sizes: Sequence[float] | None = None) -> Comparison:
     """One comparison from per-stratum comparisons (post-stratification), weighted by users in each stratum.
+
+    `sizes`: each stratum's weight when it is not its users in the comparison (experiment.analysis passes the
+    users first seen in the phase, those left out by bucket included: the compared ones stand for all of them).
 
     A ramp changes the share between phases, so the arms draw their users from the phases in different
     proportions; pooling them turns any change over time (a weekday, a novelty effect, a drift in taste) into a
@@ -340,8 +343,10 @@ def stratified(strata: Sequence[Comparison], *, control: float, candidate: float
         raise ValueError("stratified needs at least one stratum")
     if len(strata) == 1:
         return strata[0]
-    sizes = np.array([sum(c.users) for c in strata], dtype=float)
-    weights = sizes / sizes.sum()
+    if sizes is not None and len(sizes) != len(strata):
+        raise ValueError("give one size per stratum")
+    counts = np.array([sum(c.users) for c in strata] if sizes is None else sizes, dtype=float)
+    weights = counts / counts.sum()
     difference = float(sum(w * c.difference for w, c in zip(weights, strata, strict=True)))
     variance = float(sum(w**2 * c.std_error**2 for w, c in zip(weights, strata, strict=True)))
     users = (sum(c.users[0] for c in strata), sum(c.users[1] for c in strata))

@@ -145,19 +145,20 @@ def _column(users: dict, arm: str, column: str, phase: int | None = None) -> np.
 
 def _expected_comparison(users: dict, name: str) -> stats.Comparison | None:
     metric = METRICS[name]
-    parts = []
+    parts, sizes = [], []
     for phase in (0, 1):
         part = stats.compare_ratio(*(_column(users, arm, column, phase) for arm in ("control", "candidate")
                                      for column in (metric.numerator, metric.denominator)),
                                    alpha=POLICY.alpha, tuning=POLICY.sequential_tuning)
         if part is not None:
             parts.append(part)
+            sizes.append(sum(1 for row in users.values() if row["phase"] == phase))  # left-out users included
     if not parts:
         return None
     pooled = [stats.ratio_estimate(_column(users, arm, metric.numerator), _column(users, arm, metric.denominator))
               for arm in ("control", "candidate")]
     return stats.stratified(parts, control=pooled[0].value, candidate=pooled[1].value, alpha=POLICY.alpha,
-                            tuning=POLICY.sequential_tuning)
+                            tuning=POLICY.sequential_tuning, sizes=sizes)
 
 
 def test_each_metric_is_the_within_phase_comparison_of_its_users(ramped):

@@ -209,6 +209,19 @@ def test_stratified_without_spread_knows_the_difference_exactly(candidate, p_val
     assert combined.fixed_p_value == p_value and combined.chance_to_win == chance and combined.cuped is None
 
 
+def test_stratified_weighs_strata_by_the_sizes_given():
+    rng = np.random.default_rng(5)
+    parts = [compare_ratio(rng.normal(m, 1, 200), _ones(200), rng.normal(m + shift, 1, 200), _ones(200))
+             for m, shift in ((1.0, 0.3), (1.0, 0.0))]
+    by_users = stratified(parts, control=1.0, candidate=1.0)
+    by_arrivals = stratified(parts, control=1.0, candidate=1.0, sizes=[600, 400])
+    assert by_users.difference == pytest.approx(0.5 * parts[0].difference + 0.5 * parts[1].difference)
+    assert by_arrivals.difference == pytest.approx(0.6 * parts[0].difference + 0.4 * parts[1].difference)
+    assert by_arrivals.std_error == pytest.approx(math.hypot(0.6 * parts[0].std_error, 0.4 * parts[1].std_error))
+    with pytest.raises(ValueError, match="one size per stratum"):
+        stratified(parts, control=1.0, candidate=1.0, sizes=[1])
+
+
 def test_stratified_needs_a_stratum():
     with pytest.raises(ValueError, match="at least one stratum"):
         stratified([], control=0.0, candidate=0.0)
