@@ -133,7 +133,9 @@ def timeline(db: Database, experiment_id: str, policy: Policy | None = None, poi
         analysis = analyse(db, experiment_id, policy, until=until)
         primary = analysis.primary or {}
         series.append({"ts": until.isoformat(), "users": [analysis.arms[a]["users"] for a in ARMS],
-                       "share": analysis.candidate_share, "arms": primary.get("arms"),
+                       # The share in force then, not today's.
+                       "share": analysis.phases[-1]["share"] if analysis.phases else analysis.candidate_share,
+                       "arms": primary.get("arms"),
                        "difference": primary.get("difference"), "ci": primary.get("ci"),
                        "action": analysis.action})
     return series

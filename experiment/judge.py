@@ -28,6 +28,7 @@ _MAX_TEXT_CHARS = 4000
 _MAX_TOKENS = 8
 _RAW_CHARS = 200
 _INTEGER = re.compile(r"\d+")
+_SCALE = re.compile(r"\b1\s*(?:-|–|to)\s*5\b")  # "Grade (1-5): 4" repeats the scale before its grade
 
 
 class JudgeError(RuntimeError):
@@ -92,8 +93,9 @@ def _prompt(question: str, answer: str, passages: Sequence[str]) -> str:
 
 
 def _first_grade(reply: str) -> int | None:
-    """The first integer in the reply that is a valid grade ("Grade: 4/5" -> 4; "10" is skipped)."""
-    for match in _INTEGER.finditer(reply):
+    """The first integer in the reply that is a valid grade ("Grade: 4/5" -> 4; "10" is skipped), the scale
+    "1-5" / "1 to 5" not counting as one (a judge echoing the prompt's "Grade (1-5): 4" means 4)."""
+    for match in _INTEGER.finditer(_SCALE.sub(" ", reply)):
         value = int(match.group())
         if 1 <= value <= 5:
             return value

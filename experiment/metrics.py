@@ -190,11 +190,14 @@ def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14
             feedback_query = feedback_query.where(Feedback.ts <= until)
         events = session.execute(event_query).all()
         feedback = session.execute(feedback_query).all()
-        scores = session.execute(
+        score_query = (
             select(AnswerScore.event_id, AnswerScore.method, AnswerScore.score)
             .join(SearchEvent, SearchEvent.id == AnswerScore.event_id)
             .where(SearchEvent.experiment_id == experiment_id)
-        ).all()
+        )
+        if until is not None:  # scored later than `until`: not yet known then
+            score_query = score_query.where(AnswerScore.created_at <= until)
+        scores = session.execute(score_query).all()
     phases = phases_of(experiment, list_events(db, experiment_id))
     if until is not None:  # as it stood then: a later share change had not yet moved anyone
         phases = [phase for phase in phases if phase.start <= until] or phases[:1]

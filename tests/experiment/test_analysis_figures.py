@@ -500,7 +500,7 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
         at = analyse(sqlite_db, running.id, POLICY, until=datetime.fromisoformat(point["ts"]))
         primary = at.primary or {}
         assert point == {"ts": point["ts"], "users": [at.arms[a]["users"] for a in ("control", "candidate")],
-                         "share": at.candidate_share, "arms": primary.get("arms"),
+                         "share": at.phases[-1]["share"], "arms": primary.get("arms"),
                          "difference": primary.get("difference"), "ci": primary.get("ci"), "action": at.action}
     assert series[0]["users"] == [1, 0] or series[0]["users"] == [0, 1]  # only the first request had happened
     assert sum(series[-1]["users"]) == 300
@@ -509,6 +509,29 @@ def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_mom
     assert series[-1]["ci"] != analyse(sqlite_db, running.id).primary["ci"]
     assert timeline(sqlite_db, "no-such-experiment-has-events", POLICY) == []
     assert len(timeline(sqlite_db, running.id)) == 12  # the report's default
+
+
+def test_a_timeline_point_shows_the_share_and_the_scores_as_they_were_then(sqlite_db):
+    """10% for an hour, then 50%; every answer scored an hour after the last request. A point before the ramp
+    shows 10% and no score yet, not today's share and scores written since."""
+    running = traffic.start(sqlite_db, share=0.1)
+    start = utcnow() - timedelta(hours=2)
+    traffic.write(sqlite_db, running, users=200, ts=start, step=timedelta(seconds=10))
+    with sqlite_db.session() as session:
+        session.get(ExperimentEvent, experiments.list_events(sqlite_db, running.id)[0].id).ts = start
+        session.get(type(running), running.id).started_at = start
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=200, first_user=200)
+    with sqlite_db.session() as session:
+        events = session.query(SearchEvent.id).all()
+        session.execute(insert(AnswerScore), [
+            {"id": new_id(), "event_id": event_id, "method": "grounding", "score": 0.5,
+             "created_at": utcnow() + timedelta(hours=1)} for (event_id,) in events])
+    before_the_ramp = timeline(sqlite_db, running.id, POLICY, points=3)[0]
+    assert before_the_ramp["share"] == 0.1
+    then = analyse(sqlite_db, running.id, POLICY, until=datetime.fromisoformat(before_the_ramp["ts"]))
+    assert then.arms["control"]["answers_scored"] == 0
+    assert analyse(sqlite_db, running.id, POLICY).arms["control"]["answers_scored"] > 0
 
 
 def test_the_analysis_of_nothing_is_complete_and_says_why(sqlite_db):

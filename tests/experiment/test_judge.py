@@ -43,7 +43,9 @@ def test_a_grade_becomes_a_score_and_the_request_carries_everything():
         assert text in prompt
 
 
-@pytest.mark.parametrize(("reply", "score"), [("5", 1.0), ("1", 0.0), ("Grade: 3/5", 0.5), ("10, no: 2", 0.25)])
+@pytest.mark.parametrize(("reply", "score"), [("5", 1.0), ("1", 0.0), ("Grade: 3/5", 0.5), ("10, no: 2", 0.25),
+                                             ("Grade (1-5): 4", 0.75), ("(1-5) 5", 1.0), ("Score 1 to 5: 2", 0.25),
+                                             ("On a scale of 1–5, 3", 0.5), ("1", 0.0), ("1 - 2", 0.0)])
 def test_the_first_grade_in_the_reply_counts(reply, score):
     assert _judge(lambda request: _reply(reply)).score("q", "a", ["p"])[0] == score
 
