@@ -396,7 +396,7 @@ SCENARIOS = {s.key: s for s in (
              Ramp(activity=0.3, drift=0.15), _rows(cut=True), "<= 5% false decisions"),
     Scenario("5", "A/A, a few heavy responders", 107, FewResponders(), (
         Row("project rule, Policy(), 20 looks", "project", "all", Policy()),
-        Row("project rule, Policy(min_responders_per_arm=2) (any responders, as before 2026-12-01), 20 looks",
+        Row("project rule, Policy(min_responders_per_arm=2) (any 2 responders an arm), 20 looks",
             "project", "all", ANY_RESPONDERS),
         Row("project rule, Policy(), final look only", "project", "final", Policy()),
         Row("project rule, Policy(min_responders_per_arm=2), final look only", "project", "final", ANY_RESPONDERS),
