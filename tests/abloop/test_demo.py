@@ -53,18 +53,20 @@ def test_a_failing_stage_is_marked_and_reported(tmp_path, capfd):
 def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_path, monkeypatch, prefect_server):
     """The rollout leaves a promote verdict for an operator; the demo approves it with the real `promote`
     flow, and only once both arms reach `approve_min_users` (a count the split leaves to chance)."""
+    import experiment
     from abloop.demo import DemoConfig, _Loop
     from store import experiments
     from store.db import Database
-    from store.models import Experiment
     from tests.experiment import traffic
 
     db = Database(f"sqlite:///{tmp_path / 'demo.db'}")
     db.migrate()
     monkeypatch.setenv("DATABASE_URL", db.url)
     running = traffic.start(db)
-    with db.session() as session:
-        session.get(Experiment, running.id).decision = {"action": "promote", "reason": "candidate is better"}
+    # A promote the numbers back: the flow analyses the experiment again before it acts.
+    traffic.write(db, running, users=1500, control=traffic.ArmBehaviour(up=0.45),
+                  candidate=traffic.ArmBehaviour(up=0.62))
+    assert experiment.evaluate(db, running.id).action == "promote"
     analysis = {"experiment_id": running.id, "arms": {"control": {"users": 180}, "candidate": {"users": 99}}}
     with DemoConsole(tmp_path / "logs" / "demo.log") as console:
         loop = _Loop(DemoConfig(work=tmp_path, approve_min_users=100), console)
