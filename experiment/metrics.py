@@ -93,8 +93,9 @@ class ArmUsers:
     def total(self, column: str) -> float:
         return float(self.columns[column].sum())
 
-    def responders(self, column: str) -> int:
-        """Users with a non-zero `column`: for a metric's denominator, the users its estimate rests on."""
+    def users_with(self, column: str) -> int:
+        """Users with a non-zero `column`: for a metric's denominator, its responders, the users its estimate
+        rests on (who gave feedback, whose answer was scored)."""
         return int(self.columns[column].astype(bool).sum())
 
 
