@@ -301,10 +301,9 @@ class Ramp:
                 cut_arms[name] = _arm(ids[mask], cut_requests[mask], cut_ups[mask],
                                       np.concatenate(cut_latencies[arm]), first[mask],
                                       latency_users=_positions(mask, np.concatenate(cut_latency_users[arm])))
-            seen_left_out = left_out & (home >= 0)
             collected = Collected(experiment=_experiment(share), arms=arms, phases=phases,
-                                  crossovers=int(crossed.sum()), left_out_users=int(seen_left_out.sum()),
-                                  left_out_by_phase={0: int((seen_left_out & (first == 0)).sum())})
+                                  crossovers=int(crossed.sum()),
+                                  left_out_by_phase={0: int((left_out & (home >= 0)).sum())})  # phase 1 moves none
             cut = Collected(experiment=_experiment(share), arms=cut_arms, phases=phases,
                             crossovers=int(crossed.sum()), excluded_requests=excluded)
             old = (int(old_thumbs[0, 0]), int(old_thumbs[0, 1]), int(old_thumbs[1, 0]), int(old_thumbs[1, 1]))

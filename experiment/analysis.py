@@ -218,7 +218,7 @@ def _ratings_welch(collected: Collected, alpha: float) -> dict[str, Any] | None:
 
 
 def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy,
-             left_out_by_phase: dict[int, int] | None = None) -> dict[str, Any] | None:
+             left_out_by_phase: dict[int, int]) -> dict[str, Any] | None:
     """Candidate against control within each phase of first assignment, combined (see stats.stratified).
 
     Each phase weighs as the users first seen in it, those left out by bucket included: the compared users are a
@@ -226,7 +226,6 @@ def _compare(name: str, control: ArmUsers, candidate: ArmUsers, policy: Policy,
     """
     metric = METRICS[name]
     use_pre = policy.cuped and name in control.pre and name in candidate.pre
-    left_out_by_phase = left_out_by_phase or {}
     parts, sizes = [], []
     for stratum in np.intersect1d(control.strata, candidate.strata):
         a, b = control.strata == stratum, candidate.strata == stratum

@@ -112,11 +112,15 @@ class Collected:
     phases: list[PhaseCount]
     crossovers: int = 0  # users seen in both arms
     excluded_requests: int = 0  # their requests in the arm they were moved to
-    left_out_users: int = 0  # first seen in a phase whose bucket a later share moves (see the module's docstring)
+    # Users first seen in a phase whose bucket a later share moves (see the module's docstring), by that phase.
+    left_out_by_phase: dict[int, int] = field(default_factory=dict)
     left_out_requests: int = 0  # their requests (in either arm)
-    left_out_by_phase: dict[int, int] = field(default_factory=dict)  # phase of first request -> users left out
     anonymous_requests: int = 0  # no user id: always control, not randomised, left out
     timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def left_out_users(self) -> int:
+        return sum(self.left_out_by_phase.values())
 
 
 def satisfaction(thumbs: str | None, rating: int | None) -> float | None:
@@ -276,8 +280,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], events: Iterable, fee
         served = list(by_user.values())
         counts.append(PhaseCount(phase, (served.count("control"), served.count("candidate"))))
     return Collected(experiment=experiment, arms=arms, phases=counts, crossovers=len(crossed),
-                     excluded_requests=excluded, anonymous_requests=anonymous, left_out_users=len(left_out),
-                     left_out_requests=left_out_requests,
+                     excluded_requests=excluded, anonymous_requests=anonymous, left_out_requests=left_out_requests,
                      left_out_by_phase=dict(Counter(first_phase[user] for user in left_out)))
 
 

@@ -239,8 +239,9 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
     if (control_pre is None) != (candidate_pre is None):
         raise ValueError("give pre-experiment values for both arms or for neither")
     post_a, post_b = linearised(num_a, den_a), linearised(num_b, den_b)
-    raw_a = _Arm(float(num_a.sum() / den_a.sum()), float(np.var(post_a, ddof=1)), num_a.size)
-    raw_b = _Arm(float(num_b.sum() / den_b.sum()), float(np.var(post_b, ddof=1)), num_b.size)
+    floor_a, floor_b = _variance_floors(post_a, post_b, num_a, den_a, num_b, den_b)
+    raw_a = _floored(_Arm(float(num_a.sum() / den_a.sum()), float(np.var(post_a, ddof=1)), num_a.size), floor_a)
+    raw_b = _floored(_Arm(float(num_b.sum() / den_b.sum()), float(np.var(post_b, ddof=1)), num_b.size), floor_b)
     arm_a, arm_b, cuped = raw_a, raw_b, None
     if control_pre is not None and candidate_pre is not None:
         pre_a, pre_b = np.asarray(control_pre, dtype=float).ravel(), np.asarray(candidate_pre, dtype=float).ravel()
@@ -249,7 +250,8 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
         adjusted = _cuped(post_a, post_b, pre_a, pre_b)
         if adjusted is not None:
             arm_a, arm_b, cuped = adjusted
-    arm_a, arm_b = _spread_for_the_spreadless(arm_a, arm_b, post_a, post_b, num_a, den_a, num_b, den_b)
+    # The floors again after CUPED, so that variance_reduction compares like with like.
+    arm_a, arm_b = _floored(arm_a, floor_a), _floored(arm_b, floor_b)
     difference = arm_b.mean - arm_a.mean
     variance = arm_a.variance / arm_a.n + arm_b.variance / arm_b.n  # gbstats frequentist_variance, absolute
     if cuped is not None:
@@ -272,11 +274,10 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
                       cuped=cuped)
 
 
-def _spread_for_the_spreadless(arm_a: _Arm, arm_b: _Arm, post_a: np.ndarray, post_b: np.ndarray,
-                               num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
-                               den_b: np.ndarray) -> tuple[_Arm, _Arm]:
-    """One arm without spread (every user the same ratio: no feedback at all, every thumb down) beside one with
-    it: the spreadless arm's variance is taken as the two arms' pooled one.
+def _variance_floors(post_a: np.ndarray, post_b: np.ndarray, num_a: np.ndarray, den_a: np.ndarray,
+                     num_b: np.ndarray, den_b: np.ndarray) -> tuple[float, float]:
+    """Per arm, the least per-user variance to use: the two arms' pooled one for an arm without spread (every user
+    the same ratio: no feedback at all, every thumb down) beside one with it; 0 otherwise.
 
     A hundred users none of whom gave feedback, beside thousands of whom 3% did, have a delta-method variance of
     0, and the interval would be as narrow as if their rate were known; under the null of no difference the arm's
@@ -285,11 +286,13 @@ def _spread_for_the_spreadless(arm_a: _Arm, arm_b: _Arm, post_a: np.ndarray, pos
     """
     flat_a, flat_b = _no_spread(post_a), _no_spread(post_b)
     if flat_a == flat_b:
-        return arm_a, arm_b
+        return 0.0, 0.0
     pooled = float(np.var(linearised(np.concatenate([num_a, num_b]), np.concatenate([den_a, den_b])), ddof=1))
-    if flat_a:
-        return _Arm(arm_a.mean, max(arm_a.variance, pooled), arm_a.n), arm_b
-    return arm_a, _Arm(arm_b.mean, max(arm_b.variance, pooled), arm_b.n)
+    return (pooled, 0.0) if flat_a else (0.0, pooled)
+
+
+def _floored(arm: _Arm, floor: float) -> _Arm:
+    return arm if arm.variance >= floor else _Arm(arm.mean, floor, arm.n)
 
 
 def _no_spread(values: np.ndarray) -> bool:

@@ -208,6 +208,20 @@ def test_answer_scores_are_reported_per_arm_and_can_be_primary(sqlite_db):
     assert analysis.primary["metric"] == "answer_score" and analysis.action == "promote"
 
 
+def _heavy_responder(db, experiment_id: str, user: str, arm: str, *, searches: int, ups: int) -> None:
+    """`searches` more searches by `user` on `arm`, each with a thumbs: the first `ups` up, the rest down."""
+    moment = utcnow()
+    ids = [new_id() for _ in range(searches)]
+    with db.session() as session:
+        session.execute(insert(SearchEvent), [
+            {"id": event_id, "ts": moment, "user_id": user, "experiment_id": experiment_id, "arm": arm,
+             "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": "ok",
+             "timings": {"total": 100.0}} for event_id in ids])
+        session.execute(insert(Feedback), [
+            {"id": new_id(), "event_id": event_id, "ts": moment, "thumbs": "up" if n < ups else "down"}
+            for n, event_id in enumerate(ids)])
+
+
 def test_a_verdict_and_a_guardrail_need_enough_users_behind_their_signals(sqlite_db):
     """One heavy responder per arm (60 thumbs each) and a few scored answers: enough signals, too few users.
     The delta method's variance rests on users; with one it was 0 and 30/60 against 33/60 promoted."""
@@ -218,18 +232,8 @@ def test_a_verdict_and_a_guardrail_need_enough_users_behind_their_signals(sqlite
         events = session.query(SearchEvent.id, SearchEvent.user_id, SearchEvent.arm).order_by(SearchEvent.user_id)
         by_arm = {arm: [(event_id, user) for event_id, user, served in events if served == arm]
                   for arm in ("control", "candidate")}
-    heavy = {arm: by_arm[arm][0][1] for arm in by_arm}
-    moment = utcnow()
-    with sqlite_db.session() as session:
-        for arm, ups in (("control", 30), ("candidate", 33)):
-            ids = [new_id() for _ in range(60)]
-            session.execute(insert(SearchEvent), [
-                {"id": event_id, "ts": moment, "user_id": heavy[arm], "experiment_id": running.id, "arm": arm,
-                 "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": "ok",
-                 "timings": {"total": 100.0}} for event_id in ids])
-            session.execute(insert(Feedback), [
-                {"id": new_id(), "event_id": event_id, "ts": moment, "thumbs": "up" if n < ups else "down"}
-                for n, event_id in enumerate(ids)])
+    for arm, ups in (("control", 30), ("candidate", 33)):
+        _heavy_responder(sqlite_db, running.id, by_arm[arm][0][1], arm, searches=60, ups=ups)
 
     def score(users: slice) -> None:  # the candidate's answers far less grounded (guardrail margin 0.05)
         with sqlite_db.session() as session:
@@ -266,16 +270,8 @@ def test_a_guardrail_waits_while_its_numerator_rests_on_a_few_users(sqlite_db):
                     .order_by(SearchEvent.user_id)]
 
     def give_feedback(users: list[str], searches: int) -> None:
-        moment = utcnow()
-        ids = {user: [new_id() for _ in range(searches)] for user in users}
-        with sqlite_db.session() as session:
-            session.execute(insert(SearchEvent), [
-                {"id": event_id, "ts": moment, "user_id": user, "experiment_id": running.id, "arm": "control",
-                 "served_arm": "control", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
-                 "timings": {"total": 100.0}} for user, events in ids.items() for event_id in events])
-            session.execute(insert(Feedback), [
-                {"id": new_id(), "event_id": event_id, "ts": moment, "thumbs": "up"}
-                for events in ids.values() for event_id in events])
+        for user in users:
+            _heavy_responder(sqlite_db, running.id, user, "control", searches=searches, ups=searches)
 
     give_feedback(controls[:2], 400)
     few = experiment.analyse(sqlite_db, running.id, Policy(min_users_per_arm=100, min_responders_per_arm=20))

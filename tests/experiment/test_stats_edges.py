@@ -146,6 +146,13 @@ def test_an_arm_without_spread_beside_one_with_it_takes_the_pooled_variance():
     assert result.std_error > 2 * math.sqrt(own / 4900)  # what the 100 zeros would have claimed alone
     swapped = compare_ratio(silent_num, silent_den, control_num, control_den)  # the silent arm as control
     assert swapped.std_error == pytest.approx(result.std_error, rel=1e-12)
+    # With CUPED too: the adjusted silent arm keeps at least the pooled variance, and the reduction reported
+    # compares like with like.
+    rng = np.random.default_rng(11)
+    adjusted = compare_ratio(control_num, control_den, silent_num, silent_den,
+                             control_pre=control_num / control_den + rng.normal(0, 0.1, 4900),
+                             candidate_pre=rng.normal(0.5, 0.1, 100))
+    assert adjusted.cuped is not None and adjusted.std_error**2 >= pooled / 100
     both_flat = compare_ratio(np.zeros(50), np.ones(50), np.ones(50), np.ones(50))
     assert both_flat.std_error == 0.0  # both arms without spread: the difference is known
 
