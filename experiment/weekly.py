@@ -210,7 +210,7 @@ class _Tally:
         if not user:
             return
         for group in self._targets(week, ts, arm, (template_id, template_version)):
-            group.sums.add_feedback(user, thumbs, rating, corrected, first_on_event=first)
+            group.sums.add_feedback(user, thumbs, rating, corrected is not None, first_on_event=first)
 
     def score(self, event_id: str, method: str, score: float, ts: datetime, user: str | None, arm: str,
               template_id: str | None, template_version: int | None, query: str) -> None:

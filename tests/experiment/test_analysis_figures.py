@@ -475,6 +475,27 @@ def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(
     assert collect(sqlite_db, running.id, cuped_lookback_days=0).arms["control"].pre == {}
 
 
+def test_collect_reads_latencies_and_corrections_alike_on_both_backends(db):
+    """collect asks the database for the total latency and whether a correction exists, not the JSON and the
+    text: each shape a row can take reads the same on SQLite and PostgreSQL."""
+    running = traffic.start(db, share=1.0)  # every user on the candidate arm
+    timings = [{"total": 120}, {"total": 80.5, "llm": 70.0}, None, {}, {"llm": 3.0}, {"total": 0}]
+    events = [{"id": new_id(), "ts": utcnow(), "user_id": f"u{n}", "experiment_id": running.id, "arm": "candidate",
+               "served_arm": "candidate", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
+               "timings": shape} for n, shape in enumerate(timings)]
+    corrections = ["Answer: better", "", None]  # an empty correction is still one given
+    with db.session() as session:
+        session.execute(insert(SearchEvent), events)
+        session.execute(insert(Feedback), [
+            {"id": new_id(), "event_id": event["id"], "ts": utcnow(), "thumbs": "up", "corrected_answer": corrected}
+            for event, corrected in zip(events, corrections, strict=False)])
+    arm = collect(db, running.id).arms["candidate"]
+    assert sorted(arm.latencies_ms.tolist()) == [0.0, 80.5, 120.0]
+    assert sorted(arm.user_ids[n] for n in arm.latency_users) == ["u0", "u1", "u5"]
+    assert dict(zip(arm.user_ids, arm.columns["corrections"].tolist(), strict=True)) == {
+        "u0": 1.0, "u1": 1.0, "u2": 0.0, "u3": 0.0, "u4": 0.0, "u5": 0.0}
+
+
 def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db):
     running = traffic.start(sqlite_db)
     traffic.write(sqlite_db, running, users=20, control=ArmBehaviour(up=1.0), candidate=ArmBehaviour(up=1.0))
@@ -562,8 +583,8 @@ def test_user_sums_count_what_each_row_carries():
     sums = UserSums()
     sums.add_event("u", "ok", None, None)  # a request that logged no token counts
     sums.add_event("u", "fallback", 7, 3)
-    sums.add_feedback("u", None, None, "a correction alone", first_on_event=True)
-    sums.add_feedback("u", "up", 5, None, first_on_event=False)
+    sums.add_feedback("u", None, None, True, first_on_event=True)
+    sums.add_feedback("u", "up", 5, False, first_on_event=False)
     sums.add_score("u", "judge", 0.25)
     sums.add_score("u", "judge", 0.5)
     row = sums.rows["u"]
