@@ -1,7 +1,8 @@
 """What one evaluation costs as an experiment grows: `collect` (read and assemble) and `analyse_collected`.
 
 `abloop evaluate`, the hourly `evaluate_arms` flow, the rollout and `promote` (which analyses again
-before it acts) each pay this once; the report's metric-over-time chart pays `collect` once a point.
+before it acts) each pay this once; the report pays it once more for its metric-over-time chart's
+twelve points (`timeline`).
 Rows are written as the proxy writes them (one event a request, feedback on about a third), into a
 fresh schema of the real PostgreSQL (or a fresh SQLite file), for 14 days of traffic.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import insert, text  # noqa: E402
 
-from experiment.analysis import analyse_collected  # noqa: E402
+from experiment.analysis import analyse_collected, timeline  # noqa: E402
 from experiment.assignment import assign_arm  # noqa: E402
 from experiment.decision import Policy  # noqa: E402
 from experiment.metrics import collect  # noqa: E402
@@ -107,37 +109,43 @@ def _best(fn, repeats: int) -> tuple[float, object]:
     return min(times), result
 
 
+def _measure(db: Database, events: int, repeats: int, policy: Policy) -> str:
+    """One table row: write `events` requests into a fresh store, then time reading and analysing them."""
+    db.migrate()
+    experiment = experiments.ensure_running(db, Settings(
+        _env_file=None, database_url=db.url, llm_api_base_new_model="http://candidate.test/v1", candidate_share=0.5))
+    with db.session() as session:
+        stored = session.get(Experiment, experiment.id)
+        stored.started_at = utcnow() - timedelta(days=DAYS)
+        experiment.started_at = stored.started_at
+    began = time.perf_counter()
+    feedback = _fill(db, experiment, events)
+    written = time.perf_counter() - began
+    collect_s, collected = _best(lambda: collect(db, experiment.id), repeats)
+    analyse_s, analysis = _best(lambda: analyse_collected(collected, policy), repeats)
+    timeline_s, _ = _best(lambda: timeline(db, experiment.id, policy), 1)
+    users = sum(arm.users for arm in collected.arms.values())
+    return (f"| {events:,} | {users:,} | {feedback:,} | {written:.1f} | {collect_s:.2f} | {analyse_s:.2f} | "
+            f"{collect_s + analyse_s:.2f} | {timeline_s:.1f} | {analysis.decision['action']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PostgreSQL")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # killed: still drop the schema (the finally below)
     policy = Policy()
     print(f"store: {'SQLite' if args.sqlite else 'PostgreSQL'}; best of {args.repeats}; "
           f"{REQUESTS_PER_USER} requests a user over {DAYS} days, thumbs on ~30%")
-    print("| events | users | feedback | write s | collect s | analyse s | evaluate s | decision |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| events | users | feedback | write s | collect s | analyse s | evaluate s | timeline (12 points) s "
+          "| decision |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as workdir:
         for events in args.events:
             db, schema = _database(args.sqlite, Path(workdir))
             try:
-                db.migrate()
-                experiment = experiments.ensure_running(db, Settings(
-                    _env_file=None, database_url=db.url, llm_api_base_new_model="http://candidate.test/v1",
-                    candidate_share=0.5))
-                with db.session() as session:
-                    stored = session.get(Experiment, experiment.id)
-                    stored.started_at = utcnow() - timedelta(days=DAYS)
-                    experiment.started_at = stored.started_at
-                began = time.perf_counter()
-                feedback = _fill(db, experiment, events)
-                written = time.perf_counter() - began
-                collect_s, collected = _best(lambda: collect(db, experiment.id), args.repeats)
-                analyse_s, analysis = _best(lambda: analyse_collected(collected, policy), args.repeats)
-                users = sum(arm.users for arm in collected.arms.values())
-                print(f"| {events:,} | {users:,} | {feedback:,} | {written:.1f} | {collect_s:.2f} | {analyse_s:.2f} | "
-                      f"{collect_s + analyse_s:.2f} | {analysis.decision['action']} |", flush=True)
+                print(_measure(db, events, args.repeats, policy), flush=True)
             finally:
                 db.dispose()
                 _drop(schema)

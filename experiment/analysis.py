@@ -32,6 +32,7 @@ from experiment.metrics import (
     ArmUsers,
     Collected,
     collect,
+    collect_at,
 )
 from store.db import Database
 from store.experiments import get_running
@@ -104,9 +105,12 @@ def analyse(db: Database, experiment_id: str | None = None, policy: Policy | Non
         if running is None:
             return empty("no running experiment", policy)
         experiment_id = running.id
-    collected = collect(db, experiment_id, cuped_lookback_days=policy.cuped_lookback_days if policy.cuped else 0,
-                        until=until)
+    collected = collect(db, experiment_id, cuped_lookback_days=_lookback_days(policy), until=until)
     return analyse_collected(collected, policy)
+
+
+def _lookback_days(policy: Policy) -> float:
+    return policy.cuped_lookback_days if policy.cuped else 0
 
 
 def timeline(db: Database, experiment_id: str, policy: Policy | None = None, points: int = 12) -> list[dict[str, Any]]:
@@ -127,10 +131,11 @@ def timeline(db: Database, experiment_id: str, policy: Policy | None = None, poi
     if first is None:
         return []
     step = (last - first) / max(points - 1, 1)
+    moments = [last if n == points - 1 else first + step * n for n in range(points)]
     series = []
-    for n in range(points):
-        until = last if n == points - 1 else first + step * n
-        analysis = analyse(db, experiment_id, policy, until=until)
+    for until, collected in zip(moments, collect_at(db, experiment_id, moments,
+                                                     cuped_lookback_days=_lookback_days(policy)), strict=True):
+        analysis = analyse_collected(collected, policy)
         primary = analysis.primary or {}
         series.append({"ts": until.isoformat(), "users": [analysis.arms[a]["users"] for a in ARMS],
                        # The share in force then, not today's.

@@ -33,7 +33,7 @@ from experiment.analysis import (
     timeline,
 )
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
-from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, collect, satisfaction
+from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, collect, collect_at, satisfaction
 from experiment.phases import Phase
 from store import experiments
 from store.models import AnswerScore, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
@@ -504,6 +504,32 @@ def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db)
     collected = collect(sqlite_db, running.id, until=first)  # the first request and its feedback, same moment
     sums = [collected.arms[arm].total(column) for arm in ("control", "candidate") for column in ("requests", "thumbs")]
     assert sorted(sums) == [0, 0, 1, 1]
+
+
+def test_reading_at_several_moments_is_reading_at_each_one(db):
+    """collect_at reads once and cuts in memory; collect(until=) cuts in the database. Feedback given an hour after
+    its request and answers scored two hours after it count only from then; a moment without a zone is UTC."""
+    running = traffic.start(db)
+    start = utcnow().replace(microsecond=0) - timedelta(hours=3)
+    traffic.write(db, running, users=20, ts=start, step=timedelta(seconds=10), control=ArmBehaviour(up=1.0),
+                  candidate=ArmBehaviour(up=1.0))
+    with db.session() as session:
+        for row in session.query(Feedback).all():
+            row.ts += timedelta(hours=1)
+        session.execute(insert(AnswerScore), [
+            {"id": new_id(), "event_id": event_id, "method": "judge", "score": 0.5,
+             "created_at": start + timedelta(hours=2)} for (event_id,) in session.query(SearchEvent.id).all()])
+    moments = [(start + timedelta(minutes=5)).replace(tzinfo=None), start + timedelta(hours=1, minutes=2), None]
+    many = list(collect_at(db, running.id, moments))
+    totals = [[sum(c.arms[arm].total(column) for arm in ("control", "candidate"))
+               for column in ("requests", "thumbs", "judge_n")] for c in many]
+    assert totals == [[20, 0, 0], [20, 12, 0], [20, 20, 20]]  # then: feedback on the requests of the first 2 minutes
+    for moment, collected in zip(moments, many, strict=True):
+        alone = collect(db, running.id, until=moment)
+        for arm in ("control", "candidate"):
+            assert collected.arms[arm].user_ids == alone.arms[arm].user_ids
+            assert {c: v.tolist() for c, v in collected.arms[arm].columns.items()} == {
+                c: v.tolist() for c, v in alone.arms[arm].columns.items()}
 
 
 def test_the_timeline_reanalyses_the_experiment_as_it_stood_at_evenly_spaced_moments(sqlite_db):
