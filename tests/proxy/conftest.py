@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -22,6 +24,7 @@ from store.config import Settings
 from tests.conftest import free_port, serve_app
 
 ADMIN_TOKEN = "test-admin-token"
+REDIS_URL = os.environ.get("ABLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 class Clock:
@@ -44,6 +47,24 @@ def control_upstream():
 def candidate_upstream():
     with running_stub(model="candidate-model", answer="candidate says hi") as (stub, url):
         yield stub, url
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own in the real Redis; its keys are deleted afterwards."""
+    import redis
+
+    server = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        server.ping()
+    except redis.RedisError as error:
+        pytest.skip(f"no Redis at {REDIS_URL} (set ABLOOP_TEST_REDIS_URL): {error}")
+    prefix = f"abloop-test:{uuid.uuid4().hex}:"
+    yield server, prefix
+    keys = list(server.scan_iter(match=prefix + "*"))
+    if keys:
+        server.delete(*keys)
+    server.close()
 
 
 def dead_url() -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import uuid
 
 import httpx
 import pytest
@@ -17,11 +15,10 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import LocalBuckets, RedisBuckets, _server_workers, retry_after
 from store.models import Feedback
 from tests.conftest import free_port
-from tests.proxy.conftest import Clock, make_settings, running_proxy
+from tests.proxy.conftest import REDIS_URL, Clock, make_settings, running_proxy
 from tests.proxy.test_ingest_metrics import _samples
 from tests.proxy.test_search_api import _events
 
-REDIS_URL = os.environ.get("ABLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SEARCH = "/api/v1/search"
 FEEDBACK = "/api/v1/feedback"
 
@@ -214,24 +211,6 @@ def test_an_unreachable_redis_fails_open_and_warns_once(tmp_path, client, contro
 
 
 # Shared through the real Redis.
-
-@pytest.fixture
-def redis_prefix():
-    """A key prefix of this test's own in the real Redis; its keys are deleted afterwards."""
-    import redis
-
-    server = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        server.ping()
-    except redis.RedisError as error:
-        pytest.skip(f"no Redis at {REDIS_URL} (set ABLOOP_TEST_REDIS_URL): {error}")
-    prefix = f"abloop-test:{uuid.uuid4().hex}:"
-    yield server, prefix
-    keys = list(server.scan_iter(match=prefix + "*"))
-    if keys:
-        server.delete(*keys)
-    server.close()
-
 
 def test_two_replicas_share_one_users_bucket_through_redis(tmp_path, client, control_upstream, redis_prefix):
     server, prefix = redis_prefix

@@ -18,7 +18,7 @@ from retrieval.corpus import Document
 from serving.stub import running_stub
 from store.db import Database
 from store.models import Feedback, SearchEvent
-from tests.proxy.conftest import make_settings
+from tests.proxy.conftest import REDIS_URL, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,20 @@ async def test_shutdown_writes_the_queue_stops_its_tasks_and_closes_its_connecti
         assert session.scalar(select(func.count()).select_from(SearchEvent)) == 3
         assert session.execute(select(Feedback.event_id, Feedback.thumbs)).all() == [(ids[0], "up")]
     db.dispose()
+
+
+async def test_shutdown_closes_the_rate_limiters_redis_connection(tmp_path, index_dir, redis_prefix):
+    server, prefix = redis_prefix
+    with running_stub(model="control-model", answer="hi") as (_stub, upstream_url):
+        settings = make_settings(tmp_path, index_dir=index_dir, llm_api_base=upstream_url, redis_url=REDIS_URL,
+                                 rate_limit_key_prefix=prefix)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+                searched = await client.post("/api/v1/search", json={"query": "a list?", "user_id": "ursula"})
+            assert searched.status_code == 200
+            assert server.exists(prefix + "user:ursula")  # the limiter took its token in Redis
+            connection = await app.state.abloop.rate_limiter._buckets._client.client_id()
+            assert server.execute_command("CLIENT", "LIST", "ID", connection)
+        assert await _eventually(lambda: not server.execute_command("CLIENT", "LIST", "ID", connection)), \
+            "the rate limiter's Redis connection was left open"
