@@ -104,19 +104,16 @@ def cmd_proxy(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from retrieval.build import build_index
+    from retrieval.build import index_version
     from retrieval.corpus import load_corpus
-    from retrieval.embedder import Embedder
-    from retrieval.index import IndexStore
 
     settings = _settings()
     documents = load_corpus(args.corpus)
     extraction = _extract_metadata(documents, settings) if settings.metadata_api_base else None
-    index = build_index(documents, Embedder(settings.embedding_model), IndexStore(settings.index_dir), kind=args.kind,
-                        metadata=extraction.metadata if extraction else None)
-    print(json.dumps({"index_dir": str(settings.index_dir), "index_version": index.version,
-                      "documents": len(documents), "chunks": len(index), "kind": index.kind,
-                      "metadata": extraction.counts() if extraction else "off"}))
+    built = index_version(documents, index_dir=str(settings.index_dir), embedding_model=settings.embedding_model,
+                          kind=args.kind, extraction=extraction)
+    print(json.dumps({"index_dir": str(settings.index_dir), **built,
+                      "metadata": built["metadata"] if extraction is not None else "off"}))
 
 
 def _extract_metadata(documents, settings):

@@ -44,14 +44,10 @@ def extract_metadata(documents: list[Document], api_base: str, model: str, api_k
 @task
 def build_version(documents: list[Document], index_dir: str, embedding_model: str, kind: str,
                   extraction: Extraction | None = None) -> dict:
-    from retrieval.build import build_index
-    from retrieval.embedder import Embedder
-    from retrieval.index import IndexStore
+    from retrieval.build import index_version
 
-    metadata = extraction.metadata if extraction is not None else None
-    index = build_index(documents, Embedder(embedding_model), IndexStore(index_dir), kind=kind, metadata=metadata)
-    return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind,
-            "metadata": extraction.counts() if extraction is not None else None}
+    return index_version(documents, index_dir=index_dir, embedding_model=embedding_model, kind=kind,
+                         extraction=extraction)
 
 
 @observed

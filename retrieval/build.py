@@ -13,7 +13,7 @@ from retrieval.embedder import Embedder
 from retrieval.index import Chunk, IndexStore, VectorIndex, chunk_id
 
 if TYPE_CHECKING:
-    from retrieval.metadata import DocumentMetadata
+    from retrieval.metadata import DocumentMetadata, Extraction
 
 Metadata = Mapping[str, "DocumentMetadata"]  # by document source
 
@@ -51,6 +51,16 @@ def build_index(documents: list[Document], embedder: Embedder, store: IndexStore
     with store.lock():
         store.save(index)
     return index
+
+
+def index_version(documents: list[Document], *, index_dir: str, embedding_model: str, kind: str,
+                  extraction: Extraction | None = None) -> dict[str, Any]:
+    """`build_index` with the embedding model by name, and what it built, as `abloop index build` and the
+    `ingest` flow report it (`metadata`: the extraction's counts, None when none was asked for)."""
+    index = build_index(documents, Embedder(embedding_model), IndexStore(index_dir), kind=kind,
+                        metadata=extraction.metadata if extraction is not None else None)
+    return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind,
+            "metadata": extraction.counts() if extraction is not None else None}
 
 
 def add_documents(documents: list[Document], embedder: Embedder, store: IndexStore,
