@@ -4,7 +4,8 @@
 before it acts) each pay this once; the report pays it once more for its metric-over-time chart's
 twelve points (`timeline`).
 Rows are written as the proxy writes them (one event a request, feedback on about a third), into a
-fresh schema of the real PostgreSQL (or a fresh SQLite file), for 14 days of traffic.
+fresh schema of the real PostgreSQL (or a fresh SQLite file): 14 days of the experiment's traffic, and as
+much from the same users in the 14 days before it, which CUPED's lookback reads (`--no-lookback`: none).
 
     .venv/bin/python bench/evaluate_scale.py                          # PostgreSQL, 50k / 200k / 1M events
     .venv/bin/python bench/evaluate_scale.py --sqlite --events 50000 200000
@@ -39,10 +40,11 @@ REQUESTS_PER_USER, DAYS, CHUNK = 5, 14, 20_000
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def _fill(db: Database, experiment: Experiment, events: int, seed: int = 0) -> int:
-    """`events` requests from events / 5 users over 14 days; returns the feedback rows written."""
+def _fill(db: Database, experiment: Experiment, events: int, *, before: bool = False, seed: int = 0) -> int:
+    """`events` requests from events / 5 users over the experiment's 14 days (`before`: the 14 days before it,
+    outside any experiment: the CUPED lookback); returns the feedback rows written."""
     rng = random.Random(seed)
-    start = experiment.started_at
+    start = experiment.started_at - timedelta(days=DAYS) if before else experiment.started_at
     span = timedelta(days=DAYS).total_seconds()
     users = events // REQUESTS_PER_USER
     written_feedback = 0
@@ -66,8 +68,9 @@ def _fill(db: Database, experiment: Experiment, events: int, seed: int = 0) -> i
             moment = start + timedelta(seconds=rng.random() * span)
             status = "error" if rng.random() < 0.01 else "ok"
             batch_events.append({
-                "id": event_id, "ts": moment, "user_id": user, "experiment_id": experiment.id, "arm": arm,
-                "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": status,
+                "id": event_id, "ts": moment, "user_id": user, "arm": arm, "served_arm": arm,
+                "experiment_id": None if before else experiment.id, "query": "q", "messages": [], "retrieved": {},
+                "status": status,
                 "timings": {"total": 80 + 40 * rng.random()}, "tokens_in": 10, "tokens_out": 5,
             })
             if status == "ok" and rng.random() < 0.3:
@@ -109,7 +112,7 @@ def _best(fn, repeats: int) -> tuple[float, object]:
     return min(times), result
 
 
-def _measure(db: Database, events: int, repeats: int, policy: Policy) -> str:
+def _measure(db: Database, events: int, repeats: int, policy: Policy, lookback: bool) -> str:
     """One table row: write `events` requests into a fresh store, then time reading and analysing them."""
     db.migrate()
     experiment = experiments.ensure_running(db, Settings(
@@ -120,6 +123,8 @@ def _measure(db: Database, events: int, repeats: int, policy: Policy) -> str:
         experiment.started_at = stored.started_at
     began = time.perf_counter()
     feedback = _fill(db, experiment, events)
+    if lookback:
+        _fill(db, experiment, events, before=True, seed=1)
     written = time.perf_counter() - began
     collect_s, collected = _best(lambda: collect(db, experiment.id), repeats)
     analyse_s, analysis = _best(lambda: analyse_collected(collected, policy), repeats)
@@ -134,18 +139,21 @@ def main() -> None:
     parser.add_argument("--events", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PostgreSQL")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-lookback", action="store_true",
+                        help="no traffic in the 14 days before the experiment (CUPED's lookback has nothing to read)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # killed: still drop the schema (the finally below)
     policy = Policy()
     print(f"store: {'SQLite' if args.sqlite else 'PostgreSQL'}; best of {args.repeats}; "
-          f"{REQUESTS_PER_USER} requests a user over {DAYS} days, thumbs on ~30%")
+          f"{REQUESTS_PER_USER} requests a user over {DAYS} days, thumbs on ~30%; "
+          + ("no traffic before it" if args.no_lookback else f"as much again in the {DAYS} days before (CUPED)"))
     print("| events | users | feedback | write s | collect s | analyse s | evaluate s | timeline (12 points) s "
           "| decision |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as workdir:
         for events in args.events:
             db, schema = _database(args.sqlite, Path(workdir))
             try:
-                print(_measure(db, events, args.repeats, policy), flush=True)
+                print(_measure(db, events, args.repeats, policy, not args.no_lookback), flush=True)
             finally:
                 db.dispose()
                 _drop(schema)

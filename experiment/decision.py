@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 PROMOTE, KEEP_RUNNING, ROLL_BACK, NOT_ENOUGH_DATA = "promote", "keep_running", "roll_back", "not_enough_data"
 ACTIONS = (PROMOTE, KEEP_RUNNING, ROLL_BACK, NOT_ENOUGH_DATA)
-SRM_P = 0.001  # below this a phase's split is broken and no comparison is trusted
+# Below this a phase's split is broken and no comparison is trusted. Tested again at every look: about 2% of A/A
+# phases alarm once in 336 hourly looks (bench/srm_looks.py). An alarm only holds; an anytime-valid test would
+# alarm less but catch a real mismatch half as fast, and a missed one biases the verdict (docs/BENCHMARKS.md).
+SRM_P = 0.001
 
 
 @dataclass(frozen=True)

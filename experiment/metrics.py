@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from experiment.assignment import bucket, candidate_buckets
 from experiment.phases import Phase, PhaseLocator, phases_of
@@ -148,19 +148,20 @@ class UserSums:
         row["tokens_out"] += tokens_out or 0
 
     def add_feedback(self, user: str, thumbs: str | None, rating: int | None, corrected: bool,
-                     first_on_event: bool) -> None:
+                     first_on_event: bool, times: int = 1) -> None:
+        """One feedback row, or `times` rows alike (on events whose feedback is counted elsewhere)."""
         row = self.rows[user]
-        row["feedback_events"] += first_on_event
-        row["thumbs_up"] += thumbs == "up"
-        row["thumbs"] += thumbs in ("up", "down")
+        row["feedback_events"] += first_on_event  # its event, once
+        row["thumbs_up"] += (thumbs == "up") * times
+        row["thumbs"] += (thumbs in ("up", "down")) * times
         if rating is not None:
-            row["rating_sum"] += rating
-            row["ratings"] += 1
-        row["corrections"] += corrected
+            row["rating_sum"] += rating * times
+            row["ratings"] += times
+        row["corrections"] += corrected * times
         score = satisfaction(thumbs, rating)
         if score is not None:
-            row["satisfaction_sum"] += score
-            row["satisfaction_n"] += 1
+            row["satisfaction_sum"] += score * times
+            row["satisfaction_n"] += times
 
     def add_score(self, user: str, method: str, score: float) -> None:
         row = self.rows[user]
@@ -332,25 +333,23 @@ def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:
 
 
 def _pre_period(db: Database, started: datetime, lookback: timedelta) -> UserSums | None:
-    """Each user's requests and feedback in the lookback before the experiment (None: nobody's)."""
+    """Each user's requests and feedback in the lookback before the experiment (None: nobody's): the columns
+    the primary metrics read, counted in the database (a lookback holds as much traffic as the experiment)."""
+    window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
     with db.session() as session:
-        rows = session.execute(
-            select(SearchEvent.id, SearchEvent.user_id, SearchEvent.status, Feedback.thumbs, Feedback.rating,
-                   Feedback.corrected_answer.is_not(None), Feedback.id)
-            .outerjoin(Feedback, Feedback.event_id == SearchEvent.id)
-            .where(SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
-        ).all()
-    if not rows:
+        requests = session.execute(
+            select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id)).all()
+        feedback = session.execute(
+            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
+            .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
+            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)).all()
+    if not requests:
         return None
     pre = UserSums()
-    seen: set[str] = set()
-    for event_id, user, status, thumbs, rating, corrected, feedback_id in rows:
-        first = event_id not in seen
-        if first:
-            seen.add(event_id)
-            pre.add_event(user, status, None, None)
-        if feedback_id is not None:
-            pre.add_feedback(user, thumbs, rating, bool(corrected), first_on_event=first)
+    for user, count in requests:
+        pre.rows[user]["requests"] = count
+    for user, thumbs, rating, count in feedback:
+        pre.add_feedback(user, thumbs, rating, False, first_on_event=False, times=count)
     return pre
 
 

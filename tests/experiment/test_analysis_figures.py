@@ -436,43 +436,46 @@ def test_cuped_is_off_when_the_policy_says_so_even_with_a_pre_period_collected(s
 
 
 def _own_history(requests: list[tuple]) -> dict[str, float]:
-    """A user's pre-period value of two metrics, from (thumbs, rating) per request (None, None: no feedback)."""
-    rated = [((thumbs == "up") + (rating - 1) / 4) / 2 for thumbs, rating in requests if thumbs]
-    return {"thumbs_up_per_request": sum(thumbs == "up" for thumbs, _r in requests) / len(requests),
-            "satisfaction": float(np.mean(rated)) if rated else math.nan}
+    """A user's pre-period value of the feedback metrics, from (thumbs, rating) per request (None, None: none)."""
+    given = [(thumbs, rating) for thumbs, rating in requests if thumbs]  # the traffic helper gives both or neither
+    ups = sum(thumbs == "up" for thumbs, _rating in given)
+    return {"thumbs_up_per_request": ups / len(requests),
+            "thumbs_up_rate": ups / len(given) if given else math.nan,
+            "mean_rating": float(np.mean([rating for _thumbs, rating in given])) if given else math.nan,
+            "satisfaction": float(np.mean([((t == "up") + (r - 1) / 4) / 2 for t, r in given])) if given else math.nan}
 
 
-def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(sqlite_db):
-    running = traffic.start(sqlite_db)
-    started = experiments.get(sqlite_db, running.id).started_at
-    old = traffic.ArmBehaviour(up=0.5, rating_mean=3.0)
+def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(db):
+    running = traffic.start(db)
+    started = experiments.get(db, running.id).started_at
+    old = traffic.ArmBehaviour(up=0.5, rating_mean=3.0, feedback=0.7)
     # users 0..199 searched 2 days before the experiment; users 100..299 also 20 days before (outside 14 days).
-    traffic.write(sqlite_db, running, users=200, requests_per_user=3, control=old, candidate=old, seed=4,
+    traffic.write(db, running, users=200, requests_per_user=3, control=old, candidate=old, seed=4,
                   ts=started - timedelta(days=2), prefix="u")
-    traffic.write(sqlite_db, running, users=200, first_user=100, requests_per_user=3, control=old, candidate=old,
+    traffic.write(db, running, users=200, first_user=100, requests_per_user=3, control=old, candidate=old,
                   seed=5, ts=started - timedelta(days=20), prefix="u")
     step = timedelta(microseconds=10)  # the helper's first request comes one step after `ts`
-    traffic.write(sqlite_db, running, users=1, first_user=299, control=old, candidate=old, seed=8,
+    traffic.write(db, running, users=1, first_user=299, control=old, candidate=old, seed=8,
                   ts=started - timedelta(days=14) - step, prefix="u")  # exactly at the start of the window
-    with sqlite_db.session() as session:
+    with db.session() as session:
         session.query(SearchEvent).filter(SearchEvent.ts < started).update({SearchEvent.experiment_id: "older"})
         history = session.query(SearchEvent.user_id, SearchEvent.ts, Feedback.thumbs, Feedback.rating).outerjoin(
             Feedback, Feedback.event_id == SearchEvent.id).filter(SearchEvent.experiment_id == "older").all()
-    traffic.write(sqlite_db, running, users=300, seed=6, prefix="u")
-    collected = collect(sqlite_db, running.id, cuped_lookback_days=14)
+    traffic.write(db, running, users=300, seed=6, prefix="u")
+    collected = collect(db, running.id, cuped_lookback_days=14)
     within: dict[str, list] = defaultdict(list)  # user -> (thumbs, rating) of each request in the window
     for user, ts, thumbs, rating in history:
         if ts >= started - timedelta(days=14):
             within[user].append((thumbs, rating))
     for arm in ("control", "candidate"):
         ids = collected.arms[arm].user_ids
-        for name in ("thumbs_up_per_request", "satisfaction"):
+        for name in ("thumbs_up_per_request", "thumbs_up_rate", "mean_rating", "satisfaction"):
             want = [_own_history(within[user])[name] if within[user] else math.nan for user in ids]
             assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
         assert np.isnan(collected.arms[arm].pre["satisfaction"][[200 <= int(u[2:]) < 299 for u in ids]]).all()
     last = next(arm for arm in ("control", "candidate") if "u-299" in collected.arms[arm].user_ids)
     assert collected.arms[last].pre["thumbs_up_per_request"][collected.arms[last].user_ids.index("u-299")] in (0, 1)
-    assert collect(sqlite_db, running.id, cuped_lookback_days=0).arms["control"].pre == {}
+    assert collect(db, running.id, cuped_lookback_days=0).arms["control"].pre == {}
 
 
 def test_collect_reads_latencies_and_corrections_alike_on_both_backends(db):
