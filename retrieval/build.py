@@ -57,7 +57,9 @@ def index_version(documents: list[Document], *, index_dir: str, embedding_model:
                   extraction: Extraction | None = None) -> dict[str, Any]:
     """`build_index` with the embedding model by name, and what it built, as `abloop index build` and the
     `ingest` flow report it (`metadata`: the extraction's counts, None when none was asked for)."""
-    index = build_index(documents, Embedder(embedding_model), IndexStore(index_dir), kind=kind,
+    from retrieval import embedder  # the class looked up when called, as a test standing in for it needs
+
+    index = build_index(documents, embedder.Embedder(embedding_model), IndexStore(index_dir), kind=kind,
                         metadata=extraction.metadata if extraction is not None else None)
     return {"index_version": index.version, "documents": len(documents), "chunks": len(index), "kind": index.kind,
             "metadata": extraction.counts() if extraction is not None else None}
