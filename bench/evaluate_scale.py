@@ -29,8 +29,8 @@ from sqlalchemy import insert, text  # noqa: E402
 
 from experiment.analysis import analyse_collected, timeline  # noqa: E402
 from experiment.assignment import assign_arm  # noqa: E402
+from experiment.collect import collect  # noqa: E402
 from experiment.decision import Policy  # noqa: E402
-from experiment.metrics import collect  # noqa: E402
 from store import experiments  # noqa: E402
 from store.config import Settings  # noqa: E402
 from store.db import Database  # noqa: E402

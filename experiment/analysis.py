@@ -17,6 +17,7 @@ import numpy as np
 
 from experiment import stats
 from experiment.assignment import bucketed_share
+from experiment.collect import collect, collect_at
 from experiment.decision import (
     NOT_ENOUGH_DATA,
     SRM_P,
@@ -31,8 +32,6 @@ from experiment.metrics import (
     METRICS,
     ArmUsers,
     Collected,
-    collect,
-    collect_at,
 )
 from store.db import Database
 from store.experiments import get_running

@@ -165,7 +165,7 @@ def test_a_ramp_with_returning_users_does_not_read_a_drift_over_time_as_an_effec
     ([0.4, 0.2, 0.3], [(2000, 4000), (2000, 3000), (3000, 3000)]),
 ])
 def test_the_buckets_a_later_share_moves_are_those_between_its_lowest_and_highest_cut(shares, moved):
-    from experiment.metrics import _moved_buckets
+    from experiment.collect import _moved_buckets
     from experiment.phases import Phase
 
     phases = [Phase(n, share, utcnow(), None, "test") for n, share in enumerate(shares)]

@@ -3,7 +3,7 @@
 test_analysis.py checks what the analysis decides; this module checks the numbers beside the decision: each
 metric's comparison, the per-arm sequences of the report's chart, the sample-ratio block, the reference tests,
 the guardrails, the latency quantile and the timeline. Users are aggregated here straight from the stored rows
-(not through experiment.metrics), and each figure is the statistic of those users: scipy where it has the test,
+(not through experiment.collect), and each figure is the statistic of those users: scipy where it has the test,
 otherwise the function of experiment.stats that tests/experiment/test_stats.py pins to scipy and gbstats.
 The policy is not the default one (alpha 0.1, tuning 300), so a figure computed with a default instead of the
 policy's setting differs.
@@ -32,8 +32,10 @@ from experiment.analysis import (
     empty,
     timeline,
 )
+from experiment.assignment import bucket
+from experiment.collect import collect, collect_at
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
-from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, collect, collect_at, satisfaction
+from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, satisfaction
 from experiment.phases import Phase
 from store import experiments
 from store.models import AnswerScore, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
@@ -507,6 +509,43 @@ def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db)
     collected = collect(sqlite_db, running.id, until=first)  # the first request and its feedback, same moment
     sums = [collected.arms[arm].total(column) for arm in ("control", "candidate") for column in ("requests", "thumbs")]
     assert sorted(sums) == [0, 0, 1, 1]
+
+
+def test_collect_counts_feedback_only_on_a_counted_request_it_has_read_and_users_in_each_phase(db):
+    """A user served in two phases is active in both; feedback on a crossover's other-arm request counts nowhere;
+    feedback stamped before its own request (another writer's clock) waits for that request to be read."""
+    running = traffic.start(db)
+    arm_of = {u: ("candidate" if bucket(running.salt, u) < 5000 else "control") for u in (f"u{n}" for n in range(40))}
+    stay = [u for u in arm_of if not 5000 <= bucket(running.salt, u) < 6000]  # the 50% -> 60% ramp moves none
+    a, b = [u for u in stay if arm_of[u] == "control"][:2]
+    c = next(u for u in stay if arm_of[u] == "candidate")
+    t0, t2 = utcnow() - timedelta(hours=2), utcnow() + timedelta(minutes=1)
+
+    def event(user: str, arm: str, ts: datetime) -> dict:
+        return {"id": new_id(), "ts": ts, "user_id": user, "experiment_id": running.id, "arm": arm,
+                "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": "ok", "timings": {}}
+
+    events = [event(a, "control", t0), event(b, "control", t0 + timedelta(seconds=1)),
+              event(c, "candidate", t0 + timedelta(seconds=2)), event(a, "control", t2),
+              event(b, "candidate", t2 + timedelta(seconds=1)),  # a crossover, not by the ramp
+              event(c, "candidate", t2 + timedelta(seconds=3))]
+    with db.session() as session:
+        session.execute(insert(SearchEvent), events)
+        session.execute(insert(Feedback), [
+            {"id": new_id(), "event_id": events[4]["id"], "ts": t2 + timedelta(seconds=2), "thumbs": "up"},
+            {"id": new_id(), "event_id": events[5]["id"], "ts": t0 + timedelta(seconds=3), "thumbs": "up"}])
+    lifecycle.set_share(db, running.id, 0.6, reason="ramp")
+    now = collect(db, running.id)
+    assert [count.users for count in now.phases] == [(2, 1), (1, 2)]  # b counts on the arm that served him there
+    assert (now.crossovers, now.excluded_requests, now.left_out_users) == (1, 1, 0)
+    control, candidate = now.arms["control"], now.arms["candidate"]
+    assert control.user_ids == [a, b] and candidate.user_ids == [c]  # in the order they first came
+    assert control.columns["thumbs"].tolist() == [0, 0] and control.columns["requests"].tolist() == [2, 1]
+    assert candidate.columns["thumbs"].tolist() == [1]
+    then = t0 + timedelta(hours=1)  # c's feedback is stamped by now, its request is not yet made
+    for collected in (collect(db, running.id, until=then), next(collect_at(db, running.id, [then]))):
+        assert collected.arms["candidate"].columns["thumbs"].tolist() == [0]
+        assert collected.arms["candidate"].columns["requests"].tolist() == [1]
 
 
 def test_reading_at_several_moments_is_reading_at_each_one(db):

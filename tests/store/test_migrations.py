@@ -91,7 +91,7 @@ def test_importing_store_pulls_in_no_heavy_packages() -> None:
     code = (
         "import sys, store, store.config, store.models, store.db, store.experiments, store.prompts, "
         "store.events, store.writer, store.scores, store.rules, experiment, experiment.lifecycle, "
-        "experiment.assignment, experiment.metrics, experiment.status\n"
+        "experiment.assignment, experiment.metrics, experiment.collect, experiment.status\n"
         "heavy = [m for m in ('torch', 'faiss', 'fastapi', 'transformers', 'sentence_transformers', "
         "'retrieval', 'proxy', 'training', 'flows', 'serving') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

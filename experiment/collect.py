@@ -1,0 +1,369 @@
+"""An experiment's rows, read from the store into per-user arrays per assigned arm (experiment.metrics says
+what the arrays hold).
+
+Assignment: a user belongs to the arm of their first request. A share change moves the users whose
+bucket lies between the old and the new share to the other arm, and their treatment is mixed from
+then on. Such users are left out of the comparison altogether, chosen by bucket and not by what they
+did: every user first seen in a phase whose bucket a later phase's share puts on the other arm,
+whether or not they came back. Leaving out only the later requests of those who did come back (as
+this module did before) compares a control arm cut short at the ramp with a candidate arm that is
+not, which reads any change over time as a treatment effect; leaving out only the users who came
+back would drop the heavier users from one arm. Users seen in both arms are counted in `crossovers`.
+
+The rows arrive in batches and become columns as they come (a code per user, microseconds since the
+epoch, an arm and a status as small integers): a million events take about 40 MB as columns against
+about 1 GB as rows, and the sums per user are numpy's `bincount` (bench/evaluate_scale.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from experiment.assignment import bucket, candidate_buckets
+from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount, UserSums
+from experiment.metrics import satisfaction as satisfaction_of
+from experiment.phases import Phase, phases_of
+from store.db import Database
+from store.experiments import ExperimentNotFound, list_events
+from store.models import AnswerScore, Experiment, Feedback, SearchEvent
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_BATCH = 50_000  # rows a fetch (a server-side cursor on PostgreSQL)
+_ERROR, _FALLBACK = 1, 2  # event status codes; any other status is 0
+_SCORED = ("grounding", "judge")
+
+
+def collect(db: Database, experiment_id: str, *, cuped_lookback_days: float = 14.0,
+            until: datetime | None = None) -> Collected:
+    """Read an experiment's events, feedback and answer scores into per-user arrays per assigned arm.
+
+    `until` reads the experiment as it stood at that moment (events and feedback up to it, answers scored by then).
+    """
+    return next(collect_at(db, experiment_id, [until], cuped_lookback_days=cuped_lookback_days))
+
+
+def collect_at(db: Database, experiment_id: str, moments: Sequence[datetime | None], *,
+               cuped_lookback_days: float = 14.0) -> Iterator[Collected]:
+    """The experiment as it stood at each of `moments` (None: now), in turn, from one read of its rows.
+
+    The report's metric-over-time chart analyses a dozen moments: one read instead of one a moment. A moment
+    without a time zone is UTC.
+    """
+    moments = [None if moment is None else _utc(moment) for moment in moments]
+    latest = None if None in moments else max(moments, default=None)
+    experiment, rows = _read(db, experiment_id, latest)
+    every_phase = phases_of(experiment, list_events(db, experiment_id))
+    rows.locate_phases(every_phase)
+    pre = (_pre_period(db, experiment.started_at, timedelta(days=cuped_lookback_days))
+           if cuped_lookback_days > 0 else None)
+    for moment in moments:
+        # As it stood then: a later share change had not yet moved anyone.
+        phases = (every_phase if moment is None
+                  else [phase for phase in every_phase if phase.start <= moment] or every_phase[:1])
+        collected = _assemble(experiment, phases, rows, None if moment is None else _microseconds(moment))
+        if pre is not None:
+            _attach_pre_period(collected, pre)
+        yield collected
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _microseconds(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+@dataclass
+class _Rows:
+    """An experiment's events (in time order), feedback (in the order given) and answer scores (in the order
+    scored) as columns. Users are codes into `users`, -1 for none; times are microseconds since the epoch."""
+
+    users: list[str]
+    buckets: np.ndarray  # per user code
+    events: dict[str, np.ndarray]  # user, ts, arm (1: candidate), status, latency (nan: none), tokens_in, tokens_out
+    feedback: dict[str, np.ndarray]  # user, arm, event_ts, event (a code per event), ts, and the per-row signals
+    scores: dict[str, np.ndarray]  # user, arm, event_ts, judge (0: grounding), score, ts
+    phase: np.ndarray | None = None  # per event: the phase it fell in
+
+    def locate_phases(self, phases: list[Phase]) -> None:
+        """Events before the first phase count in the first (as experiment.phases.PhaseLocator has it)."""
+        import numpy as np
+
+        starts = np.array([_microseconds(phase.start) for phase in phases], dtype=np.int64)
+        self.phase = np.maximum(np.searchsorted(starts, self.events["ts"], side="right") - 1, 0)
+
+
+def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Experiment, _Rows]:
+    """Only the fields the sums need, computed in the database where it can (the total latency rather than the
+    timings JSON, whether a correction exists rather than its text)."""
+    import numpy as np
+
+    with db.session() as session:
+        if db.engine.dialect.name == "postgresql":  # the three reads see one snapshot (SQLite's: see _assemble)
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None:
+            raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
+        this_experiment = (SearchEvent.experiment_id == experiment_id, SearchEvent.arm.in_(ARMS))
+        event_query = (
+            select(SearchEvent.user_id, SearchEvent.ts, SearchEvent.arm, SearchEvent.status,
+                   SearchEvent.timings["total"].as_float(), SearchEvent.tokens_in, SearchEvent.tokens_out)
+            .where(*this_experiment).order_by(SearchEvent.ts, SearchEvent.id)
+        )
+        feedback_query = (
+            select(SearchEvent.user_id, SearchEvent.arm, SearchEvent.ts, Feedback.event_id, Feedback.thumbs,
+                   Feedback.rating, Feedback.corrected_answer.is_not(None), Feedback.ts)
+            .join(SearchEvent, SearchEvent.id == Feedback.event_id)
+            .where(*this_experiment).order_by(Feedback.ts, Feedback.id)
+        )
+        score_query = (
+            select(SearchEvent.user_id, SearchEvent.arm, SearchEvent.ts, AnswerScore.method, AnswerScore.score,
+                   AnswerScore.created_at)
+            .join(SearchEvent, SearchEvent.id == AnswerScore.event_id)
+            .where(*this_experiment, AnswerScore.method.in_(_SCORED))
+            .order_by(AnswerScore.created_at, AnswerScore.id)
+        )
+        if until is not None:
+            event_query = event_query.where(SearchEvent.ts <= until)
+            feedback_query = feedback_query.where(Feedback.ts <= until)
+            score_query = score_query.where(AnswerScore.created_at <= until)
+        connection = session.connection().execution_options(yield_per=_BATCH)
+        codes: dict[str, int] = {}
+        events = _columns(connection.execute(event_query).partitions(), lambda batch: _event_columns(batch, codes))
+        feedback_events: dict[str, int] = {}
+        feedback = _columns(connection.execute(feedback_query).partitions(),
+                            lambda batch: _feedback_columns(batch, codes, feedback_events))
+        scores = _columns(connection.execute(score_query).partitions(), lambda batch: _score_columns(batch, codes))
+    users = list(codes)
+    buckets = np.array([bucket(experiment.salt, user) for user in users], dtype=np.int64)
+    return experiment, _Rows(users=users, buckets=buckets, events=events, feedback=feedback, scores=scores)
+
+
+def _columns(batches: Iterable[Sequence[Any]], convert) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    parts = [convert(list(zip(*batch, strict=True))) for batch in batches if batch]
+    if not parts:
+        return {name: array[:0] for name, array in convert(None).items()}
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _event_columns(columns: list[tuple] | None, codes: dict[str, int]) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    user, ts, arm, status, latency, tokens_in, tokens_out = columns or ((),) * 7
+    return {
+        "user": _user_codes(user, codes, add=True), "ts": _times(ts), "arm": _arm_codes(arm),
+        "status": np.array([_ERROR if s == "error" else _FALLBACK if s == "fallback" else 0 for s in status],
+                           dtype=np.int8),
+        "latency": np.array(latency, dtype=float),  # None: nan
+        "tokens_in": np.nan_to_num(np.array(tokens_in, dtype=float)),  # None: 0
+        "tokens_out": np.nan_to_num(np.array(tokens_out, dtype=float)),
+    }
+
+
+def _feedback_columns(columns: list[tuple] | None, codes: dict[str, int],
+                      event_codes: dict[str, int]) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    user, arm, event_ts, event_id, thumbs, rating, corrected, ts = columns or ((),) * 8
+    scores = [satisfaction_of(t, r) for t, r in zip(thumbs, rating, strict=True)]
+    return {
+        "user": _user_codes(user, codes), "arm": _arm_codes(arm), "event_ts": _times(event_ts), "ts": _times(ts),
+        "event": np.array([event_codes.setdefault(event, len(event_codes)) for event in event_id], dtype=np.int64),
+        "thumbs_up": np.array([t == "up" for t in thumbs], dtype=float),
+        "thumbs": np.array([t in ("up", "down") for t in thumbs], dtype=float),
+        "rating_sum": np.array([r or 0 for r in rating], dtype=float),
+        "ratings": np.array([r is not None for r in rating], dtype=float),
+        "corrections": np.array(corrected, dtype=float),
+        "satisfaction_sum": np.array([s or 0.0 for s in scores], dtype=float),
+        "satisfaction_n": np.array([s is not None for s in scores], dtype=float),
+    }
+
+
+def _score_columns(columns: list[tuple] | None, codes: dict[str, int]) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    user, arm, event_ts, method, score, ts = columns or ((),) * 6
+    return {"user": _user_codes(user, codes), "arm": _arm_codes(arm), "event_ts": _times(event_ts), "ts": _times(ts),
+            "judge": np.array([m == "judge" for m in method], dtype=bool), "score": np.array(score, dtype=float)}
+
+
+def _user_codes(users: Sequence[str | None], codes: dict[str, int], add: bool = False) -> np.ndarray:
+    """-1 for no user (anonymous) and, unless `add`, for a user none of the events read has."""
+    import numpy as np
+
+    if add:
+        return np.array([codes.setdefault(user, len(codes)) if user else -1 for user in users], dtype=np.int64)
+    return np.array([codes.get(user, -1) if user else -1 for user in users], dtype=np.int64)
+
+
+def _times(moments: Sequence[datetime]) -> np.ndarray:
+    import numpy as np
+
+    return np.array([(moment - _EPOCH) // _MICROSECOND for moment in moments], dtype=np.int64)
+
+
+def _arm_codes(arms: Sequence[str]) -> np.ndarray:
+    import numpy as np
+
+    return np.array([arm == "candidate" for arm in arms], dtype=np.int8)
+
+
+def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, moment: int | None) -> Collected:
+    """The experiment as it stood at `moment` (microseconds; None: everything read)."""
+    import numpy as np
+
+    events = rows.events
+    n = events["ts"].size if moment is None else int(np.searchsorted(events["ts"], moment, side="right"))
+    named = np.flatnonzero(events["user"][:n] >= 0)  # positions of the events with a user, in time order
+    user, arm, phase = events["user"][named], events["arm"][named], rows.phase[named]
+    population = len(rows.users)
+    present, first = np.unique(user, return_index=True)  # each user's first event (events are in time order)
+    home = np.full(population, -1, dtype=np.int8)
+    home[present] = arm[first]
+    first_phase = np.full(population, -1, dtype=np.int64)
+    first_phase[present] = phase[first]
+    moved = np.array(_moved_buckets(phases), dtype=np.int64).reshape(-1, 2)
+    left_out = np.zeros(population, dtype=bool)
+    left_out[present] = ((moved[first_phase[present], 0] <= rows.buckets[present])
+                         & (rows.buckets[present] < moved[first_phase[present], 1]))
+    off_home = arm != home[user]
+    crossed = np.unique(user[off_home]).size
+    in_left_out = left_out[user]
+    # Not by a share change (the bucket rule would have left them out): a user whose treatment is still mixed.
+    excluded = off_home & ~in_left_out
+    counted = ~in_left_out & ~excluded
+    sums = _event_sums(events, named[counted], user[counted], population)
+    # Feedback and scores count on the counted users' requests on their home arm, up to the last request read:
+    # one written between the reads (SQLite's are not one snapshot) may be on a request that was not.
+    eligible = (home >= 0) & ~left_out
+    last = int(events["ts"][n - 1]) if n else -1
+    for signals, distinct in ((rows.feedback, "feedback_events"), (rows.scores, None)):
+        _add_sums(sums, signals, moment, last, eligible, home, population, distinct)
+    order = present  # codes are given in the order users first came
+    arms = {}
+    for code, name in enumerate(ARMS):
+        members = order[(home[order] == code) & ~left_out[order]]
+        position = np.full(population, -1, dtype=np.int64)
+        position[members] = np.arange(members.size)
+        timed = named[counted & (arm == code)]
+        timed = timed[~np.isnan(events["latency"][timed])]
+        arms[name] = ArmUsers(user_ids=[rows.users[member] for member in members],
+                              columns={column: sums[column][members] for column in COLUMNS},
+                              latencies_ms=events["latency"][timed], strata=first_phase[members],
+                              latency_users=position[events["user"][timed]])
+    left_phases, left_counts = np.unique(first_phase[left_out], return_counts=True)
+    return Collected(experiment=experiment, arms=arms, phases=_phase_counts(phases, phase, user, arm, population),
+                     crossovers=int(crossed), excluded_requests=int(excluded.sum()),
+                     anonymous_requests=int(n - named.size), left_out_requests=int(in_left_out.sum()),
+                     left_out_by_phase={int(k): int(v) for k, v in zip(left_phases, left_counts, strict=True)})
+
+
+def _event_sums(events: dict[str, np.ndarray], at: np.ndarray, user: np.ndarray,
+                population: int) -> dict[str, np.ndarray]:
+    """Per user code, every column: the events' own, from the counted events at positions `at`; the rest 0."""
+    import numpy as np
+
+    def total(weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(user, weights=weights, minlength=population).astype(float)
+
+    sums = {column: np.zeros(population) for column in COLUMNS}
+    status = events["status"][at]
+    sums.update(requests=total(), errors=total((status == _ERROR).astype(float)),
+                fallbacks=total((status == _FALLBACK).astype(float)), tokens_in=total(events["tokens_in"][at]),
+                tokens_out=total(events["tokens_out"][at]))
+    return sums
+
+
+def _add_sums(sums: dict[str, np.ndarray], rows: dict[str, np.ndarray], moment: int | None, last: int,
+              eligible: np.ndarray, home: np.ndarray, population: int, distinct: str | None) -> None:
+    """Add the feedback or score rows known at `moment`, on requests up to `last`, of `eligible` users on their
+    `home` arm: each signal column they carry, per user; `distinct` counts each request once however many rows
+    it got."""
+    import numpy as np
+
+    k = rows["ts"].size if moment is None else int(np.searchsorted(rows["ts"], moment, side="right"))
+    user = rows["user"][:k]
+    known = np.maximum(user, 0)  # -1 (no such user) is dropped by the first condition
+    keep = (user >= 0) & (rows["event_ts"][:k] <= last) & eligible[known] & (rows["arm"][:k] == home[known])
+    at = np.flatnonzero(keep)
+    who = user[at]
+    if "judge" in rows:
+        for method, judged in (("grounding", False), ("judge", True)):
+            mine = rows["judge"][at] == judged
+            sums[f"{method}_sum"] += np.bincount(who[mine], weights=rows["score"][at][mine], minlength=population)
+            sums[f"{method}_n"] += np.bincount(who[mine], minlength=population)
+        return
+    for column in ("thumbs_up", "thumbs", "rating_sum", "ratings", "corrections", "satisfaction_sum",
+                   "satisfaction_n"):
+        sums[column] += np.bincount(who, weights=rows[column][at], minlength=population)
+    if distinct is not None:
+        _events, once = np.unique(rows["event"][at], return_index=True)
+        sums[distinct] += np.bincount(who[once], minlength=population)
+
+
+def _phase_counts(phases: list[Phase], phase: np.ndarray, user: np.ndarray, arm: np.ndarray,
+                  population: int) -> list[PhaseCount]:
+    """Per phase, its active users by the arm that first served them in it."""
+    import numpy as np
+
+    _keys, first = np.unique(phase * population + user, return_index=True)
+    served = np.bincount(phase[first] * 2 + arm[first], minlength=2 * len(phases)).reshape(-1, 2)
+    return [PhaseCount(p, (int(served[k, 0]), int(served[k, 1]))) for k, p in enumerate(phases)]
+
+
+def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:
+    """Per phase: the buckets [low, high) that this or a later phase's share puts on the other arm.
+
+    A user first seen in phase k is on the candidate iff bucket < cut(share_k); they stay on one arm
+    through every later phase iff their bucket is below every later cut or at or above all of them.
+    """
+    cuts = [candidate_buckets(phase.share) for phase in phases]
+    return [(min(cuts[k:]), max(cuts[k:])) for k in range(len(cuts))]
+
+
+def _pre_period(db: Database, started: datetime, lookback: timedelta) -> UserSums | None:
+    """Each user's requests and feedback in the lookback before the experiment (None: nobody's): the columns
+    the primary metrics read, counted in the database (a lookback holds as much traffic as the experiment)."""
+    window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
+    with db.session() as session:
+        requests = session.execute(
+            select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id)).all()
+        feedback = session.execute(
+            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
+            .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
+            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)).all()
+    if not requests:
+        return None
+    pre = UserSums()
+    for user, count in requests:
+        pre.rows[user]["requests"] = count
+    for user, thumbs, rating, count in feedback:
+        pre.add_feedback(user, thumbs, rating, False, first_on_event=False, times=count)
+    return pre
+
+
+def _attach_pre_period(collected: Collected, pre: UserSums) -> None:
+    """Each user's own pre-period value of each primary metric: the CUPED covariate (nan where none)."""
+    import numpy as np
+
+    for arm_users in collected.arms.values():
+        rows = [pre.rows.get(user) for user in arm_users.user_ids]
+        for name in PRIMARY_METRICS:
+            metric = METRICS[name]
+            num = np.array([row[metric.numerator] if row else 0.0 for row in rows], dtype=float)
+            den = np.array([row[metric.denominator] if row else 0.0 for row in rows], dtype=float)
+            values = np.full(len(rows), np.nan)
+            np.divide(num, den, out=values, where=den > 0)
+            arm_users.pre[name] = values
