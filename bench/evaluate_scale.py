@@ -2,7 +2,7 @@
 
 `abloop evaluate`, the hourly `evaluate_arms` flow, the rollout and `promote` (which analyses again
 before it acts) each pay this once; the report pays it once more for its metric-over-time chart's
-twelve points (`timeline`).
+twelve points (`timeline`). The peak is Python's and numpy's allocations during one `collect` (tracemalloc).
 Rows are written as the proxy writes them (one event a request, feedback on about a third), into a
 fresh schema of the real PostgreSQL (or a fresh SQLite file): 14 days of the experiment's traffic, and as
 much from the same users in the 14 days before it, which CUPED's lookback reads (`--no-lookback`: none).
@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -129,9 +130,14 @@ def _measure(db: Database, events: int, repeats: int, policy: Policy, lookback: 
     collect_s, collected = _best(lambda: collect(db, experiment.id), repeats)
     analyse_s, analysis = _best(lambda: analyse_collected(collected, policy), repeats)
     timeline_s, _ = _best(lambda: timeline(db, experiment.id, policy), 1)
+    tracemalloc.start()  # after the timings: tracing slows allocation down
+    collect(db, experiment.id)
+    peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
     users = sum(arm.users for arm in collected.arms.values())
     return (f"| {events:,} | {users:,} | {feedback:,} | {written:.1f} | {collect_s:.2f} | {analyse_s:.2f} | "
-            f"{collect_s + analyse_s:.2f} | {timeline_s:.1f} | {analysis.decision['action']} |")
+            f"{collect_s + analyse_s:.2f} | {timeline_s:.1f} | {peak_mb:.0f} | {analysis.decision['action']} | "
+            f"{(analysis.primary or {}).get('difference', float('nan')):+.6g} |")
 
 
 def main() -> None:
@@ -148,7 +154,8 @@ def main() -> None:
           f"{REQUESTS_PER_USER} requests a user over {DAYS} days, thumbs on ~30%; "
           + ("no traffic before it" if args.no_lookback else f"as much again in the {DAYS} days before (CUPED)"))
     print("| events | users | feedback | write s | collect s | analyse s | evaluate s | timeline (12 points) s "
-          "| decision |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| collect's peak MB | decision | satisfaction difference |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     with tempfile.TemporaryDirectory() as workdir:
         for events in args.events:
             db, schema = _database(args.sqlite, Path(workdir))

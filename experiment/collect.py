@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from experiment.assignment import bucket, candidate_buckets
 from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount, UserSums
@@ -111,6 +111,10 @@ def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Exp
     with db.session() as session:
         if db.engine.dialect.name == "postgresql":  # the three reads see one snapshot (SQLite's: see _assemble)
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            # Every row is read: plan for all of them, not for the first tenth as for a cursor by default. With
+            # statistics that predate the experiment's rows, the default plan joined a million events to each
+            # feedback row in a nested loop and had not answered after eight minutes (bench/evaluate_scale.py).
+            session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
         experiment = session.get(Experiment, experiment_id)
         if experiment is None:
             raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
