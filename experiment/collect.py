@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, text
 
 from experiment.assignment import bucket, candidate_buckets
-from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount, UserSums
+from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount
 from experiment.metrics import satisfaction as satisfaction_of
 from experiment.phases import Phase, phases_of
 from store.db import Database
@@ -181,10 +181,23 @@ def _feedback_columns(columns: list[tuple] | None, codes: dict[str, int],
     import numpy as np
 
     user, arm, event_ts, event_id, thumbs, rating, corrected, ts = columns or ((),) * 8
-    scores = [satisfaction_of(t, r) for t, r in zip(thumbs, rating, strict=True)]
     return {
         "user": _user_codes(user, codes), "arm": _arm_codes(arm), "event_ts": _times(event_ts), "ts": _times(ts),
         "event": np.array([event_codes.setdefault(event, len(event_codes)) for event in event_id], dtype=np.int64),
+        **_signals(thumbs, rating, corrected),
+    }
+
+
+_SIGNALS = ("thumbs_up", "thumbs", "rating_sum", "ratings", "corrections", "satisfaction_sum", "satisfaction_n")
+
+
+def _signals(thumbs: Sequence[str | None], rating: Sequence[int | None],
+             corrected: Sequence[bool]) -> dict[str, np.ndarray]:
+    """Per feedback row, what it adds to each of its user's `_SIGNALS` columns."""
+    import numpy as np
+
+    scores = [satisfaction_of(t, r) for t, r in zip(thumbs, rating, strict=True)]
+    return {
         "thumbs_up": np.array([t == "up" for t in thumbs], dtype=float),
         "thumbs": np.array([t in ("up", "down") for t in thumbs], dtype=float),
         "rating_sum": np.array([r or 0 for r in rating], dtype=float),
@@ -309,8 +322,7 @@ def _add_sums(sums: dict[str, np.ndarray], rows: dict[str, np.ndarray], moment: 
             sums[f"{method}_sum"] += np.bincount(who[mine], weights=rows["score"][at][mine], minlength=population)
             sums[f"{method}_n"] += np.bincount(who[mine], minlength=population)
         return
-    for column in ("thumbs_up", "thumbs", "rating_sum", "ratings", "corrections", "satisfaction_sum",
-                   "satisfaction_n"):
+    for column in _SIGNALS:
         sums[column] += np.bincount(who, weights=rows[column][at], minlength=population)
     if distinct is not None:
         _events, once = np.unique(rows["event"][at], return_index=True)
@@ -337,37 +349,55 @@ def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:
     return [(min(cuts[k:]), max(cuts[k:])) for k in range(len(cuts))]
 
 
-def _pre_period(db: Database, started: datetime, lookback: timedelta) -> UserSums | None:
-    """Each user's requests and feedback in the lookback before the experiment (None: nobody's): the columns
-    the primary metrics read, counted in the database (a lookback holds as much traffic as the experiment)."""
+@dataclass
+class _PrePeriod:
+    """Per user with requests in the lookback: their index into `columns` (requests and `_SIGNALS`)."""
+
+    index: dict[str, int]
+    columns: dict[str, np.ndarray]
+
+
+def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePeriod | None:
+    """Each user's requests and feedback in the lookback before the experiment (None: nobody's), counted in the
+    database by user and kind of feedback (a lookback holds as much traffic as the experiment)."""
+    import numpy as np
+
     window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
     with db.session() as session:
         requests = session.execute(
             select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id)).all()
         feedback = session.execute(
-            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
+            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer.is_not(None),
+                   func.count())
             .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
-            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)).all()
+            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer.is_not(None))
+        ).all()
     if not requests:
         return None
-    pre = UserSums()
-    for user, count in requests:
-        pre.rows[user]["requests"] = count
-    for user, thumbs, rating, count in feedback:
-        pre.add_feedback(user, thumbs, rating, False, first_on_event=False, times=count)
-    return pre
+    index = {user: n for n, (user, _count) in enumerate(requests)}
+    columns = {"requests": np.array([count for _user, count in requests], dtype=float)}
+    user, thumbs, rating, corrected, count = (list(column) for column in zip(*feedback, strict=True)) if feedback \
+        else ([], [], [], [], [])
+    who = np.array([index[u] for u in user], dtype=np.int64)  # a feedback row's request is in the same window
+    for column, per_row in _signals(thumbs, rating, corrected).items():
+        columns[column] = np.bincount(who, weights=per_row * np.array(count, dtype=float), minlength=len(index))
+    return _PrePeriod(index, columns)
 
 
-def _attach_pre_period(collected: Collected, pre: UserSums) -> None:
+def _attach_pre_period(collected: Collected, pre: _PrePeriod) -> None:
     """Each user's own pre-period value of each primary metric: the CUPED covariate (nan where none)."""
     import numpy as np
 
     for arm_users in collected.arms.values():
-        rows = [pre.rows.get(user) for user in arm_users.user_ids]
+        at = np.array([pre.index.get(user, -1) for user in arm_users.user_ids], dtype=np.int64)
+        found = at >= 0
         for name in PRIMARY_METRICS:
             metric = METRICS[name]
-            num = np.array([row[metric.numerator] if row else 0.0 for row in rows], dtype=float)
-            den = np.array([row[metric.denominator] if row else 0.0 for row in rows], dtype=float)
-            values = np.full(len(rows), np.nan)
+            if metric.denominator not in pre.columns:  # answer scores: none in a lookback
+                arm_users.pre[name] = np.full(at.size, np.nan)
+                continue
+            num, den = (np.where(found, pre.columns[c][np.maximum(at, 0)], 0.0)
+                        for c in (metric.numerator, metric.denominator))
+            values = np.full(at.size, np.nan)
             np.divide(num, den, out=values, where=den > 0)
             arm_users.pre[name] = values

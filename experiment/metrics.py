@@ -131,20 +131,19 @@ class UserSums:
         row["tokens_out"] += tokens_out or 0
 
     def add_feedback(self, user: str, thumbs: str | None, rating: int | None, corrected: bool,
-                     first_on_event: bool, times: int = 1) -> None:
-        """One feedback row, or `times` rows alike (on events whose feedback is counted elsewhere)."""
+                     first_on_event: bool) -> None:
         row = self.rows[user]
-        row["feedback_events"] += first_on_event  # its event, once
-        row["thumbs_up"] += (thumbs == "up") * times
-        row["thumbs"] += (thumbs in ("up", "down")) * times
+        row["feedback_events"] += first_on_event
+        row["thumbs_up"] += thumbs == "up"
+        row["thumbs"] += thumbs in ("up", "down")
         if rating is not None:
-            row["rating_sum"] += rating * times
-            row["ratings"] += times
-        row["corrections"] += corrected * times
+            row["rating_sum"] += rating
+            row["ratings"] += 1
+        row["corrections"] += corrected
         score = satisfaction(thumbs, rating)
         if score is not None:
-            row["satisfaction_sum"] += score * times
-            row["satisfaction_n"] += times
+            row["satisfaction_sum"] += score
+            row["satisfaction_n"] += 1
 
     def add_score(self, user: str, method: str, score: float) -> None:
         row = self.rows[user]
