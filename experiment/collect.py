@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, text
 
 from experiment.assignment import bucket, candidate_buckets
-from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount
-from experiment.metrics import satisfaction as satisfaction_of
-from experiment.phases import Phase, phases_of
+from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount, satisfaction
+from experiment.phases import Phase, locate, microseconds, phases_of
 from store.db import Database
 from store.experiments import ExperimentNotFound, list_events
 from store.models import AnswerScore, Experiment, Feedback, SearchEvent
@@ -35,8 +34,6 @@ from store.models import AnswerScore, Experiment, Feedback, SearchEvent
 if TYPE_CHECKING:
     import numpy as np
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _BATCH = 50_000  # rows a fetch (a server-side cursor on PostgreSQL)
 _ERROR, _FALLBACK = 1, 2  # event status codes; any other status is 0
 _SCORED = ("grounding", "judge")
@@ -69,7 +66,7 @@ def collect_at(db: Database, experiment_id: str, moments: Sequence[datetime | No
         # As it stood then: a later share change had not yet moved anyone.
         phases = (every_phase if moment is None
                   else [phase for phase in every_phase if phase.start <= moment] or every_phase[:1])
-        collected = _assemble(experiment, phases, rows, None if moment is None else _microseconds(moment))
+        collected = _assemble(experiment, phases, rows, None if moment is None else microseconds(moment))
         if pre is not None:
             _attach_pre_period(collected, pre)
         yield collected
@@ -77,10 +74,6 @@ def collect_at(db: Database, experiment_id: str, moments: Sequence[datetime | No
 
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-def _microseconds(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
 
 
 @dataclass
@@ -96,11 +89,7 @@ class _Rows:
     phase: np.ndarray | None = None  # per event: the phase it fell in
 
     def locate_phases(self, phases: list[Phase]) -> None:
-        """Events before the first phase count in the first (as experiment.phases.PhaseLocator has it)."""
-        import numpy as np
-
-        starts = np.array([_microseconds(phase.start) for phase in phases], dtype=np.int64)
-        self.phase = np.maximum(np.searchsorted(starts, self.events["ts"], side="right") - 1, 0)
+        self.phase = locate(phases, self.events["ts"])
 
 
 def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Experiment, _Rows]:
@@ -196,7 +185,7 @@ def _signals(thumbs: Sequence[str | None], rating: Sequence[int | None],
     """Per feedback row, what it adds to each of its user's `_SIGNALS` columns."""
     import numpy as np
 
-    scores = [satisfaction_of(t, r) for t, r in zip(thumbs, rating, strict=True)]
+    scores = [satisfaction(t, r) for t, r in zip(thumbs, rating, strict=True)]
     return {
         "thumbs_up": np.array([t == "up" for t in thumbs], dtype=float),
         "thumbs": np.array([t in ("up", "down") for t in thumbs], dtype=float),
@@ -228,7 +217,7 @@ def _user_codes(users: Sequence[str | None], codes: dict[str, int], add: bool = 
 def _times(moments: Sequence[datetime]) -> np.ndarray:
     import numpy as np
 
-    return np.array([(moment - _EPOCH) // _MICROSECOND for moment in moments], dtype=np.int64)
+    return np.array([microseconds(moment) for moment in moments], dtype=np.int64)
 
 
 def _arm_codes(arms: Sequence[str]) -> np.ndarray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from experiment.phases import Phase, PhaseLocator, phases_of
+import numpy as np
+
+from experiment.phases import Phase, locate, microseconds, phases_of
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
 
@@ -68,5 +70,6 @@ def test_events_that_end_the_experiment_never_start_a_phase():
 
 def test_a_moment_is_located_in_its_phase():
     phases = [Phase(0, 0.1, T0, _at(60), "start"), Phase(1, 0.5, _at(60), None, "step")]
-    locate = PhaseLocator(phases)
-    assert [locate(moment) for moment in (_at(-5), T0, _at(59.9), _at(60), _at(600))] == [0, 0, 0, 1, 1]
+    moments = [microseconds(moment) for moment in (_at(-5), T0, _at(59.9), _at(60), _at(600))]
+    assert locate(phases, np.array(moments)).tolist() == [0, 0, 0, 1, 1]
+    assert microseconds(T0 + timedelta(microseconds=1)) - microseconds(T0) == 1  # exact, not through floats
