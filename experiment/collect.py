@@ -11,8 +11,9 @@ not, which reads any change over time as a treatment effect; leaving out only th
 back would drop the heavier users from one arm. Users seen in both arms are counted in `crossovers`.
 
 The rows arrive in batches and become columns as they come (a code per user, microseconds since the
-epoch, an arm and a status as small integers): a million events take about 40 MB as columns against
-about 1 GB as rows, and the sums per user are numpy's `bincount` (bench/evaluate_scale.py).
+epoch, an arm and a status as small integers), and the sums per user are numpy's `bincount`. At a million
+events with as many in the CUPED lookback, on PostgreSQL: 17 s and a 270 MB peak a look, against 36 s and
+1.4 GB when the rows were kept as rows; the report's 12-point chart 27 s against 300 s (bench/evaluate_scale.py).
 """
 
 from __future__ import annotations
