@@ -134,9 +134,9 @@ def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Exp
         connection = session.connection().execution_options(yield_per=_BATCH)
         codes: dict[str, int] = {}
         events = _columns(connection.execute(event_query).partitions(), lambda batch: _event_columns(batch, codes))
-        feedback_events: dict[str, int] = {}
+        requests_with_feedback: dict[str, int] = {}
         feedback = _columns(connection.execute(feedback_query).partitions(),
-                            lambda batch: _feedback_columns(batch, codes, feedback_events))
+                            lambda batch: _feedback_columns(batch, codes, requests_with_feedback))
         scores = _columns(connection.execute(score_query).partitions(), lambda batch: _score_columns(batch, codes))
     users = list(codes)
     buckets = np.array([bucket(experiment.salt, user) for user in users], dtype=np.int64)
