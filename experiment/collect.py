@@ -256,12 +256,11 @@ def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, moment: 
     # one written between the reads (SQLite's are not one snapshot) may be on a request that was not.
     eligible = (home >= 0) & ~left_out
     last = int(events["ts"][n - 1]) if n else -1
-    for signals, distinct in ((rows.feedback, "feedback_events"), (rows.scores, None)):
-        _add_sums(sums, signals, moment, last, eligible, home, population, distinct)
-    order = present  # codes are given in the order users first came
+    _add_feedback(sums, rows.feedback, _counted(rows.feedback, moment, last, eligible, home), population)
+    _add_scores(sums, rows.scores, _counted(rows.scores, moment, last, eligible, home), population)
     arms = {}
     for code, name in enumerate(ARMS):
-        members = order[(home[order] == code) & ~left_out[order]]
+        members = present[(home[present] == code) & ~left_out[present]]  # codes follow the users' first requests
         position = np.full(population, -1, dtype=np.int64)
         position[members] = np.arange(members.size)
         timed = named[counted & (arm == code)]
@@ -293,30 +292,38 @@ def _event_sums(events: dict[str, np.ndarray], at: np.ndarray, user: np.ndarray,
     return sums
 
 
-def _add_sums(sums: dict[str, np.ndarray], rows: dict[str, np.ndarray], moment: int | None, last: int,
-              eligible: np.ndarray, home: np.ndarray, population: int, distinct: str | None) -> None:
-    """Add the feedback or score rows known at `moment`, on requests up to `last`, of `eligible` users on their
-    `home` arm: each signal column they carry, per user; `distinct` counts each request once however many rows
-    it got."""
+def _counted(rows: dict[str, np.ndarray], moment: int | None, last: int, eligible: np.ndarray,
+             home: np.ndarray) -> np.ndarray:
+    """Positions of the feedback or score rows known at `moment`, on requests up to `last`, of `eligible` users
+    on their `home` arm."""
     import numpy as np
 
     k = rows["ts"].size if moment is None else int(np.searchsorted(rows["ts"], moment, side="right"))
     user = rows["user"][:k]
     known = np.maximum(user, 0)  # -1 (no such user) is dropped by the first condition
-    keep = (user >= 0) & (rows["event_ts"][:k] <= last) & eligible[known] & (rows["arm"][:k] == home[known])
-    at = np.flatnonzero(keep)
-    who = user[at]
-    if "judge" in rows:
-        for method, judged in (("grounding", False), ("judge", True)):
-            mine = rows["judge"][at] == judged
-            sums[f"{method}_sum"] += np.bincount(who[mine], weights=rows["score"][at][mine], minlength=population)
-            sums[f"{method}_n"] += np.bincount(who[mine], minlength=population)
-        return
+    return np.flatnonzero((user >= 0) & (rows["event_ts"][:k] <= last) & eligible[known]
+                          & (rows["arm"][:k] == home[known]))
+
+
+def _add_feedback(sums: dict[str, np.ndarray], feedback: dict[str, np.ndarray], at: np.ndarray,
+                  population: int) -> None:
+    """Each signal per row, and each request once however many feedback rows it got (`feedback_events`)."""
+    import numpy as np
+
+    who = feedback["user"][at]
     for column in _SIGNALS:
-        sums[column] += np.bincount(who, weights=rows[column][at], minlength=population)
-    if distinct is not None:
-        _events, once = np.unique(rows["event"][at], return_index=True)
-        sums[distinct] += np.bincount(who[once], minlength=population)
+        sums[column] += np.bincount(who, weights=feedback[column][at], minlength=population)
+    _requests, once = np.unique(feedback["event"][at], return_index=True)
+    sums["feedback_events"] += np.bincount(who[once], minlength=population)
+
+
+def _add_scores(sums: dict[str, np.ndarray], scores: dict[str, np.ndarray], at: np.ndarray, population: int) -> None:
+    import numpy as np
+
+    for method, judged in (("grounding", False), ("judge", True)):
+        mine = at[scores["judge"][at] == judged]
+        sums[f"{method}_sum"] += np.bincount(scores["user"][mine], weights=scores["score"][mine], minlength=population)
+        sums[f"{method}_n"] += np.bincount(scores["user"][mine], minlength=population)
 
 
 def _phase_counts(phases: list[Phase], phase: np.ndarray, user: np.ndarray, arm: np.ndarray,
