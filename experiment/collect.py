@@ -60,14 +60,15 @@ def collect_at(db: Database, experiment_id: str, moments: Sequence[datetime | No
     latest = None if None in moments else max(moments, default=None)
     experiment, rows = _read(db, experiment_id, latest)
     every_phase = phases_of(experiment, list_events(db, experiment_id))
-    rows.locate_phases(every_phase)
+    # An event's phase among all of them is its phase at any moment it had happened by.
+    event_phase = locate(every_phase, rows.events["ts"])
     pre = (_pre_period(db, experiment.started_at, timedelta(days=cuped_lookback_days))
            if cuped_lookback_days > 0 else None)
     for moment in moments:
         # As it stood then: a later share change had not yet moved anyone.
         phases = (every_phase if moment is None
                   else [phase for phase in every_phase if phase.start <= moment] or every_phase[:1])
-        collected = _assemble(experiment, phases, rows, None if moment is None else microseconds(moment))
+        collected = _assemble(experiment, phases, rows, event_phase, None if moment is None else microseconds(moment))
         if pre is not None:
             _attach_pre_period(collected, pre)
         yield collected
@@ -87,10 +88,6 @@ class _Rows:
     events: dict[str, np.ndarray]  # user, ts, arm (1: candidate), status, latency (nan: none), tokens_in, tokens_out
     feedback: dict[str, np.ndarray]  # user, arm, event_ts, event (a code per event), ts, and the per-row signals
     scores: dict[str, np.ndarray]  # user, arm, event_ts, judge (0: grounding), score, ts
-    phase: np.ndarray | None = None  # per event: the phase it fell in
-
-    def locate_phases(self, phases: list[Phase]) -> None:
-        self.phase = locate(phases, self.events["ts"])
 
 
 def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Experiment, _Rows]:
@@ -227,14 +224,16 @@ def _arm_codes(arms: Sequence[str]) -> np.ndarray:
     return np.array([arm == "candidate" for arm in arms], dtype=np.int8)
 
 
-def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, moment: int | None) -> Collected:
-    """The experiment as it stood at `moment` (microseconds; None: everything read)."""
+def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, event_phase: np.ndarray,
+              moment: int | None) -> Collected:
+    """The experiment as it stood at `moment` (microseconds; None: everything read), in `phases` (those begun
+    by then); `event_phase` is each event's index into them."""
     import numpy as np
 
     events = rows.events
     n = events["ts"].size if moment is None else int(np.searchsorted(events["ts"], moment, side="right"))
     named = np.flatnonzero(events["user"][:n] >= 0)  # positions of the events with a user, in time order
-    user, arm, phase = events["user"][named], events["arm"][named], rows.phase[named]
+    user, arm, phase = events["user"][named], events["arm"][named], event_phase[named]
     population = len(rows.users)
     present, first = np.unique(user, return_index=True)  # each user's first event (events are in time order)
     home = np.full(population, -1, dtype=np.int8)

@@ -32,7 +32,7 @@ from experiment.analysis import (
     empty,
     timeline,
 )
-from experiment.assignment import bucket
+from experiment.assignment import assign_arm, bucket
 from experiment.collect import collect, collect_at
 from experiment.decision import DEFAULT_GUARDRAILS, SRM_P, Guardrail, Policy
 from experiment.metrics import METRICS, ArmUsers, PhaseCount, UserSums, satisfaction
@@ -40,6 +40,7 @@ from experiment.phases import Phase
 from store import experiments
 from store.models import AnswerScore, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
+from tests.experiment.test_weekly import search_event
 from tests.experiment.traffic import ArmBehaviour
 
 POLICY = Policy(alpha=0.1, sequential_tuning=300.0, min_users_per_arm=50, min_signals_per_arm=20, cuped=False)
@@ -485,9 +486,8 @@ def test_collect_reads_latencies_and_corrections_alike_on_both_backends(db):
     text: each shape a row can take reads the same on SQLite and PostgreSQL."""
     running = traffic.start(db, share=1.0)  # every user on the candidate arm
     timings = [{"total": 120}, {"total": 80.5, "llm": 70.0}, None, {}, {"llm": 3.0}, {"total": 0}]
-    events = [{"id": new_id(), "ts": utcnow(), "user_id": f"u{n}", "experiment_id": running.id, "arm": "candidate",
-               "served_arm": "candidate", "query": "q", "messages": [], "retrieved": {}, "status": "ok",
-               "timings": shape} for n, shape in enumerate(timings)]
+    events = [search_event(running.id, utcnow(), f"u{n}", "q", arm="candidate", served_arm="candidate",
+                           timings=shape) for n, shape in enumerate(timings)]
     corrections = ["Answer: better", "", None]  # an empty correction is still one given
     with db.session() as session:
         session.execute(insert(SearchEvent), events)
@@ -515,15 +515,14 @@ def test_collect_counts_feedback_only_on_a_counted_request_it_has_read_and_users
     """A user served in two phases is active in both; feedback on a crossover's other-arm request counts nowhere;
     feedback stamped before its own request (another writer's clock) waits for that request to be read."""
     running = traffic.start(db)
-    arm_of = {u: ("candidate" if bucket(running.salt, u) < 5000 else "control") for u in (f"u{n}" for n in range(40))}
+    arm_of = {u: assign_arm(running.salt, u, 0.5, has_candidate=True) for u in (f"u{n}" for n in range(40))}
     stay = [u for u in arm_of if not 5000 <= bucket(running.salt, u) < 6000]  # the 50% -> 60% ramp moves none
     a, b = [u for u in stay if arm_of[u] == "control"][:2]
     c = next(u for u in stay if arm_of[u] == "candidate")
     t0, t2 = utcnow() - timedelta(hours=2), utcnow() + timedelta(minutes=1)
 
     def event(user: str, arm: str, ts: datetime) -> dict:
-        return {"id": new_id(), "ts": ts, "user_id": user, "experiment_id": running.id, "arm": arm,
-                "served_arm": arm, "query": "q", "messages": [], "retrieved": {}, "status": "ok", "timings": {}}
+        return search_event(running.id, ts, user, "q", arm=arm, served_arm=arm)
 
     events = [event(a, "control", t0), event(b, "control", t0 + timedelta(seconds=1)),
               event(c, "candidate", t0 + timedelta(seconds=2)), event(a, "control", t2),
