@@ -33,6 +33,7 @@ def _trainer(model_dir, out_dir):
         completion_only_loss=True,
         use_cpu=True,
         bf16=False,
+        activation_checkpointing=False,  # trl's default is on; recomputing changes nothing compared here
         report_to="none",
     )
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

@@ -39,6 +39,7 @@ def _trainer(model_dir, out_dir, *, packing: bool, attention: str = "sdpa"):
         completion_only_loss=True,
         use_cpu=True,
         bf16=False,
+        activation_checkpointing=False,  # trl's default is on; recomputing changes nothing compared here
         report_to="none",
         **({"packing": True, "packing_strategy": "bfd", "padding_free": True} if packing else {}),
     )
@@ -241,6 +242,7 @@ def test_a_cached_forward_through_the_varlen_kernel_attends_as_sdpa_does(tiny_mo
     import torch
     from transformers import AutoModelForCausalLM
 
+    from serving.kv_cache import cache_argument
     from training import varlen
 
     tokens = torch.arange(3, 10).unsqueeze(0)
@@ -249,6 +251,6 @@ def test_a_cached_forward_through_the_varlen_kernel_attends_as_sdpa_does(tiny_mo
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attention)
         with torch.no_grad():
             first = model(input_ids=tokens[:, :4], use_cache=True)
-            return model(input_ids=tokens[:, 4:], past_key_values=first.past_key_values).logits
+            return model(input_ids=tokens[:, 4:], **{cache_argument(model): first.past_key_values}).logits
 
     assert torch.allclose(chunked_logits(varlen.register()), chunked_logits("sdpa"), atol=1e-6)
