@@ -9,11 +9,14 @@ much from the same users in the 14 days before it, which CUPED's lookback reads 
 
     .venv/bin/python bench/evaluate_scale.py                          # PostgreSQL, 50k / 200k / 1M events
     .venv/bin/python bench/evaluate_scale.py --sqlite --events 50000 200000
+
+PostgreSQL at ABLOOP_TEST_POSTGRES_URL, as for the tests (default: the local server's `test` database).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import sys
@@ -38,7 +41,7 @@ from store.db import Database  # noqa: E402
 from store.models import Experiment, Feedback, SearchEvent, new_id, utcnow  # noqa: E402
 
 REQUESTS_PER_USER, DAYS, CHUNK = 5, 14, 20_000
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = os.environ.get("ABLOOP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")  # as the tests
 
 
 def _fill(db: Database, experiment: Experiment, events: int, *, before: bool = False, seed: int = 0) -> int:

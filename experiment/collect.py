@@ -11,9 +11,9 @@ not, which reads any change over time as a treatment effect; leaving out only th
 back would drop the heavier users from one arm. Users seen in both arms are counted in `crossovers`.
 
 The rows arrive in batches and become columns as they come (a code per user, microseconds since the
-epoch, an arm and a status as small integers), and the sums per user are numpy's `bincount`. At a million
-events with as many in the CUPED lookback, on PostgreSQL: 17 s and a 270 MB peak a look, against 36 s and
-1.4 GB when the rows were kept as rows; the report's 12-point chart 27 s against 300 s (bench/evaluate_scale.py).
+epoch as the database computes them, an arm and a status as small integers); the events are put in time order
+here, and the sums per user are numpy's `bincount`. What a look costs at a million events, and what each of
+these choices saved: docs/BENCHMARKS.md, "What one evaluation costs as the experiment grows".
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from experiment.phases import Phase, locate, microseconds, phases_of
 from store.db import Database
 from store.experiments import ExperimentNotFound, list_events
 from store.models import AnswerScore, Experiment, Feedback, SearchEvent
+from store.types import epoch_microseconds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,19 +108,20 @@ def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Exp
             raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
         this_experiment = (SearchEvent.experiment_id == experiment_id, SearchEvent.arm.in_(ARMS))
         event_query = (
-            select(SearchEvent.user_id, SearchEvent.ts, SearchEvent.arm, SearchEvent.status,
+            select(SearchEvent.user_id, epoch_microseconds(SearchEvent.ts), SearchEvent.arm, SearchEvent.status,
                    SearchEvent.timings["total"].as_float(), SearchEvent.tokens_in, SearchEvent.tokens_out)
-            .where(*this_experiment).order_by(SearchEvent.ts, SearchEvent.id)
+            .where(*this_experiment)  # in no order: see _in_time_order
         )
         feedback_query = (
-            select(SearchEvent.user_id, SearchEvent.arm, SearchEvent.ts, Feedback.event_id, Feedback.thumbs,
-                   Feedback.rating, Feedback.corrected_answer.is_not(None), Feedback.ts)
+            select(SearchEvent.user_id, SearchEvent.arm, epoch_microseconds(SearchEvent.ts), Feedback.event_id,
+                   Feedback.thumbs, Feedback.rating, Feedback.corrected_answer.is_not(None),
+                   epoch_microseconds(Feedback.ts))
             .join(SearchEvent, SearchEvent.id == Feedback.event_id)
             .where(*this_experiment).order_by(Feedback.ts, Feedback.id)
         )
         score_query = (
-            select(SearchEvent.user_id, SearchEvent.arm, SearchEvent.ts, AnswerScore.method, AnswerScore.score,
-                   AnswerScore.created_at)
+            select(SearchEvent.user_id, SearchEvent.arm, epoch_microseconds(SearchEvent.ts), AnswerScore.method,
+                   AnswerScore.score, epoch_microseconds(AnswerScore.created_at))
             .join(SearchEvent, SearchEvent.id == AnswerScore.event_id)
             .where(*this_experiment, AnswerScore.method.in_(_SCORED))
             .order_by(AnswerScore.created_at, AnswerScore.id)
@@ -135,9 +137,35 @@ def _read(db: Database, experiment_id: str, until: datetime | None) -> tuple[Exp
         feedback = _columns(connection.execute(feedback_query).partitions(),
                             lambda batch: _feedback_columns(batch, codes, requests_with_feedback))
         scores = _columns(connection.execute(score_query).partitions(), lambda batch: _score_columns(batch, codes))
-    users = list(codes)
+    users, events = _in_time_order(list(codes), events, feedback, scores)
     buckets = np.array([bucket(experiment.salt, user) for user in users], dtype=np.int64)
     return experiment, _Rows(users=users, buckets=buckets, events=events, feedback=feedback, scores=scores)
+
+
+def _in_time_order(users: list[str], events: dict[str, np.ndarray], *coded: dict[str, np.ndarray]
+                   ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The events in time order, and the users coded in the order of their first event (here and in `coded`).
+
+    Sorted here, not by the database: at a million events PostgreSQL's sort spilled to disk, 5.5 s of reading
+    what takes 1.3 s unsorted. Ties are broken by the user and then every other column read, so the order is
+    the same however the rows arrived: rows equal in all of them are interchangeable.
+    """
+    import numpy as np
+
+    rank = np.empty(len(users) + 1, dtype=np.int64)  # by user id; the last place is the anonymous code -1's
+    rank[np.argsort(np.array(users, dtype=object), kind="stable")] = np.arange(len(users))
+    rank[-1] = -1
+    order = np.lexsort([events[column] for column in ("tokens_out", "tokens_in", "latency", "status", "arm")]
+                       + [rank[events["user"]], events["ts"]])
+    events = {column: values[order] for column, values in events.items()}
+    named = events["user"][events["user"] >= 0]
+    present, first = np.unique(named, return_index=True)
+    by_first_event = present[np.argsort(first)]
+    recode = np.full(len(users) + 1, -1, dtype=np.int64)  # recode[-1]: anonymous stays -1
+    recode[by_first_event] = np.arange(by_first_event.size)
+    for columns in (events, *coded):
+        columns["user"] = recode[columns["user"]]
+    return [users[code] for code in by_first_event], events
 
 
 def _columns(batches: Iterable[Sequence[Any]], convert) -> dict[str, np.ndarray]:
@@ -212,10 +240,10 @@ def _user_codes(users: Sequence[str | None], codes: dict[str, int], add: bool = 
     return np.array([codes.get(user, -1) if user else -1 for user in users], dtype=np.int64)
 
 
-def _times(moments: Sequence[datetime]) -> np.ndarray:
+def _times(moments: Sequence[int]) -> np.ndarray:
     import numpy as np
 
-    return np.array([microseconds(moment) for moment in moments], dtype=np.int64)
+    return np.array(moments, dtype=np.int64)  # epoch_microseconds
 
 
 def _arm_codes(arms: Sequence[str]) -> np.ndarray:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 from scipy.stats import chisquare, ttest_ind
-from sqlalchemy import func, insert
+from sqlalchemy import delete, func, insert
 
 from experiment import lifecycle, stats
 from experiment.analysis import (
@@ -545,6 +545,39 @@ def test_collect_counts_feedback_only_on_a_counted_request_it_has_read_and_users
     for collected in (collect(db, running.id, until=then), next(collect_at(db, running.id, [then]))):
         assert collected.arms["candidate"].columns["thumbs"].tolist() == [0]
         assert collected.arms["candidate"].columns["requests"].tolist() == [1]
+
+
+def test_collect_gives_one_answer_whatever_order_the_database_returns_the_requests_in(db):
+    """The events are put in time order after reading. Requests at the same microsecond are ordered by user and
+    then by arm: the users first seen together are coded in the order of their ids, and a user's two requests at
+    one moment, one on each arm, put them on the control arm (the other request is a crossover)."""
+    running = traffic.start(db)
+    moment = utcnow().replace(microsecond=0) - timedelta(minutes=5)
+    together = ["u-b", "u-c", "u-a", "u-e", "u-f"]
+
+    def event(user: str | None, arm: str, ts: datetime) -> dict:
+        return search_event(running.id, ts, user, "q", arm=arm, served_arm=arm)
+
+    arm_of = {u: assign_arm(running.salt, u, 0.5, has_candidate=True) for u in together}
+    events = [event(u, arm_of[u], moment) for u in together]
+    events += [event("u-d", "candidate", moment + timedelta(seconds=1)),
+               event("u-d", "control", moment + timedelta(seconds=1)), event(None, "control", moment)]
+    answers = []
+    for order in (events, events[::-1]):
+        with db.session() as session:
+            session.execute(delete(Feedback))
+            session.execute(delete(SearchEvent))
+            session.execute(insert(SearchEvent), order)
+            session.execute(insert(Feedback), [{"id": new_id(), "event_id": row["id"], "ts": row["ts"],
+                                                "thumbs": "up"} for row in order])
+        collected = collect(db, running.id)
+        answers.append({arm: (users.user_ids, {c: v.tolist() for c, v in users.columns.items()})
+                        for arm, users in collected.arms.items()})
+        assert (collected.crossovers, collected.excluded_requests, collected.anonymous_requests) == (1, 1, 1)
+    assert answers[0] == answers[1]
+    for arm, (user_ids, _columns) in answers[0].items():
+        assert user_ids == sorted(u for u in together if arm_of[u] == arm) + (["u-d"] if arm == "control" else [])
+    assert answers[0]["control"][1]["thumbs"][-1] == 1  # u-d's feedback on the crossover counts nowhere
 
 
 def test_reading_at_several_moments_is_reading_at_each_one(db):

@@ -21,7 +21,7 @@ from store.models import (
     SearchEvent,
     new_id,
 )
-from store.types import UTCDateTime
+from store.types import UTCDateTime, epoch_microseconds
 from tests.store.conftest import add_experiment, event_row, feedback_row
 
 MOMENT = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -92,3 +92,18 @@ def test_a_postgresql_session_in_another_time_zone_still_reads_utc(pg_url: str) 
         db.dispose()
     assert raw.utcoffset() == timedelta(hours=1)  # what psycopg hands over in that session
     assert ts == MOMENT and ts.tzinfo is UTC
+
+
+def test_epoch_microseconds_is_exact_on_either_backend(db: Database) -> None:
+    # .9995 s and up is where SQLite's strftime would round to the next second, given the fraction
+    moments = [MOMENT, MOMENT.replace(microsecond=0), MOMENT.replace(microsecond=999_720),
+               MOMENT.replace(microsecond=999_999), MOMENT.astimezone(CET).replace(microsecond=1)]
+    with db.session() as session:
+        for moment in moments:
+            session.add(SearchEvent(**event_row(ts=moment)))
+    with db.session() as session:
+        read = session.execute(select(SearchEvent.ts, epoch_microseconds(SearchEvent.ts))).all()
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert sorted(value for _ts, value in read) == sorted((moment - epoch) // timedelta(microseconds=1)
+                                                          for moment in moments)
+    assert all(value == (ts - epoch) // timedelta(microseconds=1) for ts, value in read)
