@@ -36,7 +36,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class epoch_microseconds(FunctionElement[int]):  # noqa: N801 (a SQL function, named as SQLAlchemy's `func.*` are)
+class epoch_microseconds(FunctionElement[int]):  # lower case: it reads as SQLAlchemy's `func.*` do
     """A `UTCDateTime` column as whole microseconds since the epoch, computed by the database: exact on both, and
     a million timestamps come back as integers rather than as datetimes made aware one by one (2.6 s in Python)."""
 
