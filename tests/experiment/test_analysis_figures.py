@@ -489,16 +489,20 @@ def test_collect_reads_latencies_and_corrections_alike_on_both_backends(db):
     events = [search_event(running.id, utcnow(), f"u{n}", "q", arm="candidate", served_arm="candidate",
                            timings=shape) for n, shape in enumerate(timings)]
     corrections = ["Answer: better", "", None]  # an empty correction is still one given
+    ratings = [4, None, None]  # a thumb without a rating adds nothing to the rating's sum
     with db.session() as session:
         session.execute(insert(SearchEvent), events)
         session.execute(insert(Feedback), [
-            {"id": new_id(), "event_id": event["id"], "ts": utcnow(), "thumbs": "up", "corrected_answer": corrected}
-            for event, corrected in zip(events, corrections, strict=False)])
+            {"id": new_id(), "event_id": event["id"], "ts": utcnow(), "thumbs": "up", "corrected_answer": corrected,
+             "rating": rating} for event, corrected, rating in zip(events, corrections, ratings, strict=False)])
     arm = collect(db, running.id).arms["candidate"]
     assert sorted(arm.latencies_ms.tolist()) == [0.0, 80.5, 120.0]
     assert sorted(arm.user_ids[n] for n in arm.latency_users) == ["u0", "u1", "u5"]
     assert dict(zip(arm.user_ids, arm.columns["corrections"].tolist(), strict=True)) == {
         "u0": 1.0, "u1": 1.0, "u2": 0.0, "u3": 0.0, "u4": 0.0, "u5": 0.0}
+    rated = [dict(zip(arm.user_ids, arm.columns[column].tolist(), strict=True)) for column in ("rating_sum", "ratings")]
+    assert rated == [{"u0": 4.0, "u1": 0.0, "u2": 0.0, "u3": 0.0, "u4": 0.0, "u5": 0.0},
+                     {"u0": 1.0, "u1": 0.0, "u2": 0.0, "u3": 0.0, "u4": 0.0, "u5": 0.0}]
 
 
 def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db):
@@ -580,6 +584,24 @@ def test_collect_gives_one_answer_whatever_order_the_database_returns_the_reques
     assert answers[0]["control"][1]["thumbs"][-1] == 1  # u-d's feedback on the crossover counts nowhere
 
 
+def test_the_users_left_out_by_a_ramp_are_those_on_its_edges_buckets_too(sqlite_db):
+    """20% -> 50%: buckets 2000..4999 move from control to candidate. Under the tests' fixed salt these four users
+    have buckets 1999, 2000, 4999 and 5000 (found by search), all first seen before the ramp."""
+    running = traffic.start(sqlite_db, share=0.2)
+    edges = {"u4333": 1999, "u5949": 2000, "u673": 4999, "u15633": 5000}
+    assert {user: bucket(running.salt, user) for user in edges} == edges
+    moment = utcnow() - timedelta(hours=1)
+    with sqlite_db.session() as session:
+        session.execute(insert(SearchEvent), [
+            search_event(running.id, moment + timedelta(seconds=n), user, "q", arm=arm, served_arm=arm)
+            for n, user in enumerate(edges)
+            for arm in [assign_arm(running.salt, user, 0.2, has_candidate=True)]])
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    collected = collect(sqlite_db, running.id)
+    assert collected.arms["candidate"].user_ids == ["u4333"] and collected.arms["control"].user_ids == ["u15633"]
+    assert collected.left_out_users == 2
+
+
 def test_reading_at_several_moments_is_reading_at_each_one(db):
     """collect_at reads once and cuts in memory; collect(until=) cuts in the database. Feedback given an hour after
     its request and answers scored two hours after it count only from then; a moment without a zone is UTC."""
@@ -593,11 +615,13 @@ def test_reading_at_several_moments_is_reading_at_each_one(db):
         session.execute(insert(AnswerScore), [
             {"id": new_id(), "event_id": event_id, "method": "judge", "score": 0.5,
              "created_at": start + timedelta(hours=2)} for (event_id,) in session.query(SearchEvent.id).all()])
-    moments = [(start + timedelta(minutes=5)).replace(tzinfo=None), start + timedelta(hours=1, minutes=2), None]
+    moments = [(start + timedelta(minutes=5)).replace(tzinfo=None), start + timedelta(hours=1, minutes=2),
+               start + timedelta(hours=2), None]  # the third: the very moment the answers were scored
     many = list(collect_at(db, running.id, moments))
     totals = [[sum(c.arms[arm].total(column) for arm in ("control", "candidate"))
                for column in ("requests", "thumbs", "judge_n")] for c in many]
-    assert totals == [[20, 0, 0], [20, 12, 0], [20, 20, 20]]  # then: feedback on the requests of the first 2 minutes
+    # At the second moment: feedback on the requests of the first 2 minutes.
+    assert totals == [[20, 0, 0], [20, 12, 0], [20, 20, 20], [20, 20, 20]]
     for moment, collected in zip(moments, many, strict=True):
         alone = collect(db, running.id, until=moment)
         for arm in ("control", "candidate"):
