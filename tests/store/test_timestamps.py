@@ -108,3 +108,21 @@ def test_epoch_microseconds_is_exact_on_either_backend(db: Database) -> None:
         read = session.execute(select(SearchEvent.ts, epoch_microseconds(SearchEvent.ts))).all()
     assert sorted(value for _ts, value in read) == sorted(microseconds(moment) for moment in moments)
     assert all(value == microseconds(ts) for ts, value in read)
+
+
+@pytest.mark.postgres
+def test_a_postgresql_session_in_another_time_zone_writes_the_same_instant(pg_url: str) -> None:
+    """A naive value is UTC, whatever the session's zone: it must reach PostgreSQL with its offset."""
+    berlin = Database(pg_url + "%20-ctimezone%3DEurope%2FBerlin")  # appended to the URL's options=-csearch_path…
+    try:
+        berlin.migrate()
+        with berlin.session() as session:
+            session.add(SearchEvent(**event_row(ts=MOMENT)))
+            session.add(SearchEvent(**event_row(ts=MOMENT.replace(tzinfo=None))))
+        with berlin.engine.begin() as connection:
+            zone = connection.execute(text("SHOW TIME ZONE")).scalar()
+            stored = connection.execute(text("SELECT ts AT TIME ZONE 'UTC' FROM search_events")).scalars().all()
+    finally:
+        berlin.dispose()
+    assert zone == "Europe/Berlin"
+    assert stored == [MOMENT.replace(tzinfo=None)] * 2
