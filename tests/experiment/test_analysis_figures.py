@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -604,7 +604,8 @@ def test_the_users_left_out_by_a_ramp_are_those_on_its_edges_buckets_too(sqlite_
 
 def test_reading_at_several_moments_is_reading_at_each_one(db):
     """collect_at reads once and cuts in memory; collect(until=) cuts in the database. Feedback given an hour after
-    its request and answers scored two hours after it count only from then; a moment without a zone is UTC."""
+    its request and answers scored two hours after it count only from then; a moment without a zone is UTC, one
+    with a zone is that instant."""
     running = traffic.start(db)
     start = utcnow().replace(microsecond=0) - timedelta(hours=3)
     traffic.write(db, running, users=20, ts=start, step=timedelta(seconds=10), control=ArmBehaviour(up=1.0),
@@ -615,7 +616,8 @@ def test_reading_at_several_moments_is_reading_at_each_one(db):
         session.execute(insert(AnswerScore), [
             {"id": new_id(), "event_id": event_id, "method": "judge", "score": 0.5,
              "created_at": start + timedelta(hours=2)} for (event_id,) in session.query(SearchEvent.id).all()])
-    moments = [(start + timedelta(minutes=5)).replace(tzinfo=None), start + timedelta(hours=1, minutes=2),
+    moments = [(start + timedelta(minutes=5)).replace(tzinfo=None),  # naive: UTC
+               (start + timedelta(hours=1, minutes=2)).astimezone(timezone(timedelta(hours=1))),  # in CET
                start + timedelta(hours=2), None]  # the third: the very moment the answers were scored
     many = list(collect_at(db, running.id, moments))
     totals = [[sum(c.arms[arm].total(column) for arm in ("control", "candidate"))
