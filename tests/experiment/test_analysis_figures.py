@@ -602,6 +602,21 @@ def test_the_users_left_out_by_a_ramp_are_those_on_its_edges_buckets_too(sqlite_
     assert collected.left_out_users == 2
 
 
+def test_feedback_and_scores_on_another_experiments_requests_stay_out(sqlite_db):
+    running = traffic.start(sqlite_db, share=1.0)  # every user on the candidate arm
+    moment = utcnow() - timedelta(minutes=5)
+    mine, other = (search_event(experiment, moment, "u1", "q", arm="candidate", served_arm="candidate")
+                   for experiment in (running.id, "another-experiment"))
+    with sqlite_db.session() as session:
+        session.execute(insert(SearchEvent), [mine, other])
+        session.execute(insert(Feedback), [{"id": new_id(), "event_id": event["id"], "ts": moment, "thumbs": "up"}
+                                           for event in (mine, other)])
+        session.execute(insert(AnswerScore), [{"id": new_id(), "event_id": event["id"], "method": "judge",
+                                               "score": 0.5, "created_at": moment} for event in (mine, other)])
+    columns = collect(sqlite_db, running.id).arms["candidate"].columns
+    assert [columns[c].tolist() for c in ("requests", "thumbs", "judge_n")] == [[1], [1], [1]]
+
+
 def test_reading_at_several_moments_is_reading_at_each_one(db):
     """collect_at reads once and cuts in memory; collect(until=) cuts in the database. Feedback given an hour after
     its request and answers scored two hours after it count only from then; a moment without a zone is UTC, one
