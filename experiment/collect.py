@@ -200,16 +200,16 @@ def _feedback_columns(columns: list[tuple] | None, codes: dict[str, int],
     return {
         "user": _user_codes(user, codes), "arm": _arm_codes(arm), "event_ts": _times(event_ts), "ts": _times(ts),
         "event": np.array([event_codes.setdefault(event, len(event_codes)) for event in event_id], dtype=np.int64),
-        **_signals(thumbs, rating, corrected),
+        "corrections": np.array(corrected, dtype=float), **_signals(thumbs, rating),
     }
 
 
 _SIGNALS = ("thumbs_up", "thumbs", "rating_sum", "ratings", "corrections", "satisfaction_sum", "satisfaction_n")
 
 
-def _signals(thumbs: Sequence[str | None], rating: Sequence[int | None],
-             corrected: Sequence[bool]) -> dict[str, np.ndarray]:
-    """Per feedback row, what it adds to each of its user's `_SIGNALS` columns."""
+def _signals(thumbs: Sequence[str | None], rating: Sequence[int | None]) -> dict[str, np.ndarray]:
+    """Per feedback row, what its thumb and rating add to each of its user's `_SIGNALS` columns (all but
+    corrections, which the lookback does not need: no primary metric is a correction rate)."""
     import numpy as np
 
     scores = [satisfaction(t, r) for t, r in zip(thumbs, rating, strict=True)]
@@ -218,7 +218,6 @@ def _signals(thumbs: Sequence[str | None], rating: Sequence[int | None],
         "thumbs": np.array([t in ("up", "down") for t in thumbs], dtype=float),
         "rating_sum": np.array([r or 0 for r in rating], dtype=float),
         "ratings": np.array([r is not None for r in rating], dtype=float),
-        "corrections": np.array(corrected, dtype=float),
         "satisfaction_sum": np.array([s or 0.0 for s in scores], dtype=float),
         "satisfaction_n": np.array([s is not None for s in scores], dtype=float),
     }
@@ -392,19 +391,18 @@ def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePer
         requests = session.execute(
             select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id)).all()
         feedback = session.execute(
-            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer.is_not(None),
-                   func.count())
+            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
             .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
-            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, Feedback.corrected_answer.is_not(None))
+            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)
         ).all()
     if not requests:
         return None
     index = {user: n for n, (user, _count) in enumerate(requests)}
     columns = {"requests": np.array([count for _user, count in requests], dtype=float)}
-    user, thumbs, rating, corrected, count = (list(column) for column in zip(*feedback, strict=True)) if feedback \
-        else ([], [], [], [], [])
+    user, thumbs, rating, count = (list(column) for column in zip(*feedback, strict=True)) if feedback \
+        else ([], [], [], [])
     who = np.array([index[u] for u in user], dtype=np.int64)  # a feedback row's request is in the same window
-    for column, per_row in _signals(thumbs, rating, corrected).items():
+    for column, per_row in _signals(thumbs, rating).items():
         columns[column] = np.bincount(who, weights=per_row * np.array(count, dtype=float), minlength=len(index))
     return _PrePeriod(index, columns)
 
