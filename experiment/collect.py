@@ -375,15 +375,20 @@ def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:
 
 @dataclass
 class _PrePeriod:
-    """Per user with requests in the lookback: their index into `columns` (requests and `_SIGNALS`)."""
+    """Per user with requests in the lookback: their index into `columns` (requests, `_SIGNALS` but corrections, and
+    the scores' sums and counts)."""
 
     index: dict[str, int]
     columns: dict[str, np.ndarray]
 
 
 def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePeriod | None:
-    """Each user's requests and feedback in the lookback before the experiment (None: nobody's), counted in the
-    database by user and kind of feedback (a lookback holds as much traffic as the experiment)."""
+    """Each user's requests, feedback and answer scores in the lookback before the experiment (None: nobody's),
+    counted in the database by user and kind (a lookback holds as much traffic as the experiment).
+
+    Scores in a lookback are those of an earlier experiment's sample (the scoring flow samples only an
+    experiment's own events): its users' history for a primary answer score, as their feedback is for the rest.
+    """
     import numpy as np
 
     window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
@@ -395,15 +400,30 @@ def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePer
             .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
             .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)
         ).all()
+        scores = session.execute(
+            select(SearchEvent.user_id, AnswerScore.method, func.sum(AnswerScore.score), func.count())
+            .join(AnswerScore, AnswerScore.event_id == SearchEvent.id)
+            .where(*window, AnswerScore.method.in_(_SCORED))
+            .group_by(SearchEvent.user_id, AnswerScore.method)
+        ).all()
     if not requests:
         return None
     index = {user: n for n, (user, _count) in enumerate(requests)}
     columns = {"requests": np.array([count for _user, count in requests], dtype=float)}
-    user, thumbs, rating, count = (list(column) for column in zip(*feedback, strict=True)) if feedback \
-        else ([], [], [], [])
-    who = np.array([index[u] for u in user], dtype=np.int64)  # a feedback row's request is in the same window
-    for column, per_row in _signals(thumbs, rating).items():
-        columns[column] = np.bincount(who, weights=per_row * np.array(count, dtype=float), minlength=len(index))
+
+    def by_user(rows: list) -> tuple[np.ndarray, np.ndarray]:  # a row's request is in the same window
+        return (np.array([index[row[0]] for row in rows], dtype=np.int64),
+                np.array([row[-1] for row in rows], dtype=float))
+
+    who, count = by_user(feedback)
+    for column, per_row in _signals([row[1] for row in feedback], [row[2] for row in feedback]).items():
+        columns[column] = np.bincount(who, weights=per_row * count, minlength=len(index))
+    for method in _SCORED:
+        mine = [row for row in scores if row[1] == method]
+        who, count = by_user(mine)
+        columns[f"{method}_sum"] = np.bincount(who, weights=np.array([row[2] for row in mine], dtype=float),
+                                               minlength=len(index))
+        columns[f"{method}_n"] = np.bincount(who, weights=count, minlength=len(index))
     return _PrePeriod(index, columns)
 
 
@@ -416,9 +436,6 @@ def _attach_pre_period(collected: Collected, pre: _PrePeriod) -> None:
         found = at >= 0
         for name in PRIMARY_METRICS:
             metric = METRICS[name]
-            if metric.denominator not in pre.columns:  # answer scores: none in a lookback
-                arm_users.pre[name] = np.full(at.size, np.nan)
-                continue
             num, den = (np.where(found, pre.columns[c][np.maximum(at, 0)], 0.0)
                         for c in (metric.numerator, metric.denominator))
             values = np.full(at.size, np.nan)

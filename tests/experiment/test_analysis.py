@@ -189,6 +189,39 @@ def test_cuped_uses_feedback_from_before_the_experiment(sqlite_db):
     assert analysis.metrics["satisfaction"]["std_error"] < without["std_error"]
 
 
+def test_cuped_on_a_primary_answer_score_uses_the_scores_of_an_earlier_experiment(sqlite_db):
+    """The users' answers were scored in the experiment before this one: how grounded a user's answers are
+    persists (their questions do), so that history narrows the interval on this one's answer score."""
+    running = traffic.start(sqlite_db)
+    started = experiments.get(sqlite_db, running.id).started_at
+    quiet = ArmBehaviour(feedback=0.0)
+    traffic.write(sqlite_db, running, users=600, requests_per_user=3, control=quiet, candidate=quiet, seed=3,
+                  ts=started - timedelta(days=3))
+    with sqlite_db.session() as session:
+        session.query(SearchEvent).filter(SearchEvent.ts < started).update(
+            {SearchEvent.experiment_id: "an-older-experiment"})
+    traffic.write(sqlite_db, running, users=600, requests_per_user=3, control=quiet, candidate=quiet, seed=4)
+    rng = np.random.default_rng(5)
+    users = sorted({f"test-user-{n}" for n in range(600)})
+    quality = dict(zip(users, rng.normal(0.6, 0.15, len(users)), strict=True))
+    with sqlite_db.session() as session:
+        events = session.query(SearchEvent.id, SearchEvent.user_id, SearchEvent.arm, SearchEvent.experiment_id).all()
+        lift = {(running.id, "candidate"): 0.03}
+        session.execute(insert(AnswerScore), [
+            {"id": new_id(), "event_id": event_id, "method": "grounding",
+             "score": float(np.clip(quality[user] + lift.get((experiment_id, arm), 0.0) + rng.normal(0, 0.05), 0, 1))}
+            for event_id, user, arm, experiment_id in events
+        ])
+        session.get(Experiment, running.id).primary_metric = "answer_score"
+    adjusted = experiment.analyse(sqlite_db, running.id).metrics["answer_score"]
+    unadjusted = experiment.analyse(sqlite_db, running.id, Policy(cuped=False)).metrics["answer_score"]
+    assert unadjusted["cuped"] is None
+    assert adjusted["cuped"]["users_with_pre"] == list(adjusted["users"])  # every user had scored answers before
+    assert adjusted["cuped"]["variance_reduction"] > 0.8, adjusted["cuped"]
+    assert adjusted["std_error"] < 0.5 * unadjusted["std_error"]
+    assert adjusted["ci"][0] > 0 and adjusted["difference"] == pytest.approx(0.03, abs=0.01)
+
+
 def test_answer_scores_are_reported_per_arm_and_can_be_primary(sqlite_db):
     running = traffic.start(sqlite_db)
     traffic.write(sqlite_db, running, users=400, control=ArmBehaviour(feedback=0.0),

@@ -462,18 +462,35 @@ def test_the_pre_period_covariate_is_each_users_own_history_within_the_lookback(
                   ts=started - timedelta(days=14) - step, prefix="u")  # exactly at the start of the window
     with db.session() as session:
         session.query(SearchEvent).filter(SearchEvent.ts < started).update({SearchEvent.experiment_id: "older"})
-        history = session.query(SearchEvent.user_id, SearchEvent.ts, Feedback.thumbs, Feedback.rating).outerjoin(
-            Feedback, Feedback.event_id == SearchEvent.id).filter(SearchEvent.experiment_id == "older").all()
+        history = session.query(SearchEvent.id, SearchEvent.user_id, SearchEvent.ts, Feedback.thumbs,
+                                Feedback.rating).outerjoin(Feedback, Feedback.event_id == SearchEvent.id).filter(
+            SearchEvent.experiment_id == "older").all()
+        # The older experiment's scoring flow graded a sample of its answers, some by both methods.
+        scored = [(event_id, method, int(hashlib.sha256(f"{event_id}{method}".encode()).hexdigest(), 16) % 101 / 100)
+                  for n, (event_id, *_rest) in enumerate(history) for method in ("grounding", "judge")
+                  if n % (2 if method == "grounding" else 3) == 0]
+        session.execute(insert(AnswerScore), [{"id": new_id(), "event_id": event_id, "method": method, "score": score}
+                                              for event_id, method, score in scored])
     traffic.write(db, running, users=300, seed=6, prefix="u")
     collected = collect(db, running.id, cuped_lookback_days=14)
     within: dict[str, list] = defaultdict(list)  # user -> (thumbs, rating) of each request in the window
-    for user, ts, thumbs, rating in history:
+    scores_within: dict[tuple[str, str], list] = defaultdict(list)  # (user, method) -> the scores in the window
+    score_of = {(event_id, method): score for event_id, method, score in scored}
+    for event_id, user, ts, thumbs, rating in history:
         if ts >= started - timedelta(days=14):
             within[user].append((thumbs, rating))
+            for method in ("grounding", "judge"):
+                if (event_id, method) in score_of:
+                    scores_within[user, method].append(score_of[event_id, method])
     for arm in ("control", "candidate"):
         ids = collected.arms[arm].user_ids
         for name in ("thumbs_up_per_request", "thumbs_up_rate", "mean_rating", "satisfaction"):
             want = [_own_history(within[user])[name] if within[user] else math.nan for user in ids]
+            assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
+        for name, method in (("answer_score", "grounding"), ("judge_score", "judge")):
+            want = [float(np.mean(scores_within[user, method])) if scores_within[user, method] else math.nan
+                    for user in ids]
+            assert sum(not math.isnan(w) for w in want) > 20, (arm, name)
             assert _close(collected.arms[arm].pre[name].tolist(), want, rel=1e-12), (arm, name)
         assert np.isnan(collected.arms[arm].pre["satisfaction"][[200 <= int(u[2:]) < 299 for u in ids]]).all()
     last = next(arm for arm in ("control", "candidate") if "u-299" in collected.arms[arm].user_ids)
