@@ -95,17 +95,22 @@ def run_mutant(tree: Path, path: str, line: int, field: str, tests: list[str]) -
     default = f'__import__("store.config", fromlist=["Settings"]).Settings.model_construct().{field}'
     lines[line - 1] = re.sub(rf"\bsettings\.{field}\b", default, lines[line - 1])
     source_path.write_text("".join(lines))
+    # The caller's PYTEST_ADDOPTS could name a plugin the tree's PYTHONPATH does not reach.
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"} | {"HF_HUB_OFFLINE": "1",
+                                                                          "PYTHONPATH": str(tree)}
     try:
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", "-p", "no:cacheprovider", *tests],
-            cwd=tree, capture_output=True, text=True, timeout=900,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)},
+            cwd=tree, capture_output=True, text=True, timeout=900, env=env,
         )
     except subprocess.TimeoutExpired:
         return "timeout"
     finally:
         source_path.write_text(source)
-    return {0: "SURVIVED", 5: "no test ran"}.get(result.returncode, "killed")
+    # Only a failed test kills the mutant: pytest's other exits (interrupted, internal or usage error) say the run
+    # itself broke, and counting them as kills would let a broken environment pass every mutant off as tested.
+    return {0: "SURVIVED", 1: "killed", 5: "no test ran"}.get(result.returncode,
+                                                              f"error (pytest exit {result.returncode})")
 
 
 def main() -> None:

@@ -51,3 +51,12 @@ def test_a_test_that_sets_the_value_kills_the_mutant_and_one_that_does_not_lets_
     assert run_mutant(checked, "proxy/part.py", 2, "alpha", ["tests/test_part.py"]) == "killed"
     assert run_mutant(unchecked, "proxy/part.py", 2, "alpha", ["tests/test_part.py"]) == "SURVIVED"
     assert (checked / "proxy/part.py").read_text().endswith("settings.alpha, settings.model_config\n")  # put back
+
+
+def test_a_run_that_breaks_before_its_tests_is_an_error_not_a_kill(tmp_path, monkeypatch):
+    tree = _project(tmp_path, "def test_alpha():\n    assert tuned(Settings(alpha=2))[0] == 2\n")
+    (tree / "tests/conftest.py").write_text("raise RuntimeError('a broken test environment')\n")
+    assert run_mutant(tree, "proxy/part.py", 2, "alpha", ["tests/test_part.py"]) == "error (pytest exit 4)"
+    (tree / "tests/conftest.py").unlink()
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p a_plugin_only_the_caller_has")  # not passed on to the mutant's run
+    assert run_mutant(tree, "proxy/part.py", 2, "alpha", ["tests/test_part.py"]) == "killed"
