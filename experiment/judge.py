@@ -1,8 +1,8 @@
 """An LLM judge over any OpenAI-compatible endpoint: one 1-5 grade per answer, mapped to [0, 1].
 
 Optional beside the embedding grounding score: it costs a request per answer but also sees whether
-the question was answered. The API key goes only into the Authorization header; it is never part
-of an error message or a repr.
+the question was answered. The calls are store.chat's, which keeps the API key out of error messages
+and reprs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+from store.chat import RAW_CHARS, ChatClient, ChatError
 
 _SYSTEM = "You grade answers from a search assistant. Reply with a single integer from 1 to 5 and nothing else."
 _RUBRIC = (
@@ -26,7 +26,6 @@ _RUBRIC = (
 _MAX_PASSAGE_CHARS = 2000
 _MAX_TEXT_CHARS = 4000
 _MAX_TOKENS = 8
-_RAW_CHARS = 200
 _INTEGER = re.compile(r"\d+")
 _SCALE = re.compile(r"\b1\s*(?:-|–|to)\s*5\b")  # "Grade (1-5): 4" repeats the scale before its grade
 
@@ -35,55 +34,20 @@ class JudgeError(RuntimeError):
     """The judge could not grade an answer: transport failure, HTTP error, or an unreadable reply."""
 
 
-class LLMJudge:
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
-
-    def __repr__(self) -> str:
-        return f"LLMJudge(url={self.url!r}, model={self.model!r})"
-
-    def __enter__(self) -> LLMJudge:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
+class LLMJudge(ChatClient):
     def score(self, question: str, answer: str, passages: Sequence[str]) -> tuple[float, dict[str, Any]]:
         """(grade - 1) / 4 and {"raw", "model", "grade"}; raises JudgeError when no grade comes back."""
         reply = self._complete(_prompt(question, answer, passages))
         grade = _first_grade(reply)
         if grade is None:
-            raise JudgeError(f"judge {self.model!r} gave no grade 1-5: {reply[:_RAW_CHARS]!r}")
-        return (grade - 1) / 4, {"raw": reply[:_RAW_CHARS], "model": self.model, "grade": grade}
+            raise JudgeError(f"judge {self.model!r} gave no grade 1-5: {reply[:RAW_CHARS]!r}")
+        return (grade - 1) / 4, {"raw": reply[:RAW_CHARS], "model": self.model, "grade": grade}
 
     def _complete(self, prompt: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": _MAX_TOKENS,
-        }
         try:
-            response = self._client.post(self.url, json=body)
-        except httpx.HTTPError as exc:
-            raise JudgeError(f"judge request to {self.url} failed: {type(exc).__name__}: {exc}") from None
-        if response.status_code >= 400:
-            raise JudgeError(f"judge at {self.url} answered HTTP {response.status_code}: "
-                             f"{response.text[:_RAW_CHARS]!r}")
-        try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, LookupError, TypeError):
-            raise JudgeError(f"judge at {self.url} sent no chat completion: {response.text[:_RAW_CHARS]!r}") from None
-        if not isinstance(content, str):
-            raise JudgeError(f"judge at {self.url} sent no text content: {content!r}"[:300])
-        return content
+            return self.complete(_SYSTEM, prompt, _MAX_TOKENS)
+        except ChatError as error:
+            raise JudgeError(f"judge: {error}") from None
 
 
 def _prompt(question: str, answer: str, passages: Sequence[str]) -> str:

@@ -2,8 +2,8 @@
 
 Optional (METADATA_API_BASE): a document whose metadata cannot be had is still indexed, only
 without it. The endpoint is the operator's own configuration, not user input, so it is called
-directly (URL ingestion's SSRF checks guard user-given URLs). The API key goes only into the
-Authorization header; it is never part of an error message or a repr.
+directly (URL ingestion's SSRF checks guard user-given URLs). The calls are store.chat's, which keeps
+the API key out of error messages and reprs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retrieval.corpus import Document
+from store.chat import RAW_CHARS, ChatClient, ChatError
 
 # ok: metadata extracted; invalid: the endpoint answered, but not with usable metadata;
 # error: the call failed (transport, timeout, HTTP error status).
@@ -34,7 +35,6 @@ _SYSTEM = (
 # The gist of a document is near its top; the bound keeps the prompt (and its cost) small.
 _MAX_TEXT_CHARS = 4000
 _MAX_TOKENS = 200
-_RAW_CHARS = 200
 # An endpoint that failed this many calls in a row is down: the rest of a batch is skipped
 # instead of waiting a full timeout per document.
 _MAX_CONSECUTIVE_ERRORS = 5
@@ -92,27 +92,12 @@ class Extraction:
         return counts
 
 
-class MetadataExtractor:
+class MetadataExtractor(ChatClient):
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
+        super().__init__(base_url, model, api_key, timeout_s, transport)
         self._lock = threading.Lock()
         self._consecutive_errors = 0
-
-    def __repr__(self) -> str:
-        return f"MetadataExtractor(url={self.url!r}, model={self.model!r})"
-
-    def __enter__(self) -> MetadataExtractor:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
 
     def extract(self, title: str, text: str, source: str = "") -> DocumentMetadata:
         """The document's metadata; raises MetadataError when the endpoint gives none."""
@@ -149,27 +134,10 @@ class MetadataExtractor:
         return result
 
     def _complete(self, prompt: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": _MAX_TOKENS,
-        }
         try:
-            response = self._client.post(self.url, json=body)
-        except httpx.HTTPError as exc:
-            raise MetadataError("error", f"request to {self.url} failed: {type(exc).__name__}: {exc}") from None
-        if response.status_code >= 400:
-            raise MetadataError("error", f"{self.url} answered HTTP {response.status_code}: "
-                                         f"{response.text[:_RAW_CHARS]!r}")
-        try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, LookupError, TypeError):
-            raise MetadataError("invalid",
-                                f"{self.url} sent no chat completion: {response.text[:_RAW_CHARS]!r}") from None
-        if not isinstance(content, str):
-            raise MetadataError("invalid", f"{self.url} sent no text content: {str(content)[:_RAW_CHARS]!r}")
-        return content
+            return self.complete(_SYSTEM, prompt, _MAX_TOKENS)
+        except ChatError as error:
+            raise MetadataError(error.failure, str(error)) from None
 
 
 def extract_documents(documents: Sequence[Document], base_url: str, model: str, api_key: str | None = None,
@@ -187,9 +155,9 @@ def _parse(reply: str) -> DocumentMetadata:
     """The JSON object in the reply, validated; code fences and chatter around it are tolerated."""
     start, end = reply.find("{"), reply.rfind("}")
     if start < 0 or end < start:
-        raise MetadataError("invalid", f"no JSON object in the answer: {reply[:_RAW_CHARS]!r}")
+        raise MetadataError("invalid", f"no JSON object in the answer: {reply[:RAW_CHARS]!r}")
     try:
         return DocumentMetadata.model_validate_json(reply[start : end + 1])
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in error.errors()[:3])
-        raise MetadataError("invalid", f"unusable metadata ({problems}): {reply[:_RAW_CHARS]!r}") from None
+        raise MetadataError("invalid", f"unusable metadata ({problems}): {reply[:RAW_CHARS]!r}") from None
