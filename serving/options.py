@@ -23,5 +23,5 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         "a faster single stream; with fp32 weights, slower)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the base model's decode steps (no gain measured on CPU; "
-                        "the first decode step compiles for minutes)")
+                        "the first decode step compiles for minutes, and the first of a single request again)")
     parser.add_argument("--log-level", default=None, help="default: LOG_LEVEL (INFO)")

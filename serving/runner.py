@@ -61,7 +61,8 @@ class ModelRunner:
         self.lora = LoraRouting()
         self.per_row_lora = per_row_lora  # True: every forward with adapters loaded passes adapter_names
         # Decode steps of the base model (no adapter loaded) through torch.compile; dynamic shapes, so the
-        # growing KV cache and the changing batch do not recompile.  The first decode step compiles.
+        # growing KV cache and the changing batch do not recompile. The first decode step compiles, and the first
+        # of a single row once more: torch specialises sizes 0 and 1 (TORCH_LOGS=recompiles shows it).
         self._compiled = torch.compile(self.model.forward, dynamic=True) if compile else None
         self._cache_argument = cache_argument(self.model)
         self.tokenizer = loaded.tokenizer
