@@ -43,8 +43,17 @@ Scenarios (each with its own fixed seed; repetition r of a scenario draws from d
                            asks 20 responders an arm; beside it the same rule with any 2 (as before 2026-12-01,
                            less the one-responder case, which compare_ratio now refuses outright).
 
+  6. A/A, sampled answer   2,000 users at share 0.5, 1 + Poisson(2) requests each, no feedback; the primary metric
+     scores, CUPED         is the answer score (`answer_score`), and the scoring flow grades each request with
+                           probability 0.15: score = clip(the user's own quality ~ Beta(mean 0.6, sd 0.15) + N(0,
+                           0.1)). 70% of the users were in the experiment before, whose answers were sampled the
+                           same way: their mean score there is the CUPED covariate (nan for the rest, and for those
+                           none of whose earlier answers was scored). A look every 200 users; Policy() against
+                           Policy(cuped=False) on the same data. 6p: the same with the candidate's scores +0.04
+                           (power); 6b and 6a: every answer scored (before and during), A/A and candidate +0.02.
+
 Latencies are lognormal, identical in both arms, so the latency guardrail runs but has nothing to find;
-errors, fallbacks and answer scores are zero, feedback is given on every request.
+errors and fallbacks are zero; but in 6, answer scores are zero and feedback is given on every request.
 
     .venv/bin/python bench/stats_calibration.py                 # 1,000 repetitions per scenario
     .venv/bin/python bench/stats_calibration.py --quick         # 100 repetitions, a smoke run
@@ -310,6 +319,61 @@ class Ramp:
             yield Look(collected, old, (int(old_seen[0].sum()), int(old_seen[1].sum())), share, cut)
 
 
+@dataclass(frozen=True)
+class SampledScores:
+    """Users arrive at `share`; a sample of their answers is scored (the primary), and so was a sample of their
+    answers in the experiment before (the CUPED covariate)."""
+
+    users: int = 2000
+    look_every: int = 200
+    extra_requests: float = 2.0  # requests = 1 + Poisson(this)
+    scored: float = 0.15  # chance that an answer is scored
+    quality: float = 0.6
+    quality_sd: float = 0.15
+    noise: float = 0.1
+    lift: float = 0.0  # added to the candidate's scores
+    returning: float = 0.7  # share of the users who were in the experiment before
+    share: float = 0.5
+
+    def _scores(self, rng: np.random.Generator, quality: np.ndarray, requests: np.ndarray,
+                lift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per user: the sum and the count of their scored answers."""
+        scored = rng.binomial(requests, self.scored)
+        owner = np.repeat(np.arange(quality.size), scored)
+        values = np.clip(quality[owner] + lift[owner] + rng.normal(0.0, self.noise, owner.size), 0.0, 1.0)
+        return np.bincount(owner, weights=values, minlength=quality.size), scored.astype(float)
+
+    def looks(self, rng: np.random.Generator) -> Iterator[Look]:
+        n = self.users
+        candidate = rng.random(n) < self.share
+        quality = _propensities(rng, self.quality, self.quality_sd, n)
+        requests = 1 + rng.poisson(self.extra_requests, n)
+        score_sum, score_n = self._scores(rng, quality, requests, np.where(candidate, self.lift, 0.0))
+        before = np.where(rng.random(n) < self.returning, 1 + rng.poisson(self.extra_requests, n), 0)
+        pre_sum, pre_n = self._scores(rng, quality, before, np.zeros(n))
+        pre = np.full(n, np.nan)
+        np.divide(pre_sum, pre_n, out=pre, where=pre_n > 0)
+        latencies = [rng.lognormal(LATENCY_MU, LATENCY_SIGMA, r) for r in requests]
+        ids = np.array([f"u{i}" for i in range(n)])
+        experiment = _experiment(self.share)
+        experiment.primary_metric = "answer_score"
+        no_feedback = np.zeros(n)
+        for end in range(self.look_every, n + 1, self.look_every):
+            arms, counts = {}, []
+            for name, mask in (("control", ~candidate[:end]), ("candidate", candidate[:end])):
+                chosen = np.flatnonzero(mask)
+                arm = _arm(ids[chosen], requests[chosen], no_feedback[chosen], np.concatenate(
+                    [latencies[i] for i in chosen]), thumbs=no_feedback[chosen],
+                    latency_users=np.repeat(np.arange(chosen.size), requests[chosen]))
+                arm.columns.update(grounding_sum=score_sum[chosen], grounding_n=score_n[chosen])
+                arm.pre["answer_score"] = pre[chosen]
+                arms[name] = arm
+                counts.append(int(chosen.size))
+            phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
+            yield Look(Collected(experiment=experiment, arms=arms, phases=[phase]), (0, 0, 0, 0),
+                       (counts[0], counts[1]), self.share)
+
+
 def _positions(chosen: np.ndarray, pool_index: np.ndarray) -> np.ndarray:
     """Pool indices of users (all in `chosen`) as their positions among the chosen users."""
     return (np.cumsum(chosen) - 1)[pool_index]
@@ -352,7 +416,7 @@ class Scenario:
     key: str
     name: str
     seed: int
-    simulation: Simple | Ramp | FewResponders
+    simulation: Simple | Ramp | FewResponders | SampledScores
     rows: tuple[Row, ...]
     goal: str
 
@@ -381,6 +445,12 @@ def _rows(power: bool = False, relaxed: bool = False, srm: bool = False, cut: bo
     return tuple(rows)
 
 
+def _cuped_rows(rate: str) -> tuple[Row, ...]:
+    return tuple(Row(f"project rule, Policy({policy}), {looks}", "project", when, Policy(cuped=not policy), rate)
+                 for when, looks in (("all", "20 looks"), ("final", "final look only"))
+                 for policy in ("", "cuped=False"))
+
+
 SCENARIOS = {s.key: s for s in (
     Scenario("1", "A/A, 20 looks", 101, Simple(users=4000, look_every=200), _rows(), "<= 5% false decisions"),
     Scenario("2", "A/A, clustered users", 102, Simple(users=400, look_every=20, requests=10, sd=0.20),
@@ -400,6 +470,14 @@ SCENARIOS = {s.key: s for s in (
         Row("project rule, Policy(), final look only", "project", "final", Policy()),
         Row("project rule, Policy(min_responders_per_arm=2), final look only", "project", "final", ANY_RESPONDERS),
     ), "<= 5% false decisions"),
+    Scenario("6", "A/A, sampled answer scores as the primary, CUPED", 108, SampledScores(),
+             _cuped_rows("false decisions"), "<= 5% false decisions"),
+    Scenario("6p", "Power, answer score +0.04, sampled, CUPED", 109, SampledScores(lift=0.04),
+             _cuped_rows("power"), "power: fraction promoted; CUPED above without"),
+    Scenario("6b", "A/A, every answer scored, CUPED", 111, SampledScores(scored=1.0), _cuped_rows("false decisions"),
+             "<= 5% false decisions"),
+    Scenario("6a", "Power, answer score +0.02, every answer scored, CUPED", 110, SampledScores(lift=0.02, scored=1.0),
+             _cuped_rows("power"), "power: fraction promoted; CUPED above without"),
 )}
 
 
