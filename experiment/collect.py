@@ -65,14 +65,13 @@ def collect_at(db: Database, experiment_id: str, moments: Sequence[datetime | No
     event_phase = locate(every_phase, rows.events["ts"])
     pre = (_pre_period(db, experiment.started_at, timedelta(days=cuped_lookback_days))
            if cuped_lookback_days > 0 else None)
+    covariates = {} if pre is None else _covariates(pre, rows.users)
     for moment in moments:
         # As it stood then: a later share change had not yet moved anyone.
         phases = (every_phase if moment is None
                   else [phase for phase in every_phase if phase.start <= moment] or every_phase[:1])
-        collected = _assemble(experiment, phases, rows, event_phase, None if moment is None else microseconds(moment))
-        if pre is not None:
-            _attach_pre_period(collected, pre)
-        yield collected
+        yield _assemble(experiment, phases, rows, event_phase, None if moment is None else microseconds(moment),
+                        covariates)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -253,9 +252,9 @@ def _arm_codes(arms: Sequence[str]) -> np.ndarray:
 
 
 def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, event_phase: np.ndarray,
-              moment: int | None) -> Collected:
+              moment: int | None, covariates: dict[str, np.ndarray]) -> Collected:
     """The experiment as it stood at `moment` (microseconds; None: everything read), in `phases` (those begun
-    by then); `event_phase` is each event's index into them."""
+    by then); `event_phase` is each event's index into them, `covariates` each user code's CUPED covariates."""
     import numpy as np
 
     events = rows.events
@@ -295,6 +294,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, event_ph
         arms[name] = ArmUsers(user_ids=[rows.users[member] for member in members],
                               columns={column: sums[column][members] for column in COLUMNS},
                               latencies_ms=events["latency"][timed], strata=first_phase[members],
+                              pre={name: values[members] for name, values in covariates.items()},
                               latency_users=position[events["user"][timed]])
     left_phases, left_counts = np.unique(first_phase[left_out], return_counts=True)
     return Collected(experiment=experiment, arms=arms, phases=_phase_counts(phases, phase, user, arm, population),
@@ -427,17 +427,18 @@ def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePer
     return _PrePeriod(index, columns)
 
 
-def _attach_pre_period(collected: Collected, pre: _PrePeriod) -> None:
-    """Each user's own pre-period value of each primary metric: the CUPED covariate (nan where none)."""
+def _covariates(pre: _PrePeriod, users: list[str]) -> dict[str, np.ndarray]:
+    """Each primary metric's CUPED covariate per user code: the user's own value before (nan where none)."""
     import numpy as np
 
-    for arm_users in collected.arms.values():
-        at = np.array([pre.index.get(user, -1) for user in arm_users.user_ids], dtype=np.int64)
-        found = at >= 0
-        for name in PRIMARY_METRICS:
-            metric = METRICS[name]
-            num, den = (np.where(found, pre.columns[c][np.maximum(at, 0)], 0.0)
-                        for c in (metric.numerator, metric.denominator))
-            values = np.full(at.size, np.nan)
-            np.divide(num, den, out=values, where=den > 0)
-            arm_users.pre[name] = values
+    at = np.array([pre.index.get(user, -1) for user in users], dtype=np.int64)
+    found = at >= 0
+    covariates = {}
+    for name in PRIMARY_METRICS:
+        metric = METRICS[name]
+        num, den = (np.where(found, pre.columns[c][np.maximum(at, 0)], 0.0)
+                    for c in (metric.numerator, metric.denominator))
+        values = np.full(at.size, np.nan)
+        np.divide(num, den, out=values, where=den > 0)
+        covariates[name] = values
+    return covariates
