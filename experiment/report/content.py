@@ -44,8 +44,9 @@ METHOD_NOTES = (
     "Decisions read only always-valid 95% intervals (asymptotic confidence sequences, Waudby-Smith et al. 2023; "
     "as GrowthBook's sequential engine): evaluating every hour does not inflate false decisions.",
     "Fixed-horizon p-values are shown for reference only: they are not valid under repeated looks and never decide.",
-    "CUPED: where users gave feedback in the 14 days before the experiment, that pre-period value is a covariate "
-    "(regression adjustment), which narrows intervals without bias.",
+    "CUPED: where users gave feedback, or had answers scored, in the lookback before the experiment (14 days by "
+    "default), that pre-period value of the metric is a covariate (regression adjustment), which narrows intervals "
+    "without bias.",
     "Guardrails are one-sided tests against a margin on the always-valid interval, checked only after the minimum "
     "sample. The sample-ratio check is a chi-square per phase against that phase's share (p < 0.001 flags it).",
 )
