@@ -14,8 +14,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 if TYPE_CHECKING:
-    from experiment.judge import LLMJudge
     from retrieval.grounding import GroundingScorer
+    from retrieval.judge import LLMJudge
     from store.db import Database
     from store.scores import ScoringInput
 
@@ -37,9 +37,9 @@ def score_answers(
     judge_model: str | None = None,
     judge_api_key: str | None = None,
 ) -> dict:
-    from experiment.judge import LLMJudge
     from retrieval.embedder import Embedder
     from retrieval.grounding import GroundingScorer
+    from retrieval.judge import LLMJudge
     from store.db import Database
 
     db = Database(database_url)
@@ -81,8 +81,8 @@ def score_experiment(
 
 
 def _judge_events(db: Database, events: list[ScoringInput], judge: LLMJudge) -> dict[str, int]:
-    from experiment.judge import JudgeError
     from retrieval.grounding import passages_from_messages
+    from retrieval.judge import JudgeError
     from store.scores import save_scores
 
     scored = failures = consecutive = skipped = 0

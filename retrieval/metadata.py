@@ -2,7 +2,7 @@
 
 Optional (METADATA_API_BASE): a document whose metadata cannot be had is still indexed, only
 without it. The endpoint is the operator's own configuration, not user input, so it is called
-directly (URL ingestion's SSRF checks guard user-given URLs). The calls are store.chat's, which keeps
+directly (URL ingestion's SSRF checks guard user-given URLs). The calls are retrieval.chat's, which keeps
 the API key out of error messages and reprs.
 """
 
@@ -17,8 +17,8 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from retrieval.chat import RAW_CHARS, ChatClient, ChatError
 from retrieval.corpus import Document
-from store.chat import RAW_CHARS, ChatClient, ChatError
 
 # ok: metadata extracted; invalid: the endpoint answered, but not with usable metadata;
 # error: the call failed (transport, timeout, HTTP error status).

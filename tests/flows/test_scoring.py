@@ -10,9 +10,9 @@ import httpx
 import pytest
 from prefect import flow
 
-from experiment.judge import LLMJudge
 from flows.scoring import score_answers, score_experiment
 from retrieval.grounding import GroundingScorer
+from retrieval.judge import LLMJudge
 from store.db import Database
 from store.models import SearchEvent, new_id
 from store.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, render_messages
@@ -136,7 +136,7 @@ def test_the_prefect_task_wires_embedder_judge_and_store(db, embedder, monkeypat
 
     # The task builds its own embedder and judge; hand it the session's model and a mocked endpoint.
     monkeypatch.setattr("retrieval.embedder.Embedder", lambda model: embedder)
-    monkeypatch.setattr("experiment.judge.LLMJudge", partial(LLMJudge, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr("retrieval.judge.LLMJudge", partial(LLMJudge, transport=httpx.MockTransport(handler)))
     counts = evaluate(judge_api_base="http://judge.test/v1", judge_model="judge", judge_api_key="sk-secret")
     assert counts == {"grounding": 4, "judge": 4, "judge_failures": 0, "judge_skipped": 0}
     assert keys == ["Bearer sk-secret"] * 4

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from experiment.judge import JudgeError, LLMJudge
+from retrieval.judge import JudgeError, LLMJudge
 
 SECRET = "sk-test-secret-123"
 

@@ -1,5 +1,5 @@
 """One OpenAI-compatible chat endpoint, asked one question at a time: the client the LLM judge
-(experiment.judge) and document labelling (retrieval.metadata) share.
+(retrieval.judge) and document labelling (retrieval.metadata) share.
 
 The API key goes only into the Authorization header; it is never part of an error message or a repr.
 The proxy's calls to the arms are not made here: they stream, retry and fall back (proxy/upstream.py).

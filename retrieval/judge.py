@@ -1,7 +1,7 @@
 """An LLM judge over any OpenAI-compatible endpoint: one 1-5 grade per answer, mapped to [0, 1].
 
 Optional beside the embedding grounding score: it costs a request per answer but also sees whether
-the question was answered. The calls are store.chat's, which keeps the API key out of error messages
+the question was answered. The calls are retrieval.chat's, which keeps the API key out of error messages
 and reprs.
 """
 
@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from store.chat import RAW_CHARS, ChatClient, ChatError
+from retrieval.chat import RAW_CHARS, ChatClient, ChatError
 
 _SYSTEM = "You grade answers from a search assistant. Reply with a single integer from 1 to 5 and nothing else."
 _RUBRIC = (

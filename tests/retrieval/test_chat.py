@@ -1,9 +1,9 @@
-"""store.chat: the one OpenAI-compatible chat call the judge and the document labeller share."""
+"""retrieval.chat: the one OpenAI-compatible chat call the judge and the document labeller share."""
 
 import httpx
 import pytest
 
-from store.chat import RAW_CHARS, ChatClient, ChatError
+from retrieval.chat import RAW_CHARS, ChatClient, ChatError
 
 URL = "http://llm.test/v1/chat/completions"
 
