@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import func, insert, select, text  # noqa: E402
+from sqlalchemy import insert, select, text  # noqa: E402
 
 from bench.evaluate_scale import DAYS, _database, _drop, _fill  # noqa: E402
 from experiment import collect  # noqa: E402
@@ -67,10 +67,7 @@ def main() -> None:
         with db.session() as session:
             event_ids = list(session.scalars(select(SearchEvent.id)))
         started, lookback = experiment.started_at, timedelta(days=DAYS)
-        window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
-        score_query = (select(SearchEvent.user_id, AnswerScore.method, func.sum(AnswerScore.score), func.count())
-                       .join(AnswerScore, AnswerScore.event_id == SearchEvent.id).where(*window)
-                       .group_by(SearchEvent.user_id, AnswerScore.method))
+        _requests, _feedback, score_query = collect._lookback_queries(started, lookback)
 
         def read_scores() -> None:
             with db.session() as session:

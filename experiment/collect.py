@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, func, select, text
 
 from experiment.assignment import bucket, candidate_buckets
 from experiment.metrics import ARMS, COLUMNS, METRICS, PRIMARY_METRICS, ArmUsers, Collected, PhaseCount, satisfaction
@@ -382,30 +382,31 @@ class _PrePeriod:
     columns: dict[str, np.ndarray]
 
 
+def _lookback_queries(started: datetime, lookback: timedelta) -> tuple[Select, Select, Select]:
+    """The lookback's requests, feedback and answer scores, counted in the database by user and kind (a lookback
+    holds as much traffic as the experiment)."""
+    window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
+    return (
+        select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id),
+        select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
+        .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
+        .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating),
+        select(SearchEvent.user_id, AnswerScore.method, func.sum(AnswerScore.score), func.count())
+        .join(AnswerScore, AnswerScore.event_id == SearchEvent.id).where(*window, AnswerScore.method.in_(_SCORED))
+        .group_by(SearchEvent.user_id, AnswerScore.method),
+    )
+
+
 def _pre_period(db: Database, started: datetime, lookback: timedelta) -> _PrePeriod | None:
-    """Each user's requests, feedback and answer scores in the lookback before the experiment (None: nobody's),
-    counted in the database by user and kind (a lookback holds as much traffic as the experiment).
+    """Each user's requests, feedback and answer scores in the lookback before the experiment (None: nobody's).
 
     Scores in a lookback are those of an earlier experiment's sample (the scoring flow samples only an
     experiment's own events): its users' history for a primary answer score, as their feedback is for the rest.
     """
     import numpy as np
 
-    window = (SearchEvent.ts < started, SearchEvent.ts >= started - lookback, SearchEvent.user_id.is_not(None))
     with db.session() as session:
-        requests = session.execute(
-            select(SearchEvent.user_id, func.count()).where(*window).group_by(SearchEvent.user_id)).all()
-        feedback = session.execute(
-            select(SearchEvent.user_id, Feedback.thumbs, Feedback.rating, func.count())
-            .join(Feedback, Feedback.event_id == SearchEvent.id).where(*window)
-            .group_by(SearchEvent.user_id, Feedback.thumbs, Feedback.rating)
-        ).all()
-        scores = session.execute(
-            select(SearchEvent.user_id, AnswerScore.method, func.sum(AnswerScore.score), func.count())
-            .join(AnswerScore, AnswerScore.event_id == SearchEvent.id)
-            .where(*window, AnswerScore.method.in_(_SCORED))
-            .group_by(SearchEvent.user_id, AnswerScore.method)
-        ).all()
+        requests, feedback, scores = (session.execute(query).all() for query in _lookback_queries(started, lookback))
     if not requests:
         return None
     index = {user: n for n, (user, _count) in enumerate(requests)}
