@@ -142,6 +142,9 @@ def render_analysis(analysis: dict[str, Any]) -> str:
         relative = "" if primary.get("relative") is None else f" ({primary['relative']:+.1%})"
         lines.append(f"  {primary_name}: candidate - control = {primary['difference']:+.4g}{relative}, "
                      f"always-valid p = {_fmt(primary['p_value'])}, chance to win {_chance(primary['chance_to_win'])}")
+        if primary.get("cuped"):
+            lines.append(f"  {primary_name}: CUPED on the users' pre-period values cut its variance by "
+                         f"{primary['cuped']['variance_reduction']:.1%}")
     for phase in analysis["phases"]:
         control_users, candidate_users = phase["users"]
         lines.append(f"  phase {phase['index'] + 1}: share {_share(phase['share'])}, users {control_users} control / "

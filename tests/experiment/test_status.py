@@ -53,6 +53,11 @@ def test_the_primary_metric_its_phases_guardrails_and_decision_are_spelled_out(e
     primary = evaluated["metrics"]["satisfaction"]
     assert (f"  satisfaction: candidate - control = {primary['difference']:+.4g} ({primary['relative']:+.1%}), "
             f"always-valid p = {primary['p_value']:.4g}, chance to win >99.9%") in lines
+    assert not any("CUPED" in line for line in lines)  # no traffic before the experiment: nothing to adjust by
+    with_history = {**evaluated, "metrics": {**evaluated["metrics"], "satisfaction": {**primary, "cuped": {
+        "theta": 0.5, "users_with_pre": [10, 12], "variance_reduction": 0.23456}}}}
+    assert ("  satisfaction: CUPED on the users' pre-period values cut its variance by 23.5%"
+            in render_analysis(with_history).splitlines())
     (phase,) = evaluated["phases"]
     assert (f"  phase 1: share 50%, users {phase['users'][0]} control / {phase['users'][1]} candidate, "
             f"sample-ratio p={phase['p_value']:.4g}") in lines
