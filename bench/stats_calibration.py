@@ -53,7 +53,7 @@ Scenarios (each with its own fixed seed; repetition r of a scenario draws from d
                            (power); 6b and 6a: every answer scored (before and during), A/A and candidate +0.02.
 
 Latencies are lognormal, identical in both arms, so the latency guardrail runs but has nothing to find;
-errors and fallbacks are zero; but in 6, answer scores are zero and feedback is given on every request.
+errors and fallbacks are zero. Scenarios 1-5 have no answer scores and scenarios 6 no feedback.
 
     .venv/bin/python bench/stats_calibration.py                 # 1,000 repetitions per scenario
     .venv/bin/python bench/stats_calibration.py --quick         # 100 repetitions, a smoke run
