@@ -446,9 +446,10 @@ def _rows(power: bool = False, relaxed: bool = False, srm: bool = False, cut: bo
 
 
 def _cuped_rows(rate: str) -> tuple[Row, ...]:
-    return tuple(Row(f"project rule, Policy({policy}), {looks}", "project", when, Policy(cuped=not policy), rate)
-                 for when, looks in (("all", "20 looks"), ("final", "final look only"))
-                 for policy in ("", "cuped=False"))
+    """Policy() beside Policy(cuped=False), over 20 looks and at the final look only."""
+    policies = (("Policy()", Policy()), ("Policy(cuped=False)", Policy(cuped=False)))
+    return tuple(Row(f"project rule, {label}, {looks}", "project", when, policy, rate)
+                 for when, looks in (("all", "20 looks"), ("final", "final look only")) for label, policy in policies)
 
 
 SCENARIOS = {s.key: s for s in (
