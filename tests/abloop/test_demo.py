@@ -82,12 +82,15 @@ def test_the_demo_approves_a_promote_verdict_once_each_arm_has_its_users(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
+def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir, prefect_server):
     """ingest -> serve -> simulated users -> retrain -> rollout by evaluate_arms -> report, real parts, small.
 
     Real embeddings, FAISS, Prefect, proxy, model server and LoRA training; the model is a tiny random Llama
     so the test takes about a minute (the real SmolLM2 run is measured in docs/BENCHMARKS.md, "make demo").
+    Its flows run on the Prefect server this test process's flow tests share, not on a temporary one of its
+    own (another server start costs ~20 s of CPU; `make demo` runs the temporary one).
     """
+    from prefect.settings import PREFECT_API_URL
     from pydoc_data.topics import topics
 
     from abloop.demo import DemoConfig, run_demo
@@ -106,6 +109,7 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir):
     saved = dict(os.environ)
     cwd = os.getcwd()
     os.chdir(tmp_path)  # reports/ lands here
+    os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the demo reads Prefect's settings from the env
     try:
         summary = run_demo(config)
     finally:
