@@ -176,19 +176,20 @@ def test_synthetic_qa_against_the_embedded_model_server():
     from store.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE
 
     chunks = [SimpleNamespace(id=f"pydoc:{name}#0", title=name, source=f"pydoc:{name}", text=topics[name][:900])
-              for name in ("for", "while", "with")]
+              for name in ("for", "with")]
     layout = PromptLayout(system_prompt=DEFAULT_SYSTEM_PROMPT, template=DEFAULT_TEMPLATE)
     with ServerThread(model="default", max_batch=4) as server:
         model = httpx.get(f"{server.base_url}/models").json()["data"][0]["id"]
         before = httpx.get(f"{server.url}/stats").json()["completed"]
-        config = SyntheticConfig(base_url=server.base_url, model=model, temperature=0, max_tokens=160,
+        config = SyntheticConfig(base_url=server.base_url, model=model, temperature=0, max_tokens=96,
                                  min_support=0.3)
         result = generate_synthetic(chunks, config=config, encoder=Embedder(default_embedding_model()),
                                     real_questions=["How do I loop over a list?"], layout=layout)
         served = httpx.get(f"{server.url}/stats").json()["completed"] - before
     counts = result.counts
-    assert served == 3 and counts["chunks"] == 3 and counts["llm_errors"] == 0  # every chunk was asked, answered
-    assert counts["unparseable"] == 3 or counts["generated"] > 0  # every reply is either pairs or counted
+    # 96 tokens hold a pair or two of JSON; a larger generator would be given more (the default is 512)
+    assert served == 2 and counts["chunks"] == 2 and counts["llm_errors"] == 0  # every chunk was asked, answered
+    assert counts["unparseable"] == 2 or counts["generated"] > 0  # every reply is either pairs or counted
     assert counts["kept"] == len(result.examples) <= counts["generated"]
     for example in result.examples:  # what was kept is grounded in its chunk and laid out as the proxy would
         assert example.support >= config.min_support
