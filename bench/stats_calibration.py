@@ -131,6 +131,17 @@ def _experiment(share: float) -> Experiment:
                       primary_metric=None, started_at=START, salt="x")
 
 
+def _single_phase_look(experiment: Experiment, arms: dict[str, ArmUsers], counts: list[int], share: float,
+                       with_thumbs: bool = True) -> Look:
+    """One look at a single-phase experiment; the old rule's counts from the arms' thumbs (none without)."""
+    phase = PhaseCount(Phase(0, share, START, None, "sim"), (counts[0], counts[1]))
+    old = (0, 0, 0, 0)
+    if with_thumbs:
+        old = tuple(int(arms[arm].total(column))
+                    for arm in ("control", "candidate") for column in ("thumbs_up", "thumbs"))
+    return Look(Collected(experiment=experiment, arms=arms, phases=[phase]), old, (counts[0], counts[1]), share)
+
+
 def _arm(ids: np.ndarray, requests: np.ndarray, thumbs_up: np.ndarray, latencies: np.ndarray,
          strata: np.ndarray | None = None, thumbs: np.ndarray | None = None,
          latency_users: np.ndarray | None = None) -> ArmUsers:
@@ -184,11 +195,7 @@ class Simple:
                 arms[name] = _arm(ids[:end][mask], requests[:end][mask], ups[:end][mask],
                                   latencies[:end][mask].ravel(), latency_users=np.repeat(np.arange(mask.sum()), m))
                 counts.append(int(mask.sum()))
-            phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
-            collected = Collected(experiment=experiment, arms=arms, phases=[phase])
-            old = (int(arms["control"].total("thumbs_up")), int(arms["control"].total("thumbs")),
-                   int(arms["candidate"].total("thumbs_up")), int(arms["candidate"].total("thumbs")))
-            yield Look(collected, old, (counts[0], counts[1]), self.share)
+            yield _single_phase_look(experiment, arms, counts, self.share)
 
 
 @dataclass(frozen=True)
@@ -223,11 +230,7 @@ class FewResponders:
                                   thumbs=thumbs[chosen],
                                   latency_users=np.repeat(np.arange(chosen.size), requests[chosen]))
                 counts.append(int(chosen.size))
-            phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
-            collected = Collected(experiment=experiment, arms=arms, phases=[phase])
-            old = (int(arms["control"].total("thumbs_up")), int(arms["control"].total("thumbs")),
-                   int(arms["candidate"].total("thumbs_up")), int(arms["candidate"].total("thumbs")))
-            yield Look(collected, old, (counts[0], counts[1]), self.share)
+            yield _single_phase_look(experiment, arms, counts, self.share)
 
 
 @dataclass(frozen=True)
@@ -369,9 +372,7 @@ class SampledScores:
                 arm.pre["answer_score"] = pre[chosen]
                 arms[name] = arm
                 counts.append(int(chosen.size))
-            phase = PhaseCount(Phase(0, self.share, START, None, "sim"), (counts[0], counts[1]))
-            yield Look(Collected(experiment=experiment, arms=arms, phases=[phase]), (0, 0, 0, 0),
-                       (counts[0], counts[1]), self.share)
+            yield _single_phase_look(experiment, arms, counts, self.share, with_thumbs=False)
 
 
 def _positions(chosen: np.ndarray, pool_index: np.ndarray) -> np.ndarray:
