@@ -90,8 +90,9 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir, prefect_
     Its flows run on the Prefect server this test process's flow tests share, not on a temporary one of its
     own (another server start costs ~20 s of CPU; `make demo` runs the temporary one).
     """
-    from prefect.settings import PREFECT_API_URL
     from pydoc_data.topics import topics
+
+    from prefect.settings import PREFECT_API_URL
 
     from abloop.demo import DemoConfig, run_demo
     from store.db import Database

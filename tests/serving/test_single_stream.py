@@ -160,9 +160,9 @@ async def test_int8_batched_matches_unbatched(loaded_model, start_engine, dtype,
     greedy token, as it does without int8 (the previous path: 5 of these 8 prompts identical over 32 tokens
     alone and batched; tests/serving/test_batching.py checks batching in fp32 for that reason). Which tokens
     flip depends on the CPU's kernels and the thread count (over 16 tokens on a Xeon with AMX: 7 of 8 answers
-    identical with 2 threads, 6 with 1), so in bf16 every answer that differs must differ first at a near-tie: the two tokens'
-    logits there, given the common prefix, within `BF16_TIE` of each other. A wrong int8 weight would flip clear
-    winners.
+    identical with 2 threads, 6 with 1), so in bf16 every answer that differs must differ first at a near-tie:
+    the two tokens' logits there, given the common prefix, within `BF16_TIE` of each other. A wrong int8 weight
+    would flip clear winners.
     """
     from serving.model import load_base_model
     from serving.quantize import INT8_MAX_ROWS
