@@ -131,14 +131,11 @@ def _experiment(share: float) -> Experiment:
                       primary_metric=None, started_at=START, salt="x")
 
 
-def _single_phase_look(experiment: Experiment, arms: dict[str, ArmUsers], counts: list[int], share: float,
-                       with_thumbs: bool = True) -> Look:
-    """One look at a single-phase experiment; the old rule's counts from the arms' thumbs (none without)."""
+def _single_phase_look(experiment: Experiment, arms: dict[str, ArmUsers], counts: list[int],
+                       share: float) -> Look:
+    """One look at a single-phase experiment; the old rule's counts are the arms' thumbs."""
     phase = PhaseCount(Phase(0, share, START, None, "sim"), (counts[0], counts[1]))
-    old = (0, 0, 0, 0)
-    if with_thumbs:
-        old = tuple(int(arms[arm].total(column))
-                    for arm in ("control", "candidate") for column in ("thumbs_up", "thumbs"))
+    old = tuple(int(arms[arm].total(column)) for arm in ("control", "candidate") for column in ("thumbs_up", "thumbs"))
     return Look(Collected(experiment=experiment, arms=arms, phases=[phase]), old, (counts[0], counts[1]), share)
 
 
@@ -372,7 +369,7 @@ class SampledScores:
                 arm.pre["answer_score"] = pre[chosen]
                 arms[name] = arm
                 counts.append(int(chosen.size))
-            yield _single_phase_look(experiment, arms, counts, self.share, with_thumbs=False)
+            yield _single_phase_look(experiment, arms, counts, self.share)
 
 
 def _positions(chosen: np.ndarray, pool_index: np.ndarray) -> np.ndarray:
