@@ -138,9 +138,12 @@ async def _checked_addresses(url: httpx.URL, resolve: Resolver) -> list[str]:
         return [str(literal)]
     if _NUMERIC_HOST.match(host):
         raise UnsafeURLError(f"host {host!r} is a non-canonical numeric address")
+    _check_host_name(host)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         answers = await resolve(host, port)
+    except UnicodeError as exc:  # the resolver's IDNA codec refuses a label the check above let through
+        raise UnsafeURLError(f"host {host[:80]!r} is not a valid host name: {exc}") from exc
     except OSError as exc:
         raise FetchError(f"could not resolve {host}: {exc}") from exc
     if not answers:
@@ -154,6 +157,15 @@ async def _checked_addresses(url: httpx.URL, resolve: Resolver) -> list[str]:
         if str(ip) not in addresses:
             addresses.append(str(ip))
     return addresses
+
+
+def _check_host_name(host: str) -> None:
+    """DNS's own limits (RFC 1035): the resolver would refuse such a name with a codec error, not an OSError."""
+    name = host.removesuffix(".")  # the root's dot is not part of the name's length
+    labels = name.split(".")
+    if len(name) > 253 or any(not 1 <= len(label) <= 63 for label in labels):
+        raise UnsafeURLError(f"host {host[:80]!r} is not a valid host name (empty label, a label over 63 "
+                             "characters or a name over 253)")
 
 
 def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -158,6 +158,8 @@ def test_promote_needs_a_decision_or_force(proxy, client, admin_headers, candida
         "file:///etc/passwd",
         "ftp://example.com/file",
         "gopher://127.0.0.1:25/",
+        "http://a..b.example/",  # not a host name: the resolver's IDNA codec raised, a 500 before
+        f"http://{'a' * 64}.example/",
     ],
 )
 def test_process_url_refuses_unsafe_targets(proxy, client, admin_headers, target):

@@ -245,6 +245,32 @@ async def test_a_refusal_says_what_was_refused_and_why(url: str, message: str) -
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize("host", ["a..b.example", ".example", f"{'a' * 64}.example", ".".join(["a" * 63] * 4) + ".x"])
+async def test_a_name_dns_cannot_hold_is_refused_before_it_is_resolved(host: str) -> None:
+    asked = []
+
+    async def resolve(name: str, port: int) -> list[str]:
+        asked.append(name)
+        return [PUBLIC_IP]
+
+    recorder = _Recorder()
+    with pytest.raises(UnsafeURLError, match="is not a valid host name"):
+        await fetch_url(f"http://{host}/", transport=recorder.transport, resolver=resolve)
+    assert asked == [] and recorder.requests == []
+    # 63-character labels, 253 characters in all, a trailing dot: the longest name DNS holds is resolved
+    longest = ".".join(["a" * 63] * 3 + ["a" * 61]) + "."
+    await fetch_url(f"http://{longest}/", transport=recorder.transport, resolver=resolve)
+    assert asked == [longest]
+
+
+async def test_a_resolver_codec_error_is_a_refusal_not_a_crash() -> None:
+    async def idna_refuses(host: str, port: int) -> list[str]:
+        raise UnicodeError("label empty or too long")
+
+    with pytest.raises(UnsafeURLError, match="'x.example' is not a valid host name: label empty or too long"):
+        await fetch_url("http://x.example/", transport=_Recorder().transport, resolver=idna_refuses)
+
+
 async def test_resolution_failures_say_which_host() -> None:
     async def gone(host: str, port: int) -> list[str]:
         raise OSError("Name or service not known")
