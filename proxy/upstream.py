@@ -21,15 +21,25 @@ class Target:
 
 @dataclass(frozen=True)
 class Failure:
+    """One arm's failed call. `str()` is what a search client may read; `described` is for the operators."""
+
     arm: Arm
-    reason: str
+    reason: str  # generic ("HTTP 401 from the upstream", "timed out (ReadTimeout)"): never the upstream's words
+    # What the upstream said (its error body, the exception's text): it may echo the request, Authorization
+    # header included, so it goes only to the stored event and the log, redacted there.
+    detail: str | None = None
 
     def __str__(self) -> str:
         return f"{self.arm}: {self.reason}"
 
+    @property
+    def described(self) -> str:
+        return f"{self}: {self.detail}" if self.detail else str(self)
+
 
 def describe(failures: tuple[Failure, ...] | list[Failure]) -> str | None:
-    return "; ".join(map(str, failures)) or None
+    """Every failure with its detail, for the operators (unredacted: redact before storing it)."""
+    return "; ".join(failure.described for failure in failures) or None
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,10 @@ class Completion:
 
 
 class UpstreamError(Exception):
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, detail: str | None = None, *, timed_out: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason  # see Failure: the public part
+        self.detail = detail
         self.timed_out = timed_out
 
 
@@ -146,7 +158,7 @@ class Upstream:
                                                                                fallback=position > 0)
             except UpstreamError as error:
                 breaker.record_failure()
-                failures.append(Failure(arm, str(error)))
+                failures.append(Failure(arm, error.reason, error.detail))
                 timed_out = timed_out or error.timed_out
                 continue
             breaker.record_success()
@@ -189,14 +201,14 @@ class Upstream:
         except httpx.TimeoutException as error:
             raise UpstreamError(f"timed out ({type(error).__name__})", timed_out=True) from error
         except httpx.HTTPError as error:
-            raise UpstreamError(f"{type(error).__name__}: {error}") from error
+            raise UpstreamError(f"request failed ({type(error).__name__})", str(error)) from error
         if response.status_code != 200:
-            raise UpstreamError(f"HTTP {response.status_code}: {response.text[:200]}")
+            raise UpstreamError(f"HTTP {response.status_code} from the upstream", response.text[:200])
         try:
             payload = response.json()
             answer = payload["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise UpstreamError(f"malformed completion: {error!r}") from error
+            raise UpstreamError("malformed completion", repr(error)) from error
         usage = payload.get("usage") or {}
         return answer, usage.get("prompt_tokens"), usage.get("completion_tokens"), payload.get("model") or target.model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -31,6 +32,7 @@ from proxy.upstream import AllArmsFailed, Completion, Failure, describe
 from store import tracing
 from store.config import Settings
 from store.events import event_exists
+from store.logs import RedactFilter
 from store.models import id_time, new_id, utcnow
 from store.prompts import apply_output_rules, render_messages
 
@@ -93,6 +95,7 @@ async def _search(body: SearchRequest, state: AppState, snapshot: Snapshot, arm:
         total_ms = (time.perf_counter() - started) * 1000
         code = status.HTTP_504_GATEWAY_TIMEOUT if failure.timed_out else status.HTTP_502_BAD_GATEWAY
         _log(state, event, None, retrieval_ms, total_ms, code, failures=failure.failures)
+        # Each arm's generic reason only: the upstream's own text may echo our Authorization header.
         raise HTTPException(code, {"message": "every arm failed", "request_id": request_id,
                                    "failures": [str(f) for f in failure.failures]}) from None
 
@@ -137,7 +140,7 @@ def _log(
         model=completion.model if completion else None,
         answer=completion.answer if completion else None,
         status=status_,
-        error=describe(failures),
+        error=_stored_error(failures, state.settings),
         timings={"retrieval": retrieval_ms, "llm": completion.llm_ms if completion else None, "total": total_ms},
         tokens_in=completion.tokens_in if completion else None,
         tokens_out=completion.tokens_out if completion else None,
@@ -160,6 +163,19 @@ def _log(
             metrics.tokens.labels(arm, "in").inc(completion.tokens_in)
         if completion.tokens_out is not None:
             metrics.tokens.labels(arm, "out").inc(completion.tokens_out)
+
+
+def _stored_error(failures: list[Failure] | tuple[Failure, ...], settings: Settings) -> str | None:
+    """The failures with the upstreams' own words (what an operator needs), secrets redacted as in the logs:
+    an upstream that echoes the request would otherwise put LLM_API_KEY in the store and the exported events."""
+    described = describe(failures)
+    return _redactor(tuple(settings.secret_values())).redact(described) if described else None
+
+
+@functools.lru_cache(maxsize=8)
+def _redactor(secrets: tuple[str, ...]) -> RedactFilter:
+    # One per set of configured secrets: building it compiles a pattern, too slow for every failed call.
+    return RedactFilter(secrets)
 
 
 def _log_line(event: dict[str, Any], http_status: int) -> None:

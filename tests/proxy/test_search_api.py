@@ -206,6 +206,25 @@ def test_every_arm_timing_out_is_504_and_still_logged(tmp_path, client):
     assert events[0].status == "error" and events[0].served_arm is None
 
 
+def test_upstream_error_text_never_reaches_the_client_and_is_stored_redacted(tmp_path, client):
+    key = "sk-live-THISISTHELLMAPIKEY0123456789"
+
+    def echoing_gateway(request: httpx.Request) -> httpx.Response:
+        # A gateway (or debug endpoint) that quotes the request it refused, Authorization header included.
+        return httpx.Response(401, text=f"unauthorized: {request.headers['authorization']}")
+
+    settings = _settings(tmp_path, "http://control.test/v1", "http://candidate.test/v1", 0.5, llm_api_key=key)
+    with running_proxy(settings, upstream=httpx.MockTransport(echoing_gateway)) as (url, app):
+        response = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"})
+        events = _events(app)
+    assert response.status_code == 502, response.text
+    assert key not in response.text and "unauthorized" not in response.text
+    failures = response.json()["detail"]["failures"]
+    assert sorted(failures) == ["candidate: HTTP 401 from the upstream", "control: HTTP 401 from the upstream"]
+    # The operators keep the upstream's words, without the key.
+    assert key not in events[0].error and events[0].error.count("unauthorized: Bearer ***") == 2
+
+
 def test_control_down_falls_back_to_candidate(tmp_path, client, candidate_upstream):
     settings = _settings(tmp_path, dead_url(), candidate_upstream[1], 0.0)
     with running_proxy(settings) as (url, _app):

@@ -76,7 +76,7 @@ async def test_a_failing_candidate_falls_back_to_control_and_its_open_breaker_sk
         await arms.aclose()
     assert (first.served_arm, first.answer, first.model) == ("control", "from control-model", "control-model")
     assert (first.tokens_in, first.tokens_out) == (3, 2)
-    assert first.failures == (Failure("candidate", "HTTP 500: boom"),)
+    assert first.failures == (Failure("candidate", "HTTP 500 from the upstream", "boom"),)
     assert second.failures == (Failure("candidate", "circuit open"),)  # not called again while open
     assert called == ["candidate.test", "control.test", "control.test"]
 
@@ -116,8 +116,8 @@ async def test_every_arm_failing_says_whether_one_timed_out(clock, candidate_fai
         await arms.aclose()
     assert failed.value.timed_out is timed_out
     assert [failure.arm for failure in failed.value.failures] == ["candidate", "control"]
-    reason = "timed out (ReadTimeout)" if timed_out else "HTTP 502: bad gateway"
-    assert str(failed.value) == f"candidate: {reason}; control: HTTP 502: bad gateway"
+    reason = "timed out (ReadTimeout)" if timed_out else "HTTP 502 from the upstream: bad gateway"
+    assert str(failed.value) == f"candidate: {reason}; control: HTTP 502 from the upstream: bad gateway"
 
 
 async def test_the_call_goes_to_chat_completions_under_the_base_url_and_is_timed():
