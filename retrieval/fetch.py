@@ -192,6 +192,8 @@ def _forbidden_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
         ("unspecified", ip.is_unspecified),
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
+        # fec0::/10, deprecated (RFC 3879) but still routed inside some networks; ipaddress counts it global.
+        ("site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local),
         ("multicast", ip.is_multicast),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),

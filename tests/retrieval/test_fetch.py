@@ -57,6 +57,7 @@ class _Recorder:
         ("http://0.0.0.0/", "unspecified"),
         ("http://224.0.0.1/", "multicast"),
         ("http://[fe80::1]/", "link-local"),
+        ("http://[fec0::1]/", "site-local"),  # deprecated (RFC 3879), yet ipaddress calls it global
         ("http://2130706433/", "numeric"),
         ("http://0x7f.1/", "numeric"),
         ("http://127.1/", "numeric"),
@@ -94,6 +95,15 @@ async def test_redirect_to_an_internal_host_is_refused_before_it_is_requested() 
     with pytest.raises(UnsafeURLError, match=r"internal\.example resolves to: private address 10\.1\.2\.3"):
         await fetch_url("http://public.example/start", transport=recorder.transport, resolver=resolver)
     assert [(r.url.host, r.headers["host"]) for r in recorder.requests] == [(PUBLIC_IP, "public.example")]
+
+
+@pytest.mark.parametrize(("location", "reason"), [("http://[::1]/", "loopback"), ("https://[fec0::1]/", "site-local")])
+async def test_redirect_to_an_internal_address_literal_is_refused_before_it_is_requested(location, reason) -> None:
+    recorder = _Recorder(default=httpx.Response(302, headers={"Location": location}))
+    resolver = _resolver({"a.example": [PUBLIC_IP]})
+    with pytest.raises(UnsafeURLError, match=reason):
+        await fetch_url("http://a.example/", transport=recorder.transport, resolver=resolver)
+    assert [r.headers["host"] for r in recorder.requests] == ["a.example"]
 
 
 async def test_redirect_to_a_non_http_scheme_is_refused() -> None:
