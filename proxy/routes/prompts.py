@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from proxy.deps import AdminDep, StateDep
-from proxy.schemas import Text, error_responses
+from proxy.schemas import REQUEST_CONFIG, Integer, Text, error_responses
 from store import prompts
 from store.models import PromptTemplate
 
@@ -77,11 +77,13 @@ class TuningCandidates(BaseModel):
 
 
 class AutoTuneRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every field has a default: no body at all (or `{}`) means a real run with these."""
+
+    model_config = REQUEST_CONFIG  # strict like every other body: "5" or "yes" is a 422, not coerced
 
     dry_run: bool = False
-    max_examples: int = Field(5, ge=1, le=50)
-    min_rating: int = Field(4, ge=1, le=5)
+    max_examples: Integer = Field(5, ge=1, le=50)
+    min_rating: Integer = Field(4, ge=1, le=5)
     days: float = Field(7.0, gt=0, le=365)
     similarity: float = Field(0.9, gt=0, le=1)  # cosine at which two questions are near-duplicates
     activate: bool = True  # False: the new version waits, e.g. to be an experiment's candidate arm
@@ -150,7 +152,7 @@ async def tuning_candidates(
 
 @router.post("/templates/auto-tune-all", response_model=AutoTuneAll, responses=error_responses(400, 413))
 async def auto_tune_all(state: StateDep, body: AutoTuneRequest | None = None) -> AutoTuneAll:
-    """Auto-tune every active template (what the nightly flow does after proposing rules)."""
+    """Auto-tune every active template (what the nightly flow does after proposing rules). No body: the defaults."""
     body = body or AutoTuneRequest()
     active = await asyncio.to_thread(prompts.list_versions, state.db, active_only=True)
     return AutoTuneAll(results=[await _auto_tune(state, template, body) for template in active])
@@ -158,10 +160,11 @@ async def auto_tune_all(state: StateDep, body: AutoTuneRequest | None = None) ->
 
 @router.post("/templates/{template_id}/auto-tune", response_model=AutoTuneResult,
              responses={201: {"description": "A new version was written"}, **error_responses(400, 404, 413)})
-async def auto_tune(template_id: TemplateId, body: AutoTuneRequest, state: StateDep,
-                    response: Response) -> AutoTuneResult:
-    """201 with the new version; 200 with the preview for a dry run, or when nothing would change."""
-    result = await _auto_tune(state, await _template(state, template_id), body)
+async def auto_tune(template_id: TemplateId, state: StateDep, response: Response,
+                    body: AutoTuneRequest | None = None) -> AutoTuneResult:
+    """201 with the new version; 200 with the preview for a dry run, or when nothing would change.
+    No body: the defaults, as for auto-tune-all."""
+    result = await _auto_tune(state, await _template(state, template_id), body or AutoTuneRequest())
     response.status_code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
     return result
 

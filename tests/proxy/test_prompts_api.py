@@ -79,6 +79,15 @@ def test_prompt_routes_need_the_admin_token(proxy, client, method, path, body):
         ("POST", "/auto-tune", {"min_rating": 9}, "min_rating"),
         ("POST", "/auto-tune", {"dry_run": "perhaps"}, "dry_run"),
         ("POST", "/auto-tune", {"max_exampels": 3}, "max_exampels"),
+        # Strict like every other body: a value of another JSON type is refused, not coerced.
+        ("POST", "/auto-tune", {"max_examples": "5"}, "max_examples"),
+        ("POST", "/auto-tune", {"max_examples": 2.5}, "max_examples"),
+        ("POST", "/auto-tune", {"dry_run": "yes"}, "dry_run"),
+        ("POST", "/auto-tune", {"dry_run": 1}, "dry_run"),
+        ("POST", "/auto-tune", {"activate": "false"}, "activate"),
+        ("POST", "/auto-tune", {"min_rating": "4"}, "min_rating"),
+        ("POST", "/auto-tune", {"days": "7"}, "days"),
+        ("POST", "/auto-tune", {"similarity": "0.9"}, "similarity"),
     ],
 )
 def test_bad_input_is_a_422_naming_the_field(proxy, client, admin_headers, method, path, body, field):
@@ -87,6 +96,43 @@ def test_bad_input_is_a_422_naming_the_field(proxy, client, admin_headers, metho
     response = client.request(method, f"{url}/api/v1/prompts/templates/{template['id']}{path}", json=body,
                               headers=admin_headers)
     assert response.status_code == 422 and field in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (b'{"max_examples": "5"}', "max_examples"),
+        (b'{"dry_run": "yes"}', "dry_run"),
+        (b'{"max_exampels": 3}', "max_exampels"),
+        (b'{"max_examples": 0}', "max_examples"),
+        (b'{"days": NaN}', "days"),
+        (b'{"similarity": Infinity}', "similarity"),
+    ],
+)
+def test_auto_tune_bodies_are_strict_on_both_routes(proxy, client, admin_headers, content, field):
+    url, _ = proxy
+    template = client.get(f"{url}/api/v1/prompts/templates", headers=admin_headers).json()["templates"][0]
+    headers = {**admin_headers, "Content-Type": "application/json"}
+    for path in (f"/templates/{template['id']}/auto-tune", "/templates/auto-tune-all"):
+        response = client.post(f"{url}/api/v1/prompts{path}", content=content, headers=headers)
+        assert response.status_code == 422, (path, response.text)
+        assert field in response.json()["message"], (path, response.text)
+
+
+def test_auto_tune_without_a_body_uses_the_defaults(proxy, client, admin_headers):
+    url, app = proxy
+    _rate(client, url, "How do I sort a list in Python?", "alice", rating=5)
+    _events(app)
+    v1 = prompts.active(_db(app))
+    base = f"{url}/api/v1/prompts/templates/{v1.id}/auto-tune"
+    # Like auto-tune-all: no body at all means {} (dry_run false, max_examples 5, ...), and so writes.
+    written = client.post(base, headers=admin_headers)
+    assert written.status_code == 201, written.text
+    assert (written.json()["dry_run"], written.json()["created"]["version"]) == (False, 2)
+    assert written.json()["counts"]["selected"] == 1
+    again = client.post(f"{url}/api/v1/prompts/templates/{written.json()['created']['id']}/auto-tune",
+                        json={"dry_run": True, "max_examples": 5.0}, headers=admin_headers)  # 5.0: an integer
+    assert again.status_code == 200 and again.json()["changed"] is False, again.text
 
 
 def test_templates_are_listed_newest_first_with_counts_and_unknown_ids_are_404(proxy, client, admin_headers):
