@@ -115,7 +115,7 @@ def _fetch_all(urls: list[str]) -> list[Document]:
 
 
 async def _fetch_pages(urls: list[str]) -> list[Document | None]:
-    from retrieval.fetch import FetchError, UnsafeURLError, fetch_url
+    from retrieval.fetch import FetchError, UnsafeURLError, fetch_url, redact_url
 
     gate = asyncio.Semaphore(_URL_FETCH_CONCURRENCY)
 
@@ -126,6 +126,11 @@ async def _fetch_pages(urls: list[str]) -> list[Document | None]:
             except (FetchError, UnsafeURLError) as exc:
                 # One dead or refused link should not sink a whole corpus build.
                 log.warning("skipping a URL: %s", exc)
+                return None
+            except Exception as exc:
+                # Nor one that fetch_url did not foresee (a library's own error escaping it): without this the
+                # gather below fails the whole build. Its traceback goes along, as it is a bug in fetch_url.
+                log.warning("skipping a URL: %s: %s: %s", redact_url(url), type(exc).__name__, exc, exc_info=True)
                 return None
         if not page.text.strip():
             return None

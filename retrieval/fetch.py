@@ -84,14 +84,14 @@ async def fetch_url(
                         return _page(url, current, content_type, body, response)
                 finally:
                     await response.aclose()
-                current = _parse(str(current.join(location)))
+                current = _parse(location, base=current)
             raise UnsafeURLError(f"too many redirects (more than {max_redirects})")
     except TimeoutError as exc:
-        raise FetchError(f"timed out after {timeout_s:g}s fetching {_redact(url)}") from exc
+        raise FetchError(f"timed out after {timeout_s:g}s fetching {redact_url(url)}") from exc
     except httpx.TimeoutException as exc:
-        raise FetchError(f"timed out fetching {_redact(url)}") from exc
+        raise FetchError(f"timed out fetching {redact_url(url)}") from exc
     except httpx.HTTPError as exc:
-        raise FetchError(f"fetching {_redact(url)} failed: {exc}") from exc
+        raise FetchError(f"fetching {redact_url(url)} failed: {exc}") from exc
 
 
 def html_to_text(html: str, url: str | None = None) -> tuple[str, str]:
@@ -115,14 +115,17 @@ def html_to_text(html: str, url: str | None = None) -> tuple[str, str]:
     return title, text
 
 
-def _parse(url: str) -> httpx.URL:
+def _parse(url: str, base: httpx.URL | None = None) -> httpx.URL:
+    """`url` (a redirect's Location: relative to `base`) checked for what can be known before resolving it."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        parsed = base.join(url) if base is not None else httpx.URL(url)
+        # .host decodes an IDNA name, and a malformed A-label ("xn--") raises idna's error, a UnicodeError.
+        host = parsed.host
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # UnicodeError is a ValueError
         raise UnsafeURLError(f"invalid URL: {exc}") from exc
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise UnsafeURLError(f"scheme {parsed.scheme or '(none)'!r} not allowed; only http and https")
-    if not parsed.host:
+    if not host:
         raise UnsafeURLError("URL has no host")
     if parsed.userinfo:
         raise UnsafeURLError("credentials in the URL are not allowed")
@@ -225,7 +228,11 @@ async def _open(client: httpx.AsyncClient, url: httpx.URL, addresses: list[str])
             raise
         except httpx.TransportError as exc:
             last_error = exc
-            log.info("fetch from %s (%s) failed: %s", _redact(str(url)), address, exc)
+            log.info("fetch from %s (%s) failed: %s", redact_url(str(url)), address, exc)
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            # No HTTPError: httpx builds a redirect's next request even when it does not follow it, and raises
+            # these on a Location it cannot make a URL of ("http:\\x", a malformed IDNA name).
+            raise FetchError(f"{redact_url(str(url))} redirects to an invalid URL ({exc})") from exc
     raise FetchError(f"could not connect to {url.host}: {last_error}")
 
 
@@ -248,13 +255,13 @@ async def _read_body(response: httpx.Response, max_bytes: int, url: httpx.URL) -
         raise FetchError(f"content type {content_type or '(none)'!r} is not text/html or text/plain")
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise FetchError(f"{_redact(str(url))} is too large ({declared} bytes > {max_bytes})")
+        raise FetchError(f"{redact_url(str(url))} is too large ({declared} bytes > {max_bytes})")
     body = bytearray()
     # Decoded bytes are counted, so a small gzip bomb cannot blow past the limit either.
     async for piece in response.aiter_bytes():
         body.extend(piece)
         if len(body) > max_bytes:
-            raise FetchError(f"{_redact(str(url))} is too large (more than {max_bytes} bytes)")
+            raise FetchError(f"{redact_url(str(url))} is too large (more than {max_bytes} bytes)")
     return content_type, bytes(body)
 
 
@@ -290,8 +297,8 @@ def _first_line(text: str, limit: int = 120) -> str:
     return ""
 
 
-def _redact(url: str) -> str:
-    """scheme://host[:port]/path: query strings and credentials can carry secrets."""
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/path: query strings and credentials can carry secrets (for errors and log lines)."""
     try:
         parsed = httpx.URL(url)
     except Exception:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 import retrieval.fetch as fetch_module
@@ -125,6 +126,29 @@ def test_url_lists_allow_indented_comments_skip_dead_links_aloud_and_fail_when_a
     dead.write_text("https://b.example/broken\nhttps://c.example/broken\n")
     with pytest.raises(ValueError, match="^none of the 2 URLs could be fetched$"):
         load_corpus(str(dead))
+
+
+def test_a_link_whose_fetch_raises_something_unforeseen_is_skipped_aloud_and_the_others_kept(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    fetched: list[str] = []
+    _fake_fetch(monkeypatch, fetched)
+    unforeseen = fetch_module.fetch_url
+
+    async def fetch(url: str, **kwargs) -> FetchedPage:
+        if "odd" in url:  # what fetch_url let escape before: httpx.InvalidURL from a redirect, no FetchError
+            raise httpx.InvalidURL("For absolute URLs, path must be empty or begin with '/'")
+        return await unforeseen(url, **kwargs)
+
+    monkeypatch.setattr(fetch_module, "fetch_url", fetch)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://a.example/ok\nhttps://b.example/odd?token=SECRET\nhttps://c.example/ok\n")
+    with caplog.at_level("WARNING", logger="retrieval.corpus"):
+        documents = load_corpus(str(urls))
+    assert [d.source for d in documents] == ["https://a.example/ok", "https://c.example/ok"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping a URL: https://b.example/odd: InvalidURL: For absolute URLs, path must be empty or begin with '/'"
+    ]
 
 
 async def test_a_url_list_loads_from_inside_a_running_event_loop(tmp_path: Path, monkeypatch) -> None:

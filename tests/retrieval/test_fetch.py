@@ -62,6 +62,7 @@ class _Recorder:
         ("http://0x7f.1/", "numeric"),
         ("http://127.1/", "numeric"),
         ("http://user:pass@example.com/", "credentials"),
+        ("http://xn--/", "invalid URL"),  # a malformed IDNA A-label: idna's UnicodeError, once a 500
     ],
 )
 async def test_refuses_unsafe_urls_without_sending_anything(url: str, reason: str) -> None:
@@ -104,6 +105,18 @@ async def test_redirect_to_an_internal_address_literal_is_refused_before_it_is_r
     with pytest.raises(UnsafeURLError, match=reason):
         await fetch_url("http://a.example/", transport=recorder.transport, resolver=resolver)
     assert [r.headers["host"] for r in recorder.requests] == ["a.example"]
+
+
+@pytest.mark.parametrize("location", ["http:\\\\x\\y", "https:\\\\127.0.0.1\\", "http://xn--/", "http://xn--a/"])
+async def test_a_redirect_to_a_location_that_is_no_url_is_a_fetch_error_naming_the_page(location: str) -> None:
+    """httpx raises InvalidURL or idna's UnicodeError (no HTTPError) building a redirect it cannot parse: they
+    were a 500 in process_url."""
+    recorder = _Recorder(default=httpx.Response(302, headers={"Location": location}))
+    with pytest.raises(FetchError) as failed:
+        await fetch_url("http://a.example/p?token=SECRET", transport=recorder.transport,
+                        resolver=_resolver({"a.example": [PUBLIC_IP]}))
+    assert str(failed.value).startswith("http://a.example/p redirects to an invalid URL (")
+    assert "SECRET" not in str(failed.value) and len(recorder.requests) == 1
 
 
 async def test_redirect_to_a_non_http_scheme_is_refused() -> None:
