@@ -50,8 +50,8 @@ class Analysis:
     primary_metric: str
     arms: dict[str, dict[str, Any]]
     srm: dict[str, Any]
-    thumbs_up: dict[str, Any] | None
-    rating: dict[str, Any] | None
+    thumbs_up: dict[str, Any]
+    rating: dict[str, Any]
     guardrails: dict[str, Any]
     decision: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +90,8 @@ def empty(reason: str, policy: Policy | None = None) -> Analysis:
         experiment_id=None, status=None, candidate_share=None, primary_metric=DEFAULT_PRIMARY,
         arms={arm: _arm_summary(None) for arm in ARMS},
         srm={"p_value": None, "mismatch": False, "observed": [0, 0], "expected": None, "phases": []},
-        thumbs_up=None, rating=None, guardrails={"breached": [], "checked": False, "results": {}},
+        thumbs_up=_label(None, _THUMBS_KEYS), rating=_label(None, _RATING_KEYS),
+        guardrails={"breached": [], "checked": False, "results": {}},
         decision=Decision(NOT_ENOUGH_DATA, reason).to_dict(), policy=policy.to_dict(),
     )
 
@@ -153,7 +154,7 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
     primary_name = experiment.primary_metric or DEFAULT_PRIMARY
 
     metrics = {name: _compare(name, control, candidate, policy, collected.left_out_by_phase) for name in METRICS}
-    metrics["latency_p95_ms"] = _compare_quantile(control, candidate, 0.95, policy)
+    metrics["latency_p95_ms"] = _compare_quantile(control, candidate, 0.95, policy, collected.left_out_by_phase)
     primary = metrics.get(primary_name)
     if primary is not None:
         primary = dict(primary, metric=primary_name, label=METRICS[primary_name].label,
@@ -187,10 +188,11 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
         arms={"control": _arm_summary(control), "candidate": _arm_summary(candidate)},
         srm={"p_value": min(p_values) if p_values else None, "mismatch": bool(mismatches), "observed": observed,
              "expected": expected, "threshold": SRM_P, "phases": phases,
-             "note": "per phase, each against that phase's share; users active in a phase by the arm that served them"},
+             "note": "per phase, each against that phase's share; the users first seen in a phase, by their arm then"},
         thumbs_up=_label(stats.two_proportions(control.total("thumbs_up"), control.total("thumbs"),
-                                               candidate.total("thumbs_up"), candidate.total("thumbs"), policy.alpha)),
-        rating=_label(_ratings_welch(collected, policy.alpha)),
+                                               candidate.total("thumbs_up"), candidate.total("thumbs"), policy.alpha),
+                         _THUMBS_KEYS),
+        rating=_label(_ratings_welch(collected, policy.alpha), _RATING_KEYS),
         guardrails=guardrails,
         decision=decision.to_dict(),
         metrics=metrics,
@@ -207,8 +209,14 @@ def analyse_collected(collected: Collected, policy: Policy | None = None) -> Ana
     )
 
 
-def _label(block: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if block is None else dict(block, label=FIXED_LABEL)
+# The fixed-horizon blocks' keys, there with null values when an arm has too little to compare: readers of
+# `abloop evaluate --json` index them (DESIGN: thumbs_up.{...}, rating.{...}) whatever the data.
+_THUMBS_KEYS = ("control", "candidate", "lift", "ci", "p_value", "chance_to_win")
+_RATING_KEYS = ("control", "candidate", "lift", "ci", "p_value")
+
+
+def _label(block: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    return dict(block or dict.fromkeys(keys), label=FIXED_LABEL)
 
 
 def _ratings_welch(collected: Collected, alpha: float) -> dict[str, Any] | None:
@@ -296,19 +304,42 @@ def _arm_sequence(arm: ArmUsers, name: str, policy: Policy) -> dict[str, Any]:
     return {"value": estimate.value, "ci": list(ci), "users": estimate.users}
 
 
-def _compare_quantile(control: ArmUsers, candidate: ArmUsers, q: float, policy: Policy) -> dict[str, Any] | None:
-    # Clustered by user (gbstats QuantileClusteredStatistic): a user's requests are alike, and users were randomised.
-    a = stats.quantile_estimate(control.latencies_ms, q, policy.alpha, clusters=control.latency_users)
-    b = stats.quantile_estimate(candidate.latencies_ms, q, policy.alpha, clusters=candidate.latency_users)
-    if a is None or b is None:
+def _compare_quantile(control: ArmUsers, candidate: ArmUsers, q: float, policy: Policy,
+                      left_out_by_phase: dict[int, int]) -> dict[str, Any] | None:
+    """A quantile of the requests' latency, within each phase of first assignment, combined as `_compare` does.
+
+    Pooled over phases, a ramp would turn a change in latency over time (load, a slow dependency) that hits both
+    arms alike into a difference: after 10% -> 50%, most of the candidate's requests come from the new phase and
+    most of control's from the old. Clustered by user within a phase (gbstats QuantileClusteredStatistic): a
+    user's requests are alike, and users were randomised.
+    """
+    import numpy as np
+
+    pooled = stats.compare_quantile(control.latencies_ms, candidate.latencies_ms, q, alpha=policy.alpha,
+                                    tuning=policy.sequential_tuning, control_clusters=control.latency_users,
+                                    candidate_clusters=candidate.latency_users)
+    if pooled is None:
         return None
-    difference = b.value - a.value
-    variance = a.variance + b.variance
-    ci, p_value = stats.sequential_interval(difference, variance, len(control.latencies_ms)
-                                            + len(candidate.latencies_ms), policy.alpha, policy.sequential_tuning)
-    return {"higher_is_better": False, "control": a.value, "candidate": b.value, "difference": difference,
-            "relative": difference / a.value if a.value else None, "ci": list(ci), "p_value": p_value,
-            "std_error": variance ** 0.5, "unit": "requests"}
+    # Each timed request's phase: that of its user's first request.
+    phase_a, phase_b = control.strata[control.latency_users], candidate.strata[candidate.latency_users]
+    parts, sizes = [], []
+    for stratum in np.intersect1d(control.strata, candidate.strata):
+        a, b = phase_a == stratum, phase_b == stratum
+        part = stats.compare_quantile(control.latencies_ms[a], candidate.latencies_ms[b], q, alpha=policy.alpha,
+                                      tuning=policy.sequential_tuning, control_clusters=control.latency_users[a],
+                                      candidate_clusters=candidate.latency_users[b])
+        if part is not None:  # too few requests in a phase to place the quantile: the others carry it
+            parts.append(part)
+            sizes.append(int((control.strata == stratum).sum() + (candidate.strata == stratum).sum())
+                         + left_out_by_phase.get(int(stratum), 0))
+    if not parts:
+        return None
+    comparison = stats.stratified(parts, control=pooled.control, candidate=pooled.candidate, alpha=policy.alpha,
+                                  tuning=policy.sequential_tuning, sizes=sizes)
+    return {"higher_is_better": False, "control": comparison.control, "candidate": comparison.candidate,
+            "difference": comparison.difference, "relative": comparison.relative, "ci": list(comparison.sequential_ci),
+            "p_value": comparison.sequential_p_value, "std_error": comparison.std_error, "unit": "requests",
+            "strata": len(parts)}
 
 
 def _guardrails(metrics: dict[str, Any], users: tuple[int, int], policy: Policy) -> dict[str, Any]:

@@ -297,7 +297,8 @@ def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, event_ph
                               pre={name: values[members] for name, values in covariates.items()},
                               latency_users=position[events["user"][timed]])
     left_phases, left_counts = np.unique(first_phase[left_out], return_counts=True)
-    return Collected(experiment=experiment, arms=arms, phases=_phase_counts(phases, phase, user, arm, population),
+    return Collected(experiment=experiment, arms=arms,
+                     phases=_phase_counts(phases, first_phase[present], home[present]),
                      crossovers=int(crossed), excluded_requests=int(excluded.sum()),
                      anonymous_requests=int(n - named.size), left_out_requests=int(in_left_out.sum()),
                      left_out_by_phase={int(k): int(v) for k, v in zip(left_phases, left_counts, strict=True)})
@@ -353,14 +354,16 @@ def _add_scores(sums: dict[str, np.ndarray], scores: dict[str, np.ndarray], at: 
         sums[f"{method}_n"] += np.bincount(scores["user"][mine], minlength=population)
 
 
-def _phase_counts(phases: list[Phase], phase: np.ndarray, user: np.ndarray, arm: np.ndarray,
-                  population: int) -> list[PhaseCount]:
-    """Per phase, its active users by the arm that first served them in it."""
+def _phase_counts(phases: list[Phase], first_phase: np.ndarray, home: np.ndarray) -> list[PhaseCount]:
+    """Per phase, the users first seen in it by the arm they were assigned then (their first request's).
+
+    Only first exposures test the split: whether a user comes back in a later phase depends on how the arm
+    treated them, so counting returning users would read a candidate that drives users away as a broken split.
+    """
     import numpy as np
 
-    _keys, first = np.unique(phase * population + user, return_index=True)
-    served = np.bincount(phase[first] * 2 + arm[first], minlength=2 * len(phases)).reshape(-1, 2)
-    return [PhaseCount(p, (int(served[k, 0]), int(served[k, 1]))) for k, p in enumerate(phases)]
+    assigned = np.bincount(first_phase * 2 + home, minlength=2 * len(phases)).reshape(-1, 2)
+    return [PhaseCount(p, (int(assigned[k, 0]), int(assigned[k, 1]))) for k, p in enumerate(phases)]
 
 
 def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:

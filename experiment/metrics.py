@@ -86,7 +86,7 @@ class ArmUsers:
 @dataclass(frozen=True)
 class PhaseCount:
     phase: Phase
-    users: tuple[int, int]  # active users in the phase per arm they were served by then (control, candidate)
+    users: tuple[int, int]  # users first seen in the phase, by the arm assigned then (control, candidate)
 
 
 @dataclass

@@ -170,6 +170,8 @@ def sequential_interval(difference: float, variance: float, n_total: int, alpha:
     """
     if n_total < 1 or not 0 < alpha < 1 or tuning <= 0:
         raise ValueError(f"need n_total >= 1, 0 < alpha < 1, tuning > 0; got {n_total}, {alpha}, {tuning}")
+    if math.isnan(variance) or math.isnan(difference):  # not "no spread": a nan would read as certainty below
+        raise ValueError(f"need a difference and a variance that are numbers; got {difference}, {variance}")
     if not variance > 0:
         p_value = 1.0 if difference == 0 else 0.0
         return (difference, difference), p_value
@@ -267,11 +269,16 @@ def compare_ratio(control_num: ArrayLike, control_den: ArrayLike, candidate_num:
     else:  # no spread in either arm: the difference is known exactly
         dof, fixed_ci = math.nan, (difference, difference)
         fixed_p = 1.0 if difference == 0 else 0.0
-        chance = 0.5 if difference == 0 else float(difference > 0)
+        chance = _exact_chance(difference)
     return Comparison(control=raw_a.mean, candidate=raw_b.mean, difference=difference, relative=relative,
                       std_error=math.sqrt(variance), dof=dof, fixed_ci=fixed_ci, fixed_p_value=fixed_p,
                       sequential_ci=sequential_ci, sequential_p_value=sequential_p, chance_to_win=chance, users=users,
                       cuped=cuped)
+
+
+def _exact_chance(difference: float) -> float:
+    """P(candidate > control) for a difference known without error."""
+    return 0.5 if difference == 0 else float(difference > 0)
 
 
 def _variance_floors(post_a: np.ndarray, post_b: np.ndarray, num_a: np.ndarray, den_a: np.ndarray,
@@ -362,7 +369,7 @@ def stratified(strata: Sequence[Comparison], *, control: float, candidate: float
         chance = float(norm.cdf(difference / se))
     else:
         fixed_ci, fixed_p = (difference, difference), 1.0 if difference == 0 else 0.0
-        chance = 0.5 if difference == 0 else float(difference > 0)
+        chance = _exact_chance(difference)
     cuped = None
     reductions = [c.cuped for c in strata if c.cuped]
     if reductions:
@@ -434,6 +441,29 @@ def quantile_estimate(values: ArrayLike, q: float, alpha: float = 0.05,
             return None
         variance *= effect
     return Estimate(value, variance, n)
+
+
+def compare_quantile(control: ArrayLike, candidate: ArrayLike, q: float, *, alpha: float = 0.05,
+                     tuning: float = 5000.0, control_clusters: ArrayLike | None = None,
+                     candidate_clusters: ArrayLike | None = None) -> Comparison | None:
+    """The difference (candidate - control) of a quantile of per-request values, e.g. latency; None when either
+    arm's quantile has no variance (`quantile_estimate`). Units are values (requests), not users: `users` counts
+    values, and the always-valid interval is sized by them."""
+    a = quantile_estimate(control, q, alpha, clusters=control_clusters)
+    b = quantile_estimate(candidate, q, alpha, clusters=candidate_clusters)
+    if a is None or b is None:
+        return None
+    difference, variance = b.value - a.value, a.variance + b.variance
+    sequential_ci, sequential_p = sequential_interval(difference, variance, a.users + b.users, alpha, tuning)
+    se = math.sqrt(variance)
+    z = float(norm.ppf(1 - alpha / 2))
+    fixed_p = float(2 * norm.sf(abs(difference) / se)) if se > 0 else float(difference == 0)
+    return Comparison(control=a.value, candidate=b.value, difference=difference,
+                      relative=difference / a.value if a.value else None, std_error=se, dof=math.nan,
+                      fixed_ci=(difference - z * se, difference + z * se), fixed_p_value=fixed_p,
+                      sequential_ci=sequential_ci, sequential_p_value=sequential_p,
+                      chance_to_win=float(norm.cdf(difference / se)) if se > 0 else _exact_chance(difference),
+                      users=(a.users, b.users), cuped=None)
 
 
 def _design_effect(at_or_below: np.ndarray, clusters: np.ndarray, q: float) -> float | None:

@@ -346,7 +346,7 @@ def _phase_section(bundle: dict[str, Any]) -> str:
             f"<th>split</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
             if rows else '<div class="empty">No phase with users yet.</div>')
     threshold = (analysis.get("srm") or {}).get("threshold")
-    lead = ("Chi-square per phase, against that phase's share, on the users active in it by the arm that served them"
+    lead = ("Chi-square per phase, against that phase's share, on the users first seen in it by their arm then"
             f"{f'; p < {threshold} flags a broken split and blocks any decision' if threshold else ''}.")
     return _card("Sample-ratio check per phase", _e(lead), body, anchor="phases")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import timedelta
 
 import numpy as np
@@ -13,7 +14,7 @@ import experiment
 from abloop.cli import main
 from experiment import lifecycle
 from experiment.analysis import analyse
-from experiment.assignment import bucket
+from experiment.assignment import assign_arm, bucket
 from experiment.decision import Policy
 from experiment.rollout import record_decision
 from store import experiments
@@ -426,3 +427,49 @@ def test_a_ramp_during_a_drift_is_not_read_as_a_treatment_effect(sqlite_db):
     assert satisfaction["strata"] == 2
     assert abs(satisfaction["difference"]) < 0.04 and satisfaction["ci"][0] < 0 < satisfaction["ci"][1]
     assert analysis.action == "keep_running"
+
+
+def test_a_ramp_when_every_answer_gets_slower_is_no_latency_breach(sqlite_db):
+    """Just after 10% -> 50% every answer is slower (load, a slow dependency), in both arms: 3% of control's
+    requests are from after the ramp and 23% of the candidate's, so the pooled p95s are 100-odd ms against
+    300-odd, and the latency guardrail rolled the candidate back. Within each phase the arms do not differ."""
+    running = traffic.start(sqlite_db, share=0.1)
+    fast, slow = ArmBehaviour(latency_ms=100), ArmBehaviour(latency_ms=250)
+    traffic.write(sqlite_db, running, users=2000, requests_per_user=3, control=fast, candidate=fast,
+                  ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=120, requests_per_user=3,
+                  first_user=2000, control=slow, candidate=slow, ts=utcnow() + timedelta(seconds=1), seed=9)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    latency = analysis.metrics["latency_p95_ms"]
+    assert latency["candidate"] - latency["control"] > 100, latency  # the pooled p95s, shown as they are
+    assert latency["strata"] == 2
+    assert abs(latency["difference"]) < 20 and latency["ci"][0] < 0 < latency["ci"][1], latency
+    assert analysis.guardrails["results"]["latency_p95_ms"]["status"] == "ok", analysis.guardrails
+    assert analysis.action != "roll_back", analysis.decision
+
+
+def test_users_who_return_less_to_the_candidate_are_no_sample_ratio_mismatch(sqlite_db):
+    """10% -> 50%; half of control's users come back after the ramp, a tenth of the candidate's. Whether a user
+    returns is the treatment's doing, so the split is tested on users at their first request only: counting the
+    returning ones made phase 2 1,750 control against 1,550 candidate users (p ~ 5e-4), a broken split that held
+    the verdict."""
+    running = traffic.start(sqlite_db, share=0.1)
+    traffic.write(sqlite_db, running, users=5000, ts=utcnow() - timedelta(hours=2))
+    lifecycle.set_share(sqlite_db, running.id, 0.5, reason="ramp")
+    ramped = experiments.get(sqlite_db, running.id)
+    rng = random.Random(3)
+
+    def returns(user: str) -> bool:
+        first_arm = assign_arm(running.salt, user, 0.1, has_candidate=True)
+        return rng.random() < (0.1 if first_arm == "candidate" else 0.5)
+
+    traffic.write(sqlite_db, ramped, users=5000, only=returns, ts=utcnow() + timedelta(seconds=1), seed=4)
+    traffic.write(sqlite_db, ramped, users=1000, first_user=5000, ts=utcnow() + timedelta(seconds=2), seed=5)
+    analysis = experiment.analyse(sqlite_db, running.id)
+    assert not analysis.srm["mismatch"] and all(p["p_value"] > 0.001 for p in analysis.phases), analysis.srm
+    first, second = analysis.phases
+    assert sum(first["users"]) == 5000 and sum(second["users"]) == 1000  # the new users of each phase
+    new_on_candidate = sum(assign_arm(running.salt, f"test-user-{n}", 0.5, has_candidate=True) == "candidate"
+                           for n in range(5000, 6000))
+    assert second["users"] == [1000 - new_on_candidate, new_on_candidate]

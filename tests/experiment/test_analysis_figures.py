@@ -12,6 +12,7 @@ policy's setting differs.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
@@ -348,25 +349,33 @@ def test_the_fixed_horizon_reference_blocks_are_scipys_on_the_users(ramped):
     assert thumbs["label"] == FIXED_LABEL
 
 
-def test_latency_p95_is_compared_on_requests_and_guards_the_rollout(ramped):
+def _latencies(users: dict, arm: str, phase: int | None = None) -> tuple[list[float], list[str]]:
+    """The compared requests' latencies of an arm (or of its users first seen in `phase`), each with its user."""
+    rows = [(ms, user) for user, u in _compared(users).items() if u["arm"] == arm and phase in (None, u["phase"])
+            for ms in u["latencies"]]
+    return [ms for ms, _user in rows], [user for _ms, user in rows]
+
+
+def test_latency_p95_is_compared_on_requests_within_each_phase_and_guards_the_rollout(ramped):
     db, experiment_id = ramped
     analysis = analyse(db, experiment_id, POLICY)
     users = _users(db, experiment_id)
-    latencies = {arm: [ms for u in _compared(users).values() if u["arm"] == arm for ms in u["latencies"]]
-                 for arm in ("control", "candidate")}
-    clusters = {arm: [user for user, u in _compared(users).items() if u["arm"] == arm for _ms in u["latencies"]]
-                for arm in ("control", "candidate")}
-    a, b = (stats.quantile_estimate(latencies[arm], 0.95, POLICY.alpha, clusters=clusters[arm])
-            for arm in ("control", "candidate"))
-    ci, p_value = stats.sequential_interval(b.value - a.value, a.variance + b.variance,
-                                            len(latencies["control"]) + len(latencies["candidate"]), POLICY.alpha,
-                                            POLICY.sequential_tuning)
+
+    def compared(phase: int | None) -> stats.Comparison | None:
+        (a, a_users), (b, b_users) = (_latencies(users, arm, phase) for arm in ("control", "candidate"))
+        return stats.compare_quantile(a, b, 0.95, alpha=POLICY.alpha, tuning=POLICY.sequential_tuning,
+                                      control_clusters=a_users, candidate_clusters=b_users)
+
+    pooled, parts = compared(None), [compared(0), compared(1)]
+    sizes = [sum(1 for row in users.values() if row["phase"] == phase) for phase in (0, 1)]  # left-out included
+    want = stats.stratified(parts, control=pooled.control, candidate=pooled.candidate, alpha=POLICY.alpha,
+                            tuning=POLICY.sequential_tuning, sizes=sizes)
     got = analysis.metrics["latency_p95_ms"]
-    assert _close(got, {"higher_is_better": False, "control": a.value, "candidate": b.value,
-                                 "difference": b.value - a.value, "relative": (b.value - a.value) / a.value,
-                                 "ci": list(ci), "p_value": p_value, "std_error": math.sqrt(a.variance + b.variance),
-                                 "unit": "requests"}, rel=1e-12)
-    assert _close(a.value, np.quantile(latencies["control"], 0.95))
+    assert _close(got, {"higher_is_better": False, "control": pooled.control, "candidate": pooled.candidate,
+                        "difference": want.difference, "relative": want.difference / pooled.control,
+                        "ci": list(want.sequential_ci), "p_value": want.sequential_p_value,
+                        "std_error": want.std_error, "unit": "requests", "strata": 2}, rel=1e-12)
+    assert _close(pooled.control, np.quantile(_latencies(users, "control")[0], 0.95))
     # 40% slower at p95 is within the default 50% margin; a 20% margin is breached and rolls back.
     assert analysis.guardrails["results"]["latency_p95_ms"]["status"] == "ok"
     strict = Policy(**{**POLICY.__dict__, "guardrails": (Guardrail("latency_p95_ms", 0.2, relative=True),)})
@@ -533,7 +542,8 @@ def test_reading_as_of_a_moment_includes_what_happened_at_that_moment(sqlite_db)
 
 
 def test_collect_counts_feedback_only_on_a_counted_request_it_has_read_and_users_in_each_phase(db):
-    """A user served in two phases is active in both; feedback on a crossover's other-arm request counts nowhere;
+    """A phase counts the users first seen in it, by the arm of their first request (returning users, whose return
+    the treatment decides, do not test the split); feedback on a crossover's other-arm request counts nowhere;
     feedback stamped before its own request (another writer's clock) waits for that request to be read."""
     running = traffic.start(db)
     arm_of = {u: assign_arm(running.salt, u, 0.5, has_candidate=True) for u in (f"u{n}" for n in range(40))}
@@ -556,7 +566,7 @@ def test_collect_counts_feedback_only_on_a_counted_request_it_has_read_and_users
             {"id": new_id(), "event_id": events[5]["id"], "ts": t0 + timedelta(seconds=3), "thumbs": "up"}])
     lifecycle.set_share(db, running.id, 0.6, reason="ramp")
     now = collect(db, running.id)
-    assert [count.users for count in now.phases] == [(2, 1), (1, 2)]  # b counts on the arm that served him there
+    assert [count.users for count in now.phases] == [(2, 1), (0, 0)]  # all three came back; none was new
     assert (now.crossovers, now.excluded_requests, now.left_out_users) == (1, 1, 0)
     control, candidate = now.arms["control"], now.arms["candidate"]
     assert control.user_ids == [a, b] and candidate.user_ids == [c]  # in the order they first came
@@ -713,13 +723,29 @@ def test_a_timeline_point_shows_the_share_and_the_scores_as_they_were_then(sqlit
     assert analyse(sqlite_db, running.id, POLICY).arms["control"]["answers_scored"] > 0
 
 
+def test_the_reference_blocks_keep_their_keys_without_feedback(sqlite_db):
+    """DESIGN: `thumbs_up.{control,candidate,lift,ci,p_value,chance_to_win}` and `rating.{lift,ci,p_value}`; with
+    nobody's feedback yet they are there, null, so that a reader's `["thumbs_up"]["lift"]` never fails."""
+    running = traffic.start(sqlite_db)
+    quiet = ArmBehaviour(feedback=0.0)
+    traffic.write(sqlite_db, running, users=200, control=quiet, candidate=quiet)
+    printed = json.loads(json.dumps(analyse(sqlite_db, running.id, POLICY).to_dict()))
+    assert printed["thumbs_up"] == {key: None for key in ("control", "candidate", "lift", "ci", "p_value",
+                                                          "chance_to_win")} | {"label": FIXED_LABEL}
+    assert printed["rating"] == {key: None for key in ("control", "candidate", "lift", "ci", "p_value")} | {
+        "label": FIXED_LABEL}
+
+
 def test_the_analysis_of_nothing_is_complete_and_says_why(sqlite_db):
     policy = Policy(alpha=0.2)
     assert empty("no running experiment", policy).to_dict() | {"evaluated_at": None} == {
         "experiment_id": None, "status": None, "candidate_share": None, "primary_metric": "satisfaction",
         "arms": {arm: {"users": 0, "requests": 0, "thumbs": 0, "ratings": 0} for arm in ("control", "candidate")},
         "srm": {"p_value": None, "mismatch": False, "observed": [0, 0], "expected": None, "phases": []},
-        "thumbs_up": None, "rating": None, "guardrails": {"breached": [], "checked": False, "results": {}},
+        "thumbs_up": {"control": None, "candidate": None, "lift": None, "ci": None, "p_value": None,
+                      "chance_to_win": None, "label": FIXED_LABEL},
+        "rating": {"control": None, "candidate": None, "lift": None, "ci": None, "p_value": None, "label": FIXED_LABEL},
+        "guardrails": {"breached": [], "checked": False, "results": {}},
         "decision": {"action": "not_enough_data", "reason": "no running experiment"}, "metrics": {},
         "primary": None, "phases": [], "assignment": {}, "sequential": {}, "policy": _json_ready(policy.to_dict()),
         "evaluated_at": None,

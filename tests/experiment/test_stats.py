@@ -22,6 +22,7 @@ from scipy import stats as sps
 
 from experiment.stats import (
     Estimate,
+    compare_quantile,
     compare_ratio,
     linearised,
     quantile_estimate,
@@ -295,6 +296,32 @@ def test_the_clustered_quantile_is_gbstats_quantile_clustered_statistic(seed, ro
     assert clustered.value == independent.value == np.quantile(latencies, q)
     assert clustered.variance == pytest.approx(reference.variance / n, rel=1e-9)
     assert clustered.variance > 2 * independent.variance  # what taking requests as independent hid
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_compare_quantile_is_gbstats_sequential_test_of_two_quantile_statistics(shift):
+    from gbstats.models.statistics import QuantileStatistic
+
+    rng = np.random.default_rng(5)
+    a, b = rng.lognormal(5, 0.5, 900), rng.lognormal(5 + shift, 0.5, 1100)
+    q = 0.95
+
+    def statistic(x: np.ndarray) -> QuantileStatistic:
+        n, ordered = x.size, np.sort(x)
+        half = 1.959963984540054 * math.sqrt(n * q * (1 - q))
+        return QuantileStatistic(n=n, n_star=n, nu=q, quantile_hat=float(np.quantile(x, q)),
+                                 quantile_lower=ordered[math.floor(n * q - half) - 1],
+                                 quantile_upper=ordered[math.ceil(n * q + half) - 1])
+
+    config = SequentialConfig(difference_type="absolute", sequential_tuning_parameter=5000)
+    reference = SequentialTwoSidedTTest(statistic(a), statistic(b), config).compute_result()
+    got = compare_quantile(a, b, q)
+    assert got.difference == pytest.approx(reference.expected, rel=1e-12)
+    assert got.sequential_ci == pytest.approx(reference.ci, rel=1e-9)
+    assert got.sequential_p_value == pytest.approx(min(reference.p_value, 1.0), rel=1e-9, abs=1e-300)
+    assert (got.control, got.candidate, got.users) == (np.quantile(a, q), np.quantile(b, q), (900, 1100))
+    assert (got.sequential_p_value < 0.05) == (shift > 0)
+    assert compare_quantile(a[:50], b, q) is None  # 50 values cannot place a p95
 
 
 def test_one_request_per_user_is_clustered_about_as_independent():

@@ -71,6 +71,12 @@ def test_sequential_p_value_equals_gbstats_where_the_e_value_is_small_and_is_one
     assert seen[0] == 1.0 and math.exp(-1) < seen[1] < 1 and seen[2] < math.exp(-1)
 
 
+@pytest.mark.parametrize(("difference", "variance"), [(0.1, math.nan), (math.nan, 1.0)])
+def test_sequential_interval_refuses_nan_rather_than_read_it_as_certainty(difference, variance):
+    with pytest.raises(ValueError, match="numbers"):
+        sequential_interval(difference, variance, 100, 0.05, 5000.0)
+
+
 def test_sequential_interval_without_variance_is_certain_either_way():
     assert sequential_interval(0.5, 0.0, 10, 0.05, 5000.0) == ((0.5, 0.5), 0.0)
     assert sequential_interval(0.0, 0.0, 10, 0.05, 5000.0) == ((0.0, 0.0), 1.0)

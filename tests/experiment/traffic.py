@@ -4,6 +4,7 @@ with their own propensity, several requests each, and feedback on some of them."
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,10 +62,12 @@ def write(
     ts: datetime | None = None,
     prefix: str = "test-user",
     step: timedelta = timedelta(microseconds=10),
+    only: Callable[[str], bool] | None = None,
 ) -> None:
     """`users` users, assigned by the experiment's salt and `share` (default: the stored share).
 
-    Requests are `step` apart from `ts` on, in user order (a larger step spreads them over days).
+    Requests are `step` apart from `ts` on, in user order (a larger step spreads them over days). `only`: the
+    users of the range who come (e.g. those who return), by user id.
     """
     rng = random.Random(seed)
     share = experiment.candidate_share if share is None else share
@@ -72,6 +75,8 @@ def write(
     events, feedback = [], []
     for n in range(first_user, first_user + users):
         user = f"{prefix}-{n}"
+        if only is not None and not only(user):
+            continue
         arm = assign_arm(experiment.salt, user, share, has_candidate=True)
         behaviour = candidate if arm == "candidate" else control
         nudge = rng.gauss(0, propensity_sd) if propensity_sd else 0.0
