@@ -4,6 +4,10 @@ While an observed flow runs,
 
 * every record logged in it - Prefect's, ours and the libraries' - carries `flow_run_id`, `flow_run_name` and
   `flow_name` (store.logs' `bind`; Prefect's own run loggers add the same names, and `task_run_id` in tasks);
+* the records of Prefect's run loggers (`get_run_logger()`'s, and the engine's own lines about the run) have
+  their secrets redacted as store.logs redacts them, before any handler gets them: Prefect's API log handler
+  sits on those loggers and sends each record to the Prefect server (the UI shows it), before the record
+  reaches the root logger's handlers;
 * the run's spans are Prefect's run telemetry (prefect/telemetry/run_telemetry.py): a span per flow run with
   a child per task run, on whatever tracer provider store.tracing installed.
 
@@ -30,13 +34,16 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from store.logs import JsonFormatter, bind
+from store.logs import JsonFormatter, bind, redact_at_source
 
 if TYPE_CHECKING:
     from prefect import Flow
     from prefect.context import FlowRunContext
 
 SERVICE_NAME = "abloop-flows"  # OTEL_SERVICE_NAME overrides it
+# The loggers get_run_logger() and Prefect's engine log a run's lines to; Prefect's logging.yml puts its API log
+# handler on each.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 F = TypeVar("F", bound="Flow")
 
 _process_set_up = False
@@ -57,7 +64,7 @@ def observed(flow: F) -> F:
         context = FlowRunContext.get()
         if context is None:  # the bare function, called without Prefect
             return fn(*args, **kwargs)
-        _set_up_worker_process()
+        _set_up_process()
         with bind(**run_fields(context)), _run_span(context):
             return fn(*args, **kwargs)
 
@@ -84,22 +91,38 @@ def run_fields(context: FlowRunContext) -> dict[str, str]:
             "flow_name": context.flow.name}
 
 
-def _set_up_worker_process() -> None:
-    """Logs and traces for a process a worker started for one flow run; elsewhere, and a second time, nothing."""
+def _set_up_process() -> None:
+    """Redacted run logs in every process that runs a flow; logs and traces for a process a worker started for
+    one flow run (its first run only).
+
+    The redaction is put in place at every run: a host process (an `abloop` command, the demo) set up its logs
+    before it imported Prefect, which then attached its handlers to the run loggers; and the secrets are the
+    settings of the moment. Once in place, it is a no-op.
+    """
     global _process_set_up
-    if _process_set_up or not os.environ.get("PREFECT__FLOW_RUN_ID"):
-        return
     from store.config import Settings
-    from store.tracing import configure_tracing
 
     settings = Settings()
-    _log_through_store_logs(settings.log_format, settings.log_level, settings.secret_values())
+    secrets = settings.secret_values()
+    _redact_run_logs(secrets)
+    if _process_set_up or not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return
+    from store.tracing import configure_tracing
+
+    _log_through_store_logs(settings.log_format, settings.log_level, secrets)
     configure_tracing(SERVICE_NAME)
     _process_set_up = True
 
 
+def _redact_run_logs(secrets: list[str]) -> None:
+    """Prefect's run loggers redact their records before any handler, Prefect's API and console ones too, gets
+    them: a run's line can quote an upstream's error body, and with it a key."""
+    redact_at_source([logging.getLogger(name) for name in RUN_LOGGERS], secrets)
+
+
 def _log_through_store_logs(format: str, level: str, secrets: list[str]) -> None:
-    """store.logs' handler in place of Prefect's console handler on the root logger.
+    """store.logs' handler in place of Prefect's console handler on the root logger, and Prefect's run loggers
+    redacted as that handler redacts.
 
     Not `configure_logging`: a fresh dictConfig closes every handler in the process, Prefect's API log handler
     too (the run's logs would stop reaching the Prefect UI), and flushing that one under logging's lock waits
@@ -109,6 +132,7 @@ def _log_through_store_logs(format: str, level: str, secrets: list[str]) -> None
 
     from store.logs import logging_config, make_handler
 
+    _redact_run_logs(secrets)
     root = logging.getLogger()
     for console in [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]:
         root.removeHandler(console)

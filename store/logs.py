@@ -14,6 +14,9 @@ through one handler that
   overhead"). A writer thread behind a queue (QueueHandler) was measured too and lost: it hands the GIL
   over once per line.
 
+`redact_at_source` applies the same redaction to the records of loggers whose handlers are not ours (Prefect's
+run loggers, whose API handler sends each record to the Prefect server).
+
 A JSON line: {"ts": "2026-01-02T03:04:05.678Z", "level": "INFO", "logger": "abloop.proxy", "message": "...",
 <bound fields>, "trace_id": "<32 hex>", "span_id": "<16 hex>", <extra= fields>, "exc_info": "<traceback>"}.
 """
@@ -110,6 +113,26 @@ def make_handler(format: LogFormat = "auto", secrets: Iterable[str] = (), stream
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactFilter(secrets))
     return handler
+
+
+def redact_at_source(loggers: Iterable[logging.Logger], secrets: Iterable[str] = ()) -> None:
+    """Redact the records made on each of `loggers`, as store.logs' handler does, before any handler gets them.
+
+    For loggers whose handlers another framework owns, such as Prefect's run loggers, whose API handler sends
+    each record to the Prefect server before the record reaches the root logger's handlers. A filter on the
+    logger, unlike one on a handler, also covers the handlers the framework attaches later (its dictConfig
+    replaces handlers, not filters); but not the records of the loggers' children, which reach the same handlers
+    without passing it. Calling this again changes nothing; a call with other secrets replaces the earlier
+    call's filter.
+    """
+    redact = RedactFilter(secrets)
+    for logger in loggers:
+        earlier = [f for f in logger.filters if isinstance(f, RedactFilter)]
+        if [f._literals for f in earlier] == [redact._literals]:
+            continue
+        logger.addFilter(redact)  # before the earlier filter goes: no record can pass between them with neither
+        for filter_ in earlier:
+            logger.removeFilter(filter_)
 
 
 def _skip_unused_record_fields() -> None:
@@ -263,7 +286,8 @@ class RedactFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        literals = sorted({s for s in secrets if s}, key=len, reverse=True)  # the longest match first
+        literals = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))  # the longest match first
+        self._literals = tuple(literals)  # what tells this filter from one with other secrets (redact_at_source)
         shapes = [
             r"(?P<bearer>\b[Bb]earer\s+)[A-Za-z0-9\-._~+/]+=*",
             r"\bsk-[A-Za-z0-9_\-]{8,}",

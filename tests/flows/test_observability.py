@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 import flows.observability
 from flows.observability import observed
@@ -122,6 +122,59 @@ def test_outside_a_worker_process_the_host_keeps_its_logging(store, monkeypatch)
     rollback(traffic.start(store).id)
     assert logging.getLogger().handlers == handlers
     assert flows.observability._process_set_up is False
+
+
+LLM_KEY = "llm-key-0123456789-configured"  # a configured secret (LLM_API_KEY) of no known shape
+UPSTREAM_TOKEN = "sk-upstream0123456789abcdef"  # a key no setting holds, in an upstream's error body
+
+
+@task
+def _quote_an_upstream_error() -> None:
+    get_run_logger().warning("metadata endpoint answered HTTP 401: 'bad key Bearer %s'", UPSTREAM_TOKEN)
+    raise RuntimeError(f"upstream said: bad key {UPSTREAM_TOKEN}")  # Prefect logs the task's failure, traceback too
+
+
+@observed
+@flow(name="redaction-probe")
+def _leak_secrets() -> None:
+    get_run_logger().error(f"no metadata with key {LLM_KEY}")  # flows/ingest.py's shape: the text made up front
+    _quote_an_upstream_error(return_state=True)  # its failure is not the flow's
+
+
+def _api_log_messages(flow_run_id: uuid.UUID) -> list[str]:
+    """What Prefect's API log handler sent the server for the run: what the Prefect UI shows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    for handler in logging.getLogger("prefect.flow_runs").handlers:
+        handler.flush()  # the API handler sends its queued records, and waits for the server
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+@pytest.mark.parametrize("process", ["host", "worker"])
+def test_run_logs_reach_prefect_with_secrets_redacted(process, request, monkeypatch, caplog):
+    """get_run_logger()'s records go to Prefect's API handler, on the run loggers themselves, before the root
+    logger's handlers: in a host process (an `abloop` command, the demo) and in a worker's flow-run process."""
+    monkeypatch.setenv("LLM_API_KEY", LLM_KEY)
+    if process == "worker":
+        request.getfixturevalue("worker_process")
+    for name in flows.observability.RUN_LOGGERS:  # afterwards they get back their own filters
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", logger.filters[:])
+    state = _leak_secrets(return_state=True)
+    assert state.is_completed()
+
+    messages = _api_log_messages(state.state_details.flow_run_id)
+    assert "no metadata with key ***" in messages
+    assert "metadata endpoint answered HTTP 401: 'bad key Bearer ***'" in messages
+    [failure] = [m for m in messages if "Traceback" in m]
+    assert "RuntimeError: upstream said: bad key ***" in failure
+    assert [m for m in messages if LLM_KEY in m or UPSTREAM_TOKEN in m] == []
+    # The root logger's handlers (Prefect's console, store.logs', pytest's caplog) get the same redacted records.
+    assert "no metadata with key ***" in caplog.messages
+    assert [m for m in caplog.messages if LLM_KEY in m or UPSTREAM_TOKEN in m] == []
 
 
 def test_a_flow_run_is_a_span_with_its_task_runs_below(store, span_exporter):

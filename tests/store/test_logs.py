@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from store import tracing
 from store.config import Settings
-from store.logs import bind, bound, configure_logging
+from store.logs import RedactFilter, bind, bound, configure_logging, redact_at_source
 
 log = logging.getLogger("abloop.test")
 
@@ -229,6 +229,39 @@ def test_arguments_that_do_not_fit_the_message_are_kept_and_redacted() -> None:
         log.info("%s and %s", "conf-secret-4471")
         (out,) = records(lines())
     assert out["message"] == "%s and %s (arguments that do not fit: ('***',))"
+
+
+class _Recorder(logging.Handler):
+    """A handler of another framework's: it redacts nothing, and keeps each message it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(self.format(record))
+
+
+def test_a_logger_redacted_at_source_gives_every_handler_redacted_records() -> None:
+    logger = logging.getLogger("abloop.test.framework")
+    recorder = _Recorder()
+    logger.addHandler(recorder)
+    try:
+        redact_at_source([logger], ["conf-secret-4471"])
+        redact_at_source([logger], ["conf-secret-4471"])  # again: nothing changes
+        [first] = [f for f in logger.filters if isinstance(f, RedactFilter)]
+        logger.warning("key %s, Bearer tok.one_7", "conf-secret-4471")
+        logger.exception("failed", exc_info=ValueError("bad key conf-secret-4471"))
+
+        redact_at_source([logger], ["other-secret-9"])  # other secrets: a filter with them in its place
+        [second] = [f for f in logger.filters if isinstance(f, RedactFilter)]
+        logger.warning("conf-secret-4471 other-secret-9")
+    finally:
+        logger.removeHandler(recorder)
+        logger.filters.clear()
+    assert second is not first
+    assert recorder.messages[:2] == ["key ***, Bearer ***", "failed\nValueError: bad key ***"]
+    assert recorder.messages[2] == "conf-secret-4471 ***"
 
 
 def test_format_auto_is_text_on_a_terminal_and_json_otherwise():
