@@ -11,8 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException  # what FastAPI raises on a body it cannot parse; its own subclasses it
 
 from proxy.deps import AppState
 from proxy.limits import BodySizeLimit
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
     app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RateLimited, rate_limited)
     app.include_router(search.router)
     app.include_router(admin.router)
@@ -148,6 +151,21 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
         status_code=422,
         content={"message": "invalid request: " + "; ".join(problems), "detail": issues},
     )
+
+
+# FastAPI's answer to a body that its JSON parser raised on with something other than a decode error: over
+# Python's 4,300-digit integer limit, or nested past the recursion limit. Valid JSON syntax, so not its 422.
+_BODY_PARSE_FAILED = "There was an error parsing the body"
+
+
+async def _http_error(request: Request, error: HTTPException) -> Any:
+    """A body FastAPI could not parse is a 422 naming the body, as every other bad body is (DESIGN)."""
+    if error.status_code == 400 and error.detail == _BODY_PARSE_FAILED and error.__cause__ is not None:
+        reason = "an integer over 4,300 digits" if isinstance(error.__cause__, ValueError) else "nested too deeply"
+        issue = {"loc": ["body"], "msg": f"JSON body could not be parsed: {reason}", "type": "json_invalid"}
+        return JSONResponse(status_code=422, content={"message": f"invalid request: body: {issue['msg']}",
+                                                      "detail": [issue]})
+    return await http_exception_handler(request, error)
 
 
 # The most of any client-sent value a 422 echoes back.

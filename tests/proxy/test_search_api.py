@@ -127,6 +127,22 @@ def test_invalid_json_gets_422(tmp_path, client, control_upstream):
     assert "JSON" in response.json()["message"]
 
 
+@pytest.mark.parametrize(("content", "reason"), [
+    (b'{"query": "q", "top_k": ' + b"9" * 5000 + b"}", "an integer over 4,300 digits"),
+    (b'{"query": "q", "top_k": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested too deeply"),
+])
+def test_json_its_parser_cannot_hold_gets_422_naming_the_body(tmp_path, client, control_upstream, content, reason):
+    """Valid JSON syntax that Python's parser refuses: FastAPI answered 400 "There was an error parsing the body"."""
+    with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
+        response = client.post(f"{url}/api/v1/search", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert response.json()["message"] == f"invalid request: body: JSON body could not be parsed: {reason}"
+        assert response.json()["detail"][0]["loc"] == ["body"]
+        unknown = client.post(f"{url}/api/v1/feedback", json={"request_id": "nope", "rating": 3})
+        assert unknown.status_code == 404 and set(unknown.json()) == {"detail"}  # other errors keep their shape
+        assert _events(app) == []
+
+
 def test_feedback_201_404_422(tmp_path, client, control_upstream):
     with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
         request_id = client.post(f"{url}/api/v1/search", json={"query": "q", "user_id": "u"}).json()["request_id"]
