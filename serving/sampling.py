@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy. logits / 1e-40 overflows to inf, and softmax of
+# an inf is nan, which torch.multinomial refuses (on CUDA, a device-side assert that poisons the process).
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -21,10 +25,14 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's: generate exactly max_tokens (benchmarks, tests that need a busy engine)
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The row's own random stream (``None`` for greedy rows), so a seed reproduces whatever the batch."""
-    if params.temperature > 0:
+    if not params.greedy:
         generator = torch.Generator(device=device)
         seed = params.seed
         generator.manual_seed(
@@ -41,9 +49,9 @@ def sample(
     logits = logits.float()
     out = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature <= 0 or generator is None:
+        if p.greedy or generator is None:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        probs = _distribution(logits[i], p.temperature, out[i])
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             cum = sorted_p.cumsum(-1)
@@ -54,6 +62,19 @@ def sample(
         else:
             out[i] = int(torch.multinomial(probs, 1, generator=generator).item())
     return out
+
+
+def _distribution(row_logits: torch.Tensor, temperature: float, argmax: int) -> torch.Tensor:
+    """softmax(logits / temperature), or all the mass on ``argmax`` where that is no distribution.
+
+    An inf or nan logit (a model overflowing in half precision) makes the softmax nan; the row then takes
+    its argmax (the inf's token: the softmax's limit) instead of failing, and with it its whole batch.
+    ``torch.where`` on the check keeps the step free of a host sync.
+    """
+    probs = torch.softmax(row_logits / temperature, dim=-1)
+    fallback = torch.zeros_like(probs)
+    fallback[argmax] = 1.0
+    return torch.where(torch.isfinite(probs).all(), probs, fallback)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

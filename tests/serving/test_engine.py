@@ -99,3 +99,14 @@ async def test_a_stopped_engine_refuses_with_503(tiny_loaded):
     with pytest.raises(EngineStopped) as stopped:
         engine.submit([1, 2, 3], _exactly(2))
     assert (stopped.value.status, stopped.value.code) == (503, "engine_stopped")
+
+
+async def test_a_tiny_temperature_is_greedy_and_fails_nobody_in_its_batch(engine):
+    # 1e-40 passes the schema (ge=0): logits / 1e-40 overflowed, multinomial raised and every row of the
+    # batch got a 500.
+    bystander = engine.submit([1, 2, 3], _exactly(8))
+    tiny = engine.submit([1, 2, 3], SamplingParams(max_tokens=8, temperature=1e-40, seed=3, ignore_eos=True))
+    done = await asyncio.wait_for(asyncio.gather(bystander.result(), tiny.result()), timeout=60)
+    assert [c.completion_tokens for c in done] == [8, 8]
+    assert done[0].text == done[1].text  # the tiny temperature is greedy, as the bystander is
+    assert engine.stats.max_rows == 2  # they did share a batch

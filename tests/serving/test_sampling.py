@@ -37,6 +37,28 @@ def test_greedy_rows_take_the_argmax_and_draw_nothing():
     assert sample(logits[:1], [greedy], [torch.Generator().manual_seed(0)]) == [1]
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40, 1e-6])
+def test_a_temperature_below_vllms_epsilon_is_greedy(temperature):
+    # logits / 1e-40 overflows to inf: multinomial refused the nan softmax and failed the whole batch.
+    tiny = SamplingParams(max_tokens=1, temperature=temperature, seed=1)
+    assert new_generator(tiny, CPU) is None
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0]])
+    assert sample(logits, [tiny, tiny], [None, torch.Generator().manual_seed(0)]) == [1, 0]
+    assert new_generator(SamplingParams(max_tokens=1, temperature=1e-5), CPU) is not None  # the epsilon samples
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+def test_a_row_whose_softmax_is_no_distribution_takes_its_argmax_and_the_other_rows_still_sample(top_p, bad):
+    broken = torch.tensor([0.0, 1.0, bad, 0.0])  # a model overflowing in half precision; argmax is 2 (torch's for nan)
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=5)
+    logits = torch.stack([broken, torch.zeros(4)])
+    generator = new_generator(params, CPU)
+    draws = [sample(logits, [params, params], [generator, generator]) for _ in range(40)]
+    assert {row[0] for row in draws} == {2}
+    assert len({row[1] for row in draws}) > 1
+
+
 def test_temperature_one_draws_from_the_softmax_and_higher_temperatures_flatten_it():
     plain = _draws(SamplingParams(max_tokens=1, temperature=1.0, seed=7))
     assert plain == pytest.approx(PROBS, abs=0.035)  # 2,000 draws: about 3 standard errors
