@@ -26,6 +26,7 @@ class Scheduler:
 
     def add(self, handle: RequestHandle) -> None:
         """Queue ``handle``; the caller holds the condition. Raises :class:`QueueFull` when full."""
+        self._drop_cancelled()  # a client that went away while waiting holds no place in the queue
         if len(self._waiting) >= self.max_queue:
             self._stats.rejected += 1
             raise QueueFull(f"The server is busy ({len(self._waiting)} requests waiting); retry shortly.")
@@ -54,4 +55,9 @@ class Scheduler:
             return any(h.adapter == adapter and not h.cancelled for h in self._waiting)
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        """Live waiting requests (cancelled ones stay in the deque until admission or the next add)."""
+        return sum(not h.cancelled for h in self._waiting)
+
+    def _drop_cancelled(self) -> None:
+        if any(h.cancelled for h in self._waiting):
+            self._waiting = deque(h for h in self._waiting if not h.cancelled)

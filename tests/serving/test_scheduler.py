@@ -70,6 +70,22 @@ def test_a_full_queue_refuses_and_counts_the_refusal_and_every_add_wakes_the_wor
     assert stats.rejected == 2
 
 
+def test_requests_cancelled_while_waiting_hold_no_place_in_the_queue():
+    # Clients that went away while queued behind a long request counted against max_queue: a new request
+    # got 503 queue_full though nobody was waiting.
+    scheduler, cond, stats = _scheduler(max_batch=1, max_queue=2)
+    gone = [_Handle("a"), _Handle("b")]
+    _add(scheduler, cond, *gone)
+    for handle in gone:
+        handle.cancelled = True
+    assert len(scheduler) == 0  # what /stats and /health report as the queue
+    _add(scheduler, cond, _Handle("c"), _Handle("d"))
+    assert stats.rejected == 0 and len(scheduler) == 2
+    with cond, pytest.raises(QueueFull, match=r"\(2 requests waiting\)"):
+        scheduler.add(_Handle("e"))  # live ones still fill it
+    assert [h.name for h in scheduler.drain()] == ["c", "d"]  # the cancelled ones were dropped
+
+
 def test_admission_is_first_come_first_served_up_to_the_batch_and_skips_cancelled_requests():
     scheduler, cond, _ = _scheduler(max_batch=3, max_queue=10)
     handles = [_Handle("a"), _Handle("b", cancelled=True), _Handle("c"), _Handle("d"), _Handle("e")]
