@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from store import prompts
 from store.db import Database
-from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, new_salt
+from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, lock_running, new_salt
 from store.models import Experiment, utcnow
 
 if TYPE_CHECKING:
@@ -42,12 +42,18 @@ class NoPromoteDecision(RuntimeError):
 
 
 def _running_by_id(session: Session, experiment_id: str) -> Experiment:
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
-    if experiment.status != RUNNING:
-        raise ExperimentNotRunning(f"experiment {experiment_id} is {experiment.status}, not running")
-    return experiment
+    """The running experiment, held by this transaction until it commits.
+
+    Held, not just read: of two changes that race (an operator's promote and the rollout's roll-back, two
+    replicas' promotes) one wins and the other finds it ended, instead of both ending it and starting two
+    successors.
+    """
+    if not lock_running(session, experiment_id):
+        ended = session.get(Experiment, experiment_id)
+        if ended is None:
+            raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
+        raise ExperimentNotRunning(f"experiment {experiment_id} is {ended.status}, not running")
+    return session.get(Experiment, experiment_id)
 
 
 def set_share(db: Database, experiment_id: str, share: float, *, reason: str = "share changed by an operator",

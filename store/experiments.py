@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.config import Settings
@@ -40,6 +40,21 @@ def get(db: Database, experiment_id: str) -> Experiment:
         if experiment is None:
             raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
         return experiment
+
+
+def lock_running(session: Session, experiment_id: str) -> bool:
+    """Hold the experiment's row for the caller's transaction if it is running; False if it is not (or is unknown).
+
+    A conditional write, not a read, so that two changes of one experiment cannot both find it running: on
+    PostgreSQL the UPDATE holds the row lock until commit, and a concurrent one waits for it and then checks the
+    status again as committed; on SQLite (pysqlite begins a transaction only at its first write) it takes the
+    database's write lock at once, so the check and everything after it commit as one serialised transaction.
+    """
+    claimed = session.execute(
+        update(Experiment).where(Experiment.id == experiment_id, Experiment.status == RUNNING)
+        .values(status=Experiment.status).execution_options(synchronize_session=False)
+    )
+    return claimed.rowcount == 1
 
 
 def ensure_running(db: Database, settings: Settings) -> Experiment:

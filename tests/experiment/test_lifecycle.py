@@ -208,3 +208,71 @@ def test_a_share_change_and_a_rollout_start_are_recorded_with_their_reasons(sqli
         ("share", 0.5, 0.2, "share changed by an operator"),
         ("rollout_step", 0.2, 0.05, "rollout started: step 1 of 3 (5%)"),
     ]
+
+
+def _force_promote(db, experiment_id):
+    return lifecycle.promote(db, experiment_id, force=True, via="operator")
+
+
+def _roll_back(db, experiment_id):
+    return lifecycle.rollback(db, experiment_id, via="rollout")
+
+
+def _new_candidate(db, _experiment_id):
+    return lifecycle.start_candidate(db, base_url="http://next.test/v1", model="next")
+
+
+def _race(db, monkeypatch, first, second) -> list:
+    """Run both operations at once, each held just after its check that the experiment runs, at its first write.
+
+    Where the check holds the experiment, the loser waits at its check and never meets the winner at the
+    barrier: the winner goes on after a second (well within SQLite's busy timeout), commits, and the loser
+    finds the experiment ended.
+    """
+    import contextlib
+    import threading
+
+    barrier = threading.Barrier(2, timeout=1)
+    real_add_event = lifecycle.add_event
+
+    def held(*args, **kwargs):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        return real_add_event(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "add_event", held)
+    running = experiments.get_running(db)
+    outcomes: list = [None, None]
+
+    def run(n, operation):
+        try:
+            outcomes[n] = operation(db, running.id)
+        except Exception as error:  # noqa: BLE001 - the outcome is what is checked
+            outcomes[n] = error
+
+    threads = [threading.Thread(target=run, args=(n, op)) for n, op in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.parametrize(("first", "second"), [(_force_promote, _force_promote), (_force_promote, _roll_back),
+                                               (_new_candidate, _new_candidate)])
+def test_of_two_concurrent_changes_of_one_experiment_one_wins_and_the_other_finds_it_ended(db, monkeypatch,
+                                                                                          first, second):
+    """An operator's promote beside the rollout's roll-back, or two replicas' promotes: both used to succeed and
+    leave two running successors. On SQLite and on PostgreSQL exactly one succeeds; the other gets the error
+    the API answers with 409."""
+    original = traffic.start(db, share=0.5)
+    outcomes = _race(db, monkeypatch, first, second)
+    won = [outcome for outcome in outcomes if isinstance(outcome, Experiment)]
+    lost = [outcome for outcome in outcomes if not isinstance(outcome, Experiment)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    ended = experiments.get(db, original.id)
+    assert isinstance(lost[0], lifecycle.ExperimentNotRunning), lost
+    assert str(lost[0]) == f"experiment {original.id} is {ended.status}, not running"
+    assert [kind for kind, *_ in _events(db, original.id)] == ["start", ended.status]
+    running = [e for e in experiments.list_experiments(db) if e.status == "running"]
+    assert [e.id for e in running] == [won[0].id]
