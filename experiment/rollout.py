@@ -5,7 +5,8 @@ evaluation records its decision, and where the experiment carries a plan it also
 - a guardrail breach or a significant loss rolls back at once;
 - a step advances once it has its minimum users and hours and the analysis is clean
   (minimum sample reached, no breach, no sample-ratio mismatch);
-- at the last step a promote verdict promotes, unless the plan asks for an operator's approval.
+- at the last step a promote verdict promotes, unless the plan asks for an operator's approval;
+- a share set by hand (not the current step's) pauses it: no step and no promotion until a new rollout is put.
 Every action is a transition in `experiment_events` with its reason and the analysis behind it.
 """
 
@@ -79,6 +80,8 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
         successor = lifecycle.rollback(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
                                        analysis=snapshot)
         return {"did": "rolled_back", "step": step, "successor": successor.id}
+    if experiment.candidate_share != plan.steps[step]:
+        return _paused(experiment.candidate_share, plan, step)
     users, hours = _step_progress(analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
     waiting = {"did": "wait", "step": step, "step_users": users, "step_hours": round(hours, 3)}
@@ -98,6 +101,14 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
     if action == PROMOTE:
         return dict(waiting, did="awaiting_approval")
     return waiting
+
+
+def _paused(share: float, plan: RolloutPlan, step: int) -> dict[str, Any]:
+    """An operator set the share by hand mid-rollout: the next step would undo that, so the rollout holds until
+    they start it again (a new rollout); a roll-back on a breach still happens."""
+    return {"did": "paused", "step": step, "share": share,
+            "reason": (f"rollout paused: the share was changed by hand to {share:.0%} while step {step + 1} of "
+                       f"{len(plan.steps)} is {plan.steps[step]:.0%}; PUT a new rollout to resume")}
 
 
 def _advance(db: Database, experiment_id: str, plan: RolloutPlan, step: int, reason: str,

@@ -205,3 +205,49 @@ def test_an_ended_experiment_keeps_the_decision_it_ended_with(sqlite_db):
     after = experiment.evaluate(sqlite_db, running.id)  # an analysis of it can still be asked for
     assert after.experiment_id == running.id and after.decision["action"] == "keep_running"
     assert experiments.get(sqlite_db, running.id).decision == ended
+
+
+def _paused_reason(share: float, step: int, steps: list[float]) -> str:
+    return (f"rollout paused: the share was changed by hand to {share:.0%} while step {step + 1} of {len(steps)} is "
+            f"{steps[step]:.0%}; PUT a new rollout to resume")
+
+
+@pytest.mark.parametrize("by_hand", [0.1, 0.9])
+def test_a_share_set_by_hand_mid_rollout_pauses_it_until_a_new_rollout_is_put(sqlite_db, by_hand):
+    """An operator lowers the share in an incident (or raises it): the next hourly evaluation used to move it on to
+    the plan's next step, undoing the operator's change."""
+    steps = [0.05, 0.25, 0.5]
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, steps=steps))
+    assert _step(sqlite_db, running.id, 3000, 0).decision["rollout"]["did"] == "advanced"  # to 25%
+    lifecycle.set_share(sqlite_db, running.id, by_hand, reason="incident")
+    held = _step(sqlite_db, running.id, 3000, 3000, seed=1).decision["rollout"]
+    assert held == {"did": "paused", "step": 1, "share": by_hand, "reason": _paused_reason(by_hand, 1, steps)}
+    stored = experiments.get(sqlite_db, running.id)
+    assert (stored.status, stored.candidate_share, stored.rollout["step"]) == ("running", by_hand, 1)
+    assert experiments.list_events(sqlite_db, running.id)[-1].reason == "incident"
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, steps=[by_hand, 0.95]))  # the operator resumes
+    resumed = _step(sqlite_db, running.id, 1000, 6000, seed=2).decision["rollout"]
+    assert resumed == {"did": "advanced", "step": 1, "share": 0.95}
+
+
+def test_a_share_set_by_hand_at_the_last_step_is_not_promoted(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, PLAN)
+    better = ArmBehaviour(up=0.75)
+    assert _step(sqlite_db, running.id, 2000, 0, candidate=better).decision["rollout"]["did"] == "advanced"
+    lifecycle.set_share(sqlite_db, running.id, 0.7)
+    final = _step(sqlite_db, running.id, 2000, 2000, candidate=better, seed=1)
+    assert final.action == "promote"
+    assert final.decision["rollout"] == {"did": "paused", "step": 1, "share": 0.7,
+                                         "reason": _paused_reason(0.7, 1, PLAN["steps"])}
+    assert experiments.get(sqlite_db, running.id).status == "running"
+
+
+def test_a_paused_rollout_still_rolls_back_on_a_breach(sqlite_db):
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, PLAN)
+    lifecycle.set_share(sqlite_db, running.id, 0.3)
+    failing = _step(sqlite_db, running.id, 3000, 0, candidate=ArmBehaviour(error=0.3))
+    assert failing.action == "roll_back" and failing.decision["rollout"]["did"] == "rolled_back"
+    assert experiments.get(sqlite_db, running.id).status == "rolled_back"
