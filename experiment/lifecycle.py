@@ -7,22 +7,36 @@ CLI, the flows and the rollout all call these functions; nothing else changes an
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from experiment.phases import phases_of
 from store import prompts
 from store.db import Database
-from store.experiments import RUNNING, ExperimentNotFound, add_event, get, get_running, lock_running, new_salt
+from store.experiments import (
+    RUNNING,
+    ExperimentNotFound,
+    add_event,
+    events_in,
+    get,
+    get_running,
+    lock_running,
+    new_salt,
+)
 from store.models import Experiment, utcnow
 
 if TYPE_CHECKING:
     from experiment.decision import Policy
+    from experiment.rollout import RolloutPlan
 
 __all__ = [
     "ExperimentNotFound",
     "ExperimentNotRunning",
     "NoPromoteDecision",
+    "StaleAnalysis",
+    "advance_rollout",
     "conclude",
     "promote",
     "rollback",
@@ -41,23 +55,58 @@ class NoPromoteDecision(RuntimeError):
     pass
 
 
-def _running_by_id(session: Session, experiment_id: str) -> Experiment:
+class StaleAnalysis(RuntimeError):
+    """The analysis a change was decided on is of an earlier phase than the experiment's current one."""
+
+
+def _running_by_id(session: Session, experiment_id: str, seen_phase: dict[str, Any] | None = None) -> Experiment:
     """The running experiment, held by this transaction until it commits.
 
     Held, not just read: of two changes that race (an operator's promote and the rollout's roll-back, two
     replicas' promotes) one wins and the other finds it ended, instead of both ending it and starting two
-    successors.
+    successors. `seen_phase`: see `_check_phase`.
     """
     if not lock_running(session, experiment_id):
         ended = session.get(Experiment, experiment_id)
         if ended is None:
             raise ExperimentNotFound(f"unknown experiment {experiment_id!r}")
         raise ExperimentNotRunning(f"experiment {experiment_id} is {ended.status}, not running")
-    return session.get(Experiment, experiment_id)
+    experiment = session.get(Experiment, experiment_id)
+    if seen_phase is not None:
+        _check_phase(session, experiment, seen_phase)
+    return experiment
 
 
-def set_share(db: Database, experiment_id: str, share: float, *, reason: str = "share changed by an operator",
-              kind: str = "share", analysis: dict[str, Any] | None = None) -> Experiment:
+def _check_phase(session: Session, experiment: Experiment, seen: dict[str, Any]) -> None:
+    """Refuse a change decided on an analysis whose last phase (`Analysis.phases[-1]`) is no longer the current one.
+
+    Evaluations overlap (the hourly flow and `abloop evaluate`, a retried run): one that analysed the 5% step
+    while another moved the rollout on to 25% would otherwise step again, or promote, on the 5% step's numbers.
+    Checked while the experiment is held, so no step can come between the check and the change.
+    """
+    now = phases_of(experiment, events_in(session, experiment.id))[-1]
+    if (now.start, now.share) != (datetime.fromisoformat(seen["start"]), seen["share"]):
+        raise StaleAnalysis(f"it ends in the phase at {seen['share']:.0%} from {seen['start']}, but experiment "
+                            f"{experiment.id} has been at {now.share:.0%} since {now.start.isoformat()}")
+
+
+def _plan(rollout: dict[str, Any] | None) -> RolloutPlan:
+    from experiment.rollout import RolloutPlan  # imported here: experiment.rollout imports this module
+
+    return RolloutPlan.from_dict(rollout or {})
+
+
+def _change_share(session: Session, experiment: Experiment, share: float, *, reason: str, kind: str,
+                  analysis: dict[str, Any] | None) -> None:
+    """A new share and its transition; the same share again records nothing (it starts no phase)."""
+    if experiment.candidate_share != share:
+        add_event(session, experiment, kind, from_share=experiment.candidate_share, to_share=share,
+                  reason=reason, analysis=analysis)
+        experiment.candidate_share = share
+
+
+def set_share(db: Database, experiment_id: str, share: float, *,
+              reason: str = "share changed by an operator") -> Experiment:
     """Change the split in place: same salt, so users only move in the direction of the change.
 
     A change starts a new phase (the sample-ratio check runs per phase); setting the same share
@@ -65,19 +114,14 @@ def set_share(db: Database, experiment_id: str, share: float, *, reason: str = "
     """
     with db.session() as session:
         experiment = _running_by_id(session, experiment_id)
-        if experiment.candidate_share != share:
-            add_event(session, experiment, kind, from_share=experiment.candidate_share, to_share=share,
-                      reason=reason, analysis=analysis)
-            experiment.candidate_share = share
+        _change_share(session, experiment, share, reason=reason, kind="share", analysis=None)
         return experiment
 
 
 def set_rollout(db: Database, experiment_id: str, plan: dict[str, Any], *,
                 reason: str = "rollout started") -> Experiment:
     """Attach a progressive rollout (see `experiment.rollout.RolloutPlan`) and move to its first step."""
-    from experiment.rollout import RolloutPlan
-
-    checked = RolloutPlan.from_dict(plan)
+    checked = _plan(plan)
     with db.session() as session:
         experiment = _running_by_id(session, experiment_id)
         if not experiment.candidate_base_url:
@@ -87,6 +131,21 @@ def set_rollout(db: Database, experiment_id: str, plan: dict[str, Any], *,
                   reason=f"{reason}: step 1 of {len(checked.steps)} ({first:.0%})")
         experiment.rollout = checked.to_dict(step=0)
         experiment.candidate_share = first
+        return experiment
+
+
+def advance_rollout(db: Database, experiment_id: str, step: int, *, reason: str, analysis: dict[str, Any],
+                    seen_phase: dict[str, Any]) -> Experiment:
+    """Move the rollout to `step` of its plan: the share and the plan's step change in one transaction.
+
+    `seen_phase`: the last phase of the analysis behind the step; StaleAnalysis if the experiment has moved on
+    since (another evaluation stepped it, an operator set the share).
+    """
+    with db.session() as session:
+        experiment = _running_by_id(session, experiment_id, seen_phase)
+        plan = _plan(experiment.rollout)
+        _change_share(session, experiment, plan.steps[step], reason=reason, kind="rollout_step", analysis=analysis)
+        experiment.rollout = plan.to_dict(step=step)
         return experiment
 
 
@@ -142,17 +201,19 @@ def _end(session: Session, experiment: Experiment, outcome: str, decision: dict[
 
 
 def conclude(
-    db: Database, experiment_id: str, *, outcome: str, decision: dict[str, Any] | None = None
+    db: Database, experiment_id: str, *, outcome: str, decision: dict[str, Any] | None = None,
+    seen_phase: dict[str, Any] | None = None,
 ) -> Experiment:
     """End a running experiment as `promoted`, `rolled_back` or `stopped` and start its successor.
 
     Promoted: the candidate becomes control. Otherwise control stays. Either way the successor
-    has no candidate and a share of 0, so every user is served by the winner.
+    has no candidate and a share of 0, so every user is served by the winner. `seen_phase`: the last
+    phase of the analysis behind it, which must still be the current one (StaleAnalysis).
     """
     if outcome not in ("promoted", "rolled_back", "stopped"):
         raise ValueError(f"unknown outcome {outcome!r}")
     with db.session() as session:
-        old = _running_by_id(session, experiment_id)
+        old = _running_by_id(session, experiment_id, seen_phase)
         if outcome == "promoted" and not old.candidate_base_url:
             raise ExperimentNotRunning(f"experiment {experiment_id} has no candidate to promote")
         _end(session, old, outcome, dict(decision or {}))
@@ -178,7 +239,8 @@ def conclude(
 
 
 def promote(db: Database, experiment_id: str, *, force: bool = False, via: str, reason: str | None = None,
-            policy: Policy | None = None, current: dict[str, Any] | None = None) -> Experiment:
+            policy: Policy | None = None, current: dict[str, Any] | None = None,
+            seen_phase: dict[str, Any] | None = None) -> Experiment:
     """Candidate becomes control, share back to 0; returns the successor experiment.
 
     Without `force` the experiment must carry a recorded "promote" decision (written by
@@ -186,6 +248,7 @@ def promote(db: Database, experiment_id: str, *, force: bool = False, via: str, 
     operator who said so. And the numbers must still say so: the experiment is analysed again
     (with `policy`; `current`: a decision made moments ago, by the rollout) and a decision that no
     longer holds (traffic since, a share change) is refused with what the analysis says now.
+    `seen_phase`: with `current`, the last phase of its analysis, which must still be the current one.
     """
     experiment = get(db, experiment_id)
     recorded = (experiment.decision or {}).get("action")
@@ -205,7 +268,7 @@ def promote(db: Database, experiment_id: str, *, force: bool = False, via: str, 
             )
     default = "forced by an operator" if force and recorded != "promote" else f"promoted via {via}"
     decision = dict(experiment.decision or {}, forced=force, via=via, reason=reason or default)
-    return conclude(db, experiment_id, outcome="promoted", decision=decision)
+    return conclude(db, experiment_id, outcome="promoted", decision=decision, seen_phase=seen_phase)
 
 
 def rollback(db: Database, experiment_id: str, *, via: str, reason: str | None = None,

@@ -71,9 +71,23 @@ def record_decision(db: Database, analysis: Analysis) -> None:
 
 
 def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, Any]:
-    """One rollout step decision; returns what was done, for the analysis output."""
+    """One rollout step decision; returns what was done, for the analysis output.
+
+    A roll-back needs no more than the verdict (taking traffic off a candidate is always allowed, and a breach
+    stays in the data). A step or a promotion is made only on an analysis of the current phase: evaluations
+    overlap, and one must not step again on the numbers another has already stepped on.
+    """
     plan = RolloutPlan.from_dict(experiment.rollout or {})
     step = int((experiment.rollout or {}).get("step", 0))
+    try:
+        return _apply(db, experiment, plan, step, analysis)
+    except lifecycle.StaleAnalysis as error:
+        return {"did": "stale", "step": step, "reason": f"stale analysis: {error}; the next evaluation decides"}
+    except lifecycle.ExperimentNotRunning as error:  # ended meanwhile: by an overlapping evaluation, an operator
+        return {"did": "ended", "step": step, "reason": str(error)}
+
+
+def _apply(db: Database, experiment: Experiment, plan: RolloutPlan, step: int, analysis: Analysis) -> dict[str, Any]:
     action, reason = analysis.decision["action"], analysis.decision["reason"]
     snapshot = _brief(analysis)
     if action == ROLL_BACK:
@@ -88,15 +102,16 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
     # A broken split says nothing about safety: with no breach it is `keep_running`, which is no reason to advance.
     if not ready or action not in (KEEP_RUNNING, PROMOTE) or analysis.srm["mismatch"]:
         return waiting
+    seen_phase = analysis.phases[-1]
     if step + 1 < len(plan.steps):
         to_share = plan.steps[step + 1]
         why = (f"step {step + 2} of {len(plan.steps)} ({to_share:.0%}): step {step + 1} had {users} users over "
                f"{hours:.2f} h with no guardrail breach ({action}: {reason})")
-        _advance(db, experiment.id, plan, step + 1, why, snapshot)
+        lifecycle.advance_rollout(db, experiment.id, step + 1, reason=why, analysis=snapshot, seen_phase=seen_phase)
         return {"did": "advanced", "step": step + 1, "share": to_share}
     if action == PROMOTE and plan.auto_promote:
         successor = lifecycle.promote(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
-                                      current=analysis.decision)
+                                      current=analysis.decision, seen_phase=seen_phase)
         return {"did": "promoted", "step": step, "successor": successor.id}
     if action == PROMOTE:
         return dict(waiting, did="awaiting_approval")
@@ -109,14 +124,6 @@ def _paused(share: float, plan: RolloutPlan, step: int) -> dict[str, Any]:
     return {"did": "paused", "step": step, "share": share,
             "reason": (f"rollout paused: the share was changed by hand to {share:.0%} while step {step + 1} of "
                        f"{len(plan.steps)} is {plan.steps[step]:.0%}; PUT a new rollout to resume")}
-
-
-def _advance(db: Database, experiment_id: str, plan: RolloutPlan, step: int, reason: str,
-             analysis: dict[str, Any]) -> None:
-    lifecycle.set_share(db, experiment_id, plan.steps[step], reason=reason, kind="rollout_step", analysis=analysis)
-    with db.session() as session:
-        experiment = session.get(Experiment, experiment_id)
-        experiment.rollout = plan.to_dict(step=step)
 
 
 def _step_progress(analysis: Analysis) -> tuple[int, float]:

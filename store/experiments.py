@@ -115,10 +115,15 @@ def add_event(
 def list_events(db: Database, experiment_id: str) -> list[ExperimentEvent]:
     """Every transition of an experiment, oldest first."""
     with db.session() as session:
-        return list(session.scalars(
-            select(ExperimentEvent).where(ExperimentEvent.experiment_id == experiment_id)
-            .order_by(ExperimentEvent.ts, ExperimentEvent.id)
-        ))
+        return events_in(session, experiment_id)
+
+
+def events_in(session: Session, experiment_id: str) -> list[ExperimentEvent]:
+    """`list_events` in the caller's transaction (one that holds the experiment sees its latest transitions)."""
+    return list(session.scalars(
+        select(ExperimentEvent).where(ExperimentEvent.experiment_id == experiment_id)
+        .order_by(ExperimentEvent.ts, ExperimentEvent.id)
+    ))
 
 
 def list_experiments(db: Database, limit: int = 20) -> list[Experiment]:

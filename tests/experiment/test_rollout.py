@@ -251,3 +251,71 @@ def test_a_paused_rollout_still_rolls_back_on_a_breach(sqlite_db):
     failing = _step(sqlite_db, running.id, 3000, 0, candidate=ArmBehaviour(error=0.3))
     assert failing.action == "roll_back" and failing.decision["rollout"]["did"] == "rolled_back"
     assert experiments.get(sqlite_db, running.id).status == "rolled_back"
+
+
+def _overlapped(monkeypatch, db, experiment_id, where: str) -> list:
+    """Another evaluation runs from start to finish at `where` in this one (`analyse`: just after its analysis;
+    `_brief`: as it acts): the hourly flow beside `abloop evaluate`, or a retried run. Returns what it did."""
+    from experiment import rollout
+
+    real, other = getattr(rollout, where), []
+
+    def overlapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not other:
+            other.append(None)  # the other evaluation must not overlap itself
+            other[0] = rollout.evaluate(db, experiment_id).decision["rollout"]
+        return result
+
+    monkeypatch.setattr(rollout, where, overlapped)
+    return other
+
+
+def test_an_evaluation_overlapped_by_one_that_stepped_does_not_step_again_on_its_older_analysis(sqlite_db,
+                                                                                                monkeypatch):
+    """Both analysed the 5% step: one moves the rollout to 25%, the other used to move it on to 50% at once, on
+    the 5% step's numbers, so that the 25% step had no users and no hours."""
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, steps=[0.05, 0.25, 0.5]))
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=3000)
+    other = _overlapped(monkeypatch, sqlite_db, running.id, "analyse")
+    late = experiment.evaluate(sqlite_db, running.id)
+    assert other == [{"did": "advanced", "step": 1, "share": 0.25}]
+    stale = late.decision["rollout"]
+    assert (stale["did"], stale["step"]) == ("stale", 1), stale
+    assert stale["reason"].startswith("stale analysis: it ends in the phase at 5% from ")
+    assert f"but experiment {running.id} has been at 25% since " in stale["reason"]
+    assert experiments.get(sqlite_db, running.id).rollout["step"] == 1
+    assert [e.to_share for e in experiments.list_events(sqlite_db, running.id)] == [0.0, 0.05, 0.25]
+
+
+def test_an_evaluation_overlapped_by_one_that_reached_the_last_step_does_not_promote(sqlite_db, monkeypatch):
+    """Its analysis is of the 25% step, after the other moved to the last one: promoting on it would skip the
+    last step's minimum users and hours."""
+    from store.models import Experiment, ExperimentEvent
+
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, steps=[0.25, 0.5], min_hours_per_step=1.0))
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=4000, candidate=ArmBehaviour(up=0.75))
+    with sqlite_db.session() as session:  # the 25% step began two hours ago
+        session.get(Experiment, running.id).started_at -= timedelta(hours=2)
+        for event in session.query(ExperimentEvent).filter_by(experiment_id=running.id):
+            event.ts -= timedelta(hours=2)
+    other = _overlapped(monkeypatch, sqlite_db, running.id, "analyse")
+    late = experiment.evaluate(sqlite_db, running.id)
+    assert other == [{"did": "advanced", "step": 1, "share": 0.5}]
+    assert late.action == "promote" and late.decision["rollout"]["did"] == "stale", late.decision["rollout"]
+    assert experiments.get(sqlite_db, running.id).status == "running"
+
+
+def test_an_evaluation_that_finds_the_experiment_ended_meanwhile_says_so(sqlite_db, monkeypatch):
+    """Both see the breach; the other rolls back first. This one reports it, where it used to fail the run."""
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, PLAN)
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=3000, candidate=ArmBehaviour(error=0.3))
+    other = _overlapped(monkeypatch, sqlite_db, running.id, "_brief")
+    late = experiment.evaluate(sqlite_db, running.id)
+    assert late.action == "roll_back" and other[0]["did"] == "rolled_back"
+    assert late.decision["rollout"] == {"did": "ended", "step": 0,
+                                        "reason": f"experiment {running.id} is rolled_back, not running"}
+    assert [e.kind for e in experiments.list_events(sqlite_db, running.id)] == ["start", "rollout_step", "rolled_back"]
