@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -85,14 +86,16 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
         try:
             yield
         finally:
-            await metrics.stop()
-            await live.stop()
-            await state.rate_limiter.aclose()
-            await upstream.aclose()
-            await retriever.stop()
-            await writer.stop()  # flushes, or spools what it cannot write: nothing is lost
-            db.dispose()
-            await asyncio.to_thread(tracing.flush)  # the last spans (see store.tracing.flush)
+            await _shut_down(
+                metrics.stop,
+                live.stop,
+                state.rate_limiter.aclose,
+                upstream.aclose,
+                retriever.stop,
+                writer.stop,  # flushes, or spools what it cannot write: nothing is lost
+                db.dispose,
+                lambda: asyncio.to_thread(tracing.flush),  # the last spans (see store.tracing.flush)
+            )
 
     app = FastAPI(title="abloop proxy", version="0.1.0", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -106,6 +109,25 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
     app.include_router(health.router)
     instrument(app)
     return app
+
+
+async def _shut_down(*steps: Callable[[], Any]) -> None:
+    """Run every shutdown step in order, whatever the steps before it raised; then raise the first error.
+
+    One step failing (metrics' mark_process_dead on a read-only disk) must not skip the writer's stop,
+    which writes or spools the queued events and feedback: skipped, they die with the process.
+    """
+    failures: list[BaseException] = []
+    for step in steps:
+        try:
+            result = step()
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as exc:  # a cancellation too: the steps after it still run, then it is raised
+            log.error("shutdown step %s failed", getattr(step, "__qualname__", step), exc_info=exc)
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def create_served_app() -> FastAPI:

@@ -7,6 +7,7 @@ The lifespan runs here in the test's own event loop, so what it leaves behind is
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 
 import httpx
@@ -88,3 +89,33 @@ async def test_shutdown_closes_the_rate_limiters_redis_connection(tmp_path, inde
             assert server.execute_command("CLIENT", "LIST", "ID", connection)
         assert await _eventually(lambda: not server.execute_command("CLIENT", "LIST", "ID", connection)), \
             "the rate limiter's Redis connection was left open"
+
+
+async def test_a_failing_shutdown_step_still_writes_the_queue(tmp_path, index_dir, monkeypatch):
+    # The gauges' clean-up meets a failing disk (PROMETHEUS_MULTIPROC_DIR read-only or gone): it runs before
+    # the writer's stop, which must run all the same, or the queued events die with the process.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    (tmp_path / "metrics").mkdir()
+    import prometheus_client.multiprocess
+
+    def failing_disk(*_args, **_kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(prometheus_client.multiprocess, "mark_process_dead", failing_disk)
+    with running_stub(model="control-model", answer="hi") as (stub, upstream_url):
+        settings = make_settings(tmp_path, index_dir=index_dir, llm_api_base=upstream_url,
+                                 writer_flush_interval_s=3600.0, writer_batch_size=10_000)
+        app = create_app(settings)
+        with pytest.raises(OSError, match="Input/output error"):  # the failure is not hidden
+            async with app.router.lifespan_context(app):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+                    searched = [await client.post("/api/v1/search", json={"query": f"a list {n}?",
+                                                                            "user_id": f"user-{n}"}) for n in range(3)]
+                assert [response.status_code for response in searched] == [200, 200, 200]
+                state = app.state.abloop
+        assert await _eventually(lambda: stub.connections == 0), "the steps after the failing one did not run"
+    assert state.writer.queue_depth == 0
+    db = Database(settings.database_url)
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(SearchEvent)) == 3
+    db.dispose()
