@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -25,10 +26,13 @@ from typing import Any
 import torch
 
 from serving.errors import AdapterExists, BadAdapter, EngineError, EngineStopped, ModelNotFound
-from serving.runner import ModelRunner
+from serving.runner import BASE_ADAPTER, ModelRunner
+from serving.schemas import ADAPTER_NAME_CHARS, ADAPTER_NAME_MAX_LENGTH
 
 # The engine's logger name, so log configuration and filters written for the engine still see these lines.
 log = logging.getLogger("serving.engine")
+
+_ADAPTER_NAME = re.compile(f"[{ADAPTER_NAME_CHARS}]+")
 
 
 @dataclass
@@ -89,8 +93,7 @@ class AdapterManager:
 
     async def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load a LoRA adapter under ``name`` (a name is never accepted twice)."""
-        if not name or not name.strip():
-            raise BadAdapter("lora_name must be a non-empty string", param="lora_name")
+        _check_name(name)
         p = Path(path).expanduser()
         if not (p / "adapter_config.json").is_file():
             raise BadAdapter(
@@ -187,16 +190,48 @@ class AdapterManager:
                     _strip_tuner_layers(runner.model)  # a half-done first load must not change the base
                     raise
             else:
+                active = runner.peft.active_adapter
                 try:
                     runner.peft.load_adapter(path, adapter_name=name, is_trainable=False)
                 except BaseException:
-                    if name in runner.peft.peft_config:
-                        self._do_unload(name)
+                    self._undo_load(name, active)
                     raise
         runner.peft.eval()
         with self._cond:
             self._adapters[name] = {"path": path, "created": int(time.time())}
         log.info("loaded adapter %s from %s in %.2fs", name, path, time.perf_counter() - t0)
+
+    def _undo_load(self, name: str, active: str) -> None:
+        """Take every trace of a failed load of ``name`` out of peft and make ``active`` the active adapter.
+
+        peft can fail half way through adding an adapter (torch refuses a bad key only when a layer registers
+        it) and leave the name in layers' per-adapter dicts (``r``, ``lora_alpha``) though not in its config;
+        a later unload of the active adapter then made that ghost active, and every forward failed on it.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft = self._runner.peft
+        if name in peft.peft_config:
+            self._do_unload(name)
+        for module in peft.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.delete_adapter(name)  # a no-op where the name is absent
+        if peft.active_adapter != active:
+            peft.set_adapter(active)
+
+
+def _check_name(name: str) -> None:
+    """Refuse, as a 400 naming lora_name, an adapter name that peft cannot hold or that means something else."""
+    if len(name) > ADAPTER_NAME_MAX_LENGTH:
+        raise BadAdapter(f"lora_name is {len(name)} characters long; at most {ADAPTER_NAME_MAX_LENGTH} are allowed",
+                         param="lora_name")
+    if not _ADAPTER_NAME.fullmatch(name):
+        raise BadAdapter(f"lora_name {name!r} may hold only letters, digits, '_' and '-' (peft refuses '.' in an "
+                         "adapter name)", param="lora_name")
+    # peft's name for "no adapter" in a mixed batch, and the names of torch's module and parameter dicts'
+    # own attributes ("training", "forward", "keys", ...), which they refuse as keys.
+    if name == BASE_ADAPTER or hasattr(torch.nn.ModuleDict(), name) or hasattr(torch.nn.ParameterDict(), name):
+        raise BadAdapter(f"lora_name {name!r} is reserved; choose another name", param="lora_name")
 
 
 def _strip_tuner_layers(model: torch.nn.Module) -> None:

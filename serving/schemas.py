@@ -109,6 +109,14 @@ class ChatCompletionRequest(BaseModel):
         return out
 
 
+# Adapter names (lora_name): peft keeps an adapter's weights in torch module dicts keyed by its name, and
+# torch refuses a key holding "." (and one naming an attribute of the dict: serving.adapters checks those).
+# Letters, digits, "_" and "-" also keep a name safe in URLs, log fields and file names; training.registry
+# names the adapters it trains within this rule.
+ADAPTER_NAME_CHARS = "A-Za-z0-9_-"  # the body of a regex character class
+ADAPTER_NAME_MAX_LENGTH = 128
+
+
 class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

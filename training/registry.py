@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from serving.schemas import ADAPTER_NAME_CHARS, ADAPTER_NAME_MAX_LENGTH
 from store.db import Database
 from store.models import Adapter
 
@@ -17,9 +19,15 @@ class AdapterNameTaken(RuntimeError):
 
 
 def adapter_name(base_name: str, dataset_hash: str, now: datetime | None = None) -> str:
-    """`<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks cache weights by name, so each is new."""
+    """`<base>-<UTC timestamp>-<data hash[:8]>`: serving stacks cache weights by name, so each is new.
+
+    The model server loads an adapter only under a name of letters, digits, "_" and "-" (peft refuses "."):
+    the base's other characters become "_" ("Qwen2.5-0.5B" -> "Qwen2_5-0_5B"), and a long base is cut to fit.
+    """
     stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{base_name}-{stamp}-{dataset_hash[:8]}"
+    suffix = f"-{stamp}-{dataset_hash[:8]}"
+    base = re.sub(f"[^{ADAPTER_NAME_CHARS}]", "_", base_name)[: ADAPTER_NAME_MAX_LENGTH - len(suffix)]
+    return base + suffix
 
 
 def name_taken(db: Database, name: str) -> bool:

