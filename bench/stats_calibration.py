@@ -261,7 +261,6 @@ class Ramp:
         old_thumbs = np.zeros((2, 2), dtype=int)  # [arm] -> (up, thumbs), by serving arm
         old_seen = np.zeros((2, n), dtype=bool)  # [arm] -> users ever served by it
         half = self.periods // 2
-        active_in = [np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)]  # per phase
         crossed, excluded = np.zeros(n, dtype=bool), 0
         changed = START + timedelta(days=half)
         for period in range(self.periods):
@@ -284,7 +283,6 @@ class Ramp:
             counted = active & ~left_out
             requests += counted
             ups += counted & up
-            active_in[phase] |= active
             for arm in (0, 1):
                 latencies[arm].append(latency[counted & (home == arm)])
                 latency_users[arm].append(np.flatnonzero(counted & (home == arm)))
@@ -294,13 +292,12 @@ class Ramp:
                 old_thumbs[arm] += (int((by_arm & up).sum()), int(by_arm.sum()))
                 old_seen[arm] |= by_arm
             phases = []
-            for index in range(phase + 1):
-                in_phase = active_in[index]
-                served_then = bucket[in_phase] < candidate_buckets(self.shares[index])
+            for index in range(phase + 1):  # as experiment.collect counts: the users first seen in the phase
+                new = first == index
                 phases.append(PhaseCount(
                     Phase(index, self.shares[index], START if index == 0 else changed,
                           changed if index < phase else None, "start" if index == 0 else "share"),
-                    (int((~served_then).sum()), int(served_then.sum()))))
+                    (int((new & (home == 0)).sum()), int((new & (home == 1)).sum()))))
             arms, cut_arms = {}, {}
             for arm, name in enumerate(("control", "candidate")):
                 mask = home == arm
