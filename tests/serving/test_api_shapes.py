@@ -5,6 +5,8 @@ real app (test_api.py has SmolLM2 behind it, through the `openai` client)."""
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -165,3 +167,27 @@ def test_an_adapter_name_peft_cannot_hold_is_refused_up_front(serve, tiny_engine
     assert error == {"message": message, "type": "invalid_request_error", "param": "lora_name",
                      "code": "invalid_adapter"}
     assert tiny_engine.model_names() == [tiny_engine.name]
+
+
+def test_the_prompt_is_tokenized_off_the_event_loop(serve, tiny_engine, monkeypatch):
+    # Tokenizing a 10 MB prompt in the async handler held the server for 5 s: /health too.
+    server = serve(tiny_engine)
+    tokenizing, release = threading.Event(), threading.Event()
+    encode = tiny_engine.encode_chat
+
+    def slow_encode(messages):
+        tokenizing.set()
+        release.wait(10)
+        return encode(messages)
+
+    monkeypatch.setattr(tiny_engine, "encode_chat", slow_encode)
+    body = {"model": tiny_engine.name, "messages": QUESTION, "max_tokens": 2}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{server.base_url}/chat/completions", json=body, timeout=30)
+        assert tokenizing.wait(10)
+        try:
+            health = httpx.get(f"{server.url}/healthz", timeout=3)
+        finally:
+            release.set()
+        assert health.status_code == 200
+        assert answer.result().status_code == 200
