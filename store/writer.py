@@ -37,6 +37,7 @@ import asyncio
 import fcntl
 import logging
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,10 @@ class EventWriter:
         self._replay_task: asyncio.Task | None = None
 
         self._spool = Spool(self.spool_dir)
+        # Appends run on a thread of their own, not asyncio's default pool: database calls that hang
+        # (a timed-out write is left running, a replay insert, a route's lookup) can hold every thread
+        # there, and an append queued behind them would keep flush() and stop() from returning.
+        self._spool_thread: ThreadPoolExecutor | None = None
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -223,6 +228,7 @@ class EventWriter:
         self._flush_task = self._replay_task = None
         if self._queue:  # never started, or the flush task died
             await self._drain_inline()
+        self._close_spool_thread()
 
     def submit(self, table: str, row: dict) -> None:
         """Queue one row (every column, incl. "id" and "ts"). Non-blocking; call from the event loop thread."""
@@ -401,7 +407,7 @@ class EventWriter:
             if not to_spool:
                 return []
             try:
-                await asyncio.to_thread(self._spool.append, to_spool)
+                await self._append_to_spool(to_spool)
             except Exception:
                 log.exception("could not spool %d rows", len(to_spool))
                 self._spool_failing = True
@@ -411,6 +417,17 @@ class EventWriter:
             return []
         finally:
             self._inflight -= len(batch)
+
+    async def _append_to_spool(self, entries: list[Entry]) -> None:
+        if self._spool_thread is None:  # made on first use: also after a stop(), for a late drain
+            self._spool_thread = ThreadPoolExecutor(1, thread_name_prefix="event-writer-spool")
+        await asyncio.get_running_loop().run_in_executor(self._spool_thread, self._spool.append, entries)
+
+    def _close_spool_thread(self) -> None:
+        # Nothing is left for it: the flush task and the drain have returned.
+        if self._spool_thread is not None:
+            self._spool_thread.shutdown(wait=False)
+            self._spool_thread = None
 
     def _release(self, entries: list[Entry]) -> None:
         self._release_ids(entry.row["id"] for entry in entries)

@@ -398,6 +398,31 @@ async def test_a_hung_database_does_not_hold_rows_in_memory(db: Database, make_w
     assert not any(writer.is_pending(row["id"]) for row in rows)
 
 
+async def test_spooling_does_not_wait_behind_database_calls_that_hang(make_writer) -> None:
+    """Hung database calls (timed-out writes left running, a replay, the feedback route's lookups) can hold every
+    thread of asyncio's default pool; an append to the spool queued behind them kept flush() and stop() from
+    returning, and the rows were lost when the process was killed."""
+    hung = HangingDatabase()
+    writer = make_writer(hung, write_timeout_s=0.2)
+    held = threading.Event()
+    loop = asyncio.get_running_loop()
+    holders = [loop.run_in_executor(None, held.wait, 30) for _ in range(32)]  # the default pool's most threads
+    try:
+        await writer.start()
+        rows = [event_row() for _ in range(5)]
+        for row in rows:
+            writer.submit("search_events", row)
+        await asyncio.wait_for(writer.flush(), 5)
+        assert writer.spooled == 5 and writer.queue_depth == 0
+        writer.submit("search_events", event_row())
+        await asyncio.wait_for(writer.stop(), 5)
+        assert writer.spooled == 6 and writer.queue_depth == 0
+    finally:
+        held.set()
+        hung.released.set()
+        await asyncio.gather(*holders)
+
+
 class CountingDatabase:
     """A real database behind a switch, counting transactions (`calls`): while `down`, for the next `fail_next`
     and after the first `up_for` every transaction fails; each begins `delay_s` late (a loaded server)."""
