@@ -162,6 +162,8 @@ def start_candidate(
 ) -> Experiment:
     """A new candidate is a new experiment (new id, new salt); the control arm carries over.
 
+    Without a `share` it starts at the running experiment's, or, where that one was rolling out, at its
+    plan's first step with the plan carried over (see `_carried_over`).
     With `prompt_template_id` the candidate renders its prompts with that template version
     (control keeps the active one): the same model with another prompt is a candidate too.
     """
@@ -171,6 +173,7 @@ def start_candidate(
     with db.session() as session:
         old = _running_by_id(session, current.id)
         _end(session, old, "stopped", {"reason": "replaced by a new candidate"})
+        start_share, rollout, rolling = _carried_over(old, share)
         fresh = Experiment(
             control_base_url=old.control_base_url,
             control_model=old.control_model,
@@ -179,7 +182,8 @@ def start_candidate(
             candidate_model=model,
             candidate_adapter_id=adapter_id,
             candidate_prompt_template_id=prompt_template_id,
-            candidate_share=old.candidate_share if share is None else share,
+            candidate_share=start_share,
+            rollout=rollout,
             salt=new_salt(),
             status=RUNNING,
             primary_metric=primary_metric,
@@ -187,8 +191,22 @@ def start_candidate(
         session.add(fresh)
         session.flush()
         prompt = f" with prompt template {prompt_template_id}" if prompt_template_id else ""
-        add_event(session, fresh, "start", to_share=fresh.candidate_share, reason=f"{reason}: {model}{prompt}")
+        add_event(session, fresh, "start", to_share=fresh.candidate_share,
+                  reason=f"{reason}: {model}{prompt}{rolling}")
     return fresh
+
+
+def _carried_over(old: Experiment, share: float | None) -> tuple[float, dict[str, Any] | None, str]:
+    """A new candidate's share, rollout plan, and what its start says of them; `share`: the one asked for, if any.
+
+    Mid-rollout, the old candidate's ramped share is no share for an untested model: it starts the plan over
+    at step 1, with the plan's checks (and automatic roll-back) from the first step on.
+    """
+    if share is not None or not old.rollout:
+        return (old.candidate_share if share is None else share), None, ""
+    plan = _plan(old.rollout)
+    first = plan.steps[0]
+    return first, plan.to_dict(step=0), f"; rollout carried over: step 1 of {len(plan.steps)} ({first:.0%})"
 
 
 def _end(session: Session, experiment: Experiment, outcome: str, decision: dict[str, Any]) -> None:

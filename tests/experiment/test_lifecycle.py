@@ -276,3 +276,30 @@ def test_of_two_concurrent_changes_of_one_experiment_one_wins_and_the_other_find
     assert [kind for kind, *_ in _events(db, original.id)] == ["start", ended.status]
     running = [e for e in experiments.list_experiments(db) if e.status == "running"]
     assert [e.id for e in running] == [won[0].id]
+
+
+def _ramped_to(db, experiment_id: str, step: int) -> None:
+    """The rollout at `step` of its plan, as its evaluations would have left it."""
+    with db.session() as session:
+        running = session.get(Experiment, experiment_id)
+        running.rollout = dict(running.rollout, step=step)
+        running.candidate_share = running.rollout["steps"][step]
+
+
+def test_a_new_candidate_mid_rollout_starts_the_plan_over_at_its_first_step(sqlite_db):
+    """It used to inherit the ramped share (25% of users for an untested model) and lose the plan, so that a
+    breach was rolled back by nobody."""
+    running = traffic.start(sqlite_db, share=0.0)
+    plan = {"steps": [0.05, 0.25, 0.5], "min_users_per_step": 300, "min_hours_per_step": 0.5, "auto_promote": False}
+    lifecycle.set_rollout(sqlite_db, running.id, plan)
+    _ramped_to(sqlite_db, running.id, 1)
+    fresh = lifecycle.start_candidate(sqlite_db, base_url="http://next.test/v1", model="next")
+    stored = experiments.get(sqlite_db, fresh.id)
+    assert (stored.candidate_share, stored.rollout) == (0.05, dict(plan, step=0))
+    assert _events(sqlite_db, fresh.id) == [
+        ("start", None, 0.05, "new candidate: next; rollout carried over: step 1 of 3 (5%)")]
+    assert _events(sqlite_db, running.id)[-1] == ("stopped", 0.25, 0.0, "replaced by a new candidate")
+    # A share asked for is what it starts at, and the plan stays behind, as without a rollout.
+    asked = lifecycle.start_candidate(sqlite_db, base_url="http://more.test/v1", model="more", share=0.2)
+    stored = experiments.get(sqlite_db, asked.id)
+    assert (stored.candidate_share, stored.rollout) == (0.2, None)

@@ -107,6 +107,26 @@ def test_the_view_shows_each_arms_adapter_and_the_recorded_decision(proxy, clien
     assert promoted["arms"]["control"]["adapter_id"] == "lora-v2" and promoted["arms"]["candidate"] is None
 
 
+def test_a_new_candidate_mid_rollout_starts_the_plan_over(proxy, client, admin_headers, candidate_upstream):
+    """PUT with a candidate alone while a rollout ramps: the new one starts at the plan's first step, plan and
+    all; it used to take over the ramped share with no plan."""
+    from store.models import Experiment
+
+    url, app = proxy
+    arm = {"base_url": candidate_upstream[1], "model": "candidate-model"}
+    plan = {"steps": [0.1, 0.5], "min_users_per_step": 300, "min_hours_per_step": 0.0, "auto_promote": True}
+    first = client.put(f"{url}/api/v1/admin/experiment", headers=admin_headers,
+                       json={"candidate": arm, "rollout": plan}).json()
+    with app.state.abloop.db.session() as session:  # its evaluations have ramped it to the last step
+        ramped = session.get(Experiment, first["id"])
+        ramped.candidate_share, ramped.rollout = 0.5, dict(plan, step=1)
+    new = client.put(f"{url}/api/v1/admin/experiment", headers=admin_headers,
+                     json={"candidate": dict(arm, model="candidate-model-v2")})
+    assert new.status_code == 200, new.text
+    assert new.json()["id"] != first["id"]
+    assert (new.json()["candidate_share"], new.json()["rollout"]) == (0.1, dict(plan, step=0))
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [({}, "candidate_share"), ({"candidate_share": 1.5}, "candidate_share"),
