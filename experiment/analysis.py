@@ -384,6 +384,7 @@ def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
             "index": phase.index, "share": phase.share, "start": phase.start.isoformat(),
             "end": phase.end.isoformat() if phase.end else None, "reason": phase.reason,
             "users": list(count.users),
+            "active_users": total if count.active is None else count.active,
             "expected": [total * (1 - share), total * share] if total else None,
             "p_value": p_value, "mismatch": mismatch,
         })

@@ -298,7 +298,7 @@ def _assemble(experiment: Experiment, phases: list[Phase], rows: _Rows, event_ph
                               latency_users=position[events["user"][timed]])
     left_phases, left_counts = np.unique(first_phase[left_out], return_counts=True)
     return Collected(experiment=experiment, arms=arms,
-                     phases=_phase_counts(phases, first_phase[present], home[present]),
+                     phases=_phase_counts(phases, first_phase[present], home[present], phase, user, population),
                      crossovers=int(crossed), excluded_requests=int(excluded.sum()),
                      anonymous_requests=int(n - named.size), left_out_requests=int(in_left_out.sum()),
                      left_out_by_phase={int(k): int(v) for k, v in zip(left_phases, left_counts, strict=True)})
@@ -354,16 +354,21 @@ def _add_scores(sums: dict[str, np.ndarray], scores: dict[str, np.ndarray], at: 
         sums[f"{method}_n"] += np.bincount(scores["user"][mine], minlength=population)
 
 
-def _phase_counts(phases: list[Phase], first_phase: np.ndarray, home: np.ndarray) -> list[PhaseCount]:
-    """Per phase, the users first seen in it by the arm they were assigned then (their first request's).
+def _phase_counts(phases: list[Phase], first_phase: np.ndarray, home: np.ndarray, phase: np.ndarray,
+                  user: np.ndarray, population: int) -> list[PhaseCount]:
+    """Per phase, the users first seen in it by the arm they were assigned then (their first request's), and
+    all the users active in it.
 
     Only first exposures test the split: whether a user comes back in a later phase depends on how the arm
     treated them, so counting returning users would read a candidate that drives users away as a broken split.
+    A rollout step's exposure is everyone it served, returning users too (a step of a closed population has
+    no new users at all).
     """
     import numpy as np
 
     assigned = np.bincount(first_phase * 2 + home, minlength=2 * len(phases)).reshape(-1, 2)
-    return [PhaseCount(p, (int(assigned[k, 0]), int(assigned[k, 1]))) for k, p in enumerate(phases)]
+    active = np.bincount(np.unique(phase * population + user) // population, minlength=len(phases))
+    return [PhaseCount(p, (int(assigned[k, 0]), int(assigned[k, 1])), int(active[k])) for k, p in enumerate(phases)]
 
 
 def _moved_buckets(phases: list[Phase]) -> list[tuple[int, int]]:

@@ -87,6 +87,7 @@ class ArmUsers:
 class PhaseCount:
     phase: Phase
     users: tuple[int, int]  # users first seen in the phase, by the arm assigned then (control, candidate)
+    active: int | None = None  # users with a request in the phase, returning ones included (None: sum of users)
 
 
 @dataclass

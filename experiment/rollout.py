@@ -127,10 +127,11 @@ def _paused(share: float, plan: RolloutPlan, step: int) -> dict[str, Any]:
 
 
 def _step_progress(analysis: Analysis) -> tuple[int, float]:
-    """Users active in the current step (its phase: an experiment has at least one) and hours since it began."""
+    """Users active in the current step (its phase: an experiment has at least one), returning ones included, and
+    hours since it began."""
     current = analysis.phases[-1]
     started = datetime.fromisoformat(current["start"])
-    return sum(current["users"]), (utcnow() - started) / timedelta(hours=1)
+    return current["active_users"], (utcnow() - started) / timedelta(hours=1)
 
 
 def _brief(analysis: Analysis) -> dict[str, Any]:

@@ -132,6 +132,18 @@ def test_each_step_advances_to_the_next_share_of_the_plan(sqlite_db):
     assert step.reason.startswith("step 2 of 3 (30%): step 1 had ")
 
 
+def test_a_step_counts_the_users_it_served_returning_ones_too(sqlite_db):
+    """A closed population: step 2 sees no new user, only the 2,000 of step 1 coming back. They are its
+    exposure (the split check counts new users only, and a step counting only those would never advance)."""
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, {"steps": [0.1, 0.3, 0.5], "min_users_per_step": 2000,
+                                                  "min_hours_per_step": 0})
+    assert _step(sqlite_db, running.id, 2000, 0).decision["rollout"]["did"] == "advanced"
+    again = _step(sqlite_db, running.id, 2000, 0, seed=1)  # the same users, at 30% now
+    assert again.phases[-1]["users"] == [0, 0] and again.phases[-1]["active_users"] == 2000
+    assert again.decision["rollout"] == {"did": "advanced", "step": 2, "share": 0.5}, again.decision
+
+
 def test_a_step_waits_for_its_hours_as_well_as_its_users(sqlite_db, monkeypatch):
     from experiment import rollout
 
