@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ class Entry:
     row: dict[str, Any]
     attempts: int = 0  # times the database refused this row on its own (not counting outages)
     seq: int = 0  # position in the queue; 0 for rows that never went through it
+    missing_event: bool = False  # its last refusal was a foreign key: its event not in the database (not spooled)
 
 
 # --- spool encoding --------------------------------------------------------------------------------
@@ -105,6 +107,33 @@ def decode_entry(line: bytes) -> Entry:
     # Rows spooled before the writer made them storable (store.sanitize) would be refused for ever.
     row, _changed = storable(table, row)
     return Entry(table, row, int(record.get("attempts") or 0))
+
+
+def _rows_in(path: Path, table: str, ids: set[str]) -> set[str]:
+    """Which of `ids` the spool file at `path` holds as a `table` row."""
+    # A row's id is written as json.dumps writes it; a line holding it may also be another row that
+    # names it (feedback names its event), so a line that does is read to tell.
+    needles = {row_id: json.dumps(row_id, ensure_ascii=False).encode() for row_id in ids}
+    found: set[str] = set()
+    with open(path, "rb") as handle:
+        for line in handle:
+            for row_id, needle in needles.items():
+                if needle in line and row_id not in found and _is_row(line, table, row_id):
+                    found.add(row_id)
+            if len(found) == len(needles):
+                break
+    return found
+
+
+def _is_row(line: bytes, table: str, row_id: str) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a torn last line, being appended
+        return False
+    if not isinstance(record, dict) or record.get("table") != table:
+        return False
+    row = record.get("row")
+    return isinstance(row, dict) and row.get("id") == row_id
 
 
 # --- spool files -----------------------------------------------------------------------------------
@@ -193,6 +222,39 @@ class Spool:
         except OSError:
             return 0, False
         return total, moved
+
+    def holding(self, table: str, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` a spool file or claim holds as a `table` row: anyone's, being replayed or not.
+
+        A file that moves while it is read (claimed, given back, or replayed and removed, its refused rows
+        appended to the replayer's own file first) is looked for again under the names then listed, so a
+        row moving from one file to another is not missed. Raises OSError when the directory cannot be
+        read: then nobody can say.
+        """
+        wanted, found = set(ids), set()
+        for _ in range(_SIZE_LOOKS):
+            moved = False
+            for path in self._listed():
+                try:
+                    found |= _rows_in(path, table, wanted - found)
+                except FileNotFoundError:
+                    moved = True
+            if not moved or found == wanted:
+                break
+        return found
+
+    def is_empty(self) -> bool:
+        """No spool file or claim is left. Raises OSError when the directory cannot be read."""
+        # Looked at twice: a file renamed (claimed, given back) while the directory is read may be
+        # listed under neither name.
+        return not self._listed() and not self._listed()
+
+    def _listed(self) -> list[Path]:
+        try:
+            with os.scandir(self.directory) as entries:
+                return [Path(entry.path) for entry in entries if _is_spool_name(entry.name)]
+        except FileNotFoundError:  # nothing spooled yet
+            return []
 
     def append(self, entries: list[Entry]) -> None:
         """Append entries to this writer's spool file and fsync. Thread-safe."""

@@ -6,9 +6,10 @@ a retry or a replay is idempotent. A batch the database will not take (after ret
 exponential backoff) is appended to a spool file (JSON lines, fsynced); a replay loop claims spool
 files by atomic rename and inserts their rows once the database is back. A row the database
 rejects on its own (a constraint, a bad value) is isolated from its batch, retried through the
-spool a few times (feedback may arrive before its event is replayed) and then set aside under
-`<spool_dir>/rejected/` for an operator: kept, never blocking the other rows. Values PostgreSQL
-(or any UTF-8 encoder) cannot take, NUL, lone surrogates and NaN in JSON, are replaced as a row is
+spool a few times and then set aside under `<spool_dir>/rejected/` for an operator: kept, never
+blocking the other rows. Feedback refused for want of its event is not set aside while that event
+is still on its way (in any spool file: another worker may be replaying it). Values PostgreSQL (or
+any UTF-8 encoder) cannot take, NUL, lone surrogates and NaN in JSON, are replaced as a row is
 submitted (`store.sanitize`), on both databases, so they never cost a row.
 
 The spool files themselves (their format, naming, appends and claims) are `store.spool`'s.
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
 
 from store.db import Database, insert_ignoring
 from store.sanitize import storable
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 _TABLE_ORDER = {name: position for position, name in enumerate(TABLES)}
 
 MAX_ROW_ATTEMPTS = 5  # a row the database refuses this many times is set aside, not retried forever
+# ... unless the refusal is a feedback row's foreign key and its event is still on its way (in a spool
+# file, anyone's, or in the database by now): that refusal is not held against it (`_awaiting_their_event`).
 
 
 class _WriteFailed(Exception):
@@ -94,6 +98,24 @@ def _is_row_error(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.StatementError | sa_exc.CompileError | TypeError | ValueError)
 
 
+def _is_missing_event(exc: BaseException) -> bool:
+    """A foreign-key violation: the row's event is not in the database (yet)."""
+    cause = getattr(exc, "orig", None)
+    return (
+        getattr(cause, "sqlstate", None) == "23503"  # PostgreSQL's foreign_key_violation (psycopg)
+        or getattr(cause, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_FOREIGNKEY"
+    )
+
+
+def _stored_events(db: Database, event_ids: set[str]) -> set[str]:
+    """Which of `event_ids` are in the database. Blocking."""
+    if not event_ids:
+        return set()
+    table = TABLES["search_events"]
+    with db.engine.connect() as connection:
+        return set(connection.scalars(select(table.c.id).where(table.c.id.in_(sorted(event_ids)))))
+
+
 def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
     """Write entries; returns (written, refused rows). Raises _WriteFailed when the database fails.
 
@@ -120,6 +142,7 @@ def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], lis
             if not _is_row_error(exc):
                 raise _WriteFailed(written, bad, ordered[position:], exc) from exc
             log.warning("%s row %s refused: %s", entry.table, entry.row.get("id"), exc)
+            entry.missing_event = _is_missing_event(exc)
             bad.append(entry)
     return written, bad
 
@@ -137,6 +160,14 @@ async def _wait_for_event(event: asyncio.Event, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    count = counter.get(key, 0)
+    if count > 1:
+        counter[key] = count - 1
+    elif count:
+        del counter[key]
 
 
 class EventWriter:
@@ -182,6 +213,9 @@ class EventWriter:
         self._done_seq = 0  # every queued row up to here is written, spooled or set aside
         self._urgent_seq = 0  # a flush() waits for rows up to here: don't linger for a fuller batch
         self._pending: Counter[str] = Counter()
+        # Of those, rows spooled here: another writer sharing the directory may replay them and book
+        # them there, so they are released here once the spool is seen empty (`_forget_replayed_elsewhere`).
+        self._spooled: Counter[str] = Counter()
         self._db_down = False
         self._spool_failing = False  # the last append failed: the database is then the only way out
         self._stopping = False
@@ -253,6 +287,7 @@ class EventWriter:
                 log.exception("queue full and the spool is not writable; keeping the row in memory")
             else:
                 self.spooled += 1
+                self._spooled[entry.row["id"]] += 1
                 return
         self._seq += 1
         entry.seq = self._seq
@@ -414,6 +449,7 @@ class EventWriter:
                 return refused + pending
             self._spool_failing = False
             self.spooled += len(to_spool)
+            self._spooled.update(entry.row["id"] for entry in to_spool)
             return []
         finally:
             self._inflight -= len(batch)
@@ -433,13 +469,9 @@ class EventWriter:
         self._release_ids(entry.row["id"] for entry in entries)
 
     def _release_ids(self, ids) -> None:
-        pending = self._pending
         for row_id in ids:
-            count = pending.get(row_id, 0)
-            if count > 1:
-                pending[row_id] = count - 1
-            elif count:
-                del pending[row_id]
+            _decrement(self._pending, row_id)
+            _decrement(self._spooled, row_id)
 
     # --- the replay path -------------------------------------------------------------------------
 
@@ -454,6 +486,7 @@ class EventWriter:
     async def _replay_round(self) -> None:
         files = await asyncio.to_thread(self._spool.claimable)
         if not files:
+            await self._forget_replayed_elsewhere()
             if self._db_down and await asyncio.to_thread(self.db.ping):
                 log.info("database reachable again")
                 self._db_down = False
@@ -482,6 +515,40 @@ class EventWriter:
             if outcome.replayed and self._db_down:
                 log.info("spool replay succeeded; writing to the database again")
                 self._db_down = False
+
+    async def _forget_replayed_elsewhere(self) -> None:
+        """Release the rows spooled here once no spool file or claim is left: another writer sharing the
+        directory replayed them (or set them aside) and booked them there. Without this they stayed
+        pending for ever (`is_pending` true, the counter growing)."""
+        if not self._spooled:
+            return
+        spooled = list(self._spooled.elements())  # appended (fsynced) before the look below
+        try:
+            empty = await asyncio.to_thread(self._spool.is_empty)
+        except OSError:  # cannot tell: keep them pending
+            return
+        if empty:
+            self._release_ids(spooled)
+
+    def _awaiting_their_event(self, db: Database, refused: list[Entry]) -> list[Entry]:
+        """Of the rows about to be set aside, the feedback refused for want of an event still on its way.
+
+        On its way: in a spool file (this writer's or another's, being replayed or not: feedback answered
+        201 here may wait on an event another worker is replaying), or in the database by now. Such a
+        refusal is not held against the row; once its event is nowhere (set aside itself, or never
+        there) it is set aside at its next refusal. No other bound is needed: an event leaves the spool
+        once replayed or set aside. Looked for only at the last attempt, the spool is read at most once
+        per replayed file. Blocking.
+        """
+        orphans = [entry for entry in refused if entry.missing_event and isinstance(entry.row.get("event_id"), str)]
+        if not orphans:
+            return []
+        event_ids = {entry.row["event_id"] for entry in orphans}
+        # The spool first: a replay inserts an event before it removes its file, so an event moving
+        # from one to the other is seen in one or the other.
+        coming = self._spool.holding("search_events", event_ids)
+        coming |= _stored_events(db, event_ids - coming)
+        return [entry for entry in orphans if entry.row["event_id"] in coming]
 
     def _replay_claimed(self, db: Database, claimed: Path) -> _ReplayOutcome:
         """Insert a claimed file's rows in order, in chunks; the caller removes the file on success.
@@ -523,6 +590,10 @@ class EventWriter:
                         self._spool.heartbeat(claimed)
                 if chunk:
                     insert(chunk)
+            for entry in self._awaiting_their_event(db, refused):
+                entry.attempts -= 1  # this refusal is not held against it
+                refused.remove(entry)
+                retry.append(entry)
             if retry:
                 self._spool.append(retry)
             if refused or unreadable:

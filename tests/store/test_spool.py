@@ -13,7 +13,7 @@ import pytest
 
 from store import spool as spool_module
 from store.spool import CLAIM_MARK, REJECTED_DIR, SPOOL_SUFFIX, Entry, Spool
-from tests.store.conftest import dead_pid, event_row
+from tests.store.conftest import dead_pid, event_row, feedback_row
 
 
 def _claim_file(directory: Path, host: str, pid: int | str, stem: str = "h-1-x") -> Path:
@@ -171,3 +171,16 @@ def test_an_entry_comes_back_from_its_spool_line_as_it_went_in(attempts: int) ->
 def test_lines_that_are_not_spool_records_are_refused(record: dict) -> None:
     with pytest.raises(ValueError):
         spool_module.decode_entry(json.dumps(record).encode())
+
+
+def test_holding_finds_rows_in_any_spool_file_or_claim_and_only_as_the_table_named(tmp_path: Path) -> None:
+    mine, claimed, named_only, rejected = (event_row() for _ in range(4))
+    Spool(tmp_path).append([Entry("search_events", mine)])
+    other = Spool(tmp_path, host="elsewhere")
+    other.append([Entry("search_events", claimed), Entry("feedback", feedback_row(named_only["id"]))])
+    other.claim(other._path)  # being replayed by another worker: still held
+    other.set_aside([Entry("search_events", rejected)], [])  # set aside: no longer in the spool
+    (tmp_path / "h-1-torn.jsonl").write_bytes(b'{"table":"search_events","row":{"id":"' + mine["id"].encode())
+    ids = {row["id"] for row in (mine, claimed, named_only, rejected)}
+    assert Spool(tmp_path).holding("search_events", ids) == {mine["id"], claimed["id"]}
+    assert Spool(tmp_path / "none-yet").holding("search_events", ids) == set()

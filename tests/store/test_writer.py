@@ -142,6 +142,52 @@ async def test_feedback_for_an_event_still_in_the_spool(db: Database, dead_db: D
     assert writer.rejected == 0
 
 
+async def test_feedback_waits_for_an_event_another_writer_is_still_replaying(
+    db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    """Feedback answered 201 whose event another worker sharing the spool is still replaying (a long backlog):
+    the foreign key refuses it until then, and those refusals must not get it set aside."""
+    caplog.set_level(logging.WARNING, logger="store.writer")
+    spool = tmp_path / "spool"
+    event = event_row()
+    # Claimed by a live worker on another host: its claim is fresh, nobody takes it over.
+    replaying = spool / f"otherhost-1-a{CLAIM_MARK}otherhost-7"
+    _write_spool_file(replaying, [("search_events", event_row()), ("search_events", event)])
+    writer = make_writer(db, spool)
+    await writer.start()
+    feedback = feedback_row(event["id"])
+    writer.submit("feedback", feedback)
+
+    def refusals() -> int:
+        return sum(r.getMessage().startswith(f"feedback row {feedback['id']} refused") for r in caplog.records)
+
+    await wait_until(lambda: refusals() >= 2 * MAX_ROW_ATTEMPTS, what="refusals while its event is replayed")
+    assert writer.rejected == 0 and not (spool / REJECTED_DIR).exists() and writer.is_pending(feedback["id"])
+    # The other worker's replay gets the event in, then removes its file.
+    with db.session() as session:
+        session.add(SearchEvent(**event))
+    replaying.unlink()
+    await wait_until(lambda: events.count_feedback(db) == 1 and writer.spool_bytes == 0, what="feedback written")
+    assert writer.rejected == 0 and not writer.is_pending(feedback["id"])
+
+
+async def test_rows_another_writer_replayed_are_not_pending_for_ever(
+    db: Database, dead_db: Database, make_writer, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spooling = make_writer(dead_db, spool)  # not started: flush() drains in the caller's task
+    row = event_row()
+    spooling.submit("search_events", row)
+    await spooling.flush()
+    assert spooling.spooled == 1 and spooling.is_pending(row["id"])
+    replayer = make_writer(db, spool)
+    await replayer.start()
+    await wait_until(lambda: replayer.replayed == 1 and replayer.spool_bytes == 0, what="replayed by the other")
+    spooling.db = db
+    await spooling.start()
+    await wait_until(lambda: not spooling.is_pending(row["id"]), what="the row no longer pending where it was spooled")
+
+
 async def test_database_unreachable_spools_then_replays(db: Database, dead_db: Database, make_writer) -> None:
     writer = make_writer(dead_db, batch_size=100)
     await writer.start()
