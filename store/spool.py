@@ -94,13 +94,15 @@ def encode_entry(entry: Entry) -> str:
 
 
 def decode_entry(line: bytes) -> Entry:
-    """One spool line back to an entry; datetimes (ISO strings) back to datetimes. ValueError if unusable."""
+    """One spool line back to an entry; datetimes (ISO strings) back to datetimes. ValueError if unusable.
+
+    Columns this release does not know (`newer_columns`) are kept: a newer release sharing the spool wrote
+    them (a rolling deploy), and the writer inserts them where the database has them.
+    """
     record = json.loads(line)
     table, row = record.get("table"), record.get("row")
     if table not in TABLES or not isinstance(row, dict) or not row.get("id"):
         raise ValueError("not a spool record")
-    if row.keys() - COLUMNS[table]:
-        raise ValueError(f"unknown columns for {table}: {sorted(row.keys() - COLUMNS[table])}")
     for name in _DATETIME_COLUMNS[table]:
         if isinstance(row.get(name), str):
             row[name] = datetime.fromisoformat(row[name])
@@ -134,6 +136,11 @@ def _is_row(line: bytes, table: str, row_id: str) -> bool:
         return False
     row = record.get("row")
     return isinstance(row, dict) and row.get("id") == row_id
+
+
+def newer_columns(entry: Entry) -> frozenset[str]:
+    """The columns of a spooled row that this release does not know (written by a newer one)."""
+    return frozenset(entry.row.keys() - COLUMNS[entry.table])
 
 
 # --- spool files -----------------------------------------------------------------------------------

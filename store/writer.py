@@ -8,9 +8,11 @@ files by atomic rename and inserts their rows once the database is back. A row t
 rejects on its own (a constraint, a bad value) is isolated from its batch, retried through the
 spool a few times and then set aside under `<spool_dir>/rejected/` for an operator: kept, never
 blocking the other rows. Feedback refused for want of its event is not set aside while that event
-is still on its way (in any spool file: another worker may be replaying it). Values PostgreSQL (or
-any UTF-8 encoder) cannot take, NUL, lone surrogates and NaN in JSON, are replaced as a row is
-submitted (`store.sanitize`), on both databases, so they never cost a row.
+is still on its way (in any spool file: another worker may be replaying it). A spooled row with
+columns this release does not know (a newer one wrote it, mid-deploy) goes in with them where the
+database has them, and otherwise stays in the spool: it is never set aside for that. Values
+PostgreSQL (or any UTF-8 encoder) cannot take, NUL, lone surrogates and NaN in JSON, are replaced as
+a row is submitted (`store.sanitize`), on both databases, so they never cost a row.
 
 The spool files themselves (their format, naming, appends and claims) are `store.spool`'s.
 
@@ -35,20 +37,24 @@ litequeue supports 3.11.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 from collections import Counter, deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Column, DateTime, MetaData, Table, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy import inspect as sa_inspect
 
 from store.db import Database, insert_ignoring
 from store.sanitize import storable
-from store.spool import COLUMNS, TABLES, Entry, Spool, decode_entry, encode_entry
+from store.spool import COLUMNS, TABLES, Entry, Spool, decode_entry, encode_entry, newer_columns
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +85,14 @@ class _ReplayOutcome:
 # --- SQL -------------------------------------------------------------------------------------------
 
 
-def _insert(connection, entries: list[Entry]) -> None:
+def _insert(connection, entries: list[Entry], tables: Mapping[str, Table] = TABLES) -> None:
     """Insert in one transaction: search_events first, rows with the same columns in one executemany."""
     groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
     for entry in sorted(entries, key=lambda e: _TABLE_ORDER[e.table]):
         groups.setdefault((entry.table, tuple(sorted(entry.row))), []).append(entry.row)
     dialect = connection.dialect.name
     for (table, _columns), rows in groups.items():
-        connection.execute(insert_ignoring(dialect, TABLES[table]), rows)
+        connection.execute(insert_ignoring(dialect, tables[table]), rows)
 
 
 def _is_row_error(exc: BaseException) -> bool:
@@ -116,7 +122,9 @@ def _stored_events(db: Database, event_ids: set[str]) -> set[str]:
         return set(connection.scalars(select(table.c.id).where(table.c.id.in_(sorted(event_ids)))))
 
 
-def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+def _write_entries(
+    db: Database, entries: list[Entry], tables: Mapping[str, Table] = TABLES
+) -> tuple[list[Entry], list[Entry]]:
     """Write entries; returns (written, refused rows). Raises _WriteFailed when the database fails.
 
     Blocking: runs in a worker thread. One transaction for the batch; if a row spoils it, each row
@@ -124,7 +132,7 @@ def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], lis
     """
     try:
         with db.engine.begin() as connection:
-            _insert(connection, entries)
+            _insert(connection, entries, tables)
         return entries, []
     except Exception as exc:
         if not _is_row_error(exc):
@@ -136,7 +144,7 @@ def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], lis
     for position, entry in enumerate(ordered):
         try:
             with db.engine.begin() as connection:
-                _insert(connection, [entry])
+                _insert(connection, [entry], tables)
             written.append(entry)
         except Exception as exc:
             if not _is_row_error(exc):
@@ -145,6 +153,56 @@ def _write_entries(db: Database, entries: list[Entry]) -> tuple[list[Entry], lis
             entry.missing_event = _is_missing_event(exc)
             bad.append(entry)
     return written, bad
+
+
+def _write_newer(db: Database, entries: list[Entry]) -> tuple[list[Entry], list[Entry], list[Entry]]:
+    """Write rows that a newer release spooled, with columns this one does not know: (written, refused, kept).
+
+    Where the database has those columns (that release migrated it) the rows go in with them; where it
+    does not, they are kept, to go back to the spool for a release or a schema that has them: a column
+    this release does not know is never a reason to set a row aside. Blocking.
+    """
+    written: list[Entry] = []
+    refused: list[Entry] = []
+    kept: list[Entry] = []
+    groups: dict[tuple[str, frozenset[str]], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.table, newer_columns(entry)), []).append(entry)
+    for (table, names), group in groups.items():
+        wide = _widened(db, table, names)
+        if wide is None:
+            kept.extend(group)
+            continue
+        for entry in group:
+            _parse_datetimes(entry, wide, names)
+        ok, bad = _write_entries(db, group, {**TABLES, table: wide})
+        written.extend(ok)
+        refused.extend(bad)
+    if kept:
+        log.warning("kept %d spooled rows whose columns the database lacks (a newer release's?): %s",
+                    len(kept), sorted({name for entry in kept for name in newer_columns(entry)}))
+    return written, refused, kept
+
+
+def _widened(db: Database, table: str, names: frozenset[str]) -> Table | None:
+    """The model's `table` plus the columns `names` as the database has them; None when it lacks one."""
+    with db.engine.connect() as connection:
+        found = {column["name"]: column["type"] for column in sa_inspect(connection).get_columns(table)}
+    if not names <= found.keys():
+        return None
+    wide = TABLES[table].to_metadata(MetaData())
+    for name in sorted(names):
+        wide.append_column(Column(name, found[name]))
+    return wide
+
+
+def _parse_datetimes(entry: Entry, wide: Table, names: frozenset[str]) -> None:
+    # Spooled as ISO strings, as the known datetime columns are (store.spool.decode_entry).
+    for name in names:
+        value = entry.row[name]
+        if isinstance(wide.c[name].type, DateTime) and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # left as it is, the database judges it: a row's refusal
+                entry.row[name] = datetime.fromisoformat(value)
 
 
 async def _wait_for_event(event: asyncio.Event, timeout_s: float) -> bool:
@@ -561,7 +619,12 @@ class EventWriter:
         unreadable: list[bytes] = []
 
         def insert(chunk: list[Entry]) -> None:
-            written, bad = _write_entries(db, chunk)
+            written, bad = _write_entries(db, [entry for entry in chunk if not newer_columns(entry)])
+            newer = [entry for entry in chunk if newer_columns(entry)]
+            if newer:
+                newer_written, newer_bad, kept = _write_newer(db, newer)
+                written, bad = written + newer_written, bad + newer_bad
+                retry.extend(kept)  # not a refusal: no attempt counted
             outcome.replayed += len(written)
             outcome.replayed_ids.extend(entry.row["id"] for entry in written)
             for entry in bad:

@@ -165,12 +165,18 @@ def test_an_entry_comes_back_from_its_spool_line_as_it_went_in(attempts: int) ->
         {"table": "nope", "row": {"id": "x"}},
         {"table": "search_events", "row": ["x"]},
         {"table": "search_events", "row": {"query": "no id"}},
-        {"table": "search_events", "row": {"id": "x", "not_a_column": 1}},
     ],
 )
 def test_lines_that_are_not_spool_records_are_refused(record: dict) -> None:
     with pytest.raises(ValueError):
         spool_module.decode_entry(json.dumps(record).encode())
+
+
+def test_a_column_of_a_newer_release_is_kept_not_refused() -> None:
+    row = event_row(added_by_a_newer_release=1)
+    entry = spool_module.decode_entry(spool_module.encode_entry(Entry("search_events", row)).encode())
+    assert entry.row["added_by_a_newer_release"] == 1 and entry.row["ts"] == row["ts"]
+    assert spool_module.newer_columns(entry) == {"added_by_a_newer_release"}
 
 
 def test_holding_finds_rows_in_any_spool_file_or_claim_and_only_as_the_table_named(tmp_path: Path) -> None:

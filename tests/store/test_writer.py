@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
 from store import events
@@ -319,6 +319,34 @@ async def test_an_unreadable_line_mid_file_costs_only_itself(db: Database, make_
     assert writer.replayed == 5 and events.count_events(db) == 5
     [rejected] = list((spool / REJECTED_DIR).iterdir())
     assert "not json at all" in rejected.read_text()
+
+
+async def test_a_row_spooled_by_a_newer_release_waits_for_its_columns_then_goes_in(
+    db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    """A rolling deploy: a newer release sharing the spool wrote rows with columns its migration adds. Until the
+    database has them the rows stay in the spool (never set aside); then they go in, those columns too."""
+    caplog.set_level(logging.WARNING, logger="store.writer")
+    spool = tmp_path / "spool"
+    newer = event_row(level="debug", seen_at=datetime(2026, 5, 1, 12, tzinfo=UTC))
+    _write_spool_file(spool / "newer-1-a.jsonl", [("search_events", newer), ("search_events", event_row())])
+    writer = make_writer(db, spool)
+    await writer.start()
+    await wait_until(lambda: sum(r.getMessage().startswith("kept 1 spooled") for r in caplog.records)
+                     > MAX_ROW_ATTEMPTS, what="replays without the columns")
+    assert writer.rejected == 0 and not (spool / REJECTED_DIR).exists() and writer.spool_bytes > 0
+    assert events.count_events(db) == 1 and not events.event_exists(db, newer["id"])
+
+    timestamp = "TIMESTAMP WITH TIME ZONE" if db.engine.dialect.name == "postgresql" else "DATETIME"
+    with db.engine.begin() as connection:  # the newer release's migration
+        connection.execute(text("ALTER TABLE search_events ADD COLUMN level TEXT"))
+        connection.execute(text(f"ALTER TABLE search_events ADD COLUMN seen_at {timestamp}"))
+    await wait_until(lambda: writer.spool_bytes == 0, what="the row replayed with its columns")
+    with db.engine.connect() as connection:
+        level, seen_at = connection.execute(
+            text("SELECT level, seen_at FROM search_events WHERE id = :id"), {"id": newer["id"]}
+        ).one()
+    assert level == "debug" and seen_at is not None and writer.rejected == 0
 
 
 async def test_set_aside_rows_are_counted_across_files(db: Database, make_writer, tmp_path: Path) -> None:
