@@ -83,6 +83,8 @@ def act(db: Database, experiment: Experiment, analysis: Analysis) -> dict[str, A
         return _apply(db, experiment, plan, step, analysis)
     except lifecycle.StaleAnalysis as error:
         return {"did": "stale", "step": step, "reason": f"stale analysis: {error}; the next evaluation decides"}
+    except lifecycle.NoPromoteDecision as error:  # an overlapping evaluation recorded another verdict meanwhile
+        return {"did": "stale", "step": step, "reason": f"{error}; the next evaluation decides"}
     except lifecycle.ExperimentNotRunning as error:  # ended meanwhile: by an overlapping evaluation, an operator
         return {"did": "ended", "step": step, "reason": str(error)}
 

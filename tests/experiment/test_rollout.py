@@ -256,6 +256,29 @@ def test_a_share_set_by_hand_at_the_last_step_is_not_promoted(sqlite_db):
     assert experiments.get(sqlite_db, running.id).status == "running"
 
 
+def test_an_evaluation_whose_promote_verdict_was_overwritten_meanwhile_does_not_promote(sqlite_db, monkeypatch):
+    """Another evaluation recorded `keep_running` between this one's verdict and its act: promote refuses (the
+    recorded decision is what an operator sees), and the run says so instead of failing."""
+    from experiment import rollout
+    from store.models import Experiment
+
+    running = traffic.start(sqlite_db, share=0.0)
+    lifecycle.set_rollout(sqlite_db, running.id, dict(PLAN, steps=[0.5]))
+    traffic.write(sqlite_db, experiments.get(sqlite_db, running.id), users=4000, candidate=ArmBehaviour(up=0.75))
+    real = rollout._brief
+
+    def overwritten(analysis):
+        with sqlite_db.session() as session:
+            session.get(Experiment, running.id).decision = {"action": "keep_running", "reason": "another look"}
+        return real(analysis)
+
+    monkeypatch.setattr(rollout, "_brief", overwritten)
+    late = experiment.evaluate(sqlite_db, running.id)
+    assert late.action == "promote" and late.decision["rollout"]["did"] == "stale", late.decision["rollout"]
+    assert "no recorded promote decision (recorded: 'keep_running')" in late.decision["rollout"]["reason"]
+    assert experiments.get(sqlite_db, running.id).status == "running"
+
+
 def test_a_paused_rollout_still_rolls_back_on_a_breach(sqlite_db):
     running = traffic.start(sqlite_db, share=0.0)
     lifecycle.set_rollout(sqlite_db, running.id, PLAN)
