@@ -9,9 +9,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from serving.schemas import ADAPTER_NAME_CHARS, ADAPTER_NAME_MAX_LENGTH
 from store.db import Database
 from store.models import Adapter
+
+# The model server's rule for an adapter's name (serving.schemas.ADAPTER_NAME_CHARS / _MAX_LENGTH: peft refuses
+# "."), restated: training does not import serving (DESIGN's import direction). tests/training/test_train.py
+# checks the two agree and that the server takes these names.
+_SERVABLE_CHARS = "A-Za-z0-9_-"
+_SERVABLE_MAX_LENGTH = 128
 
 
 class AdapterNameTaken(RuntimeError):
@@ -26,7 +31,7 @@ def adapter_name(base_name: str, dataset_hash: str, now: datetime | None = None)
     """
     stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     suffix = f"-{stamp}-{dataset_hash[:8]}"
-    base = re.sub(f"[^{ADAPTER_NAME_CHARS}]", "_", base_name)[: ADAPTER_NAME_MAX_LENGTH - len(suffix)]
+    base = re.sub(f"[^{_SERVABLE_CHARS}]", "_", base_name)[: _SERVABLE_MAX_LENGTH - len(suffix)]
     return base + suffix
 
 

@@ -189,6 +189,19 @@ def test_adapter_name_format():
     assert len(long) == 128 and long.endswith("m-20260517T080910Z-abcdef01")
 
 
+def test_trained_adapter_names_are_names_the_model_server_takes():
+    """training restates the server's rule (it may not import serving): the two must agree."""
+    from serving import schemas
+    from serving.adapters import _check_name
+    from training import registry
+
+    assert (registry._SERVABLE_CHARS, registry._SERVABLE_MAX_LENGTH) == (schemas.ADAPTER_NAME_CHARS,
+                                                                        schemas.ADAPTER_NAME_MAX_LENGTH)
+    when = datetime(2026, 5, 17, 8, 9, 10, tzinfo=UTC)
+    for base in ("Qwen2.5-0.5B-Instruct", "m" * 200, "base model (v2)/ü", "SmolLM2-135M-Instruct"):
+        _check_name(adapter_name(base, "abcdef0123456789", when))  # raises BadAdapter if refused
+
+
 @pytest.mark.slow
 def test_4bit_needs_cuda_and_leaves_nothing_behind(data_dir, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError) as refused:
