@@ -175,19 +175,28 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
     )
 
 
-# FastAPI's answer to a body that its JSON parser raised on with something other than a decode error: over
-# Python's 4,300-digit integer limit, or nested past the recursion limit. Valid JSON syntax, so not its 422.
+# FastAPI's answer to a body that its JSON parser raised on with something other than a decode error: bytes
+# that are not UTF-8, an integer over Python's 4,300 digits, nesting past the recursion limit.
 _BODY_PARSE_FAILED = "There was an error parsing the body"
 
 
 async def _http_error(request: Request, error: HTTPException) -> Any:
     """A body FastAPI could not parse is a 422 naming the body, as every other bad body is (DESIGN)."""
     if error.status_code == 400 and error.detail == _BODY_PARSE_FAILED and error.__cause__ is not None:
-        reason = "an integer over 4,300 digits" if isinstance(error.__cause__, ValueError) else "nested too deeply"
-        issue = {"loc": ["body"], "msg": f"JSON body could not be parsed: {reason}", "type": "json_invalid"}
-        return JSONResponse(status_code=422, content={"message": f"invalid request: body: {issue['msg']}",
-                                                      "detail": [issue]})
+        return await _validation_error(request, RequestValidationError([{
+            "loc": ("body",), "msg": f"JSON body could not be parsed: {_parse_failure(error.__cause__)}",
+            "type": "json_invalid"}]))
     return await http_exception_handler(request, error)
+
+
+def _parse_failure(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "an integer over 4,300 digits"
+    return type(cause).__name__
 
 
 # The most of any client-sent value a 422 echoes back.

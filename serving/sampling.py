@@ -51,7 +51,11 @@ def sample(
     for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy or generator is None:
             continue
-        probs = _distribution(logits[i], p.temperature, out[i])
+        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        # An inf or nan logit (a model overflowing in half precision) makes the softmax nan: the row keeps its
+        # argmax (the inf's token, the softmax's limit) instead of failing, and with it its whole batch.
+        if not torch.isfinite(probs).all():
+            continue
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             cum = sorted_p.cumsum(-1)
@@ -62,19 +66,6 @@ def sample(
         else:
             out[i] = int(torch.multinomial(probs, 1, generator=generator).item())
     return out
-
-
-def _distribution(row_logits: torch.Tensor, temperature: float, argmax: int) -> torch.Tensor:
-    """softmax(logits / temperature), or all the mass on ``argmax`` where that is no distribution.
-
-    An inf or nan logit (a model overflowing in half precision) makes the softmax nan; the row then takes
-    its argmax (the inf's token: the softmax's limit) instead of failing, and with it its whole batch.
-    ``torch.where`` on the check keeps the step free of a host sync.
-    """
-    probs = torch.softmax(row_logits / temperature, dim=-1)
-    fallback = torch.zeros_like(probs)
-    fallback[argmax] = 1.0
-    return torch.where(torch.isfinite(probs).all(), probs, fallback)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -130,9 +130,11 @@ def test_invalid_json_gets_422(tmp_path, client, control_upstream):
 @pytest.mark.parametrize(("content", "reason"), [
     (b'{"query": "q", "top_k": ' + b"9" * 5000 + b"}", "an integer over 4,300 digits"),
     (b'{"query": "q", "top_k": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested too deeply"),
+    (b'{"query": "caf\xe9"}', "not UTF-8"),
 ])
 def test_json_its_parser_cannot_hold_gets_422_naming_the_body(tmp_path, client, control_upstream, content, reason):
-    """Valid JSON syntax that Python's parser refuses: FastAPI answered 400 "There was an error parsing the body"."""
+    """Bodies Python's JSON parser refuses past its syntax check: FastAPI answered 400 "There was an error parsing
+    the body"."""
     with running_proxy(_settings(tmp_path, control_upstream[1])) as (url, app):
         response = client.post(f"{url}/api/v1/search", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 422, response.text
