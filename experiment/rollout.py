@@ -96,7 +96,7 @@ def _apply(db: Database, experiment: Experiment, plan: RolloutPlan, step: int, a
         successor = lifecycle.rollback(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
                                        analysis=snapshot)
         return {"did": "rolled_back", "step": step, "successor": successor.id}
-    if experiment.candidate_share != plan.steps[step]:
+    if is_paused(experiment.candidate_share, experiment.rollout or {}):
         return _paused(experiment.candidate_share, plan, step)
     users, hours = _step_progress(analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
@@ -118,6 +118,11 @@ def _apply(db: Database, experiment: Experiment, plan: RolloutPlan, step: int, a
     if action == PROMOTE:
         return dict(waiting, did="awaiting_approval")
     return waiting
+
+
+def is_paused(share: float, rollout: dict[str, Any]) -> bool:
+    """Whether an experiment's share is not its rollout's current step (`Experiment.rollout`): set by hand."""
+    return share != rollout["steps"][int(rollout.get("step", 0))]
 
 
 def _paused(share: float, plan: RolloutPlan, step: int) -> dict[str, Any]:

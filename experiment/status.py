@@ -96,6 +96,12 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"  rollout {steps}: step {rollout['step'] + 1} of {len(rollout['steps'])} (min "
                      f"{rollout['min_users_per_step']} users and {rollout['min_hours_per_step']} h per step, "
                      f"{'auto-promote' if rollout['auto_promote'] else 'promote on approval'})")
+        # Imported here: experiment.rollout imports the analysis, which a status without a plan does not need.
+        from experiment.rollout import is_paused
+
+        if is_paused(experiment["candidate_share"], rollout):
+            lines.append(f"  rollout PAUSED: the share was set by hand to {_share(experiment['candidate_share'])}; "
+                         "PUT a new rollout to resume")
     decision = experiment["decision"] or {}
     if decision.get("action"):
         lines.append(f"  last decision: {decision['action']} - {decision.get('reason', '')}")

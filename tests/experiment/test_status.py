@@ -122,6 +122,11 @@ def test_status_shows_the_arms_the_rollout_the_decision_and_every_transition(sql
                                                          ["rollout_step", "50%", "->", "10%"]]
     assert status["experiment"]["phase"] == {"index": 2, "of": 2, "share": 0.1,
                                              "since": status["experiment"]["transitions"][1]["ts"]}
+    assert "PAUSED" not in render(status)
+    lifecycle.set_share(sqlite_db, running_id, 0.3)  # by hand, mid-rollout
+    paused = render(describe(sqlite_db, running_id)).splitlines()
+    assert paused[5].startswith("  rollout 10% -> 50%: step 1 of 2 ")
+    assert paused[6] == "  rollout PAUSED: the share was set by hand to 30%; PUT a new rollout to resume"
 
 
 @pytest.mark.parametrize(("described", "arm", "label"), [
