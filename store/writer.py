@@ -41,7 +41,6 @@ import contextlib
 import fcntl
 import logging
 from collections import Counter, deque
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -84,15 +83,29 @@ class _ReplayOutcome:
 
 # --- SQL -------------------------------------------------------------------------------------------
 
+# The model's table widened with the columns a newer release spooled, as the database has them; None where it
+# lacks one. Keyed by (table, those columns) (`_split_newer`).
+_Widened = dict[tuple[str, frozenset[str]], Table | None]
+_NONE_WIDENED: _Widened = {}  # never written to: rows of this release's columns only
 
-def _insert(connection, entries: list[Entry], tables: Mapping[str, Table] = TABLES) -> None:
-    """Insert in one transaction: search_events first, rows with the same columns in one executemany."""
+
+def _insert(connection, entries: list[Entry], widened: _Widened = _NONE_WIDENED) -> None:
+    """Insert in one transaction: search_events first, rows with the same columns in one executemany.
+
+    A row with columns this release does not know goes through its table as `widened` has it (`_split_newer`).
+    """
     groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
     for entry in sorted(entries, key=lambda e: _TABLE_ORDER[e.table]):
         groups.setdefault((entry.table, tuple(sorted(entry.row))), []).append(entry.row)
     dialect = connection.dialect.name
-    for (table, _columns), rows in groups.items():
-        connection.execute(insert_ignoring(dialect, tables[table]), rows)
+    for (table, columns), rows in groups.items():
+        connection.execute(insert_ignoring(dialect, _table_for(widened, table, columns)), rows)
+
+
+def _table_for(widened: _Widened, table: str, columns: tuple[str, ...]) -> Table:
+    newer = frozenset(columns) - COLUMNS[table]
+    wide = widened.get((table, newer)) if newer else None
+    return TABLES[table] if wide is None else wide
 
 
 def _is_row_error(exc: BaseException) -> bool:
@@ -123,7 +136,7 @@ def _stored_events(db: Database, event_ids: set[str]) -> set[str]:
 
 
 def _write_entries(
-    db: Database, entries: list[Entry], tables: Mapping[str, Table] = TABLES
+    db: Database, entries: list[Entry], widened: _Widened = _NONE_WIDENED
 ) -> tuple[list[Entry], list[Entry]]:
     """Write entries; returns (written, refused rows). Raises _WriteFailed when the database fails.
 
@@ -132,7 +145,7 @@ def _write_entries(
     """
     try:
         with db.engine.begin() as connection:
-            _insert(connection, entries, tables)
+            _insert(connection, entries, widened)
         return entries, []
     except Exception as exc:
         if not _is_row_error(exc):
@@ -144,7 +157,7 @@ def _write_entries(
     for position, entry in enumerate(ordered):
         try:
             with db.engine.begin() as connection:
-                _insert(connection, [entry], tables)
+                _insert(connection, [entry], widened)
             written.append(entry)
         except Exception as exc:
             if not _is_row_error(exc):
@@ -155,33 +168,25 @@ def _write_entries(
     return written, bad
 
 
-def _write_newer(db: Database, entries: list[Entry]) -> tuple[list[Entry], list[Entry], list[Entry]]:
-    """Write rows that a newer release spooled, with columns this one does not know: (written, refused, kept).
-
-    Where the database has those columns (that release migrated it) the rows go in with them; where it
-    does not, they are kept, to go back to the spool for a release or a schema that has them: a column
-    this release does not know is never a reason to set a row aside. Blocking.
+def _split_newer(db: Database, entries: list[Entry], widened: _Widened) -> tuple[list[Entry], list[Entry]]:
+    """(writable, kept): rows a newer release spooled, with columns this one does not know, are writable where
+    the database has those columns (that release migrated it), through the table `widened` gets for them; where
+    it does not, they are kept, to go back to the spool for a release or a schema that has them. Blocking.
     """
-    written: list[Entry] = []
-    refused: list[Entry] = []
+    writable: list[Entry] = []
     kept: list[Entry] = []
-    groups: dict[tuple[str, frozenset[str]], list[Entry]] = {}
     for entry in entries:
-        groups.setdefault((entry.table, newer_columns(entry)), []).append(entry)
-    for (table, names), group in groups.items():
-        wide = _widened(db, table, names)
-        if wide is None:
-            kept.extend(group)
-            continue
-        for entry in group:
-            _parse_datetimes(entry, wide, names)
-        ok, bad = _write_entries(db, group, {**TABLES, table: wide})
-        written.extend(ok)
-        refused.extend(bad)
-    if kept:
-        log.warning("kept %d spooled rows whose columns the database lacks (a newer release's?): %s",
-                    len(kept), sorted({name for entry in kept for name in newer_columns(entry)}))
-    return written, refused, kept
+        names = newer_columns(entry)
+        if names:
+            key = (entry.table, names)
+            if key not in widened:
+                widened[key] = _widened(db, entry.table, names)
+            if widened[key] is None:
+                kept.append(entry)
+                continue
+            _parse_datetimes(entry, widened[key], names)
+        writable.append(entry)
+    return writable, kept
 
 
 def _widened(db: Database, table: str, names: frozenset[str]) -> Table | None:
@@ -619,12 +624,14 @@ class EventWriter:
         unreadable: list[bytes] = []
 
         def insert(chunk: list[Entry]) -> None:
-            written, bad = _write_entries(db, [entry for entry in chunk if not newer_columns(entry)])
-            newer = [entry for entry in chunk if newer_columns(entry)]
-            if newer:
-                newer_written, newer_bad, kept = _write_newer(db, newer)
-                written, bad = written + newer_written, bad + newer_bad
-                retry.extend(kept)  # not a refusal: no attempt counted
+            # One transaction for the chunk, newer rows included: events go in before their feedback.
+            widened: _Widened = {}
+            writable, kept = _split_newer(db, chunk, widened)
+            retry.extend(kept)  # not a refusal: no attempt counted
+            if kept:
+                log.warning("kept %d spooled rows whose columns the database lacks (a newer release's?): %s",
+                            len(kept), sorted({name for entry in kept for name in newer_columns(entry)}))
+            written, bad = _write_entries(db, writable, widened)
             outcome.replayed += len(written)
             outcome.replayed_ids.extend(entry.row["id"] for entry in written)
             for entry in bad:

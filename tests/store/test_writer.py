@@ -349,6 +349,27 @@ async def test_a_row_spooled_by_a_newer_release_waits_for_its_columns_then_goes_
     assert level == "debug" and seen_at is not None and writer.rejected == 0
 
 
+async def test_a_newer_releases_event_goes_in_before_its_feedback(
+    db: Database, make_writer, tmp_path: Path, caplog
+) -> None:
+    """Mid-deploy, a newer release's event has the column its migration added and its feedback does not: the
+    replay writes the event first (one transaction), so the feedback is not refused for want of it."""
+    caplog.set_level(logging.WARNING, logger="store.writer")
+    with db.engine.begin() as connection:  # the newer release's migration
+        connection.execute(text("ALTER TABLE search_events ADD COLUMN level TEXT"))
+    spool = tmp_path / "spool"
+    event = event_row(level="debug")
+    feedback = feedback_row(event["id"])
+    _write_spool_file(spool / "newer-1-a.jsonl", [("search_events", event), ("feedback", feedback)])
+    writer = make_writer(db, spool)
+    claimed = writer._spool.claim(spool / "newer-1-a.jsonl")
+    outcome = await asyncio.to_thread(writer._replay_claimed, db, claimed)
+    assert outcome.ok and sorted(outcome.replayed_ids) == sorted([event["id"], feedback["id"]])
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [p.name for p in _spool_files(spool)] == [claimed.name]  # nothing went back to the spool
+    assert events.event_exists(db, event["id"])
+
+
 async def test_set_aside_rows_are_counted_across_files(db: Database, make_writer, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     for name in ("h-1-a.jsonl", "h-1-b.jsonl"):  # each an orphan on its last attempt
