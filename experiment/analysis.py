@@ -371,6 +371,10 @@ def _guardrails(metrics: dict[str, Any], users: tuple[int, int], policy: Policy)
             "note": "one-sided against a margin on the always-valid interval; only after the minimum sample"}
 
 
+EMPTY_ARM_TOLERANCE = 0.01
+EMPTY_ARM_MIN_USERS = 5
+
+
 def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
     rows, mismatches = [], []
     for count in collected.phases:
@@ -380,6 +384,10 @@ def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
         mismatch = p_value is not None and p_value < SRM_P
         if mismatch:
             mismatches.append(f"phase {phase.index + 1} (share {phase.share:.0%}, p={p_value:.2g})")
+        elif share in (0.0, 1.0) and _crowded_empty_arm(count.users[share == 0.0], total):
+            mismatch = True
+            mismatches.append(f"phase {phase.index + 1} (share {phase.share:.0%}, "
+                              f"{count.users[share == 0.0]} of {total} new users in the arm it leaves empty)")
         rows.append({
             "index": phase.index, "share": phase.share, "start": phase.start.isoformat(),
             "end": phase.end.isoformat() if phase.end else None, "reason": phase.reason,
@@ -389,6 +397,17 @@ def _phases(collected: Collected) -> tuple[list[dict[str, Any]], list[str]]:
             "p_value": p_value, "mismatch": mismatch,
         })
     return rows, mismatches
+
+
+def _crowded_empty_arm(users: int, total: int) -> bool:
+    """Whether the arm a 0% or 100% share leaves empty holds more users than a replica's refresh lag puts there.
+
+    No chi-square tests such a split (an expected count of 0), yet a 100% step still split 50/50 (a replica
+    serving an old share) would promote on a comparison nobody randomised. Replicas take a new share within
+    seconds, so the users that lag can put in the wrong arm are a few of a phase's first moments:
+    `EMPTY_ARM_TOLERANCE` of its new users, and at least `EMPTY_ARM_MIN_USERS`, are allowed for.
+    """
+    return users > max(EMPTY_ARM_MIN_USERS, EMPTY_ARM_TOLERANCE * total)
 
 
 def _arm_summary(arm: ArmUsers | None) -> dict[str, Any]:

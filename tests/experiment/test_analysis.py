@@ -108,6 +108,25 @@ def test_sample_ratio_mismatch_blocks_any_verdict(sqlite_db):
     assert analysis.action == "keep_running" and "sample ratio" in analysis.decision["reason"]
 
 
+@pytest.mark.parametrize(("stale", "mismatch"), [(1000, True), (4, False)])
+def test_a_full_share_with_users_in_the_arm_it_leaves_empty_is_a_broken_split(sqlite_db, stale, mismatch):
+    """No chi-square tests a 100% phase; a replica still serving 50% (here 1,000 of 2,000 new users on control)
+    would otherwise promote on a split nobody randomised. A few users, as a replica's refresh lag puts there in
+    a phase's first seconds, are allowed for."""
+    running = traffic.start(sqlite_db, share=0.5)
+    lifecycle.set_share(sqlite_db, running.id, 1.0)
+    full = experiments.get(sqlite_db, running.id)
+    traffic.write(sqlite_db, full, users=2000 - stale, candidate=ArmBehaviour(up=0.8))
+    traffic.write(sqlite_db, full, users=stale, first_user=5000, share=0.0, seed=1)  # all on control
+    analysis = experiment.analyse(sqlite_db, running.id)
+    phase = analysis.phases[-1]
+    assert phase["users"] == [stale, 2000 - stale] and phase["p_value"] is None
+    assert phase["mismatch"] is mismatch and analysis.srm["mismatch"] is mismatch
+    if mismatch:
+        assert analysis.action == "keep_running" and "sample ratio" in analysis.decision["reason"]
+        assert f"{stale} of 2000 new users in the arm it leaves empty" in analysis.decision["reason"]
+
+
 def test_a_ramp_is_checked_per_phase_and_movers_are_counted_once(sqlite_db):
     running = traffic.start(sqlite_db, share=0.1)
     traffic.write(sqlite_db, running, users=1500, requests_per_user=2, ts=utcnow() - timedelta(hours=2))
