@@ -622,10 +622,12 @@ class EventWriter:
         retry: list[Entry] = []
         refused: list[Entry] = []
         unreadable: list[bytes] = []
+        # The database's columns are looked up once per file, not per chunk: a backlog is not a round trip a
+        # chunk. A migration meanwhile is seen by the next replay of the rows kept.
+        widened: _Widened = {}
 
         def insert(chunk: list[Entry]) -> None:
             # One transaction for the chunk, newer rows included: events go in before their feedback.
-            widened: _Widened = {}
             writable, kept = _split_newer(db, chunk, widened)
             retry.extend(kept)  # not a refusal: no attempt counted
             if kept:

@@ -16,6 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
 from store import events
+from store import writer as writer_module
 from store.db import Database
 from store.models import SearchEvent
 from store.spool import CLAIM_MARK, REJECTED_DIR, TABLES, Entry, encode_entry
@@ -368,6 +369,25 @@ async def test_a_newer_releases_event_goes_in_before_its_feedback(
     assert not [r for r in caplog.records if "refused" in r.getMessage()]
     assert [p.name for p in _spool_files(spool)] == [claimed.name]  # nothing went back to the spool
     assert events.event_exists(db, event["id"])
+
+
+async def test_a_replayed_file_looks_up_the_databases_columns_once(
+    db: Database, make_writer, tmp_path: Path, monkeypatch
+) -> None:
+    """A backlog of a newer release's rows, many chunks: one look at the database's columns, not one a chunk."""
+    with db.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE search_events ADD COLUMN level TEXT"))
+    looks = []
+    real = writer_module._widened
+    monkeypatch.setattr(writer_module, "_widened", lambda *args: looks.append(args) or real(*args))
+    spool = tmp_path / "spool"
+    rows = [event_row(level="debug") for _ in range(6)]
+    _write_spool_file(spool / "newer-1-a.jsonl", [("search_events", row) for row in rows])
+    writer = make_writer(db, spool, batch_size=2)
+    claimed = writer._spool.claim(spool / "newer-1-a.jsonl")
+    outcome = await asyncio.to_thread(writer._replay_claimed, db, claimed)
+    assert outcome.ok and outcome.replayed == 6 and events.count_events(db) == 6
+    assert len(looks) == 1
 
 
 async def test_set_aside_rows_are_counted_across_files(db: Database, make_writer, tmp_path: Path) -> None:
