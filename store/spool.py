@@ -1,6 +1,6 @@
 """Spool files: where the event writer keeps rows the database would not take, until a replay.
 
-A spool file is JSON lines, one `{"table", "row"[, "attempts"]}` record a line (datetimes as ISO
+A spool file is JSON lines, one `{"table", "row"[, "attempts"][, "kept_since"]}` record a line (datetimes as ISO
 strings), appended and fsynced. Rows the database keeps refusing are set aside under
 `<spool_dir>/rejected/` for an operator.
 
@@ -66,6 +66,8 @@ class Entry:
     attempts: int = 0  # times the database refused this row on its own (not counting outages)
     seq: int = 0  # position in the queue; 0 for rows that never went through it
     missing_event: bool = False  # its last refusal was a foreign key: its event not in the database (not spooled)
+    # When a replay first kept it for columns the database lacks (a newer release's; epoch seconds, 0: never).
+    kept_since: float = 0.0
 
 
 # --- spool encoding --------------------------------------------------------------------------------
@@ -85,6 +87,8 @@ def encode_entry(entry: Entry) -> str:
     record: dict[str, Any] = {"table": entry.table, "row": entry.row}
     if entry.attempts:
         record["attempts"] = entry.attempts
+    if entry.kept_since:
+        record["kept_since"] = entry.kept_since
     try:
         text = json.dumps(record, default=_json_default, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError):  # e.g. a circular structure: keep what can be kept
@@ -108,7 +112,7 @@ def decode_entry(line: bytes) -> Entry:
             row[name] = datetime.fromisoformat(row[name])
     # Rows spooled before the writer made them storable (store.sanitize) would be refused for ever.
     row, _changed = storable(table, row)
-    return Entry(table, row, int(record.get("attempts") or 0))
+    return Entry(table, row, int(record.get("attempts") or 0), kept_since=float(record.get("kept_since") or 0))
 
 
 def _rows_in(path: Path, table: str, ids: set[str]) -> set[str]:

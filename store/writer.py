@@ -10,7 +10,7 @@ spool a few times and then set aside under `<spool_dir>/rejected/` for an operat
 blocking the other rows. Feedback refused for want of its event is not set aside while that event
 is still on its way (in any spool file: another worker may be replaying it). A spooled row with
 columns this release does not know (a newer one wrote it, mid-deploy) goes in with them where the
-database has them, and otherwise stays in the spool: it is never set aside for that. Values
+database has them, and otherwise stays in the spool, for a day (a deploy rolled back: then it is set aside). Values
 PostgreSQL (or any UTF-8 encoder) cannot take, NUL, lone surrogates and NaN in JSON, are replaced as
 a row is submitted (`store.sanitize`), on both databases, so they never cost a row.
 
@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,13 @@ log = logging.getLogger(__name__)
 
 # Insert order inside a transaction: feedback has a foreign key to search_events.
 _TABLE_ORDER = {name: position for position, name in enumerate(TABLES)}
+
+# A row kept in the spool for columns the database lacks (a newer release's, `_split_newer`) waits this long
+# from its first keep for a release or a schema that has them, then is set aside under rejected/ (kept there for
+# an operator): a deploy rolled back must not leave it re-read, re-appended and warned about for ever, with a
+# spool that never empties (which `_forget_replayed_elsewhere` waits for).
+KEEP_FOR_NEWER_COLUMNS_S = 24 * 3600.0
+_now = time.time  # wall clock: a keep's start is spooled and read by other processes; a test's to replace
 
 MAX_ROW_ATTEMPTS = 5  # a row the database refuses this many times is set aside, not retried forever
 # ... unless the refusal is a feedback row's foreign key and its event is still on its way (in a spool
@@ -187,6 +195,30 @@ def _split_newer(db: Database, entries: list[Entry], widened: _Widened) -> tuple
             _parse_datetimes(entry, widened[key], names)
         writable.append(entry)
     return writable, kept
+
+
+def _past_keeping(kept: list[Entry], now: float) -> tuple[list[Entry], list[Entry]]:
+    """(still waiting, overdue): `kept` stamped with their first keep, split at KEEP_FOR_NEWER_COLUMNS_S."""
+    waiting: list[Entry] = []
+    overdue: list[Entry] = []
+    for entry in kept:
+        entry.kept_since = entry.kept_since or now
+        (overdue if now - entry.kept_since >= KEEP_FOR_NEWER_COLUMNS_S else waiting).append(entry)
+    return waiting, overdue
+
+
+def _log_kept(waiting: list[Entry], overdue: list[Entry]) -> None:
+    """One line each for a replayed file's rows kept for newer columns and those given up on, not one a chunk."""
+    if waiting:
+        log.warning("kept %d spooled rows whose columns the database lacks (a newer release's?): %s",
+                    len(waiting), _newer_names(waiting))
+    if overdue:
+        log.error("setting aside %d spooled rows kept over %.0f h for columns the database still lacks: %s",
+                  len(overdue), KEEP_FOR_NEWER_COLUMNS_S / 3600, _newer_names(overdue))
+
+
+def _newer_names(entries: list[Entry]) -> list[str]:
+    return sorted({name for entry in entries for name in newer_columns(entry)})
 
 
 def _widened(db: Database, table: str, names: frozenset[str]) -> Table | None:
@@ -550,20 +582,26 @@ class EventWriter:
         files = await asyncio.to_thread(self._spool.claimable)
         if not files:
             await self._forget_replayed_elsewhere()
-            if self._db_down and await asyncio.to_thread(self.db.ping):
-                log.info("database reachable again")
-                self._db_down = False
+        elif not await self._replay_files(files):
             return
+        # Also after files replayed: one holding only rows kept for columns the database lacks writes nothing,
+        # and may stay for a day (KEEP_FOR_NEWER_COLUMNS_S); the writer must not spool everything meanwhile.
+        if self._db_down and await asyncio.to_thread(self.db.ping):
+            log.info("database reachable again")
+            self._db_down = False
+
+    async def _replay_files(self, files: list[Path]) -> bool:
+        """Replay `files` in order; False when one could not be (the database or the disk failing) or stopping."""
         for path in files:
             if self._stopping:
-                return
+                return False
             claimed = self._spool.claim(path)
             if claimed is None:  # another replayer took it
                 continue
             try:
                 outcome = await asyncio.to_thread(self._replay_claimed, self.db, claimed)
                 if not outcome.ok:
-                    return
+                    return False
                 # Book the rows before the file goes: whoever sees the spool empty sees them done.
                 self.replayed += outcome.replayed
                 self.rejected += len(outcome.rejected_ids)
@@ -578,6 +616,7 @@ class EventWriter:
             if outcome.replayed and self._db_down:
                 log.info("spool replay succeeded; writing to the database again")
                 self._db_down = False
+        return True
 
     async def _forget_replayed_elsewhere(self) -> None:
         """Release the rows spooled here once no spool file or claim is left: another writer sharing the
@@ -625,14 +664,15 @@ class EventWriter:
         # The database's columns are looked up once per file, not per chunk: a backlog is not a round trip a
         # chunk. A migration meanwhile is seen by the next replay of the rows kept.
         widened: _Widened = {}
+        waiting: list[Entry] = []  # kept for columns the database lacks
+        overdue: list[Entry] = []  # ... for too long: set aside
 
         def insert(chunk: list[Entry]) -> None:
             # One transaction for the chunk, newer rows included: events go in before their feedback.
             writable, kept = _split_newer(db, chunk, widened)
-            retry.extend(kept)  # not a refusal: no attempt counted
-            if kept:
-                log.warning("kept %d spooled rows whose columns the database lacks (a newer release's?): %s",
-                            len(kept), sorted({name for entry in kept for name in newer_columns(entry)}))
+            still, late = _past_keeping(kept, _now())
+            waiting.extend(still)  # not a refusal: no attempt counted
+            overdue.extend(late)
             written, bad = _write_entries(db, writable, widened)
             outcome.replayed += len(written)
             outcome.replayed_ids.extend(entry.row["id"] for entry in written)
@@ -666,6 +706,8 @@ class EventWriter:
                 entry.attempts -= 1  # this refusal is not held against it
                 refused.remove(entry)
                 retry.append(entry)
+            retry.extend(waiting)
+            refused.extend(overdue)
             if retry:
                 self._spool.append(retry)
             if refused or unreadable:
@@ -673,6 +715,7 @@ class EventWriter:
                 log.error(
                     "set aside %d refused spool rows in %s", len(refused) + len(unreadable), self._spool.rejected_path
                 )
+            _log_kept(waiting, overdue)
         except Exception as exc:
             # Database down (or the disk failing): give the file back whole; its rows that did get
             # in are skipped next time by ON CONFLICT DO NOTHING.

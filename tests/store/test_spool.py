@@ -179,6 +179,13 @@ def test_a_column_of_a_newer_release_is_kept_not_refused() -> None:
     assert spool_module.newer_columns(entry) == {"added_by_a_newer_release"}
 
 
+def test_when_a_row_was_first_kept_for_newer_columns_survives_the_spool() -> None:
+    entry = Entry("search_events", event_row(added_by_a_newer_release=1), attempts=2, kept_since=1_700_000_000.5)
+    back = spool_module.decode_entry(spool_module.encode_entry(entry).encode())
+    assert (back.attempts, back.kept_since) == (2, 1_700_000_000.5)
+    assert "kept_since" not in spool_module.encode_entry(Entry("search_events", event_row()))
+
+
 def test_holding_finds_rows_in_any_spool_file_or_claim_and_only_as_the_table_named(tmp_path: Path) -> None:
     mine, claimed, named_only, rejected = (event_row() for _ in range(4))
     Spool(tmp_path).append([Entry("search_events", mine)])

@@ -390,6 +390,51 @@ async def test_a_replayed_file_looks_up_the_databases_columns_once(
     assert len(looks) == 1
 
 
+async def test_rows_kept_for_columns_the_database_never_gets_are_set_aside_after_a_day(
+    db: Database, make_writer, tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """A deploy rolled back: the newer release's rows wait in the spool (one warning a replayed file, not one a
+    chunk) until KEEP_FOR_NEWER_COLUMNS_S after their first keep, then go to rejected/, kept for an operator."""
+    caplog.set_level(logging.WARNING, logger="store.writer")
+    clock = [1_000_000.0]
+    monkeypatch.setattr(writer_module, "_now", lambda: clock[0])
+    spool = tmp_path / "spool"
+    rows = [event_row(level="debug") for _ in range(3)]
+    _write_spool_file(spool / "newer-1-a.jsonl", [("search_events", row) for row in rows])
+    writer = make_writer(db, spool, batch_size=2)
+
+    await writer._replay_round()
+    assert [r.getMessage()[:14] for r in caplog.records] == ["kept 3 spooled"]
+    [kept] = _spool_files(spool)
+    assert [json.loads(line)["kept_since"] for line in kept.read_text().splitlines()] == [clock[0]] * 3
+
+    clock[0] += writer_module.KEEP_FOR_NEWER_COLUMNS_S - 1
+    await writer._replay_round()  # not yet: still kept, since the first keep
+    assert writer.rejected == 0 and not (spool / REJECTED_DIR).exists()
+
+    clock[0] += 1
+    caplog.clear()
+    await writer._replay_round()
+    assert writer.rejected == 3 and writer.spool_bytes == 0
+    [rejected] = list((spool / REJECTED_DIR).iterdir())
+    assert [json.loads(line)["row"]["id"] for line in rejected.read_text().splitlines()] == [r["id"] for r in rows]
+    [given_up] = [r for r in caplog.records if "kept over 24 h" in r.getMessage()]
+    assert given_up.levelno == logging.ERROR and "level" in given_up.getMessage()
+
+
+async def test_the_database_is_seen_back_while_rows_wait_for_newer_columns(
+    db: Database, make_writer, tmp_path: Path
+) -> None:
+    """A spool file that only holds rows kept for newer columns writes nothing: the writer still sees the
+    database back after an outage, instead of spooling everything for as long as that file waits."""
+    spool = tmp_path / "spool"
+    _write_spool_file(spool / "newer-1-a.jsonl", [("search_events", event_row(level="debug"))])
+    writer = make_writer(db, spool)
+    writer._db_down = True
+    await writer._replay_round()
+    assert not writer._db_down and writer.spool_bytes > 0
+
+
 async def test_set_aside_rows_are_counted_across_files(db: Database, make_writer, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     for name in ("h-1-a.jsonl", "h-1-b.jsonl"):  # each an orphan on its last attempt
