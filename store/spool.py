@@ -45,8 +45,8 @@ _DATETIME_COLUMNS = {
 
 SPOOL_SUFFIX = ".jsonl"
 CLAIM_MARK = ".replaying-"
-# Looks at the directory before `size_bytes` settles for what it saw while files kept moving.
-_SIZE_LOOKS = 5
+# Looks at the directory before a reading settles for what it saw while files kept moving (`Spool._settled`).
+_LOOKS = 5
 REJECTED_DIR = "rejected"
 SPOOL_ROTATE_BYTES = 64 * 1024 * 1024
 STALE_CLAIM_S = 600.0  # a claim from another host untouched this long is taken over
@@ -201,38 +201,57 @@ class Spool:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes in spool files and claims (not rejected/); 0 when the directory cannot be read.
+        """Bytes in spool files and claims (not rejected/); 0 when the directory cannot be read."""
+        try:
+            return self._settled()[1]
+        except OSError:
+            return 0
 
-        A file that a claim or its giving back renames between the listing and its stat is gone under
-        the listed name and not yet listed under the new one: the directory is looked at again, so that
-        a spool whose only file is moving never reads as empty (the gauge an alert watches, the sign
-        that a replay is done).
+    def is_empty(self) -> bool:
+        """No spool file or claim is left. Raises OSError when the directory cannot be read."""
+        return self._settled()[0] == 0
+
+    def _settled(self) -> tuple[int, int]:
+        """(files, bytes) in spool files and claims, from a look that no rename (a claim, a give-back) tore.
+
+        A file renamed while the directory is read may be listed and gone by the time it is looked at, or
+        listed under neither name: the directory is looked at again while a listed file moved, and once more
+        when it looked empty, so that a spool whose only file is moving never reads as empty (the gauge an
+        alert watches, the sign that a replay is done). Raises OSError when the directory cannot be read.
         """
-        total = 0
-        for _ in range(_SIZE_LOOKS):
-            total, moved = self._sizes()
-            if not moved:
+        files = total = empty_looks = 0
+        for _ in range(_LOOKS):
+            files, total, moved = self._look()
+            if moved:
+                continue
+            empty_looks += not files
+            if files or empty_looks == 2:
                 break
-        return total
+        return files, total
 
-    def _sizes(self) -> tuple[int, bool]:
-        """(bytes, whether a listed file was gone by the time it was looked at)."""
-        total, moved = 0, False
+    def _look(self) -> tuple[int, int, bool]:
+        """(files, bytes, whether a listed file was gone by the time it was looked at)."""
+        files = total = 0
+        moved = False
+        for entry in self._entries():
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    files += 1
+            except FileNotFoundError:
+                moved = True
+            except OSError:
+                continue
+        return files, total, moved
+
+    def _entries(self) -> list[os.DirEntry]:
+        """The directory's spool files and claims (not rejected/), as listed; none before anything was spooled.
+        Raises OSError when the directory cannot be read."""
         try:
             with os.scandir(self.directory) as entries:
-                for entry in entries:
-                    if not _is_spool_name(entry.name):
-                        continue
-                    try:
-                        if entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:
-                        moved = True
-                    except OSError:
-                        continue
-        except OSError:
-            return 0, False
-        return total, moved
+                return [entry for entry in entries if _is_spool_name(entry.name)]
+        except FileNotFoundError:
+            return []
 
     def holding(self, table: str, ids: Iterable[str]) -> set[str]:
         """Which of `ids` a spool file or claim holds as a `table` row: anyone's, being replayed or not.
@@ -243,9 +262,9 @@ class Spool:
         read: then nobody can say.
         """
         wanted, found = set(ids), set()
-        for _ in range(_SIZE_LOOKS):
+        for _ in range(_LOOKS):
             moved = False
-            for path in self._listed():
+            for path in (Path(entry.path) for entry in self._entries()):
                 try:
                     found |= _rows_in(path, table, wanted - found)
                 except FileNotFoundError:
@@ -253,19 +272,6 @@ class Spool:
             if not moved or found == wanted:
                 break
         return found
-
-    def is_empty(self) -> bool:
-        """No spool file or claim is left. Raises OSError when the directory cannot be read."""
-        # Looked at twice: a file renamed (claimed, given back) while the directory is read may be
-        # listed under neither name.
-        return not self._listed() and not self._listed()
-
-    def _listed(self) -> list[Path]:
-        try:
-            with os.scandir(self.directory) as entries:
-                return [Path(entry.path) for entry in entries if _is_spool_name(entry.name)]
-        except FileNotFoundError:  # nothing spooled yet
-            return []
 
     def append(self, entries: list[Entry]) -> None:
         """Append entries to this writer's spool file and fsync. Thread-safe."""
@@ -319,21 +325,19 @@ class Spool:
         (the replay loop then still sees whether the database is back)."""
         found: list[tuple[float, str, Path]] = []
         try:
-            with os.scandir(self.directory) as entries:
-                for entry in entries:
-                    if not _is_spool_name(entry.name):
-                        continue
-                    try:
-                        if not entry.is_file(follow_symlinks=False):
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    path = Path(entry.path)
-                    if entry.name.endswith(SPOOL_SUFFIX) or self._stale_claim(path, st):
-                        found.append((st.st_mtime, entry.name, path))
+            listed = self._entries()
         except OSError:
             return []
+        for entry in listed:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            path = Path(entry.path)
+            if entry.name.endswith(SPOOL_SUFFIX) or self._stale_claim(path, st):
+                found.append((st.st_mtime, entry.name, path))
         return [path for _mtime, _name, path in sorted(found)]
 
     def _stale_claim(self, path: Path, st: os.stat_result) -> bool:

@@ -129,6 +129,25 @@ def test_the_size_counts_a_file_that_moves_while_it_is_counted(tmp_path: Path, m
     assert not pending
 
 
+def test_a_file_listed_under_neither_name_while_it_moves_is_still_counted(tmp_path: Path, monkeypatch) -> None:
+    """A rename while the directory is read may leave the file out of that listing under both names: a spool
+    that looks empty is looked at again before the size or `is_empty` says so."""
+    spool = Spool(tmp_path, host="here")
+    spool.append([Entry("search_events", event_row())])
+    (path,) = tmp_path.iterdir()
+    torn, real_scandir = [True], os.scandir
+
+    def a_torn_listing_first(directory):
+        if torn and torn.pop():
+            return contextlib.nullcontext(iter([]))
+        return real_scandir(directory)
+
+    monkeypatch.setattr(spool_module.os, "scandir", a_torn_listing_first)
+    assert spool.size_bytes == path.stat().st_size
+    torn.append(True)
+    assert not spool.is_empty()
+
+
 def test_each_set_aside_adds_whole_lines_to_one_file_for_an_operator(tmp_path: Path) -> None:
     spool = Spool(tmp_path, host="here")
     refused = [Entry("search_events", event_row(), attempts=5), Entry("feedback", {"id": "f-1"}, attempts=5)]
