@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
@@ -16,6 +16,7 @@ from proxy.upstream import Upstream
 from retrieval.fetch import FetchedPage, fetch_url
 from store.config import Settings
 from store.db import Database
+from store.logs import RedactFilter
 from store.writer import EventWriter
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ class AppState:
     upstream: Upstream
     metrics: Metrics
     rate_limiter: RateLimiter | None = None  # set by the lifespan
+    # The logs' redaction of the configured secrets, for text that is stored rather than logged (an upstream's
+    # error in the event): one, as building it compiles a pattern.
+    redact: RedactFilter = field(default_factory=RedactFilter)
 
 
 async def get_state(request: Request) -> AppState:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 import uuid
@@ -140,7 +139,7 @@ def _log(
         model=completion.model if completion else None,
         answer=completion.answer if completion else None,
         status=status_,
-        error=_stored_error(failures, state.settings),
+        error=_stored_error(failures, state.redact),
         timings={"retrieval": retrieval_ms, "llm": completion.llm_ms if completion else None, "total": total_ms},
         tokens_in=completion.tokens_in if completion else None,
         tokens_out=completion.tokens_out if completion else None,
@@ -165,17 +164,11 @@ def _log(
             metrics.tokens.labels(arm, "out").inc(completion.tokens_out)
 
 
-def _stored_error(failures: list[Failure] | tuple[Failure, ...], settings: Settings) -> str | None:
+def _stored_error(failures: list[Failure] | tuple[Failure, ...], redact: RedactFilter) -> str | None:
     """The failures with the upstreams' own words (what an operator needs), secrets redacted as in the logs:
     an upstream that echoes the request would otherwise put LLM_API_KEY in the store and the exported events."""
     described = describe(failures)
-    return _redactor(tuple(settings.secret_values())).redact(described) if described else None
-
-
-@functools.lru_cache(maxsize=8)
-def _redactor(secrets: tuple[str, ...]) -> RedactFilter:
-    # One per set of configured secrets: building it compiles a pattern, too slow for every failed call.
-    return RedactFilter(secrets)
+    return redact.redact(described) if described else None
 
 
 def _log_line(event: dict[str, Any], http_status: int) -> None:
