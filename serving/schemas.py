@@ -49,9 +49,13 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Fields OpenAI defines that we do not use are accepted and ignored."""
+    """``POST /v1/chat/completions``. Fields OpenAI defines that we do not use are accepted and ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI's API: ``"max_tokens": "5"`` or ``"stream": "yes"`` is a 400 naming the field, not
+    a number or a stream (an integer is still a valid float: ``"temperature": 1``).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: NonEmptyStr
     messages: list[ChatMessage] = Field(min_length=1)

@@ -157,6 +157,10 @@ def test_unknown_model_is_404_in_openai_shape(server, client):
         ({"model": "m", "messages": QUESTION, "n": 2}, "n"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"model": "m", "messages": QUESTION, "stop": [""]}, "stop"),
+        # strict types, as OpenAI's API: a string is no number, and "yes" no boolean
+        ({"model": "m", "messages": QUESTION, "max_tokens": "5"}, "max_tokens"),
+        ({"model": "m", "messages": QUESTION, "temperature": "0.5"}, "temperature"),
+        ({"model": "m", "messages": QUESTION, "stream": "yes"}, "stream"),
     ],
 )
 def test_bad_bodies_are_400_naming_the_field(server, body, field):
