@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from experiment.metrics import ARMS, DEFAULT_PRIMARY, METRICS
@@ -9,17 +10,19 @@ from experiment.phases import phases_of
 from store.db import Database
 from store.events import count_events, count_feedback
 from store.experiments import get, get_running, list_events
+from store.logs import RedactFilter
 from store.models import Experiment
 
 
 def arms_of(experiment: Experiment) -> dict[str, dict[str, Any] | None]:
-    """The experiment's two arms as {base_url, model, adapter_id, prompt_template_id}; None for an arm
-    that is not configured. Control always renders with the active template (prompt_template_id None)."""
+    """The experiment's two arms as {base_url, model, adapter_id, prompt_template_id}, for display (status and
+    reports): a password in a base_url is shown as ***. None for an arm that is not configured. Control always
+    renders with the active template (prompt_template_id None)."""
 
     def arm(base_url: str | None, model: str | None, adapter_id: str | None,
             prompt_template_id: str | None = None) -> dict[str, Any] | None:
-        return None if not base_url else {"base_url": base_url, "model": model, "adapter_id": adapter_id,
-                                          "prompt_template_id": prompt_template_id}
+        return None if not base_url else {"base_url": _shown_url(base_url), "model": model,
+                                          "adapter_id": adapter_id, "prompt_template_id": prompt_template_id}
 
     return {"control": arm(experiment.control_base_url, experiment.control_model, experiment.control_adapter_id),
             "candidate": arm(experiment.candidate_base_url, experiment.candidate_model,
@@ -34,6 +37,16 @@ def arm_label(described: dict[str, Any] | None, arm: str) -> str:
     name = described.get("model") or "(model not named)"
     template = described.get("prompt_template_id")
     return f"{name} with prompt template {template[:8]}" if template else name
+
+
+def _shown_url(url: str) -> str:
+    return _url_redaction().redact(url)
+
+
+@functools.cache
+def _url_redaction() -> RedactFilter:
+    # The logs' rule for a URL's password (built once: it compiles a pattern).
+    return RedactFilter()
 
 
 def describe(db: Database, experiment_id: str | None = None) -> dict[str, Any]:

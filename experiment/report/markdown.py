@@ -61,11 +61,11 @@ def to_markdown(bundle: dict[str, Any]) -> str:
     banner = _simulated_text(bundle.get("simulated"))
     if banner:
         out += [f"> **{_md(banner)}**", ""]
-    out += ["## Verdict", "", f"**{_md(headline)}** (`{_md(action)}`): {_md(reason)}", ""]
+    out += ["## Verdict", "", f"**{_md(headline)}** (`{_md(action)}`): {_md(_md_text(reason))}", ""]
     recorded = experiment.get("recorded_decision") or {}
     if recorded:
         out += [f"Recorded on the experiment: {_md(recorded.get('action') or experiment.get('status'))} - "
-                f"{_md(recorded.get('reason'))}", ""]
+                f"{_md(_md_text(recorded.get('reason')))}", ""]
     primary = analysis.get("primary") or {}
     if primary:
         out += [f"Primary metric **{_md(metric)}**: difference {_delta(metric, primary.get('difference'))}, "
@@ -98,7 +98,8 @@ def to_markdown(bundle: dict[str, Any]) -> str:
     if transitions:
         out += ["", "## Rollout & transitions", ""]
         out += _md_table(["time", "kind", "share", "reason"],
-                         [(_when(t.get("ts")), t.get("kind"), _share_move(t), t.get("reason")) for t in transitions])
+                         [(_when(t.get("ts")), t.get("kind"), _share_move(t), _md_text(t.get("reason")))
+                          for t in transitions])
     phases = analysis.get("phases") or []
     if phases:
         out += ["", "## Sample-ratio check per phase", ""]
@@ -117,10 +118,12 @@ def to_markdown(bundle: dict[str, Any]) -> str:
     if gate:
         holdout = evaluation.get("holdout") or {}
         verdict = "passed" if evaluation.get("passed") else ("failed" if evaluation else "not evaluated")
+        adapter = _md(_md_text(gate.get("name") or gate.get("adapter_id")))
+        reasons = _md(_md_text("; ".join(evaluation.get("reasons") or [])))
         out += ["", "## Offline gate", "",
-                f"Adapter **{_md(gate.get('name') or gate.get('adapter_id'))}**: gate {verdict}; holdout loss base "
+                f"Adapter **{adapter}**: gate {verdict}; holdout loss base "
                 f"{_fixed(holdout.get('loss_base')) or '-'}, adapter {_fixed(holdout.get('loss_adapter')) or '-'}."
-                + (f" {_md('; '.join(evaluation.get('reasons') or []))}" if evaluation.get("reasons") else "")]
+                + (f" {reasons}" if reasons else "")]
     out += ["", "## Method", ""] + [f"- {note}" for note in METHOD_NOTES]
     out += ["", f"_Generated {_when(bundle.get('generated_at'))}._"]
     return "\n".join(out) + "\n"

@@ -66,7 +66,8 @@ def weekly_to_markdown(bundle: dict[str, Any], link: str | None = None) -> str:
         out += ["## Prompt templates", ""]
         out += _md_table(["template", "version", "requests", "users", "latency p95", "thumbs-up per request",
                           "vs last week", "mean rating"],
-                         [(_md_text(t.get("name") or (t.get("template_id") or "(no template)")[:8]), t.get("version"),
+                         [(_md_text(t.get("name") or (t.get("template_id") or "")[:8] or "(no template)"),
+                           t.get("version"),
                            t.get("requests"), t.get("users"), _value("latency_p95_ms", t.get("latency_p95_ms")),
                            _value("thumbs_up_per_request", (t.get("thumbs_up_per_request") or {}).get("value")),
                            _change((t.get("thumbs_up_change") or {}).get("relative")),

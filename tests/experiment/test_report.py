@@ -11,6 +11,8 @@ from sqlalchemy import insert, select, update
 import experiment
 from experiment import lifecycle
 from experiment.report import SIMULATED_BANNER, gather, render_html, to_markdown, write_report
+from experiment.report.markdown import _md_text
+from experiment.status import describe, render
 from store.db import Database
 from store.models import Adapter, Experiment, ExperimentEvent, Feedback, SearchEvent, new_id, utcnow
 from tests.experiment import traffic
@@ -182,7 +184,7 @@ def test_markdown_has_the_verdict_and_the_per_arm_table(sqlite_db):
     bundle = gather(sqlite_db, points=3)
     text = to_markdown(bundle)
     assert "## Verdict" in text and "**Promote the candidate** (`promote`)" in text
-    assert bundle["analysis"]["decision"]["reason"] in text
+    assert _md_text(bundle["analysis"]["decision"]["reason"]) in text  # its brackets escaped: no link
     control = bundle["experiment"]["control"]["model"]
     assert f"| figure | control ({control}) | candidate (lora-v7) |" in text and "| users |" in text
     assert "fixed-horizon p (reference only)" in text and "## Sample-ratio check per phase" in text
@@ -190,6 +192,27 @@ def test_markdown_has_the_verdict_and_the_per_arm_table(sqlite_db):
     assert PIXEL not in text and r"\!\[pixel\](https://tracker.example/p.png)" in text
     assert r"\_\_enter\_\_" in text  # no bold from a model's dunder names
     assert "## Offline gate" in text and "gate passed" in text
+
+
+def test_operator_text_makes_no_link_or_image_and_a_password_in_an_endpoint_is_hidden(sqlite_db):
+    """A model name, a transition's reason, an adapter's name and its gate's reasons come through the admin API
+    and the registry: in the markdown they are text, never a link or an image a viewer would fetch."""
+    populate(sqlite_db)
+    hostile = f"lora {PIXEL} [click](https://evil.example/)"
+    running = lifecycle.start_candidate(sqlite_db, base_url="http://admin:s3cretpw@gpu-1:8000/v1", model=hostile,
+                                        share=0.5, reason=f"because {PIXEL}")
+    traffic.write(sqlite_db, running, users=300, seed=3)
+    with sqlite_db.session() as session:
+        adapter = session.query(Adapter).one()
+        adapter.name, adapter.eval_metrics = hostile, dict(EVAL, reasons=[f"see {PIXEL}"])
+        session.get(Experiment, running.id).candidate_adapter_id = adapter.id
+    bundle = gather(sqlite_db, experiment_id=running.id, points=3)
+    text = to_markdown(bundle)
+    assert PIXEL not in text and " [click](" not in text and r"\[click\](https://evil.example/)" in text
+    assert text.count(r"\!\[pixel\](https://tracker.example/p.png)") >= 4  # model, reason, adapter, gate
+    page = render_html(bundle)
+    assert "s3cretpw" not in page and "http://admin:***@gpu-1:8000/v1" in page
+    assert "s3cretpw" not in render(describe(sqlite_db, running.id))
 
 
 def test_an_empty_store_and_a_young_experiment_still_render(sqlite_db, tmp_path):

@@ -292,6 +292,8 @@ def test_the_weekly_page_uses_the_report_renderer_escapes_and_fetches_nothing(sq
     assert "## All traffic" in text and "## Control arm" in text and "### No retrieval hits" in text
     assert "https://reports.example/weekly-2025-06-08.html" in text and "SIMULATED" in text
     assert "<script" not in text and "&lt;script>alert" in text
+    assert any(not t.get("template_id") for t in bundle["templates"])  # requests rendered without a template
+    assert "| (no template) |" in text and "| (no temp |" not in text
 
 
 def test_an_empty_store_renders_every_section_empty(sqlite_db, tmp_path):
