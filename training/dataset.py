@@ -11,7 +11,9 @@ Pipeline (each stage's row count goes into the dataset card):
    similarity; in both the best row survives (correction > rated, then rating, then newest).
 4. **Density-based selection** over answer embeddings (training.select).
 5. Optional **synthetic QA** for rarely retrieved chunks (training.synthetic).
-6. A deterministic **holdout** split by hash of the prompt.
+6. A deterministic **holdout** split by hash of the user's question (case and whitespace normalised),
+   not of the whole prompt: every row of one question, whatever context was retrieved with it, lands
+   on one side, and a correction's preference pair on the side of that question's SFT row.
 
 Output in `out_dir`: `train.jsonl` and `holdout.jsonl` (trl conversational prompt/completion rows),
 `preferences.jsonl` (trl prompt/chosen/rejected rows) and `card.json`.
@@ -70,6 +72,18 @@ class Example:
         """Hash of the prompt with case and whitespace normalised: what "same prompt" means."""
         normal = [[m.get("role", ""), " ".join(str(m.get("content", "")).lower().split())] for m in self.prompt]
         return hashlib.sha256(json.dumps(normal, ensure_ascii=False).encode()).hexdigest()
+
+    @property
+    def split_key(self) -> str:
+        """Hash of the question alone (case and whitespace normalised): what decides train or holdout.
+
+        Not the prompt: the same question asked with other retrieved context is another prompt, and
+        if the split followed the prompt it could land in both splits and the holdout would score
+        questions the adapter was trained on. A row without a question falls back to its prompt."""
+        normal = " ".join(self.question.lower().split())
+        if not normal:
+            return self.prompt_key
+        return hashlib.sha256(json.dumps(["question", normal], ensure_ascii=False).encode()).hexdigest()
 
     def rank(self) -> tuple[int, float, float]:
         """Higher is better: corrections, then rating, then recency."""
@@ -199,9 +213,9 @@ def build_dataset(
     return card
 
 
-def in_holdout(prompt_key: str, fraction: float) -> bool:
-    """Deterministic: the same prompt lands on the same side in every build."""
-    return int(prompt_key[:16], 16) / 16**16 < fraction
+def in_holdout(split_key: str, fraction: float) -> bool:
+    """Deterministic: the same question (`Example.split_key`) lands on the same side in every build."""
+    return int(split_key[:16], 16) / 16**16 < fraction
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -383,7 +397,7 @@ def _split(examples: list[Example], fraction: float) -> tuple[list[dict[str, Any
     train: list[dict[str, Any]] = []
     holdout: list[dict[str, Any]] = []
     for example in examples:
-        (holdout if in_holdout(example.prompt_key, fraction) else train).append(example.to_row())
+        (holdout if in_holdout(example.split_key, fraction) else train).append(example.to_row())
     return sorted(train, key=lambda r: r["id"]), sorted(holdout, key=lambda r: r["id"])
 
 
@@ -398,7 +412,8 @@ def _preference_rows(corrected: list[Example], holdout_fraction: float) -> list[
             "rejected": [{"role": "assistant", "content": example.rejected}],
             "event_id": example.event_id,
             "simulated": example.simulated,
-            "split": "holdout" if in_holdout(key, holdout_fraction) else "train",
+            # The question's side, as for its SFT rows: a question held out for SFT is held out for DPO.
+            "split": "holdout" if in_holdout(example.split_key, holdout_fraction) else "train",
         }
     return [rows[k] for k in sorted(rows)]
 

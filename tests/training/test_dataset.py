@@ -134,6 +134,46 @@ def test_holdout_membership_survives_new_data(db, add_event, encoder, tmp_path):
     assert before and before <= after
 
 
+def _question_of(row: dict) -> str:
+    return row["prompt"][-1]["content"].split("Question: ", 1)[1]
+
+
+def test_one_question_lands_on_one_side_whatever_its_context(db, add_event, encoder, tmp_path):
+    """The split follows the user's question, not the whole prompt: the same question asked with other
+    retrieved context (or other case and spacing) is never trained on and then scored in the holdout."""
+    for i in range(30):
+        for n, (asked, context) in enumerate(((f"what is thing {i}", "context A"),
+                                              (f"What is  THING {i}", "context B"),
+                                              (f"what is thing {i} ", "context C"))):
+            add_event(asked, f"answer {n} to {i}", {"rating": 5}, messages=messages_for(asked, context))
+    card, _ = _build(db, tmp_path / "ds", encoder, holdout_fraction=0.5, semantic_threshold=1.01)
+    assert card.counts["train"] + card.counts["holdout"] == 90  # three prompts per question, all kept
+    sides: dict[str, set[str]] = {}
+    for side, name in (("train", TRAIN_FILE), ("holdout", HOLDOUT_FILE)):
+        for row in read_rows(tmp_path / "ds" / name):
+            sides.setdefault(" ".join(_question_of(row).lower().split()), set()).add(side)
+    assert len(sides) == 30
+    assert all(len(s) == 1 for s in sides.values()), {q: s for q, s in sides.items() if len(s) > 1}
+    assert {side for s in sides.values() for side in s} == {"train", "holdout"}  # both sides occur here
+
+
+def test_a_preference_pair_shares_the_split_of_its_questions_sft_row(db, add_event, encoder, tmp_path):
+    """Pairs are made before dedupe, so a pair may come from an event whose SFT row lost to another prompt
+    of the same question: it still lands on that question's side."""
+    for i in range(30):
+        q = f"explain feature {i}"
+        add_event(q, f"old {i}", {"corrected_answer": f"new {i}"}, messages=messages_for(q, "context A"))
+        add_event(q, f"old b {i}", {"corrected_answer": f"new b {i}"}, messages=messages_for(q, "context B"))
+    card, _ = _build(db, tmp_path / "ds", encoder, holdout_fraction=0.5)  # semantic dedupe keeps one per question
+    assert card.stages["after_semantic_dedupe"] == 30 and card.counts["preferences"] == 60
+    sft_side = {_question_of(row): side for side, name in (("train", TRAIN_FILE), ("holdout", HOLDOUT_FILE))
+                for row in read_rows(tmp_path / "ds" / name)}
+    pairs = read_rows(tmp_path / "ds" / PREFERENCES_FILE)
+    assert {pair["split"] for pair in pairs} == {"train", "holdout"}
+    for pair in pairs:
+        assert pair["split"] == sft_side[_question_of(pair)], pair["event_id"]
+
+
 def test_training_rows_are_redacted(db, add_event, encoder, tmp_path):
     q = "my email is jane@example.com and key sk-abcdefghijklmnopqrstuvwx, call 555-123-4567"
     add_event(q, "wrong", {"corrected_answer": "Reply to jane@example.com, Bearer abcdefghijklmnop123"})
