@@ -15,9 +15,16 @@ from typing import Any
 EMAIL = "[EMAIL]"
 PHONE = "[PHONE]"
 CARD = "[CARD]"
+IBAN = "[IBAN]"
 SECRET = "[SECRET]"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# The local part is ASCII or its full-width form (＠ and ． too, as East Asian input methods type them); the
+# domain may be internationalised (例え.jp). Both stay narrow on purpose: a `\w` local part would swallow the
+# CJK words written right before an address. Full-width ASCII is U+FF01-FF5E less ＠ (U+FF20).
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9._%+\-\uFF01-\uFF1F\uFF21-\uFF5E]+[@\uFF20][\w-]+(?:[.\uFF0E][\w-]+)*"
+    r"[.\uFF0E][A-Za-z\uFF21-\uFF3A\uFF41-\uFF5A]{2,}"
+)
 
 # Well-known credential shapes; each is unambiguous enough to redact on sight.
 _KNOWN_SECRETS = re.compile(
@@ -34,8 +41,19 @@ _KNOWN_SECRETS = re.compile(
     re.VERBOSE,
 )
 
-# "Authorization: Bearer <token>" and friends: keep the scheme so the sentence still reads.
-_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9._~+/=-]{12,})")
+# The credential in an Authorization header, whatever its scheme (Token, Bearer, Basic, ...) and length: the
+# header names it a credential. The header name and scheme are kept so the sentence still reads. Templates
+# (`$TOKEN`, `{token}`, `<token>`) are not credentials, and neither is a bare scheme word (`"Bearer " + t`).
+_AUTH_HEADER = re.compile(
+    r"""(?i)\b((?:proxy-)?authorization["']?\s*[:=]\s*["']?"""
+    r"(?:(?:bearer|basic|token|digest|bot|apikey|key|negotiate|ntlm)\s+)?)"
+    r"""(?![$<{\[])(?!(?:bearer|basic|token|digest)\b)([^\s"',;]+)"""
+)
+
+# "Bearer <token>" outside a header: 12+ characters, or 6+ that mix letters and digits (`Bearer abc123`);
+# "bearer bonds" and "Basic authentication" are prose. "Token <value>" (the header's value quoted alone) only
+# for 12+ characters mixing letters and digits: "token" is an everyday word in LLM text.
+_BEARER = re.compile(r"(?i)\b(bearer|basic|token)(\s+)([A-Za-z0-9._~+/=-]{6,})")
 
 # "api_key = ..." / "password: ..." — the value is secret whatever it looks like.
 _ASSIGNED = re.compile(
@@ -45,31 +63,77 @@ _ASSIGNED = re.compile(
     r"""(["']?\s*[:=]\s*["']?)(?!\[[A-Z]+\])(?![^\s"',;]*\()([^\s"',;]{4,})"""
 )
 
+# Generic credential names, too common in code to redact on the name alone (`key=len`, `token = tokens[0]`).
+# In a URL query (`?key=...`, `&X-Amz-Signature=...`) any value is a credential; elsewhere only a value that
+# looks like one: 8+ token characters mixing letters and digits (see _param_replacement). `(?<![\w-])` keeps
+# `sort_key` / `x-api-key` to the patterns above.
+_PARAM = re.compile(
+    r"(?i)(?<![\w-])(x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)|token|key"
+    r"|apikey|sig|signature)"
+    r"""(["']?\s*[:=]\s*["']?)(?!\[[A-Z]+\])(?![^\s"',;&#]*\()([^\s"',;&#]{4,})"""
+)
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+# The password in a URL (`postgres://admin:s3cret@localhost/db`), whatever the host: keep the user name.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:]*:)(?![$<{\[])([^\s/@]+)(?=@)")
+
+# "my password is hunter2": only a value that mixes letters and digits, or one in quotes, so that "the password
+# is required" and "password is too short" stay.
+_PASSWORD_IS = re.compile(
+    r"(?i)\b(pass(?:word|phrase)|passwd|pwd)(\s+(?:is|was)\s*:?\s+)(?!\[[A-Z]+\])"
+    r"""(["'`]?)([^\s"'`]{4,}?)(["'`]?)(?=[.,;:!?)]*(?:\s|$))"""
+)
+
 # Long opaque strings: hex digests, base64 blobs. Checked for character mix below so that long
 # words and snake_case identifiers survive.
 _OPAQUE = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/_=-])")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 
+# An IBAN, printed or in groups of four; mod-97 checked below (as every IBAN passes), so that other
+# letter-digit codes survive.
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+
 # A payment card number: 13-19 digits, alone or grouped by single spaces or dashes; Luhn-checked below.
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w-])")
 
-# A run of digits with phone-like separators; validated by digit count below.
-_PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w])")
+# A phone number candidate: an optional +, then digit groups split by one space, dot or dash, with optional
+# parenthesised groups ("(415) 555-0100", "+49 (0)30 1234567"); validated in _phone_replacement. Never across a
+# line break (a column of numbers is not a phone number), and not when followed by ":digit" (a time of day).
+_PHONE_SEP = r"[ \t\u00a0.-]"
+_PHONE = re.compile(
+    rf"(?<![\w.+/-])\+?(?:\(\d{{1,4}}\){_PHONE_SEP}?)?\d{{1,15}}"
+    rf"(?:{_PHONE_SEP}(?:\(\d{{1,4}}\){_PHONE_SEP}?)?\d{{1,8}}|{_PHONE_SEP}?\(\d{{1,4}}\){_PHONE_SEP}?\d{{1,8}}){{0,6}}"
+    r"(?!\w|:\d)"
+)
+_DIGIT_GROUP = re.compile(r"\d+")
+# A bare digit run is a phone number only in a national shape: NANP ([2-9]xx [2-9]xx xxxx, optionally after
+# the 1), or a trunk 0 then 9-10 digits (07700900123). So Unix timestamps (1700000000), 13-digit order numbers
+# and 6-digit codes survive; a NANP-shaped number in code (`x = 4155550100 % 7`) is taken for a phone number,
+# the over-redaction this module prefers.
+_NATIONAL_NUMBER = re.compile(r"1?[2-9][0-8]\d[2-9]\d{6}|0[1-9]\d{8,9}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def redact_text(text: str, counts: Counter[str] | None = None) -> str:
-    """`text` with e-mails, payment card numbers, phone numbers and secrets replaced by placeholders.
+    """`text` with e-mails, payment card numbers, IBANs, phone numbers and secrets replaced by placeholders.
 
-    `counts`, when given, is incremented per kind ("email", "card", "phone", "secret").
+    `counts`, when given, is incremented per kind ("email", "card", "iban", "phone", "secret").
     """
     if not text:
         return text
     tally: Counter[str] = counts if counts is not None else Counter()
     text = _sub(_KNOWN_SECRETS, text, lambda m: SECRET, tally, "secret")
-    text = _sub(_BEARER, text, lambda m: f"{m.group(1)}{m.group(2)}{SECRET}", tally, "secret")
+    text = _sub(_AUTH_HEADER, text, lambda m: f"{m.group(1)}{SECRET}", tally, "secret")
+    text = _sub(_BEARER, text, _bearer_replacement, tally, "secret")
     text = _sub(_ASSIGNED, text, lambda m: f"{m.group(1)}{m.group(2)}{SECRET}", tally, "secret")
+    text = _sub(_PARAM, text, _param_replacement, tally, "secret")
+    text = _sub(_PASSWORD_IS, text, _password_is_replacement, tally, "secret")
+    # Before e-mails: `user:pw@host` would otherwise be read as the address `pw@host`, leaving the password.
+    text = _sub(_URL_PASSWORD, text, lambda m: f"{m.group(1)}{SECRET}", tally, "secret")
     text = _sub(_EMAIL, text, lambda m: EMAIL, tally, "email")
     text = _sub(_OPAQUE, text, _opaque_replacement, tally, "secret")
+    # Before cards and phones: an IBAN's digit groups look like either.
+    text = _sub(_IBAN, text, _iban_replacement, tally, "iban")
     # Before phones: a card number grouped in fours also looks like a (too long) phone number.
     text = _sub(_CARD, text, _card_replacement, tally, "card")
     return _sub(_PHONE, text, _phone_replacement, tally, "phone")
@@ -116,13 +180,71 @@ def _card_replacement(match: re.Match[str]) -> str | None:
     return CARD if total % 10 == 0 else None
 
 
+def _bearer_replacement(match: re.Match[str]) -> str | None:
+    value = match.group(3)
+    mixed = _has_letter(value) and any(c.isdigit() for c in value)
+    if match.group(1).lower() == "token" and not (len(value) >= 12 and mixed):
+        return None
+    if len(value) < 12 and not mixed:
+        return None
+    # A plain word ("Basic authentication", "Bearer Tokens") is prose; base64 credentials mix cases or digits.
+    if value.isalpha() and (value[1:].islower() or value.isupper()):
+        return None
+    return f"{match.group(1)}{match.group(2)}{SECRET}"
+
+
+def _param_replacement(match: re.Match[str]) -> str | None:
+    value = match.group(3)
+    in_query = match.start() > 0 and match.string[match.start() - 1] in "?&"
+    looks_secret = (len(value) >= 8 and _TOKEN_CHARS.fullmatch(value) is not None and _has_letter(value)
+                    and any(c.isdigit() for c in value))
+    return f"{match.group(1)}{match.group(2)}{SECRET}" if in_query or looks_secret else None
+
+
+def _password_is_replacement(match: re.Match[str]) -> str | None:
+    open_quote, value, close_quote = match.group(3), match.group(4), match.group(5)
+    quoted = bool(open_quote) and open_quote == close_quote
+    if not quoted and (open_quote or close_quote or not (_has_letter(value) and any(c.isdigit() for c in value))):
+        return None
+    return f"{match.group(1)}{match.group(2)}{open_quote}{SECRET}{close_quote}"
+
+
+def _has_letter(value: str) -> bool:
+    return any(c.isalpha() for c in value)
+
+
+def _iban_replacement(match: re.Match[str]) -> str | None:
+    """IBAN for a 15-34 character code that passes ISO 13616's mod-97 check; 1 in 97 random ones pass too."""
+    code = match.group(0).replace(" ", "")
+    if not 15 <= len(code) <= 34:
+        return None
+    rearranged = code[4:] + code[:4]
+    return IBAN if int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1 else None
+
+
 def _phone_replacement(match: re.Match[str]) -> str | None:
     token = match.group(0)
-    digits = sum(c.isdigit() for c in token)
+    groups = _DIGIT_GROUP.findall(token)
+    digits = sum(len(g) for g in groups)
     if token.startswith("+"):
         return PHONE if 8 <= digits <= 15 else None
+    if len(groups) == 1:
+        # An unseparated run: only a national shape (see _NATIONAL_NUMBER), and not a power of two or one less
+        # (2147483647, 4294967296 are NANP-shaped and common in code).
+        number = int(groups[0])
+        power_of_two = number & (number - 1) == 0 or number & (number + 1) == 0
+        return PHONE if _NATIONAL_NUMBER.fullmatch(token) and not power_of_two else None
     # Without a country code demand a full national number; shorter digit runs are sizes, years, ranges.
-    return PHONE if 10 <= digits <= 15 and not _looks_like_date_or_address(token) else None
+    # A long first group, a one-digit group after the first (ISBN 978-3-16-148410-0), a single dot (a decimal
+    # number) or a date inside are not how phone numbers are written.
+    if not 10 <= digits <= 15 or len(groups[0]) > 5 or any(len(g) == 1 for g in groups[1:]):
+        return None
+    if len(groups) == 2 and "." in token:
+        return None
+    # Two-digit groups throughout are a list ("10 20 30 40 50") unless led by a trunk 0 ("01 23 45 67 89").
+    if all(len(g) <= 2 for g in groups) and not groups[0].startswith("0"):
+        return None
+    return None if _looks_like_date_or_address(token) or _DATE.search(token) else PHONE
 
 
 def _looks_like_date_or_address(token: str) -> bool:

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from training.redact import CARD, EMAIL, PHONE, SECRET, redact_messages, redact_text
+from training.redact import CARD, EMAIL, IBAN, PHONE, SECRET, redact_messages, redact_text
 
 
 @pytest.mark.parametrize(
@@ -120,3 +120,65 @@ def test_assigned_secrets_and_non_text_content_are_counted_and_kept() -> None:
     out = redact_messages(messages, counts)
     assert out[0]["content"] == f"password: {SECRET}" and counts == Counter(secret=1)
     assert out[1:] == messages[1:] and out[2] is not messages[2]
+
+
+@pytest.mark.parametrize(("text", "leaked", "placeholder", "kind"), [
+    # Phone numbers without separators, with a country code, in national groupings.
+    ("call 4155550100 today", "4155550100", PHONE, "phone"),
+    ("call +442079460958 today", "2079460958", PHONE, "phone"),
+    ("dial tel:+14155550100", "4155550100", PHONE, "phone"),
+    ("call 415 5550100 today", "5550100", PHONE, "phone"),
+    ("call +33 1 23 45 67 89 today", "45 67 89", PHONE, "phone"),
+    ("call 07700 900123 today", "900123", PHONE, "phone"),
+    ("call +49 (0)30 1234567 today", "1234567", PHONE, "phone"),
+    ("call 1-800-555-0199 today", "800", PHONE, "phone"),
+    # IBANs, printed and grouped.
+    ("pay DE89370400440532013000 now", "DE89370400440532013000", IBAN, "iban"),
+    ("pay DE89 3704 0044 0532 0130 00 now", "3704 0044", IBAN, "iban"),
+    ("pay GB82 WEST 1234 5698 7654 32 now", "WEST", IBAN, "iban"),
+    # Generic credential names: any value in a URL query, a letter-digit token elsewhere.
+    ("token=abc123def456", "abc123def456", SECRET, "secret"),
+    ("GET https://api.example.com/v1?key=AIzaFooBar&x=1", "AIzaFooBar", SECRET, "secret"),
+    ("GET https://api.example.com/v1?sig=abc%2Fdefghi", "abc%2Fdefghi", SECRET, "secret"),
+    ("GET https://b.s3.amazonaws.com/o?X-Amz-Signature=fe5f80f77d5fa3be&X-Amz-Date=1", "fe5f80f77d5fa3be", SECRET,
+     "secret"),
+    ("Authorization: Token abcdef1234567890abcdef", "abcdef1234567890abcdef", SECRET, "secret"),
+    ("Authorization: Bearer abc.def", "abc.def", SECRET, "secret"),
+    ("send Bearer abc123 along", "abc123", SECRET, "secret"),
+    ("use Token abcdef1234567890abcdef here", "abcdef1234567890abcdef", SECRET, "secret"),
+    # Passwords in URLs, whatever the host, and in "password is ...".
+    ("connect to postgres://admin:s3cret@localhost/db", "s3cret", SECRET, "secret"),
+    ("open https://admin:pw@10.0.0.5/x", "pw@", SECRET, "secret"),
+    ("my password is hunter2.", "hunter2", SECRET, "secret"),
+    ("the password was 'letmein'", "letmein", SECRET, "secret"),
+    # Internationalised and full-width e-mail addresses.
+    ("mail john@例え.jp today", "john", EMAIL, "email"),
+    ("mail ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ today", "ｊｏｈｎ", EMAIL, "email"),
+])
+def test_formerly_leaked_values_are_redacted(text: str, leaked: str, placeholder: str, kind: str) -> None:
+    counts: Counter[str] = Counter()
+    out = redact_text(text, counts)
+    assert leaked not in out and placeholder in out
+    assert counts == Counter({kind: 1})
+
+
+def test_url_password_keeps_user_and_host() -> None:
+    assert redact_text("postgres://admin:s3cret@localhost/db") == f"postgres://admin:{SECRET}@localhost/db"
+    assert redact_text("Authorization: Token abcdef1234") == f"Authorization: Token {SECRET}"
+
+
+@pytest.mark.parametrize("text", [
+    "in 2024 and 2025", "costs 1,299.99 or $1299.99", "Python 3.11.7", "on 2026-12-02 at 10:30",
+    "2026-12-02 10:30", "2026-12-02T10:30:00Z", "your code is 123456", "def f(x): return x + 1",
+    "see https://example.com/path?q=1&page=2", "https://docs.python.org/3/library/re.html", "postgres://localhost/db",
+    "postgres://user:<password>@host/db", "ts 1700000000", "INT_MAX is 2147483647", "2**32 = 4294967296",
+    "ISBN 0-306-40615-2", "pi 3.14159265358979", "x = 1234.567890", "10 20 30 40 50", "1,234,567,890",
+    "12:30:45", "sorted(xs, key=len)", "sorted(xs, key=lambda x: x[1])", "key=str.lower", "token = tokens[0]",
+    "token=None", "max_tokens=4096", "the password is required", "Your password is incorrect.",
+    "the bearer of bad news", "Basic authentication", "each token embedding", "max token 128000",
+    'headers["Authorization"] = f"Bearer {token}"',
+    '"Authorization": "Bearer " + token', "Authorization: Bearer $TOKEN", "MD5 AB12CDEFGHIJKLMNOP",
+    "server 192.168.100.200:8080", "连络: see page 12-13",
+])
+def test_numbers_code_and_prose_that_only_resemble_pii_survive(text: str) -> None:
+    assert redact_text(text) == text
