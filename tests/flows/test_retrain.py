@@ -62,7 +62,7 @@ def test_an_adapter_that_fails_the_gate_is_never_served(store, model_server, tin
     from flows.retrain import retrain
 
     simulate_traffic(store, n_queries=80, seed=3, days=1.0)
-    outcome = retrain(candidate_server=model_server.base_url, days=2, max_steps=4, learning_rate=1.0, batch_size=2,
+    outcome = retrain(candidate_server=model_server.base_url, days=2, max_steps=4, learning_rate=5.0, batch_size=2,
                       lora_dropout=0.0, min_examples=5, base=str(tiny_model_dir))
 
     assert outcome["status"] == "rejected", outcome
@@ -82,6 +82,27 @@ def test_retrain_skips_without_enough_data(store, model_server, tiny_model_dir):
                       base=str(tiny_model_dir))
     assert outcome["status"] == "skipped" and outcome["reason"] == "not enough data"
     assert experiments.get_running(store) is None  # nothing trained, nothing started
+
+
+@pytest.mark.parametrize(("holdout", "min_holdout"), [(0, None), (2, None), (4, 5)])  # None: the default, 3
+def test_retrain_skips_when_the_holdout_is_too_small_to_gate(store, monkeypatch, holdout, min_holdout):
+    """Enough training rows but (almost) no holdout: the gate could not run, or would judge on one or two rows'
+    luck, so nothing is trained and the run ends skipped, as with too few training rows (not failed after
+    training). The dataset is replaced here; training must not start."""
+    import flows.retrain
+
+    card = {"counts": {"train": 30, "holdout": holdout}, "content_hash": "0" * 64}
+    monkeypatch.setattr(flows.retrain, "build_training_data", lambda *_: card)
+
+    def no_training(*_, **__):
+        raise AssertionError("trained although the holdout is too small to gate")
+
+    monkeypatch.setattr(flows.retrain, "train_adapter", no_training)
+    chosen = {} if min_holdout is None else {"min_holdout": min_holdout}
+    outcome = flows.retrain.retrain(min_examples=5, **chosen)
+
+    assert outcome == {"status": "skipped", "reason": "not enough data", "dataset": card}
+    assert experiments.get_running(store) is None
 
 
 def test_train_adapter_passes_every_training_option_on(tmp_path, monkeypatch):
@@ -154,7 +175,7 @@ def test_a_rollout_plan_starts_the_candidate_at_its_first_step(store, monkeypatc
 
     loaded = []
     monkeypatch.setattr(flows.retrain, "build_training_data",
-                        lambda *_: {"counts": {"train": 30}, "content_hash": "0" * 64})
+                        lambda *_: {"counts": {"train": 30, "holdout": 4}, "content_hash": "0" * 64})
     monkeypatch.setattr(flows.retrain, "train_adapter", lambda *_, **__: {
         "name": "adapter-a", "adapter_dir": "/adapters/a", "adapter_id": None, "metrics": {}})
     monkeypatch.setattr(flows.retrain, "gate_adapter", lambda *_: {"passed": True})
