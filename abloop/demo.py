@@ -51,6 +51,7 @@ class DemoConfig:
     max_steps: int = 24  # LoRA steps on CPU
     min_examples: int = 20  # training rows below which retrain skips
     learning_rate: float = 1e-3
+    answer_tolerance: float = 0.0  # the offline gate's (flows.retrain)
     concurrency: int = 16
     max_tokens: int = 48
     top_k: int = 1  # one passage: short prompts, fast CPU steps
@@ -245,7 +246,7 @@ class _Loop:
                                            "-> adapter hot-loaded -> rollout") as stage:
             outcome = retrain(candidate_server=self.model_base, days=1, max_steps=self.config.max_steps,
                               learning_rate=self.config.learning_rate, min_examples=self.config.min_examples,
-                              base=self.config.model, rollout=plan)
+                              answer_tolerance=self.config.answer_tolerance, base=self.config.model, rollout=plan)
             if outcome["status"] == "candidate":
                 holdout = outcome["gate"]["holdout"]
                 stage.done(f"{outcome['adapter']['name']}: holdout loss {holdout['loss_base']:.3f} -> "

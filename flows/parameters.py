@@ -15,6 +15,7 @@ Share = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[float, Field(gt=0)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
 Cosine = Annotated[float, Field(gt=0, le=1)]
+Tolerance = Annotated[float, Field(ge=0, le=1)]  # on a 0..1 score: how much worse still passes
 AtLeastOne = Annotated[int, Field(ge=1)]
 AtLeastZero = Annotated[int, Field(ge=0)]
 Rating = Annotated[int, Field(ge=1, le=5)]

@@ -15,7 +15,7 @@ import httpx
 from prefect import flow, get_run_logger, task
 
 from flows.observability import observed
-from flows.parameters import AtLeastOne, Dropout, Positive, Share
+from flows.parameters import AtLeastOne, Dropout, Positive, Share, Tolerance
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -45,13 +45,13 @@ def train_adapter(data_dir: str, out_root: str, base: str, database_url: str, *,
 
 
 @task
-def gate_adapter(data_dir: str, adapter_dir: str, base: str, database_url: str) -> dict:
+def gate_adapter(data_dir: str, adapter_dir: str, base: str, database_url: str, answer_tolerance: float = 0.0) -> dict:
     from serving.model import resolve_base_model
     from store.db import Database
     from training.evaluate import evaluate_adapter
 
     report = evaluate_adapter(Path(data_dir), Path(adapter_dir), base_model_dir=resolve_base_model(base),
-                              db=Database(database_url))
+                              db=Database(database_url), answer_tolerance=answer_tolerance)
     return report.to_dict()
 
 
@@ -98,13 +98,16 @@ def retrain(
     torch_compile: bool = False,
     min_examples: AtLeastOne = 20,
     min_holdout: AtLeastOne = 3,
+    answer_tolerance: Tolerance = 0.0,
     base: str = "default",
     rollout: dict | None = None,
 ) -> dict:
     """Train for `max_steps` optimizer steps, or for `epochs` passes over the rows (neither: 60 steps;
     both: max_steps wins). Fewer than `min_examples` training rows or `min_holdout` holdout rows: nothing is
-    trained, the run ends "skipped". `load_in_4bit` (QLoRA) needs a CUDA worker with bitsandbytes; `torch_compile`
-    is meant for one (on a CPU it costs more than it saves: docs/BENCHMARKS.md, "GPU training")."""
+    trained, the run ends "skipped". `answer_tolerance`: how much lower the adapter's answers may score than the
+    base's against the holdout's references (ROUGE-L, similarity) and still pass the gate. `load_in_4bit` (QLoRA)
+    needs a CUDA worker with bitsandbytes; `torch_compile` is meant for one (on a CPU it costs more than it
+    saves: docs/BENCHMARKS.md, "GPU training")."""
     from experiment.rollout import RolloutPlan
     from store.config import Settings
 
@@ -138,7 +141,7 @@ def retrain(
     adapter = train_adapter(str(data_dir), str(settings.runs_dir / "adapters"), base, settings.database_url,
                             max_steps=max_steps, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                             lora_dropout=lora_dropout, load_in_4bit=load_in_4bit, torch_compile=torch_compile)
-    verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url)
+    verdict = gate_adapter(str(data_dir), adapter["adapter_dir"], base, settings.database_url, answer_tolerance)
     log.info(f"adapter {adapter['name']}: offline gate {'PASSED' if verdict['passed'] else 'FAILED'}")
     if not verdict["passed"]:
         return {"status": "rejected", "adapter": adapter, "gate": verdict}

@@ -104,7 +104,11 @@ def test_the_whole_demo_path_with_small_sizes(tmp_path, tiny_model_dir, prefect_
         (corpus / f"{name}.txt").write_text(topics[name])
     work = tmp_path / ".abloop-demo"
     config = DemoConfig(work=work, corpus=str(corpus), warmup_users=60, users_per_step=30, batch_users=40,
-                        max_batches=3, approve_min_users=10, after_users=6, max_steps=30, min_examples=8,
+                        max_batches=3, approve_min_users=10, after_users=6, max_steps=30, learning_rate=3e-3,
+                        # The tiny random model's answers are noise: so are half the holdout's references (its
+                        # own rated answers) and the answers' similarity to them (0.05-0.09 either way, measured);
+                        # the gate's holdout loss still has to improve by 1% (it did by 2.4-2.9%).
+                        min_examples=8, answer_tolerance=0.05,
                         max_tokens=24, score_sample=5,
                         concurrency=8, model=str(tiny_model_dir), model_port=free_port(), proxy_port=free_port())
     saved = dict(os.environ)

@@ -1,7 +1,9 @@
 """The CPU training path gives the losses it gave before the CUDA path was added, and `--epochs` works.
 
 REFERENCE was computed with the code before the change (fp32, one torch thread, the tiny random Llama
-of conftest, the dataset below): padding, batch size, schedule and seeds must stay as they were.
+of conftest, the dataset below): padding, batch size, schedule and seeds must stay as they were. Recomputed
+once since, on 2026-12-02, when the dataset's train/holdout split became by question (b5caa5d) and so the
+dataset below changed: with the training code that still gave the first reference on the old dataset.
 """
 
 import json
@@ -18,10 +20,10 @@ from training.train import train_lora
 pytestmark = pytest.mark.slow
 
 REFERENCE = {
-    "curve": [10.8162260055542, 10.801482200622559, 10.830621719360352, 10.82484245300293],
-    "loss_base": 10.83005629785803,
-    "loss_adapter": 10.801828144401904,
-    "train_tokens": 1376,
+    "curve": [10.844138145446777, 10.822187423706055, 10.796049118041992, 10.81556510925293],
+    "loss_base": 10.82940895199158,
+    "loss_adapter": 10.799628855650907,
+    "train_tokens": 1364,
 }
 
 
