@@ -6,7 +6,7 @@ Pipeline (each stage's row count goes into the dataset card):
    served answer if it was rated at or above `min_rating` or thumbed up. An event with a thumbs-down
    or a low rating and no correction is excluded. Corrections also yield a DPO preference pair
    (chosen = correction, rejected = served answer).
-2. **Redaction** of e-mails, payment card numbers, phone numbers and secrets (training.redact).
+2. **Redaction** of e-mails, payment card numbers, IBANs, phone numbers and secrets (training.redact).
 3. **Exact dedupe** on the normalised prompt, then **semantic dedupe** of questions by embedding
    similarity; in both the best row survives (correction > rated, then rating, then newest).
 4. **Density-based selection** over answer embeddings (training.select).
