@@ -131,16 +131,19 @@ class _Miss:
     """One query in a review list (its spellings grouped): how often it missed, and its worst event, as asked."""
 
     query: str = ""
-    events: int = 0
+    events: int = 0  # requests, however many feedback rows or scores each brought
     simulated_events: int = 0
     worst: float = float("inf")
     event_id: str | None = None
     arm: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    _seen: set[str] = field(default_factory=set, repr=False)
 
     def add(self, value: float, query: str, event_id: str, arm: str | None, simulated: bool, **detail: Any) -> None:
-        self.events += 1
-        self.simulated_events += simulated
+        if event_id not in self._seen:  # a thumbs-down and a low rating on one request: one request
+            self._seen.add(event_id)
+            self.events += 1
+            self.simulated_events += simulated
         if value < self.worst:
             self.worst, self.query, self.event_id, self.arm, self.detail = value, query, event_id, arm, detail
 

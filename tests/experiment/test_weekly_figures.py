@@ -179,6 +179,17 @@ def test_a_rate_cannot_fall_by_more_than_100_percent(ledger):
     assert change["relative"] == pytest.approx(raw["relative"]) and change["users"] == raw["users"] == [2, 6]
 
 
+def test_a_review_list_counts_requests_not_their_feedback_rows():
+    from experiment.weekly import _Miss
+
+    miss = _Miss()
+    miss.add(0.0, "Why?", "e1", "control", True, thumbs="down")
+    miss.add(0.0, "Why?", "e1", "control", True, rating=1)  # the same request's second low feedback row
+    miss.add(0.25, "why?", "e2", "candidate", False, rating=2)
+    assert (miss.events, miss.simulated_events, miss.worst, miss.event_id, miss.detail) == (
+        2, 1, 0.0, "e1", {"thumbs": "down"})
+
+
 def test_the_review_lists_keep_the_first_worst_event_and_what_it_was(ledger):
     db, ids, _experiments = ledger
     misses = week_over_week(db, WEEK_ENDING)["misses"]
