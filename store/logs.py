@@ -125,11 +125,13 @@ def redact_at_source(loggers: Iterable[logging.Logger], secrets: Iterable[str] =
     without passing it. Calling this again changes nothing; a call with other secrets replaces the earlier
     call's filter.
     """
-    redact = RedactFilter(secrets)
+    literals = RedactFilter.literals_of(secrets)
+    redact: RedactFilter | None = None  # built only where needed: it compiles a pattern, and flows call this per run
     for logger in loggers:
         earlier = [f for f in logger.filters if isinstance(f, RedactFilter)]
-        if [f._literals for f in earlier] == [redact._literals]:
+        if [f._literals for f in earlier] == [literals]:
             continue
+        redact = redact or RedactFilter(literals)
         logger.addFilter(redact)  # before the earlier filter goes: no record can pass between them with neither
         for filter_ in earlier:
             logger.removeFilter(filter_)
@@ -286,8 +288,8 @@ class RedactFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        literals = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))  # the longest match first
-        self._literals = tuple(literals)  # what tells this filter from one with other secrets (redact_at_source)
+        literals = self.literals_of(secrets)
+        self._literals = literals  # what tells this filter from one with other secrets (redact_at_source)
         shapes = [
             r"(?P<bearer>\b[Bb]earer\s+)[A-Za-z0-9\-._~+/]+=*",
             r"\bsk-[A-Za-z0-9_\-]{8,}",
@@ -296,6 +298,11 @@ class RedactFilter(logging.Filter):
         self._pattern = re.compile("|".join([re.escape(s) for s in literals] + shapes))
         # Text without any of these cannot match: plain substring tests are far cheaper than the pattern.
         self._markers = (*literals, "earer", "sk-", "://")
+
+    @staticmethod
+    def literals_of(secrets: Iterable[str]) -> tuple[str, ...]:
+        """The configured secrets as the filter matches them: distinct, non-empty, the longest first."""
+        return tuple(sorted({s for s in secrets if s}, key=lambda s: (-len(s), s)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

@@ -182,7 +182,7 @@ def _card_replacement(match: re.Match[str]) -> str | None:
 
 def _bearer_replacement(match: re.Match[str]) -> str | None:
     value = match.group(3)
-    mixed = _has_letter(value) and any(c.isdigit() for c in value)
+    mixed = _letters_and_digits(value)
     if match.group(1).lower() == "token" and not (len(value) >= 12 and mixed):
         return None
     if len(value) < 12 and not mixed:
@@ -196,21 +196,21 @@ def _bearer_replacement(match: re.Match[str]) -> str | None:
 def _param_replacement(match: re.Match[str]) -> str | None:
     value = match.group(3)
     in_query = match.start() > 0 and match.string[match.start() - 1] in "?&"
-    looks_secret = (len(value) >= 8 and _TOKEN_CHARS.fullmatch(value) is not None and _has_letter(value)
-                    and any(c.isdigit() for c in value))
+    looks_secret = len(value) >= 8 and _TOKEN_CHARS.fullmatch(value) is not None and _letters_and_digits(value)
     return f"{match.group(1)}{match.group(2)}{SECRET}" if in_query or looks_secret else None
 
 
 def _password_is_replacement(match: re.Match[str]) -> str | None:
     open_quote, value, close_quote = match.group(3), match.group(4), match.group(5)
     quoted = bool(open_quote) and open_quote == close_quote
-    if not quoted and (open_quote or close_quote or not (_has_letter(value) and any(c.isdigit() for c in value))):
+    if not quoted and (open_quote or close_quote or not _letters_and_digits(value)):
         return None
     return f"{match.group(1)}{match.group(2)}{open_quote}{SECRET}{close_quote}"
 
 
-def _has_letter(value: str) -> bool:
-    return any(c.isalpha() for c in value)
+def _letters_and_digits(value: str) -> bool:
+    """Mixes letters and digits, as generated credentials do and words do not."""
+    return any(c.isalpha() for c in value) and any(c.isdigit() for c in value)
 
 
 def _iban_replacement(match: re.Match[str]) -> str | None:
