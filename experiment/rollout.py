@@ -96,7 +96,7 @@ def _apply(db: Database, experiment: Experiment, plan: RolloutPlan, step: int, a
         successor = lifecycle.rollback(db, experiment.id, via="rollout", reason=f"automatic: {reason}",
                                        analysis=snapshot)
         return {"did": "rolled_back", "step": step, "successor": successor.id}
-    if is_paused(experiment.candidate_share, experiment.rollout or {}):
+    if is_paused(experiment.candidate_share, plan.steps, step):
         return _paused(experiment.candidate_share, plan, step)
     users, hours = _step_progress(analysis)
     ready = users >= plan.min_users_per_step and hours >= plan.min_hours_per_step
@@ -120,9 +120,9 @@ def _apply(db: Database, experiment: Experiment, plan: RolloutPlan, step: int, a
     return waiting
 
 
-def is_paused(share: float, rollout: dict[str, Any]) -> bool:
-    """Whether an experiment's share is not its rollout's current step (`Experiment.rollout`): set by hand."""
-    return share != rollout["steps"][int(rollout.get("step", 0))]
+def is_paused(share: float, steps: list[float], step: int) -> bool:
+    """Whether an experiment's share is not its rollout's current step: set by hand."""
+    return share != steps[step]
 
 
 def _paused(share: float, plan: RolloutPlan, step: int) -> dict[str, Any]:

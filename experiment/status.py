@@ -112,7 +112,7 @@ def render(status: dict[str, Any]) -> str:
         # Imported here: experiment.rollout imports the analysis, which a status without a plan does not need.
         from experiment.rollout import is_paused
 
-        if is_paused(experiment["candidate_share"], rollout):
+        if is_paused(experiment["candidate_share"], rollout["steps"], rollout["step"]):
             lines.append(f"  rollout PAUSED: the share was set by hand to {_share(experiment['candidate_share'])}; "
                          "PUT a new rollout to resume")
     decision = experiment["decision"] or {}

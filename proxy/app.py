@@ -29,7 +29,6 @@ from proxy.upstream import Upstream
 from store import tracing
 from store.config import Settings
 from store.db import Database
-from store.logs import RedactFilter
 from store.runtime import freeze_startup_heap
 from store.writer import EventWriter
 
@@ -74,7 +73,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, freeze
         )
         metrics = Metrics()
         state = AppState(settings, db, writer, retriever, live, upstream, metrics,
-                         rate_limiter=RateLimiter(settings, metrics), redact=RedactFilter(settings.secret_values()))
+                         rate_limiter=RateLimiter(settings, metrics))
         _watch(state)
         await writer.start()
         await retriever.start()

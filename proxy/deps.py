@@ -39,8 +39,11 @@ class AppState:
     metrics: Metrics
     rate_limiter: RateLimiter | None = None  # set by the lifespan
     # The logs' redaction of the configured secrets, for text that is stored rather than logged (an upstream's
-    # error in the event): one, as building it compiles a pattern.
-    redact: RedactFilter = field(default_factory=RedactFilter)
+    # error in the event): one, from the settings, as building it compiles a pattern.
+    redact: RedactFilter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redact = RedactFilter(self.settings.secret_values())
 
 
 async def get_state(request: Request) -> AppState:

@@ -12,15 +12,19 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 # ---------------------------------------------------------------------------------------- requests
+# Strict types throughout, as OpenAI's API: `"stream": "yes"` or `"include_usage": "true"` is a 400, not a bool.
+_STRICT = ConfigDict(strict=True)
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_STRICT)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are accepted and ignored
+    model_config = ConfigDict(extra="allow", **_STRICT)  # name, tool_calls, ... are accepted and ignored
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
@@ -43,7 +47,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **_STRICT)
 
     include_usage: bool = False
 
@@ -51,11 +55,10 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``. Fields OpenAI defines that we do not use are accepted and ignored.
 
-    Strict types, as OpenAI's API: ``"max_tokens": "5"`` or ``"stream": "yes"`` is a 400 naming the field, not
-    a number or a stream (an integer is still a valid float: ``"temperature": 1``).
+    Strict types (`_STRICT`): ``"max_tokens": "5"`` is a 400 naming the field (an integer is still a float).
     """
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", **_STRICT)
 
     model: NonEmptyStr
     messages: list[ChatMessage] = Field(min_length=1)

@@ -45,9 +45,9 @@ _KNOWN_SECRETS = re.compile(
 # header names it a credential. The header name and scheme are kept so the sentence still reads. Templates
 # (`$TOKEN`, `{token}`, `<token>`) are not credentials, and neither is a bare scheme word (`"Bearer " + t`).
 _AUTH_HEADER = re.compile(
-    r"""(?i)\b((?:proxy-)?authorization["']?\s*[:=]\s*["']?"""
+    r"""(?i)(?<![\w-])((?:proxy-)?authorization["']?\s*[:=]\s*["']?"""
     r"(?:(?:bearer|basic|token|digest|bot|apikey|key|negotiate|ntlm)\s+)?)"
-    r"""(?![$<{\[])(?!(?:bearer|basic|token|digest)\b)([^\s"',;]+)"""
+    r"""(?![$<{\[])(?!(?:bearer|basic|token|digest)\b)(?![^\s"',;]*[(\[])([^\s"',;)}\]]+)"""
 )
 
 # "Bearer <token>" outside a header: 12+ characters, or 6+ that mix letters and digits (`Bearer abc123`);
@@ -75,7 +75,8 @@ _PARAM = re.compile(
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 # The password in a URL (`postgres://admin:s3cret@localhost/db`), whatever the host: keep the user name.
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:]*:)(?![$<{\[])([^\s/@]+)(?=@)")
+# Anchored on "://", as store.logs' rule: a scheme pattern tried at every word start rescans dotted text (quadratic).
+_URL_PASSWORD = re.compile(r"(://[^\s/@:]*:)(?![$<{\[])([^\s/@]+)(?=@)")
 
 # "my password is hunter2": only a value that mixes letters and digits, or one in quotes, so that "the password
 # is required" and "password is too short" stay.
@@ -123,7 +124,7 @@ def redact_text(text: str, counts: Counter[str] | None = None) -> str:
         return text
     tally: Counter[str] = counts if counts is not None else Counter()
     text = _sub(_KNOWN_SECRETS, text, lambda m: SECRET, tally, "secret")
-    text = _sub(_AUTH_HEADER, text, lambda m: f"{m.group(1)}{SECRET}", tally, "secret")
+    text = _sub(_AUTH_HEADER, text, _auth_header_replacement, tally, "secret")
     text = _sub(_BEARER, text, _bearer_replacement, tally, "secret")
     text = _sub(_ASSIGNED, text, lambda m: f"{m.group(1)}{m.group(2)}{SECRET}", tally, "secret")
     text = _sub(_PARAM, text, _param_replacement, tally, "secret")
@@ -180,6 +181,14 @@ def _card_replacement(match: re.Match[str]) -> str | None:
     return CARD if total % 10 == 0 else None
 
 
+def _auth_header_replacement(match: re.Match[str]) -> str | None:
+    # A name in code (`authorization=token_value`) or a word (`Authorization: required`) is no credential.
+    value = match.group(2)
+    if value.isidentifier() and not _letters_and_digits(value):
+        return None
+    return f"{match.group(1)}{SECRET}"
+
+
 def _bearer_replacement(match: re.Match[str]) -> str | None:
     value = match.group(3)
     mixed = _letters_and_digits(value)
@@ -196,7 +205,8 @@ def _bearer_replacement(match: re.Match[str]) -> str | None:
 def _param_replacement(match: re.Match[str]) -> str | None:
     value = match.group(3)
     in_query = match.start() > 0 and match.string[match.start() - 1] in "?&"
-    looks_secret = len(value) >= 8 and _TOKEN_CHARS.fullmatch(value) is not None and _letters_and_digits(value)
+    looks_secret = (len(value) >= 8 and _TOKEN_CHARS.fullmatch(value) is not None and _letters_and_digits(value)
+                    and not _attribute_path(value))
     return f"{match.group(1)}{match.group(2)}{SECRET}" if in_query or looks_secret else None
 
 
@@ -206,6 +216,11 @@ def _password_is_replacement(match: re.Match[str]) -> str | None:
     if not quoted and (open_quote or close_quote or not _letters_and_digits(value)):
         return None
     return f"{match.group(1)}{match.group(2)}{open_quote}{SECRET}{close_quote}"
+
+
+def _attribute_path(value: str) -> bool:
+    """`hashlib.sha256`, `batch.input_ids2`: names in code, not a credential."""
+    return "." in value and all(part.isidentifier() for part in value.split("."))
 
 
 def _letters_and_digits(value: str) -> bool:

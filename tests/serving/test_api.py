@@ -161,6 +161,8 @@ def test_unknown_model_is_404_in_openai_shape(server, client):
         ({"model": "m", "messages": QUESTION, "max_tokens": "5"}, "max_tokens"),
         ({"model": "m", "messages": QUESTION, "temperature": "0.5"}, "temperature"),
         ({"model": "m", "messages": QUESTION, "stream": "yes"}, "stream"),
+        ({"model": "m", "messages": QUESTION, "stream": True, "stream_options": {"include_usage": "true"}},
+         "stream_options"),
     ],
 )
 def test_bad_bodies_are_400_naming_the_field(server, body, field):

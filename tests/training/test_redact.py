@@ -179,6 +179,19 @@ def test_url_password_keeps_user_and_host() -> None:
     'headers["Authorization"] = f"Bearer {token}"',
     '"Authorization": "Bearer " + token', "Authorization: Bearer $TOKEN", "MD5 AB12CDEFGHIJKLMNOP",
     "server 192.168.100.200:8080", "连络: see page 12-13",
+    # code and prose about authorization, and attribute paths (a review's cases)
+    'authorization = request.headers["authorization"]', '{"Authorization": auth_header}',
+    "client(authorization=token_value)", "Authorization: required", "Pre-authorization: done",
+    "key = hashlib.sha256", "token = batch.input_ids2",
 ])
 def test_numbers_code_and_prose_that_only_resemble_pii_survive(text: str) -> None:
     assert redact_text(text) == text
+
+
+def test_dotted_text_is_scanned_in_linear_time() -> None:
+    """The URL-password rule once began at every word start and rescanned to the end: 40,000 "a." took 11.8 s.
+    Counted, not timed: the rule is anchored on "://", so text without one is never tried."""
+    from training.redact import _URL_PASSWORD
+
+    assert _URL_PASSWORD.pattern.startswith("(://")
+    assert redact_text("a." * 40_000) == "a." * 40_000
